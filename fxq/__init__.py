@@ -1,0 +1,37 @@
+"""fxq: post-training quantization compiler for PyTorch, as a torch.fx pass pipeline.
+
+    import fxq
+    qgm, report = fxq.quantize(model, calib_batches, fxq.PTQConfig(target=fxq.INT8.with_bits(weight_bits=4)))
+"""
+
+from fxq.config import ActThreshold, Method, PTQConfig
+from fxq.errors import ConfigError, DataError, FxqError, GraphCheckFailed, ModelError, TraceFailed, UnsupportedOp
+from fxq.frontend import Frontend, trace
+from fxq.pipeline import Quantized, convert, prepare, quantize
+from fxq.qmath import QSpec
+from fxq.report import Report
+from fxq.targets import INT8, W248A8, Target
+
+__all__ = [
+    "quantize",
+    "prepare",
+    "convert",
+    "trace",
+    "Quantized",
+    "PTQConfig",
+    "Method",
+    "ActThreshold",
+    "Frontend",
+    "Target",
+    "INT8",
+    "W248A8",
+    "QSpec",
+    "Report",
+    "FxqError",
+    "TraceFailed",
+    "UnsupportedOp",
+    "ConfigError",
+    "DataError",
+    "ModelError",
+    "GraphCheckFailed",
+]

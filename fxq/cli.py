@@ -1,0 +1,193 @@
+"""The `fxq` command line, over the same API as Python users call."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from fxq.config import ActThreshold, Method, PTQConfig
+from fxq.data import ImageSet, Preprocess, batches, default_data_dir, load_images
+from fxq.errors import FxqError, ModelError
+from fxq.evaluate import evaluate
+from fxq.frontend import Frontend
+from fxq.models import DEFAULT_MODEL, LoadedModel, load_model
+from fxq.pipeline import quantize
+from fxq.report import Report, write_json_atomic
+from fxq.targets import INT8
+
+__all__ = ["main", "save_quantized", "load_quantized"]
+
+MODEL_FILE, REPORT_FILE = "model.pt", "report.json"
+
+
+def save_quantized(out: str | os.PathLike, model: torch.nn.Module, report: Report, pre: Preprocess) -> None:
+    """DIR/model.pt (the pickled GraphModule) and DIR/report.json, each written atomically."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / (MODEL_FILE + ".tmp")
+    graph_state = getattr(model, "meta", {}).pop("fxq", None)  # holds Nodes; the report carries it instead
+    try:
+        torch.save(model, tmp)
+    finally:
+        if graph_state is not None:
+            model.meta["fxq"] = graph_state
+    os.replace(tmp, out / MODEL_FILE)
+    write_json_atomic(str(out / REPORT_FILE), {**report.to_dict(), "preprocess": asdict(pre)})
+
+
+def load_quantized(folder: str | os.PathLike) -> tuple[torch.nn.Module, Preprocess]:
+    """Load what `fxq quantize --out DIR` wrote. The file is a pickle: load only folders you trust."""
+    import json
+
+    folder = Path(folder)
+    if not (folder / MODEL_FILE).is_file():
+        raise ModelError(f"'{folder}' holds no {MODEL_FILE}; give a folder written by `fxq quantize --out`")
+    model = torch.load(folder / MODEL_FILE, map_location="cpu", weights_only=False)
+    pre = Preprocess()
+    if (folder / REPORT_FILE).is_file():
+        p = json.loads((folder / REPORT_FILE).read_text()).get("preprocess")
+        if p:
+            pre = Preprocess(p["resize"], p["crop"], tuple(p["mean"]), tuple(p["std"]))
+    return model.eval(), pre
+
+
+def _data_args(p: argparse.ArgumentParser) -> None:
+    data = default_data_dir() / "imagenet"
+    p.add_argument("--calib", default=str(data / "calib"), help="calibration image folder (labels unused)")
+    p.add_argument("--val", default=str(data / "val"), help="labeled evaluation folder (with labels.tsv)")
+    p.add_argument("--num-calib", type=int, default=None, help="use the first N calibration images (default all)")
+    p.add_argument("--num-val", type=int, default=None, help="evaluate on the first N val images (default all)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL, help=f"model name (default {DEFAULT_MODEL}) or torchvision name")
+    p.add_argument("--weights", default=None, help="state-dict file for the model")
+    p.add_argument("--random-weights", action="store_true", help="torchvision model with random weights (speed runs)")
+
+
+def _quant_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--act-bits", type=int, default=8)
+    p.add_argument("--method", default=Method.RTN.value, choices=[m.value for m in Method])
+    p.add_argument("--act-threshold", default=ActThreshold.MSE.value, choices=[a.value for a in ActThreshold])
+    p.add_argument("--frontend", default=Frontend.FX.value, choices=[f.value for f in Frontend])
+    p.add_argument("--no-bias-correction", action="store_true")
+
+
+def _config(args, weight_bits: int) -> PTQConfig:
+    return PTQConfig(target=INT8.with_bits(weight_bits, args.act_bits), method=args.method,
+                     act_threshold=args.act_threshold, frontend=args.frontend,
+                     bias_correction=not args.no_bias_correction, progress=not args.quiet)
+
+
+def _load(args) -> tuple[LoadedModel, ImageSet, ImageSet | None]:
+    lm = load_model(args.model, args.weights, args.random_weights)
+    show = not args.quiet
+    calib = load_images(args.calib, lm.preprocess, args.num_calib, progress=show)
+    val = None if getattr(args, "no_eval", False) else load_images(args.val, lm.preprocess, args.num_val, labeled=True, progress=show)
+    return lm, calib, val
+
+
+def _accuracy_line(name: str, acc: dict, ref: dict | None = None) -> str:
+    drop = f"  ({acc['top1'] - ref['top1']:+.2f} vs float)" if ref else ""
+    return (f"{name:<10} top-1 {acc['top1']:6.2f}  top-5 {acc['top5']:6.2f}  on {acc['images']} images "
+            f"({acc['correct1']} correct){drop}  [{acc['seconds']:.1f} s]")
+
+
+def cmd_quantize(args) -> None:
+    cfg = _config(args, args.weight_bits)  # bad options fail before any image is read
+    lm, calib, val = _load(args)
+    t0 = time.perf_counter()
+    qgm, report = quantize(lm.model, batches(calib.x, args.batch_size), cfg)
+    report.stage_seconds["total_quantize"] = time.perf_counter() - t0
+    report.model = lm.name
+    print(report.table())
+    if val is not None:
+        report.accuracy["float"] = evaluate(lm.model, val.x, val.y, progress=not args.quiet, desc="eval float")
+        report.accuracy["quantized"] = evaluate(qgm, val.x, val.y, progress=not args.quiet, desc="eval quantized")
+        print(_accuracy_line("float", report.accuracy["float"]))
+        print(_accuracy_line(f"W{args.weight_bits}A{args.act_bits}", report.accuracy["quantized"], report.accuracy["float"]))
+    save_quantized(args.out, qgm, report, lm.preprocess)
+    print(f"wrote {Path(args.out) / MODEL_FILE} and {Path(args.out) / REPORT_FILE}")
+
+
+def cmd_eval(args) -> None:
+    if Path(args.model).is_dir():
+        model, pre = load_quantized(args.model)
+        name = str(args.model)
+    else:
+        lm = load_model(args.model, args.weights, args.random_weights)
+        model, pre, name = lm.model, lm.preprocess, lm.name
+    val = load_images(args.val, pre, args.num_val, labeled=True, progress=not args.quiet)
+    print(_accuracy_line(name, evaluate(model, val.x, val.y, progress=not args.quiet)))
+
+
+def cmd_compare(args) -> None:
+    """The main job: float vs RTN at each weight width on the same calibration and val images."""
+    configs = {wb: _config(args, wb) for wb in args.weight_bits}  # bad options fail before any image is read
+    lm, calib, val = _load(args)
+    results = {"float": evaluate(lm.model, val.x, val.y, progress=not args.quiet, desc="eval float")}
+    reports = {}
+    for wb in args.weight_bits:
+        name = f"W{wb}A{args.act_bits} {args.method}"
+        t0 = time.perf_counter()
+        qgm, rep = quantize(lm.model, batches(calib.x, args.batch_size), configs[wb])
+        seconds = time.perf_counter() - t0
+        results[name] = {**evaluate(qgm, val.x, val.y, progress=not args.quiet, desc=f"eval {name}"),
+                         "quantize_seconds": seconds}
+        reports[name] = rep.to_dict()
+    print(f"\n{lm.name}: calibration on {len(calib)} images of {args.calib}; top-1 on {len(val)} images of {args.val}")
+    for name, acc in results.items():
+        print(_accuracy_line(name, acc, None if name == "float" else results["float"]))
+    write_json_atomic(str(Path(args.out) / "compare.json"), {"model": lm.name, "results": results, "reports": reports})
+    print(f"wrote {Path(args.out) / 'compare.json'}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fxq", description="post-training quantization of PyTorch models (torch.fx)")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    qp = sub.add_parser("quantize", help="quantize a model, evaluate it, write model.pt + report.json")
+    _model_args(qp), _data_args(qp), _quant_args(qp)
+    qp.add_argument("--weight-bits", type=int, default=8)
+    qp.add_argument("--out", required=True, help="output folder")
+    qp.add_argument("--no-eval", action="store_true", help="skip the float/quantized evaluation")
+    qp.set_defaults(fn=cmd_quantize)
+
+    ep = sub.add_parser("eval", help="top-1/top-5 of a quantized folder or a float model")
+    ep.add_argument("--model", default=DEFAULT_MODEL, help="a folder written by `fxq quantize`, or a model name")
+    ep.add_argument("--weights", default=None)
+    ep.add_argument("--random-weights", action="store_true")
+    ep.add_argument("--val", default=str(default_data_dir() / "imagenet" / "val"))
+    ep.add_argument("--num-val", type=int, default=None)
+    ep.add_argument("--quiet", action="store_true")
+    ep.set_defaults(fn=cmd_eval)
+
+    cp = sub.add_parser("compare", help="float vs quantized at several weight widths (the README's main job)")
+    _model_args(cp), _data_args(cp), _quant_args(cp)
+    cp.add_argument("--weight-bits", type=lambda s: [int(b) for b in s.split(",")], default=[8, 4],
+                    help="comma-separated weight widths, e.g. 8,4")
+    cp.add_argument("--out", default="runs/compare")
+    cp.set_defaults(fn=cmd_compare)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except FxqError as e:
+        print(f"fxq: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""What passes learn, kept on the graph: node.meta["fxq"] (NodeQ) and gm.meta["fxq"] (GraphQ)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+from torch import Tensor
+from torch.fx import GraphModule, Node
+
+from fxq.qmath import QSpec
+
+__all__ = ["OpKind", "NodeQ", "GraphQ", "q", "gq"]
+
+
+class OpKind(Enum):
+    """What an op is, as far as quantization cares."""
+
+    INPUT = "input"
+    CONV = "conv"
+    LINEAR = "linear"
+    MATMUL = "matmul"
+    BATCHNORM = "batchnorm"
+    ACTIVATION = "activation"
+    ADD = "add"
+    CAT = "cat"
+    PASSTHROUGH = "passthrough"  # moves or selects values without making new ones (view, maxpool, dropout)
+    OTHER = "other"  # computes new values (mul, mean, softmax, layernorm, ...)
+    OBSERVER = "observer"
+    ACT_QUANT = "act_quant"
+
+
+@dataclass
+class NodeQ:
+    """Per-node quantization state (the one dataclass at node.meta["fxq"])."""
+
+    kind: OpKind | None = None
+    wspec: QSpec | None = None  # weight quantizer (conv/linear)
+    aspec: QSpec | None = None  # quantizer of this node's output (None: output left as is)
+    fused_into: Node | None = None  # the activation whose quantizer also covers this node's output
+    interest: bool = False  # an interest tensor Z of the EPTQ loss / LFH
+    act_range: tuple[float, float] | None = None  # observed (min, max) of the output
+    act_threshold: float | None = None
+    w_threshold: Tensor | None = None  # per output channel
+    lfh: float | None = None  # LFH trace of this interest tensor
+    bits: int | None = None  # chosen weight bit-width
+    observes: Node | None = None  # on observer / act-quant nodes: the node whose output they quantize
+
+
+@dataclass
+class GraphQ:
+    """Graph-wide results (gm.meta["fxq"])."""
+
+    target: str | None = None
+    frontend: str | None = None
+    interest: list[Node] = field(default_factory=list)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    calib_images: int = 0
+
+
+def q(node: Node) -> NodeQ:
+    """The one way to a node's quantization state."""
+    return node.meta.setdefault("fxq", NodeQ())
+
+
+def gq(gm: GraphModule) -> GraphQ:
+    """The one way to the graph-wide state."""
+    return gm.meta.setdefault("fxq", GraphQ())

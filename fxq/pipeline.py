@@ -1,0 +1,99 @@
+"""The pipeline, top to bottom in one place, and the public verbs that run it."""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Iterable
+from typing import NamedTuple
+
+import torch
+from torch import nn
+from torch.fx import GraphModule
+from torch.fx.passes.infra.pass_base import PassBase
+from torch.fx.passes.infra.pass_manager import PassManager
+
+from fxq.config import PTQConfig
+from fxq.debug import CHECK
+from fxq.errors import DataError, FxqError
+from fxq.frontend import trace
+from fxq.meta import gq
+from fxq.passes.annotate import Annotate
+from fxq.passes.fold_bn import FoldBN
+from fxq.passes.interest_points import InterestPoints
+from fxq.passes.normalize import Normalize
+from fxq.passes.observe import Calibrate, Observe
+from fxq.passes.quantize import Quantize
+from fxq.passes.shapes import PropagateShapes
+from fxq.report import Report, build_report
+
+__all__ = ["Quantized", "prepare_passes", "run_passes", "prepare", "convert", "quantize"]
+
+
+class Quantized(NamedTuple):
+    model: GraphModule
+    report: Report
+
+
+def prepare_passes(cfg: PTQConfig, example_inputs: tuple) -> list[PassBase]:
+    return [
+        Normalize(),  # one form for conv/linear/bn whatever the front-end produced
+        FoldBN(),  # before annotate: the folded weights are what gets quantized
+        PropagateShapes(example_inputs),  # annotate needs to know which outputs are float tensors
+        Annotate(cfg.target),  # which ops get which quantizer spec, which fuse with their activation
+        InterestPoints(),  # Z: linear-op outputs not followed by an activation, add, cat
+        Observe(input_means=cfg.bias_correction),  # observers on quantized activations (+ layer input means)
+    ]
+
+
+def convert_passes(cfg: PTQConfig) -> list[PassBase]:
+    return [Quantize(cfg.act_threshold, cfg.weight_grid)]  # observers and layers become fake-quant modules
+
+
+def run_passes(gm: GraphModule, passes: list[PassBase]) -> GraphModule:
+    """Run passes with torch.fx's PassManager; fxq's own errors come out as they were raised."""
+    try:
+        return PassManager(passes, run_checks_after_each_pass=CHECK)(gm).graph_module
+    except Exception as e:  # PassManager wraps every error in a bare Exception naming the pass
+        if isinstance(e.__cause__, FxqError):
+            raise e.__cause__ from None
+        raise
+
+
+def _first_batch(batches: Iterable) -> torch.Tensor:
+    for b in batches:
+        x = b if isinstance(b, torch.Tensor) else b[0]
+        return x[:2]
+    raise DataError("the calibration data is empty; give at least one batch of images")
+
+
+def prepare(model: nn.Module, example_inputs: tuple, config: PTQConfig = PTQConfig()) -> GraphModule:
+    """Trace a copy of `model` and insert observers; run it on calibration data, then `convert` it."""
+    model = copy.deepcopy(model).eval()
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    example_inputs = tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in example_inputs)
+    t0 = time.perf_counter()
+    gm = trace(model, example_inputs, config.frontend, config.leaf_modules)
+    gq(gm).stage_seconds["Trace"] = time.perf_counter() - t0
+    return run_passes(gm, prepare_passes(config, example_inputs))
+
+
+def convert(gm: GraphModule, config: PTQConfig = PTQConfig()) -> GraphModule:
+    """Turn a calibrated, observed graph into the fake-quant reference model."""
+    return run_passes(gm, convert_passes(config))
+
+
+def quantize(model: nn.Module, calib_data: Iterable, config: PTQConfig = PTQConfig()) -> Quantized:
+    """Post-training quantization of `model` on unlabeled `calib_data` (batches of inputs, or (inputs, labels)).
+
+    The model is not changed. Returns the quantized GraphModule and a report (per-layer bits and thresholds,
+    time per stage).
+
+    Example:
+        qgm, report = fxq.quantize(model, calib_loader, PTQConfig(target=fxq.INT8.with_bits(weight_bits=4)))
+    """
+    batches = calib_data if hasattr(calib_data, "__len__") else list(calib_data)
+    gm = prepare(model, (_first_batch(batches),), config)
+    gm = run_passes(gm, [Calibrate(batches, config.progress)])
+    gm = convert(gm, config)
+    return Quantized(gm, build_report(gm, config, model_name=type(model).__name__))

@@ -1,0 +1,159 @@
+"""Quantizer math: integer grids, scales from thresholds, and error-minimising threshold search.
+
+Convention (MCT's, METHOD.md section 2): a symmetric quantizer of b bits with threshold t has step
+s = t / 2^(b-1) and integer range [-2^(b-1), 2^(b-1) - 1] when signed, s = t / 2^b and [0, 2^b - 1]
+when unsigned. The threshold itself is therefore just outside the largest representable value.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import Enum
+
+import torch
+from torch import Tensor
+
+from fxq.errors import ConfigError
+
+__all__ = [
+    "QSpec",
+    "ActThreshold",
+    "MIN_BITS",
+    "MAX_BITS",
+    "scale_for",
+    "fake_quant",
+    "quantize_int",
+    "weight_thresholds",
+    "activation_threshold",
+]
+
+MIN_BITS, MAX_BITS = 2, 8
+_TINY = 1e-8
+
+
+@dataclass(frozen=True)
+class QSpec:
+    """How one tensor is quantized: bits, signedness, per output channel or per tensor, PoT thresholds."""
+
+    bits: int
+    signed: bool = True
+    per_channel: bool = False
+    pot: bool = False
+
+    def __post_init__(self):
+        if not isinstance(self.bits, int) or not MIN_BITS <= self.bits <= MAX_BITS:
+            raise ConfigError(f"bits must be an integer in [{MIN_BITS}, {MAX_BITS}], got {self.bits!r}")
+
+    @property
+    def qmin(self) -> int:
+        return -(2 ** (self.bits - 1)) if self.signed else 0
+
+    @property
+    def qmax(self) -> int:
+        return 2 ** (self.bits - 1) - 1 if self.signed else 2**self.bits - 1
+
+    @property
+    def levels_per_threshold(self) -> int:
+        """t / s: how many steps fit in one threshold."""
+        return 2 ** (self.bits - 1) if self.signed else 2**self.bits
+
+    def with_bits(self, bits: int) -> QSpec:
+        return QSpec(bits, self.signed, self.per_channel, self.pot)
+
+
+class ActThreshold(Enum):
+    """How an activation threshold is chosen from calibration statistics."""
+
+    MSE = "mse"
+    MINMAX = "minmax"
+
+
+def scale_for(threshold: Tensor, spec: QSpec) -> Tensor:
+    return threshold / spec.levels_per_threshold
+
+
+def fake_quant(x: Tensor, scale: Tensor, spec: QSpec) -> Tensor:
+    """Round-to-nearest fake quantization; gradients pass straight through inside the range.
+
+    Uses PyTorch's fused fake-quantize kernels (zero point 0: every fxq quantizer is symmetric).
+    """
+    if spec.per_channel:
+        zp = torch.zeros(scale.numel(), dtype=torch.int32, device=x.device)
+        return torch.fake_quantize_per_channel_affine(x, scale.float(), zp, 0, spec.qmin, spec.qmax)
+    return torch.fake_quantize_per_tensor_affine(x, scale.float(), torch.zeros((), dtype=torch.int32, device=x.device), spec.qmin, spec.qmax)
+
+
+def quantize_int(x: Tensor, scale: Tensor, spec: QSpec) -> Tensor:
+    """Integer codes clamp(round(x / s)) in the spec's range (per channel along dim 0)."""
+    s = scale.reshape(-1, *([1] * (x.dim() - 1))) if spec.per_channel else scale
+    return torch.clamp(torch.round(x / s), spec.qmin, spec.qmax)
+
+
+def _pot(t: Tensor) -> Tensor:
+    return torch.exp2(torch.ceil(torch.log2(t.clamp_min(_TINY))))
+
+
+def _no_clip_threshold(lo: Tensor, hi: Tensor, spec: QSpec) -> Tensor:
+    """Smallest threshold whose grid covers [lo, hi] without clipping."""
+    n = spec.levels_per_threshold
+    top = hi * n / spec.qmax
+    return torch.maximum(top, -lo) if spec.signed else top
+
+
+def _candidates(t_max: Tensor, spec: QSpec, n: int) -> Tensor:
+    """Threshold candidates (n, *t_max.shape): fractions of the no-clipping threshold, or powers of two."""
+    if spec.pot:
+        top = _pot(t_max)
+        return torch.stack([top / 2**k for k in range(6)])
+    # low bit-widths clip much harder at their optimum (2 bits: around 0.3-0.5 of the max)
+    lo = 0.15 if spec.bits <= 3 else 0.3
+    fracs = torch.linspace(lo, 1.0, n, device=t_max.device, dtype=t_max.dtype)
+    return fracs.view(-1, *([1] * t_max.dim())) * t_max
+
+
+@torch.no_grad()
+def weight_thresholds(w: Tensor, spec: QSpec, n_grid: int = 64) -> Tensor:
+    """Per-output-channel thresholds minimising the weight's squared quantization error (MSE search).
+
+    Channels are searched in parallel; each candidate costs one pass over the weight.
+    """
+    if not spec.per_channel:
+        return _search(w.reshape(1, -1).float(), spec, n_grid)[0]
+    return _search(w.reshape(w.shape[0], -1).float(), spec, n_grid)
+
+
+def _search(rows: Tensor, spec: QSpec, n_grid: int, weights: Tensor | None = None) -> Tensor:
+    t_max = _no_clip_threshold(rows.amin(1), rows.amax(1), spec).clamp_min(_TINY)
+    cands = _candidates(t_max, spec, n_grid)
+    best_err = torch.full_like(t_max, math.inf)
+    best = t_max.clone()
+    for t in cands:
+        s = (t / spec.levels_per_threshold).unsqueeze(1)
+        err = (torch.clamp(torch.round(rows / s), spec.qmin, spec.qmax) * s - rows).square_()
+        err = (err * weights).sum(1) if weights is not None else err.sum(1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best = torch.where(better, t, best)
+    return best
+
+
+@torch.no_grad()
+def activation_threshold(
+    lo: float, hi: float, samples: Tensor, spec: QSpec, method: ActThreshold, bins: int = 2048
+) -> float:
+    """Per-tensor threshold from calibration statistics.
+
+    method "minmax": the smallest threshold that clips nothing of the observed range.
+    method "mse": minimise the squared error over a histogram of sampled values; the histogram spans the
+    exact observed range, so rare outliers keep their true position even when the sample misses them.
+    """
+    lo_t, hi_t = torch.tensor([lo]), torch.tensor([hi])
+    if method is ActThreshold.MINMAX or samples.numel() == 0:
+        t = _no_clip_threshold(lo_t, hi_t, spec).clamp_min(_TINY)
+        return float(_pot(t) if spec.pot else t)
+    left = lo if spec.signed else 0.0
+    hist = torch.histc(samples.float().clamp(left, hi), bins=bins, min=left, max=max(hi, left + _TINY))
+    edges = torch.linspace(left, max(hi, left + _TINY), bins + 1)
+    centres = ((edges[1:] + edges[:-1]) / 2).unsqueeze(0)
+    return float(_search(centres, spec, 100, weights=hist.unsqueeze(0))[0])

@@ -1,0 +1,106 @@
+"""The run report: per-layer bits and thresholds, stage times, accuracy; a terminal table and atomic JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
+
+from torch.fx import GraphModule
+
+from fxq.meta import gq, q
+
+if TYPE_CHECKING:
+    from fxq.config import PTQConfig
+
+__all__ = ["LayerReport", "Report", "build_report", "write_json_atomic"]
+
+
+@dataclass
+class LayerReport:
+    node: str
+    kind: str
+    module: str | None = None
+    weight_bits: int | None = None
+    weight_shape: list[int] | None = None
+    w_threshold: dict[str, float] | None = None  # min / mean / max over output channels
+    act_bits: int | None = None
+    act_signed: bool | None = None
+    act_range: list[float] | None = None
+    act_threshold: float | None = None
+    interest: bool = False
+
+
+@dataclass
+class Report:
+    model: str
+    target: str
+    method: str
+    frontend: str | None
+    calib_images: int
+    layers: list[LayerReport] = field(default_factory=list)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    accuracy: dict[str, dict] = field(default_factory=dict)  # run name -> {top1, top5, images, seconds}
+
+    def table(self) -> str:
+        """A readable per-layer table for the terminal."""
+        rows = [("node", "kind", "W bits", "W thr (min..max)", "A bits", "A range", "A thr", "Z")]
+        for lr in self.layers:
+            wt = f"{lr.w_threshold['min']:.3g}..{lr.w_threshold['max']:.3g}" if lr.w_threshold else ""
+            ar = f"{lr.act_range[0]:.3g}..{lr.act_range[1]:.3g}" if lr.act_range else ""
+            ab = f"{lr.act_bits}{'s' if lr.act_signed else 'u'}" if lr.act_bits else ""
+            rows.append((lr.node, lr.kind, str(lr.weight_bits or ""), wt, ab, ar,
+                         f"{lr.act_threshold:.4g}" if lr.act_threshold else "", "*" if lr.interest else ""))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def write_json(self, path: str) -> None:
+        write_json_atomic(path, self.to_dict())
+
+
+def write_json_atomic(path: str, obj) -> None:
+    """Write JSON so that an interrupt leaves either the old file or the new one, never half of one."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(obj, fh, indent=2)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _layer(node) -> LayerReport | None:
+    m = q(node)
+    if m.wspec is None and m.aspec is None:
+        return None
+    lr = LayerReport(node=node.name, kind=m.kind.value if m.kind else "?", interest=m.interest)
+    if node.op == "call_module":
+        lr.module = str(node.target)
+    if m.wspec is not None:
+        lr.weight_bits = m.wspec.bits
+        if m.w_threshold is not None:
+            t = m.w_threshold.float()
+            lr.w_threshold = {"min": float(t.min()), "mean": float(t.mean()), "max": float(t.max())}
+    if m.aspec is not None:
+        lr.act_bits, lr.act_signed = m.aspec.bits, m.aspec.signed
+        lr.act_range = list(m.act_range) if m.act_range else None
+        lr.act_threshold = m.act_threshold
+    return lr
+
+
+def build_report(gm: GraphModule, cfg: PTQConfig, model_name: str) -> Report:
+    g = gq(gm)
+    layers = [lr for lr in map(_layer, gm.graph.nodes) if lr is not None]
+    for lr in layers:
+        if lr.weight_bits is not None and lr.module:
+            lr.weight_shape = list(gm.get_submodule(lr.module).layer.weight.shape)
+    return Report(model=model_name, target=cfg.target.name, method=cfg.method.value, frontend=g.frontend,
+                  calib_images=g.calib_images, layers=layers, stage_seconds=dict(g.stage_seconds))

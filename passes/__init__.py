@@ -1,0 +1,1 @@
+"""fxq's graph passes, one module each, in pipeline order (see fxq.pipeline)."""

@@ -1,0 +1,59 @@
+"""Annotate: which ops get which quantizers, from the target description.
+
+Weights of every conv/linear module get a per-channel (target permitting) signed quantizer. Every op that
+makes new float values gets an output quantizer, the model input and the last layer included; ops that only
+move values (view, max-pool, dropout, zero pad) keep their input's grid and need none. A linear op or add
+whose only user is an activation shares that activation's quantizer (the fused form devices run).
+"""
+
+from __future__ import annotations
+
+from torch.fx import GraphModule, Node
+
+from fxq.errors import GraphCheckFailed
+from fxq.meta import OpKind, gq, q
+from fxq.ops import WEIGHTED_MODULES, is_float_tensor, is_nonnegative, kind_of, module_of
+from fxq.passbase import FxqPass, PassResult
+from fxq.qmath import QSpec
+from fxq.targets import Target
+
+__all__ = ["Annotate"]
+
+_NO_OUTPUT_QUANT = {OpKind.PASSTHROUGH, OpKind.OBSERVER, OpKind.ACT_QUANT}
+_FUSIBLE = {OpKind.CONV, OpKind.LINEAR, OpKind.ADD, OpKind.BATCHNORM}
+
+
+def _fused_activation(gm: GraphModule, node: Node, target: Target) -> Node | None:
+    if not target.fuse_activation or q(node).kind not in _FUSIBLE or len(node.users) != 1:
+        return None
+    (user,) = node.users
+    return user if kind_of(gm, user) is OpKind.ACTIVATION else None
+
+
+class Annotate(FxqPass):
+    """Set NodeQ.kind, .wspec, .aspec and .fused_into on every node."""
+
+    def __init__(self, target: Target):
+        self.target = target
+
+    def requires(self, gm: GraphModule) -> None:
+        if not any("tensor_meta" in n.meta for n in gm.graph.nodes if n.op == "placeholder"):
+            raise GraphCheckFailed("annotate: run PropagateShapes first (no tensor_meta on the graph inputs)")
+
+    def call(self, gm: GraphModule) -> PassResult:
+        t = self.target
+        for node in gm.graph.nodes:
+            m = q(node)
+            m.kind = kind_of(gm, node)
+            if m.kind in (OpKind.CONV, OpKind.LINEAR) and isinstance(module_of(gm, node), WEIGHTED_MODULES):
+                m.wspec = QSpec(t.weight_bits, signed=True, per_channel=t.per_channel, pot=t.pot)
+                m.bits = m.bits or t.weight_bits
+        for node in gm.graph.nodes:
+            m = q(node)
+            if node.op in ("output", "get_attr") or m.kind in _NO_OUTPUT_QUANT or not is_float_tensor(node):
+                continue
+            m.fused_into = _fused_activation(gm, node, t)
+            if m.fused_into is None:
+                m.aspec = QSpec(t.act_bits, signed=not is_nonnegative(gm, node), pot=t.pot)
+        gq(gm).target = t.name
+        return PassResult(gm, modified=True)

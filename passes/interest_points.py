@@ -1,0 +1,71 @@
+"""InterestPoints: mark the tensors Z of the EPTQ loss and the LFH (METHOD.md section 1).
+
+Z = outputs of linear ops (conv, linear, matmul) not followed by an activation, and outputs of add and
+cat. "Followed by" looks through ops that only move values (view, dropout, ...). The model output is the
+LFH's probe point, not an interest tensor (MCT counts it; its trace is trivially the largest).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from torch.fx import GraphModule, Node
+from torch.fx.node import map_arg
+
+from fxq.errors import GraphCheckFailed
+from fxq.meta import OpKind, gq, q
+from fxq.passbase import FxqPass, PassResult
+
+__all__ = ["InterestPoints"]
+
+_LINEAR_OPS = {OpKind.CONV, OpKind.LINEAR, OpKind.MATMUL}
+_MERGE_OPS = {OpKind.ADD, OpKind.CAT}
+_TRANSPARENT = {OpKind.PASSTHROUGH, OpKind.OBSERVER, OpKind.ACT_QUANT}
+
+
+def _next_compute(node: Node) -> Iterator[Node]:
+    """The first non-transparent nodes downstream of `node` (the output node counts as one)."""
+    for user in node.users:
+        if user.op != "output" and q(user).kind in _TRANSPARENT:
+            yield from _next_compute(user)
+        else:
+            yield user
+
+
+def _model_outputs(gm: GraphModule) -> set[Node]:
+    """Nodes whose value is (a view of) the model output."""
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    found: set[Node] = set()
+    map_arg(out.args, found.add)
+    frontier = list(found)
+    while frontier:
+        n = frontier.pop()
+        if q(n).kind in _TRANSPARENT:
+            for a in n.all_input_nodes:
+                if a not in found:
+                    found.add(a)
+                    frontier.append(a)
+    return found
+
+
+class InterestPoints(FxqPass):
+    """Set NodeQ.interest and list Z in gm.meta["fxq"].interest (graph order)."""
+
+    def requires(self, gm: GraphModule) -> None:
+        if any(q(n).kind is None for n in gm.graph.nodes):
+            raise GraphCheckFailed("interest_points: run Annotate first (nodes without a kind)")
+
+    def call(self, gm: GraphModule) -> PassResult:
+        outputs = _model_outputs(gm)
+        z = []
+        for node in gm.graph.nodes:
+            kind = q(node).kind
+            if node in outputs or kind not in _LINEAR_OPS | _MERGE_OPS:
+                continue
+            after = list(_next_compute(node))
+            if kind in _LINEAR_OPS and after and all(q(u).kind is OpKind.ACTIVATION for u in after):
+                continue
+            q(node).interest = True
+            z.append(node)
+        gq(gm).interest = z
+        return PassResult(gm, modified=bool(z))

@@ -1,0 +1,163 @@
+"""Normalize: functional conv/linear/batch-norm on parameters become nn modules.
+
+Front-ends disagree on how a layer looks: symbolic_trace keeps nn.Conv2d as call_module but traces
+through subclasses with their own forward (EfficientNet-Lite's same-padding conv calls F.conv2d on
+get_attr weights); torch.export yields aten.conv2d on get_attr weights. Later passes see one form.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.fx import GraphModule, Node
+
+from fxq.meta import OpKind
+from fxq.ops import fetch_attr, kind_of
+from fxq.passbase import FxqPass, PassResult
+
+__all__ = ["Normalize"]
+
+aten = torch.ops.aten
+_CONV = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}
+# ATen batch-norm variants that return a tuple whose item 0 is the output
+_BN_TUPLE = {aten._native_batch_norm_legit_no_training.default}
+
+
+class AnyRankBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """Eval batch norm for a functional call whose input rank the graph does not record."""
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        pass
+
+
+def _param(gm: GraphModule, arg) -> nn.Parameter | torch.Tensor | None:
+    if isinstance(arg, Node) and arg.op == "get_attr":
+        return fetch_attr(gm, arg.target)
+    return None
+
+
+_CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_LINEAR_ARGS = ("input", "weight", "bias")
+# positional layouts of the batch-norm spellings the front-ends produce
+_BN_ARGS = {
+    F.batch_norm: ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"),
+    aten.batch_norm.default: ("input", "weight", "bias", "running_mean", "running_var", "training", "momentum",
+                              "eps", "cudnn_enabled"),
+    aten._native_batch_norm_legit_no_training.default: ("input", "weight", "bias", "running_mean", "running_var",
+                                                        "momentum", "eps"),
+}
+
+
+def _args(node: Node, names: tuple[str, ...]) -> dict:
+    """Positional and keyword arguments by name (torch's schema matcher is ambiguous for conv2d)."""
+    return {**dict(zip(names, node.args)), **node.kwargs}
+
+
+def _conv(gm: GraphModule, node: Node) -> nn.Module | None:
+    a = _args(node, _CONV_ARGS)
+    w = _param(gm, a.get("weight"))
+    b = a.get("bias")
+    bias = _param(gm, b)
+    if w is None or (b is not None and bias is None):
+        return None
+    d = w.dim() - 2
+    pad = a.get("padding", 0)
+    conv = _CONV[d](w.shape[1] * a.get("groups", 1), w.shape[0], tuple(w.shape[2:]), stride=a.get("stride", 1),
+                    padding=pad if isinstance(pad, str) else tuple(pad) if isinstance(pad, (list, tuple)) else pad,
+                    dilation=a.get("dilation", 1), groups=a.get("groups", 1), bias=bias is not None,
+                    device="meta")
+    conv.weight = w if isinstance(w, nn.Parameter) else nn.Parameter(w, requires_grad=False)
+    if bias is not None:
+        conv.bias = bias if isinstance(bias, nn.Parameter) else nn.Parameter(bias, requires_grad=False)
+    return conv
+
+
+def _linear(gm: GraphModule, node: Node) -> nn.Module | None:
+    a = _args(node, _LINEAR_ARGS)
+    w, b = _param(gm, a.get("weight")), a.get("bias")
+    bias = _param(gm, b)
+    if w is None or w.dim() != 2 or (b is not None and bias is None):
+        return None
+    lin = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, device="meta")
+    lin.weight = w if isinstance(w, nn.Parameter) else nn.Parameter(w, requires_grad=False)
+    if bias is not None:
+        lin.bias = bias if isinstance(bias, nn.Parameter) else nn.Parameter(bias, requires_grad=False)
+    return lin
+
+
+def _batchnorm(gm: GraphModule, node: Node) -> nn.Module | None:
+    if node.target not in _BN_ARGS:
+        return None
+    a = _args(node, _BN_ARGS[node.target])
+    if a.get("training", False):
+        return None
+    mean, var = _param(gm, a.get("running_mean")), _param(gm, a.get("running_var"))
+    w, b = _param(gm, a.get("weight")), _param(gm, a.get("bias"))
+    if mean is None or var is None:
+        return None
+    bn = AnyRankBatchNorm(mean.numel(), eps=a.get("eps", 1e-5), affine=w is not None)
+    bn.running_mean, bn.running_var = mean, var
+    if w is not None:
+        bn.weight.data, bn.bias.data = w.detach(), b.detach()
+    return bn.eval()
+
+
+def _module_path(gm: GraphModule, node: Node, op: str) -> str:
+    """Put the new module beside the parameters it uses: 'blk.conv.weight' -> 'blk.conv.conv'."""
+    w = next((a for a in node.all_input_nodes if a.op == "get_attr"), None)
+    owner = w.target.rpartition(".")[0] if w is not None else ""
+    base = f"{owner}.{op}" if owner else op
+    path, i = base, 1
+    while _exists(gm, path):
+        path, i = f"{base}_{i}", i + 1
+    return path
+
+
+def _exists(gm: GraphModule, path: str) -> bool:
+    try:
+        fetch_attr(gm, path)
+        return True
+    except AttributeError:
+        return False
+
+
+_BUILDERS = {OpKind.CONV: (_conv, "conv"), OpKind.LINEAR: (_linear, "linear"), OpKind.BATCHNORM: (_batchnorm, "bn")}
+
+
+class Normalize(FxqPass):
+    """Rewrite functional conv/linear/batch-norm whose weights are graph constants as call_module nodes."""
+
+    def call(self, gm: GraphModule) -> PassResult:
+        n = 0
+        for node in list(gm.graph.nodes):
+            if node.op != "call_function":
+                continue
+            built = _BUILDERS.get(kind_of(gm, node))
+            mod = built[0](gm, node) if built else None
+            if mod is None:
+                continue
+            path = _module_path(gm, node, built[1])
+            gm.add_submodule(path, mod.train(gm.training))
+            with gm.graph.inserting_after(node):
+                new = gm.graph.call_module(path, (node.args[0],))
+            new.meta = dict(node.meta)
+            _replace(node, new)
+            n += 1
+        if n:
+            gm.graph.eliminate_dead_code()
+            gm.delete_all_unused_submodules()
+            gm.recompile()
+        return PassResult(gm, modified=n > 0)
+
+
+def _replace(node: Node, new: Node) -> None:
+    if node.target in _BN_TUPLE:  # users take item 0 of the tuple
+        for user in list(node.users):
+            if user.target is operator.getitem and user.args[1] == 0:
+                user.replace_all_uses_with(new)
+    else:
+        node.replace_all_uses_with(new)
+

@@ -1,0 +1,99 @@
+"""Observe: an observer after every quantized activation; Calibrate: run the graph on calibration data."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch.fx import GraphModule, Node
+from tqdm.auto import tqdm
+
+from fxq.errors import DataError, GraphCheckFailed
+from fxq.meta import OpKind, gq, q
+from fxq.modules import ActObserver, ChannelMeanObserver
+from fxq.passbase import FxqPass, PassResult
+
+__all__ = ["Observe", "Calibrate", "act_module_name"]
+
+
+def act_module_name(node: Node) -> str:
+    """Observers and the quantizers that replace them share one module name per observed node."""
+    return f"fxq_act_{node.name}"
+
+
+def _insert_after(gm: GraphModule, node: Node, name: str) -> Node:
+    with gm.graph.inserting_after(node):
+        new = gm.graph.call_module(name, (node,))
+    node.replace_all_uses_with(new, delete_user_cb=lambda u: u is not new)
+    return new
+
+
+def _observe_input_mean(gm: GraphModule, node: Node) -> None:
+    """Put a ChannelMeanObserver on the edge into a weighted layer (only that layer sees it)."""
+    channel_dim = -1 if q(node).kind is OpKind.LINEAR else 1
+    name = f"fxq_inmean_{node.name}"
+    gm.add_submodule(name, ChannelMeanObserver(channel_dim))
+    src = node.args[0]
+    with gm.graph.inserting_before(node):
+        obs = gm.graph.call_module(name, (src,))
+    node.replace_input_with(src, obs)
+    q(obs).kind, q(obs).observes = OpKind.OBSERVER, node
+
+
+class Observe(FxqPass):
+    """Insert an ActObserver after every node with an output quantizer spec (NodeQ.aspec), and, for bias
+    correction, a ChannelMeanObserver in front of every weighted layer."""
+
+    def __init__(self, samples_per_batch: int = 4096, input_means: bool = True):
+        self.samples_per_batch = samples_per_batch
+        self.input_means = input_means
+
+    def call(self, gm: GraphModule) -> PassResult:
+        nodes = [n for n in gm.graph.nodes if q(n).kind is not OpKind.OBSERVER]
+        todo = [n for n in nodes if q(n).aspec is not None]
+        for i, node in enumerate(todo):
+            name = act_module_name(node)
+            gm.add_submodule(name, ActObserver(self.samples_per_batch, seed=i))
+            obs = _insert_after(gm, node, name)
+            q(obs).kind, q(obs).observes = OpKind.OBSERVER, node
+        weighted = [n for n in nodes if q(n).wspec is not None] if self.input_means else []
+        for node in weighted:
+            _observe_input_mean(gm, node)
+        gm.recompile()
+        return PassResult(gm, modified=bool(todo or weighted))
+
+
+def _inputs(batch) -> tuple:
+    """A batch may be a tensor, or (inputs, labels) as image loaders yield: take the inputs."""
+    if isinstance(batch, torch.Tensor):
+        return (batch,)
+    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
+        return (batch[0],)
+    raise DataError(f"calibration batches must be tensors or (tensor, labels) pairs, got {type(batch).__name__}")
+
+
+class Calibrate(FxqPass):
+    """Run the observed graph over the calibration batches (no grad, eval mode), with a progress bar."""
+
+    def __init__(self, batches: Iterable, progress: bool = True):
+        self.batches = batches
+        self.progress = progress
+
+    def requires(self, gm: GraphModule) -> None:
+        if not any(q(n).kind is OpKind.OBSERVER for n in gm.graph.nodes):
+            raise GraphCheckFailed("calibrate: no observers in the graph; run Observe first")
+
+    @torch.no_grad()
+    def call(self, gm: GraphModule) -> PassResult:
+        gm.eval()
+        device = next((p.device for p in gm.parameters()), torch.device("cpu"))
+        total = len(self.batches) if hasattr(self.batches, "__len__") else None
+        images = 0
+        for batch in tqdm(self.batches, total=total, desc="calibrate", unit="batch", disable=not self.progress):
+            (x,) = _inputs(batch)
+            gm(x.to(device))
+            images += x.shape[0]
+        if images == 0:
+            raise DataError("calibrate: the calibration data yielded no batches; give at least one image")
+        gq(gm).calib_images += images
+        return PassResult(gm, modified=False)

@@ -1,7 +1,7 @@
 """fxq: post-training quantization compiler for PyTorch, as a torch.fx pass pipeline.
 
-    import fxq
-    qgm, report = fxq.quantize(model, calib_batches, fxq.PTQConfig(target=fxq.INT8.with_bits(weight_bits=4)))
+import fxq
+qgm, report = fxq.quantize(model, calib_batches, fxq.PTQConfig(target=fxq.INT8.with_bits(weight_bits=4)))
 """
 
 from fxq.config import ActThreshold, Method, PTQConfig

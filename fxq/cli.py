@@ -17,6 +17,7 @@ from fxq.errors import FxqError, ModelError
 from fxq.evaluate import evaluate
 from fxq.frontend import Frontend
 from fxq.models import DEFAULT_MODEL, LoadedModel, load_model
+from fxq.ops import set_eval_
 from fxq.pipeline import quantize
 from fxq.report import Report, write_json_atomic
 from fxq.targets import INT8
@@ -54,7 +55,7 @@ def load_quantized(folder: str | os.PathLike) -> tuple[torch.nn.Module, Preproce
         p = json.loads((folder / REPORT_FILE).read_text()).get("preprocess")
         if p:
             pre = Preprocess(p["resize"], p["crop"], tuple(p["mean"]), tuple(p["std"]))
-    return model.eval(), pre
+    return set_eval_(model), pre
 
 
 def _data_args(p: argparse.ArgumentParser) -> None:
@@ -82,23 +83,34 @@ def _quant_args(p: argparse.ArgumentParser) -> None:
 
 
 def _config(args, weight_bits: int) -> PTQConfig:
-    return PTQConfig(target=INT8.with_bits(weight_bits, args.act_bits), method=args.method,
-                     act_threshold=args.act_threshold, frontend=args.frontend,
-                     bias_correction=not args.no_bias_correction, progress=not args.quiet)
+    return PTQConfig(
+        target=INT8.with_bits(weight_bits, args.act_bits),
+        method=args.method,
+        act_threshold=args.act_threshold,
+        frontend=args.frontend,
+        bias_correction=not args.no_bias_correction,
+        progress=not args.quiet,
+    )
 
 
 def _load(args) -> tuple[LoadedModel, ImageSet, ImageSet | None]:
     lm = load_model(args.model, args.weights, args.random_weights)
     show = not args.quiet
     calib = load_images(args.calib, lm.preprocess, args.num_calib, progress=show)
-    val = None if getattr(args, "no_eval", False) else load_images(args.val, lm.preprocess, args.num_val, labeled=True, progress=show)
+    val = (
+        None
+        if getattr(args, "no_eval", False)
+        else load_images(args.val, lm.preprocess, args.num_val, labeled=True, progress=show)
+    )
     return lm, calib, val
 
 
 def _accuracy_line(name: str, acc: dict, ref: dict | None = None) -> str:
     drop = f"  ({acc['top1'] - ref['top1']:+.2f} vs float)" if ref else ""
-    return (f"{name:<10} top-1 {acc['top1']:6.2f}  top-5 {acc['top5']:6.2f}  on {acc['images']} images "
-            f"({acc['correct1']} correct){drop}  [{acc['seconds']:.1f} s]")
+    return (
+        f"{name:<10} top-1 {acc['top1']:6.2f}  top-5 {acc['top5']:6.2f}  on {acc['images']} images "
+        f"({acc['correct1']} correct){drop}  [{acc['seconds']:.1f} s]"
+    )
 
 
 def cmd_quantize(args) -> None:
@@ -113,7 +125,11 @@ def cmd_quantize(args) -> None:
         report.accuracy["float"] = evaluate(lm.model, val.x, val.y, progress=not args.quiet, desc="eval float")
         report.accuracy["quantized"] = evaluate(qgm, val.x, val.y, progress=not args.quiet, desc="eval quantized")
         print(_accuracy_line("float", report.accuracy["float"]))
-        print(_accuracy_line(f"W{args.weight_bits}A{args.act_bits}", report.accuracy["quantized"], report.accuracy["float"]))
+        print(
+            _accuracy_line(
+                f"W{args.weight_bits}A{args.act_bits}", report.accuracy["quantized"], report.accuracy["float"]
+            )
+        )
     save_quantized(args.out, qgm, report, lm.preprocess)
     print(f"wrote {Path(args.out) / MODEL_FILE} and {Path(args.out) / REPORT_FILE}")
 
@@ -140,8 +156,10 @@ def cmd_compare(args) -> None:
         t0 = time.perf_counter()
         qgm, rep = quantize(lm.model, batches(calib.x, args.batch_size), configs[wb])
         seconds = time.perf_counter() - t0
-        results[name] = {**evaluate(qgm, val.x, val.y, progress=not args.quiet, desc=f"eval {name}"),
-                         "quantize_seconds": seconds}
+        results[name] = {
+            **evaluate(qgm, val.x, val.y, progress=not args.quiet, desc=f"eval {name}"),
+            "quantize_seconds": seconds,
+        }
         reports[name] = rep.to_dict()
     print(f"\n{lm.name}: calibration on {len(calib)} images of {args.calib}; top-1 on {len(val)} images of {args.val}")
     for name, acc in results.items():
@@ -172,8 +190,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     cp = sub.add_parser("compare", help="float vs quantized at several weight widths (the README's main job)")
     _model_args(cp), _data_args(cp), _quant_args(cp)
-    cp.add_argument("--weight-bits", type=lambda s: [int(b) for b in s.split(",")], default=[8, 4],
-                    help="comma-separated weight widths, e.g. 8,4")
+    cp.add_argument(
+        "--weight-bits",
+        type=lambda s: [int(b) for b in s.split(",")],
+        default=[8, 4],
+        help="comma-separated weight widths, e.g. 8,4",
+    )
     cp.add_argument("--out", default="runs/compare")
     cp.set_defaults(fn=cmd_compare)
     return p

@@ -41,9 +41,7 @@ class PTQConfig:
                 try:
                     object.__setattr__(self, name, enum(value))
                 except ValueError:
-                    raise ConfigError(
-                        f"{name} must be one of {[e.value for e in enum]}, got {value!r}"
-                    ) from None
+                    raise ConfigError(f"{name} must be one of {[e.value for e in enum]}, got {value!r}") from None
         if not isinstance(self.target, Target):
             raise ConfigError(f"target must be an fxq.targets.Target, got {type(self.target).__name__}")
         if self.weight_grid < 2:

@@ -66,11 +66,15 @@ def default_data_dir() -> Path:
 def list_images(folder: str | os.PathLike) -> list[str]:
     folder = Path(folder)
     if not folder.is_dir():
-        raise DataError(f"image folder '{folder}' does not exist; pass an existing folder (--calib/--val DIR) "
-                        f"or set FXQ_DATA to the folder holding imagenet/calib and imagenet/val")
+        raise DataError(
+            f"image folder '{folder}' does not exist; pass an existing folder (--calib/--val DIR) "
+            f"or set FXQ_DATA to the folder holding imagenet/calib and imagenet/val"
+        )
     files = sorted(f.name for f in folder.iterdir() if f.suffix.lower() in IMAGE_EXTS)
     if not files:
-        raise DataError(f"image folder '{folder}' holds no images ({', '.join(IMAGE_EXTS)}); point to a folder of images")
+        raise DataError(
+            f"image folder '{folder}' holds no images ({', '.join(IMAGE_EXTS)}); point to a folder of images"
+        )
     return files
 
 

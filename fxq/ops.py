@@ -12,7 +12,7 @@ from torch.fx.passes.shape_prop import TensorMetadata
 
 from fxq.meta import OpKind
 
-__all__ = ["kind_of", "module_of", "fetch_attr", "is_float_tensor", "is_nonnegative", "WEIGHTED_MODULES"]
+__all__ = ["set_eval_", "kind_of", "module_of", "fetch_attr", "is_float_tensor", "is_nonnegative", "WEIGHTED_MODULES"]
 
 aten = torch.ops.aten
 
@@ -27,43 +27,142 @@ _MODULES: dict[type, OpKind] = {
     nn.BatchNorm2d: OpKind.BATCHNORM,
     nn.BatchNorm3d: OpKind.BATCHNORM,
     **dict.fromkeys(
-        (nn.ReLU, nn.ReLU6, nn.Hardtanh, nn.SiLU, nn.Hardswish, nn.GELU, nn.Sigmoid, nn.Hardsigmoid, nn.Tanh,
-         nn.LeakyReLU, nn.ELU, nn.Mish, nn.PReLU, nn.Softplus),
+        (
+            nn.ReLU,
+            nn.ReLU6,
+            nn.Hardtanh,
+            nn.SiLU,
+            nn.Hardswish,
+            nn.GELU,
+            nn.Sigmoid,
+            nn.Hardsigmoid,
+            nn.Tanh,
+            nn.LeakyReLU,
+            nn.ELU,
+            nn.Mish,
+            nn.PReLU,
+            nn.Softplus,
+        ),
         OpKind.ACTIVATION,
     ),
     **dict.fromkeys(
-        (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Flatten, nn.Unflatten,
-         nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d),
+        (
+            nn.Identity,
+            nn.Dropout,
+            nn.Dropout1d,
+            nn.Dropout2d,
+            nn.Dropout3d,
+            nn.Flatten,
+            nn.Unflatten,
+            nn.MaxPool1d,
+            nn.MaxPool2d,
+            nn.MaxPool3d,
+            nn.ZeroPad1d,
+            nn.ZeroPad2d,
+            nn.ZeroPad3d,
+        ),
         OpKind.PASSTHROUGH,
     ),
 }
 
 _FUNCTIONS: dict[object, OpKind] = {
-    **dict.fromkeys((F.conv1d, F.conv2d, F.conv3d, torch.conv1d, torch.conv2d, torch.conv3d, aten.conv1d.default,
-                     aten.conv2d.default, aten.conv3d.default), OpKind.CONV),
-    **dict.fromkeys((F.linear, torch._C._nn.linear, aten.linear.default), OpKind.LINEAR),
-    **dict.fromkeys((operator.matmul, torch.matmul, torch.bmm, torch.mm, aten.matmul.default, aten.bmm.default,
-                     aten.mm.default), OpKind.MATMUL),
-    **dict.fromkeys((F.batch_norm, aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default),
-                    OpKind.BATCHNORM),
     **dict.fromkeys(
-        (F.relu, torch.relu, F.relu6, F.hardtanh, F.silu, F.hardswish, F.gelu, torch._C._nn.gelu, torch.sigmoid, F.sigmoid,
-         F.hardsigmoid, torch.tanh, F.tanh, F.leaky_relu, F.elu, F.mish, aten.relu.default, aten.relu_.default,
-         aten.hardtanh.default, aten.hardtanh_.default, aten.silu.default, aten.silu_.default,
-         aten.hardswish.default, aten.hardswish_.default, aten.gelu.default, aten.sigmoid.default,
-         aten.hardsigmoid.default, aten.tanh.default, aten.relu6.default, aten.leaky_relu.default),
+        (
+            F.conv1d,
+            F.conv2d,
+            F.conv3d,
+            torch.conv1d,
+            torch.conv2d,
+            torch.conv3d,
+            aten.conv1d.default,
+            aten.conv2d.default,
+            aten.conv3d.default,
+        ),
+        OpKind.CONV,
+    ),
+    **dict.fromkeys((F.linear, torch._C._nn.linear, aten.linear.default), OpKind.LINEAR),
+    **dict.fromkeys(
+        (operator.matmul, torch.matmul, torch.bmm, torch.mm, aten.matmul.default, aten.bmm.default, aten.mm.default),
+        OpKind.MATMUL,
+    ),
+    **dict.fromkeys(
+        (F.batch_norm, aten.batch_norm.default, aten._native_batch_norm_legit_no_training.default), OpKind.BATCHNORM
+    ),
+    **dict.fromkeys(
+        (
+            F.relu,
+            torch.relu,
+            F.relu6,
+            F.hardtanh,
+            F.silu,
+            F.hardswish,
+            F.gelu,
+            torch._C._nn.gelu,
+            torch.sigmoid,
+            F.sigmoid,
+            F.hardsigmoid,
+            torch.tanh,
+            F.tanh,
+            F.leaky_relu,
+            F.elu,
+            F.mish,
+            aten.relu.default,
+            aten.relu_.default,
+            aten.hardtanh.default,
+            aten.hardtanh_.default,
+            aten.silu.default,
+            aten.silu_.default,
+            aten.hardswish.default,
+            aten.hardswish_.default,
+            aten.gelu.default,
+            aten.sigmoid.default,
+            aten.hardsigmoid.default,
+            aten.tanh.default,
+            aten.relu6.default,
+            aten.leaky_relu.default,
+        ),
         OpKind.ACTIVATION,
     ),
     **dict.fromkeys((operator.add, operator.iadd, torch.add, aten.add.Tensor, aten.add_.Tensor), OpKind.ADD),
     **dict.fromkeys((torch.cat, torch.concat, aten.cat.default), OpKind.CAT),
     **dict.fromkeys(
-        (operator.getitem, torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.squeeze,
-         torch.unsqueeze, F.dropout, F.max_pool1d, F.max_pool2d, F.max_pool3d, torch.chunk, torch.split,
-         aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.flatten.using_ints,
-         aten.permute.default, aten.transpose.int, aten.squeeze.dim, aten.unsqueeze.default, aten.clone.default,
-         aten.dropout.default, aten.max_pool2d.default, aten.t.default, aten.expand.default,
-         aten.contiguous.default, aten.slice.Tensor, aten.select.int, aten.split.Tensor, aten.chunk.default,
-         aten.alias.default, aten.detach.default),
+        (
+            operator.getitem,
+            torch.flatten,
+            torch.reshape,
+            torch.permute,
+            torch.transpose,
+            torch.squeeze,
+            torch.unsqueeze,
+            F.dropout,
+            F.pad,
+            F.max_pool1d,
+            F.max_pool2d,
+            F.max_pool3d,
+            torch.chunk,
+            torch.split,
+            aten.view.default,
+            aten.reshape.default,
+            aten._unsafe_view.default,
+            aten.flatten.using_ints,
+            aten.permute.default,
+            aten.transpose.int,
+            aten.squeeze.dim,
+            aten.unsqueeze.default,
+            aten.clone.default,
+            aten.dropout.default,
+            aten.max_pool2d.default,
+            aten.t.default,
+            aten.expand.default,
+            aten.contiguous.default,
+            aten.slice.Tensor,
+            aten.select.int,
+            aten.split.Tensor,
+            aten.chunk.default,
+            aten.alias.default,
+            aten.detach.default,
+            aten.constant_pad_nd.default,
+        ),
         OpKind.PASSTHROUGH,
     ),
 }
@@ -73,18 +172,51 @@ _METHODS: dict[str, OpKind] = {
     **dict.fromkeys(("add", "add_", "__add__"), OpKind.ADD),
     **dict.fromkeys(("matmul", "bmm", "mm"), OpKind.MATMUL),
     **dict.fromkeys(
-        ("view", "reshape", "flatten", "permute", "transpose", "contiguous", "squeeze", "unsqueeze", "expand",
-         "chunk", "split", "unflatten", "clone", "detach", "t"),
+        (
+            "view",
+            "reshape",
+            "flatten",
+            "permute",
+            "transpose",
+            "contiguous",
+            "squeeze",
+            "unsqueeze",
+            "expand",
+            "chunk",
+            "split",
+            "unflatten",
+            "clone",
+            "detach",
+            "t",
+        ),
         OpKind.PASSTHROUGH,
     ),
 }
 
 # Activations whose output is never negative: their quantizer is unsigned (one more bit of resolution).
 _NONNEG_MODULES = (nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Hardsigmoid, nn.Softmax)
-_NONNEG_FUNCTIONS = {F.relu, torch.relu, F.relu6, torch.sigmoid, F.sigmoid, F.hardsigmoid, F.softmax, torch.softmax,
-                     aten.relu.default, aten.relu_.default, aten.relu6.default, aten.sigmoid.default,
-                     aten.hardsigmoid.default, aten._softmax.default}
+_NONNEG_FUNCTIONS = {
+    F.relu,
+    torch.relu,
+    F.relu6,
+    torch.sigmoid,
+    F.sigmoid,
+    F.hardsigmoid,
+    F.softmax,
+    torch.softmax,
+    aten.relu.default,
+    aten.relu_.default,
+    aten.relu6.default,
+    aten.sigmoid.default,
+    aten.hardsigmoid.default,
+    aten._softmax.default,
+}
 _NONNEG_METHODS = {"relu", "relu_", "sigmoid", "softmax"}
+
+
+def set_eval_(module: nn.Module) -> nn.Module:
+    """module.eval(), also for torch.export's unlifted modules, whose own eval() refuses (their graph is frozen)."""
+    return nn.Module.train(module, False)
 
 
 def fetch_attr(gm: torch.nn.Module, target: str):

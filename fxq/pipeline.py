@@ -18,6 +18,7 @@ from fxq.debug import CHECK
 from fxq.errors import DataError, FxqError
 from fxq.frontend import trace
 from fxq.meta import gq
+from fxq.ops import set_eval_
 from fxq.passes.annotate import Annotate
 from fxq.passes.fold_bn import FoldBN
 from fxq.passes.interest_points import InterestPoints
@@ -69,7 +70,7 @@ def _first_batch(batches: Iterable) -> torch.Tensor:
 
 def prepare(model: nn.Module, example_inputs: tuple, config: PTQConfig = PTQConfig()) -> GraphModule:
     """Trace a copy of `model` and insert observers; run it on calibration data, then `convert` it."""
-    model = copy.deepcopy(model).eval()
+    model = set_eval_(copy.deepcopy(model))
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     example_inputs = tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in example_inputs)
     t0 = time.perf_counter()

@@ -81,7 +81,9 @@ def fake_quant(x: Tensor, scale: Tensor, spec: QSpec) -> Tensor:
     if spec.per_channel:
         zp = torch.zeros(scale.numel(), dtype=torch.int32, device=x.device)
         return torch.fake_quantize_per_channel_affine(x, scale.float(), zp, 0, spec.qmin, spec.qmax)
-    return torch.fake_quantize_per_tensor_affine(x, scale.float(), torch.zeros((), dtype=torch.int32, device=x.device), spec.qmin, spec.qmax)
+    return torch.fake_quantize_per_tensor_affine(
+        x, scale.float(), torch.zeros((), dtype=torch.int32, device=x.device), spec.qmin, spec.qmax
+    )
 
 
 def quantize_int(x: Tensor, scale: Tensor, spec: QSpec) -> Tensor:

@@ -51,8 +51,18 @@ class Report:
             wt = f"{lr.w_threshold['min']:.3g}..{lr.w_threshold['max']:.3g}" if lr.w_threshold else ""
             ar = f"{lr.act_range[0]:.3g}..{lr.act_range[1]:.3g}" if lr.act_range else ""
             ab = f"{lr.act_bits}{'s' if lr.act_signed else 'u'}" if lr.act_bits else ""
-            rows.append((lr.node, lr.kind, str(lr.weight_bits or ""), wt, ab, ar,
-                         f"{lr.act_threshold:.4g}" if lr.act_threshold else "", "*" if lr.interest else ""))
+            rows.append(
+                (
+                    lr.node,
+                    lr.kind,
+                    str(lr.weight_bits or ""),
+                    wt,
+                    ab,
+                    ar,
+                    f"{lr.act_threshold:.4g}" if lr.act_threshold else "",
+                    "*" if lr.interest else "",
+                )
+            )
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
@@ -79,7 +89,7 @@ def write_json_atomic(path: str, obj) -> None:
 
 def _layer(node) -> LayerReport | None:
     m = q(node)
-    if m.wspec is None and m.aspec is None:
+    if m.wspec is None and m.aspec is None and not m.interest:
         return None
     lr = LayerReport(node=node.name, kind=m.kind.value if m.kind else "?", interest=m.interest)
     if node.op == "call_module":
@@ -102,5 +112,12 @@ def build_report(gm: GraphModule, cfg: PTQConfig, model_name: str) -> Report:
     for lr in layers:
         if lr.weight_bits is not None and lr.module:
             lr.weight_shape = list(gm.get_submodule(lr.module).layer.weight.shape)
-    return Report(model=model_name, target=cfg.target.name, method=cfg.method.value, frontend=g.frontend,
-                  calib_images=g.calib_images, layers=layers, stage_seconds=dict(g.stage_seconds))
+    return Report(
+        model=model_name,
+        target=cfg.target.name,
+        method=cfg.method.value,
+        frontend=g.frontend,
+        calib_images=g.calib_images,
+        layers=layers,
+        stage_seconds=dict(g.stage_seconds),
+    )

@@ -33,7 +33,11 @@ class Target:
     resources: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self):
-        for what, b in [("weight_bits", self.weight_bits), ("act_bits", self.act_bits), *(("weight_bit_options", b) for b in self.weight_bit_options)]:
+        for what, b in [
+            ("weight_bits", self.weight_bits),
+            ("act_bits", self.act_bits),
+            *(("weight_bit_options", b) for b in self.weight_bit_options),
+        ]:
             if not isinstance(b, int) or not MIN_BITS <= b <= MAX_BITS:
                 raise ConfigError(f"target {self.name}: {what} must be integers in [{MIN_BITS}, {MAX_BITS}], got {b!r}")
 

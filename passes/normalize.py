@@ -44,10 +44,26 @@ _LINEAR_ARGS = ("input", "weight", "bias")
 # positional layouts of the batch-norm spellings the front-ends produce
 _BN_ARGS = {
     F.batch_norm: ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"),
-    aten.batch_norm.default: ("input", "weight", "bias", "running_mean", "running_var", "training", "momentum",
-                              "eps", "cudnn_enabled"),
-    aten._native_batch_norm_legit_no_training.default: ("input", "weight", "bias", "running_mean", "running_var",
-                                                        "momentum", "eps"),
+    aten.batch_norm.default: (
+        "input",
+        "weight",
+        "bias",
+        "running_mean",
+        "running_var",
+        "training",
+        "momentum",
+        "eps",
+        "cudnn_enabled",
+    ),
+    aten._native_batch_norm_legit_no_training.default: (
+        "input",
+        "weight",
+        "bias",
+        "running_mean",
+        "running_var",
+        "momentum",
+        "eps",
+    ),
 }
 
 
@@ -65,10 +81,17 @@ def _conv(gm: GraphModule, node: Node) -> nn.Module | None:
         return None
     d = w.dim() - 2
     pad = a.get("padding", 0)
-    conv = _CONV[d](w.shape[1] * a.get("groups", 1), w.shape[0], tuple(w.shape[2:]), stride=a.get("stride", 1),
-                    padding=pad if isinstance(pad, str) else tuple(pad) if isinstance(pad, (list, tuple)) else pad,
-                    dilation=a.get("dilation", 1), groups=a.get("groups", 1), bias=bias is not None,
-                    device="meta")
+    conv = _CONV[d](
+        w.shape[1] * a.get("groups", 1),
+        w.shape[0],
+        tuple(w.shape[2:]),
+        stride=a.get("stride", 1),
+        padding=pad if isinstance(pad, str) else tuple(pad) if isinstance(pad, (list, tuple)) else pad,
+        dilation=a.get("dilation", 1),
+        groups=a.get("groups", 1),
+        bias=bias is not None,
+        device="meta",
+    )
     conv.weight = w if isinstance(w, nn.Parameter) else nn.Parameter(w, requires_grad=False)
     if bias is not None:
         conv.bias = bias if isinstance(bias, nn.Parameter) else nn.Parameter(bias, requires_grad=False)
@@ -140,7 +163,7 @@ class Normalize(FxqPass):
             if mod is None:
                 continue
             path = _module_path(gm, node, built[1])
-            gm.add_submodule(path, mod.train(gm.training))
+            gm.add_submodule(path, mod.eval())  # PTQ works on the inference graph
             with gm.graph.inserting_after(node):
                 new = gm.graph.call_module(path, (node.args[0],))
             new.meta = dict(node.meta)
@@ -160,4 +183,3 @@ def _replace(node: Node, new: Node) -> None:
                 user.replace_all_uses_with(new)
     else:
         node.replace_all_uses_with(new)
-

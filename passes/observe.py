@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 from fxq.errors import DataError, GraphCheckFailed
 from fxq.meta import OpKind, gq, q
 from fxq.modules import ActObserver, ChannelMeanObserver
+from fxq.ops import set_eval_
 from fxq.passbase import FxqPass, PassResult
 
 __all__ = ["Observe", "Calibrate", "act_module_name"]
@@ -85,7 +86,7 @@ class Calibrate(FxqPass):
 
     @torch.no_grad()
     def call(self, gm: GraphModule) -> PassResult:
-        gm.eval()
+        set_eval_(gm)
         device = next((p.device for p in gm.parameters()), torch.device("cpu"))
         total = len(self.batches) if hasattr(self.batches, "__len__") else None
         images = 0

@@ -10,13 +10,12 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
+import torch
+from torch import Tensor, nn
 from torch.fx import GraphModule, Node
 
 from fxq.errors import GraphCheckFailed
 from fxq.meta import OpKind, q
-import torch
-from torch import Tensor, nn
-
 from fxq.modules import ActObserver, ActQuant, ChannelMeanObserver, QuantWeight
 from fxq.passbase import FxqPass, PassResult
 from fxq.qmath import ActThreshold, activation_threshold, weight_thresholds
@@ -28,12 +27,16 @@ def _quantize_activation(gm: GraphModule, obs_node: Node, method: ActThreshold) 
     src = q(obs_node).observes
     obs: ActObserver = gm.get_submodule(obs_node.target)
     if not obs.observed:
-        raise GraphCheckFailed(f"quantize: calibration never reached {src.format_node()}; run Calibrate on data "
-                               f"that exercises every branch of the model")
+        raise GraphCheckFailed(
+            f"quantize: calibration never reached {src.format_node()}; run Calibrate on data "
+            f"that exercises every branch of the model"
+        )
     lo, hi = float(obs.lo), float(obs.hi)
     if not (math.isfinite(lo) and math.isfinite(hi)):
-        raise GraphCheckFailed(f"quantize: calibration saw NaN/inf at {src.format_node()} (range {lo}..{hi}); "
-                               f"check the input normalisation and the model weights")
+        raise GraphCheckFailed(
+            f"quantize: calibration saw NaN/inf at {src.format_node()} (range {lo}..{hi}); "
+            f"check the input normalisation and the model weights"
+        )
     m = q(src)
     spec = replace(m.aspec, signed=m.aspec.signed and lo < 0)  # non-negative data: unsigned, one more bit
     m.aspec, m.act_range = spec, (lo, hi)
@@ -70,7 +73,9 @@ def _quantize_weight(gm: GraphModule, node: Node, n_grid: int) -> None:
     m.wspec = spec
     qw = QuantWeight(layer, spec, m.w_threshold)
     src = node.args[0]
-    if isinstance(src, Node) and isinstance(gm.get_submodule(src.target) if src.op == "call_module" else None, ChannelMeanObserver):
+    if isinstance(src, Node) and isinstance(
+        gm.get_submodule(src.target) if src.op == "call_module" else None, ChannelMeanObserver
+    ):
         _correct_bias_(layer, qw, gm.get_submodule(src.target).mean())
         node.replace_input_with(src, src.args[0])
         gm.graph.erase_node(src)

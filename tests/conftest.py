@@ -1,0 +1,82 @@
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from fxq.data import default_data_dir
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def seeded(*shape, seed=0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
+    ref, out = ref.detach(), out.detach()
+    return float(10 * torch.log10(ref.pow(2).sum() / (ref - out).pow(2).sum().clamp_min(1e-30)))
+
+
+class ConvBNReLU(nn.Sequential):
+    def __init__(self, cin, cout, groups=1, stride=1):
+        super().__init__(nn.Conv2d(cin, cout, 3, stride, 1, groups=groups, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+
+
+class TinyNet(nn.Module):
+    """conv-bn-relu stem, a residual block (add), a concat, global pool and a linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = ConvBNReLU(3, 8)
+        self.conv_a = nn.Conv2d(8, 8, 3, padding=1)
+        self.bn_a = nn.BatchNorm2d(8)
+        self.branch = nn.Conv2d(8, 4, 1)
+        self.head = nn.Linear(12, 5)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = self.bn_a(self.conv_a(x)) + x
+        y = torch.relu(y)
+        z = torch.cat([y, self.branch(y)], dim=1)
+        return self.head(z.mean((2, 3)))
+
+
+def randomize_bn_(model: nn.Module) -> nn.Module:
+    """Give BatchNorms non-trivial statistics so folding is actually tested."""
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+    return model
+
+
+@pytest.fixture
+def tiny_net():
+    torch.manual_seed(0)
+    return randomize_bn_(TinyNet()).eval()
+
+
+IMAGENET = default_data_dir() / "imagenet"
+needs_imagenet = pytest.mark.skipif(
+    not (IMAGENET / "val" / "labels.tsv").exists(), reason="shared ImageNet images not found"
+)
+
+
+def write_images(folder: Path, n: int, size=(40, 48), labels=True) -> Path:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(0)
+    lines = []
+    for i in range(n):
+        arr = (torch.rand(size[1], size[0], 3, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(arr).save(folder / f"img_{i:03d}.png")
+        lines.append(f"img_{i:03d}.png\t{i % 10}")
+    if labels:
+        (folder / "labels.tsv").write_text("\n".join(lines) + "\n")
+    return folder

@@ -1,0 +1,74 @@
+import json
+
+import pytest
+
+from fxq.cli import load_quantized, main
+from tests.conftest import write_images
+
+
+@pytest.fixture
+def image_dirs(tmp_path):
+    return write_images(tmp_path / "calib", 4, size=(72, 80), labels=False), write_images(
+        tmp_path / "val", 6, size=(72, 72)
+    )
+
+
+def run(args, capsys):
+    code = main(args)
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_quantize_then_eval_round_trip(tmp_path, image_dirs, capsys):
+    calib, val = image_dirs
+    out = tmp_path / "q"
+    common = ["--model", "mobilenet_v3_small", "--random-weights", "--quiet"]
+    code, stdout, _ = run(
+        [
+            "quantize",
+            *common,
+            "--calib",
+            str(calib),
+            "--val",
+            str(val),
+            "--weight-bits",
+            "4",
+            "--batch-size",
+            "2",
+            "--out",
+            str(out),
+        ],
+        capsys,
+    )
+    assert code == 0
+    assert "W4A8" in stdout and "on 6 images" in stdout
+    report = json.loads((out / "report.json").read_text())
+    assert {lr["weight_bits"] for lr in report["layers"] if lr["weight_bits"]} == {4}
+    assert report["calib_images"] == 4 and report["accuracy"]["quantized"]["images"] == 6
+    assert report["preprocess"]["crop"] == 224
+    code, stdout, _ = run(["eval", "--model", str(out), "--val", str(val), "--quiet"], capsys)
+    assert code == 0
+    saved_top1 = report["accuracy"]["quantized"]["top1"]
+    assert f"top-1 {saved_top1:6.2f}" in stdout  # the reloaded model scores what the run reported
+    model, pre = load_quantized(out)
+    assert pre.crop == 224 and not model.training
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["quantize", "--out", "x", "--weight-bits", "9"], r"weight_bits must be integers in \[2, 8\], got 9"),
+        (["quantize", "--out", "x", "--act-bits", "1"], r"act_bits must be integers in \[2, 8\], got 1"),
+        (["quantize", "--out", "x", "--model", "resnet1"], "unknown model 'resnet1'"),
+        (["quantize", "--out", "x", "--model", "resnet18"], "give its weights with --weights FILE"),
+        (["quantize", "--out", "x", "--calib", "/no/such/folder"], "image folder '/no/such/folder' does not exist"),
+        (["eval", "--model", "/tmp"], "'/tmp' holds no model.pt"),
+    ],
+)
+def test_bad_input_gives_a_clear_error(args, message, capsys):
+    import re
+
+    code, _, err = run(args, capsys)
+    assert code == 2
+    assert err.startswith("fxq: error: ") and re.search(message, err)
+    assert "Traceback" not in err

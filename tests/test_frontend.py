@@ -1,0 +1,64 @@
+import pytest
+import torch
+from torch import nn
+
+import fxq
+from fxq.frontend import trace
+from tests.conftest import seeded
+
+
+class DataDependent(nn.Module):
+    def forward(self, x):
+        if x.sum() > 0:  # Python control flow on a tensor value: symbolic_trace cannot follow it
+            return x * 2
+        return x
+
+
+class Outer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.pre = nn.Conv2d(3, 3, 1)
+        self.gate = DataDependent()
+
+    def forward(self, x):
+        return self.gate(self.pre(x))
+
+
+def test_untraceable_model_names_module_line_and_remedies():
+    with pytest.raises(fxq.TraceFailed) as err:
+        trace(Outer().eval())
+    msg = str(err.value)
+    assert "module 'gate' (DataDependent)" in msg
+    assert "test_frontend.py:" in msg and "if x.sum() > 0" in msg
+    assert "frontend='export'" in msg and "leaf_modules=('gate',)" in msg
+
+
+def test_leaf_module_makes_it_traceable():
+    model = Outer().eval()
+    gm = trace(model, leaf_modules=("gate",))
+    assert any(n.op == "call_module" and n.target == "gate" for n in gm.graph.nodes)
+    for seed in (0, 1):  # both branches of the data-dependent gate
+        x = seeded(1, 3, 4, 4, seed=seed)
+        torch.testing.assert_close(gm(x), model(x))
+
+
+def test_export_needs_example_inputs():
+    with pytest.raises(fxq.TraceFailed, match="needs example inputs"):
+        trace(nn.Linear(2, 2), frontend="export")
+
+
+def test_not_a_module():
+    with pytest.raises(fxq.TraceFailed, match="expected an nn.Module, got function"):
+        trace(lambda x: x)
+
+
+def test_export_keeps_a_dynamic_batch(tiny_net):
+    gm = trace(tiny_net, (seeded(2, 3, 8, 8),), frontend="export")
+    x = seeded(5, 3, 8, 8)
+    torch.testing.assert_close(gm(x), tiny_net(x))
+
+
+def test_quantize_passes_leaf_modules_through():
+    model = Outer().eval()
+    qgm, report = fxq.quantize(model, [seeded(2, 3, 4, 4)], fxq.PTQConfig(leaf_modules=("gate",), progress=False))
+    assert [lr.node for lr in report.layers if lr.weight_bits] == ["pre"]

@@ -1,0 +1,76 @@
+import pytest
+import torch
+
+from fxq.errors import ConfigError
+from fxq.qmath import ActThreshold, QSpec, activation_threshold, fake_quant, quantize_int, scale_for, weight_thresholds
+from tests.conftest import seeded
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_grid_ranges(bits):
+    s, u = QSpec(bits), QSpec(bits, signed=False)
+    assert (s.qmin, s.qmax) == (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+    assert (u.qmin, u.qmax) == (0, 2**bits - 1)
+    assert s.qmax - s.qmin + 1 == 2**bits == u.qmax - u.qmin + 1
+
+
+@pytest.mark.parametrize("bits", [1, 9, 0, 3.5])
+def test_bits_out_of_range(bits):
+    with pytest.raises(ConfigError, match=r"bits must be an integer in \[2, 8\]"):
+        QSpec(bits)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_fake_quant_lands_on_grid_and_clips(bits):
+    spec = QSpec(bits, per_channel=True)
+    w = seeded(6, 5, 3, 3)
+    t = torch.full((6,), 0.5)
+    s = scale_for(t, spec)
+    wq = fake_quant(w, s, spec)
+    codes = wq / s.view(-1, 1, 1, 1)
+    torch.testing.assert_close(codes, codes.round(), atol=1e-4, rtol=0)
+    assert codes.min() >= spec.qmin and codes.max() <= spec.qmax
+    # values beyond the threshold clip to the grid's ends
+    big = torch.full((6, 1, 1, 1), 10.0)
+    torch.testing.assert_close(fake_quant(big, s, spec).flatten(), s * spec.qmax)
+    torch.testing.assert_close(quantize_int(w, s, spec), codes.round(), atol=0, rtol=0)
+
+
+def test_per_channel_scales_follow_each_channel():
+    w = seeded(4, 16)
+    w[2] *= 100.0  # one channel far larger than the others
+    spec = QSpec(8, per_channel=True)
+    t = weight_thresholds(w, spec)
+    assert t.shape == (4,)
+    assert t[2] > 50 * t[[0, 1, 3]].max()
+    assert torch.all(t <= w.abs().amax(1) * 2**7 / 127 + 1e-6)  # never beyond the no-clipping threshold
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_mse_threshold_beats_no_clipping(bits):
+    w = seeded(8, 256)
+    w[:, 0] = 8.0  # an outlier per channel: clipping it pays at low bits
+    spec = QSpec(bits, per_channel=True)
+    t_mse = weight_thresholds(w, spec)
+    t_max = w.abs().amax(1) * 2 ** (bits - 1) / spec.qmax
+    err = lambda t: (fake_quant(w, scale_for(t, spec), spec) - w).square().sum()  # noqa: E731
+    assert err(t_mse) <= err(t_max) + 1e-6
+    if bits <= 4:
+        assert err(t_mse) < 0.9 * err(t_max)
+
+
+def test_power_of_two_thresholds():
+    spec = QSpec(4, per_channel=True, pot=True)
+    t = weight_thresholds(seeded(5, 32), spec)
+    torch.testing.assert_close(torch.log2(t), torch.log2(t).round())
+
+
+def test_activation_threshold_minmax_and_mse():
+    x = torch.cat([seeded(100_000).abs(), torch.tensor([20.0])])  # unsigned, one far outlier
+    spec = QSpec(8, signed=False)
+    t_minmax = activation_threshold(0.0, 20.0, x, spec, ActThreshold.MINMAX)
+    assert t_minmax * spec.qmax / spec.levels_per_threshold == pytest.approx(20.0, rel=1e-5)  # covers the max
+    t_mse = activation_threshold(0.0, 20.0, x, spec, ActThreshold.MSE)
+    assert t_mse < t_minmax  # clips the lone outlier
+    err = lambda t: (fake_quant(x, scale_for(torch.tensor(t), spec), spec) - x).square().mean()  # noqa: E731
+    assert err(t_mse) < err(t_minmax)

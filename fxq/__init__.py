@@ -4,16 +4,19 @@ import fxq
 qgm, report = fxq.quantize(model, calib_batches, fxq.PTQConfig(target=fxq.INT8.with_bits(weight_bits=4)))
 """
 
-from fxq.config import ActThreshold, Method, PTQConfig
+from fxq.config import ActThreshold, LFHConfig, Method, Probe, PTQConfig
 from fxq.errors import ConfigError, DataError, FxqError, GraphCheckFailed, ModelError, TraceFailed, UnsupportedOp
 from fxq.frontend import Frontend, trace
-from fxq.pipeline import Quantized, convert, prepare, quantize
+from fxq.pipeline import Quantized, convert, label_free_hessian, prepare, quantize
 from fxq.qmath import QSpec
 from fxq.report import Report
 from fxq.targets import INT8, W248A8, Target
 
 __all__ = [
     "quantize",
+    "label_free_hessian",
+    "LFHConfig",
+    "Probe",
     "prepare",
     "convert",
     "trace",

@@ -10,11 +10,46 @@ from fxq.frontend import Frontend
 from fxq.qmath import ActThreshold
 from fxq.targets import INT8, Target
 
-__all__ = ["Method", "ActThreshold", "PTQConfig"]
+__all__ = ["Method", "ActThreshold", "PTQConfig", "Probe", "LFHConfig"]
 
 
 class Method(Enum):
     RTN = "rtn"  # round to nearest on error-minimising thresholds
+
+
+class Probe(Enum):
+    GAUSSIAN = "gaussian"  # v ~ N(0, I)
+    RADEMACHER = "rademacher"  # v in {-1, +1}: lower variance for the same probe count
+
+
+@dataclass(frozen=True)
+class LFHConfig:
+    """Label-Free Hessian estimation (METHOD.md section 1; MCT: min 10, max 100 probes, tolerance 1e-3)."""
+
+    min_probes: int = 10
+    max_probes: int = 100
+    rel_tol: float = 1e-3  # stop when no trace's running mean moves by more than this, relatively
+    probe: Probe = Probe.GAUSSIAN
+    images: int = 32  # representative images (MCT's default for its Hessian: 32 on GPU, 16 in v1)
+    batch_size: int = 32
+    probes_per_pass: int = 1  # probes batched into one backward (replicated batch); trades memory for speed
+    seed: int = 0
+
+    def __post_init__(self):
+        if not 0 < self.min_probes <= self.max_probes:
+            raise ConfigError(f"need 0 < min_probes <= max_probes, got {self.min_probes}, {self.max_probes}")
+        if not self.rel_tol > 0:
+            raise ConfigError(f"rel_tol must be > 0, got {self.rel_tol}")
+        if self.images < 1 or self.batch_size < 1 or self.probes_per_pass < 1:
+            raise ConfigError(
+                f"images, batch_size and probes_per_pass must be >= 1, got {self.images}, {self.batch_size}, "
+                f"{self.probes_per_pass}"
+            )
+        if not isinstance(self.probe, Probe):
+            try:
+                object.__setattr__(self, "probe", Probe(self.probe))
+            except ValueError:
+                raise ConfigError(f"probe must be one of {[p.value for p in Probe]}, got {self.probe!r}") from None
 
 
 @dataclass(frozen=True)

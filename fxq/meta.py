@@ -42,7 +42,9 @@ class NodeQ:
     act_range: tuple[float, float] | None = None  # observed (min, max) of the output
     act_threshold: float | None = None
     w_threshold: Tensor | None = None  # per output channel
-    lfh: float | None = None  # LFH trace of this interest tensor
+    lfh: float | None = None  # LFH trace of this interest tensor, E_x ||J_z f(x)||_F^2
+    lfh_stderr: float | None = None  # its standard error over probes and images
+    lfh_weight: float | None = None  # log10(t) - min log10(t) over Z: the distillation weight lambda_z
     bits: int | None = None  # chosen weight bit-width
     observes: Node | None = None  # on observer / act-quant nodes: the node whose output they quantize
 
@@ -56,6 +58,7 @@ class GraphQ:
     interest: list[Node] = field(default_factory=list)
     stage_seconds: dict[str, float] = field(default_factory=dict)
     calib_images: int = 0
+    lfh_probes: list[int] = field(default_factory=list)  # probes used per image batch
 
 
 def q(node: Node) -> NodeQ:

@@ -13,7 +13,7 @@ from torch.fx import GraphModule
 from torch.fx.passes.infra.pass_base import PassBase
 from torch.fx.passes.infra.pass_manager import PassManager
 
-from fxq.config import PTQConfig
+from fxq.config import LFHConfig, PTQConfig
 from fxq.debug import CHECK
 from fxq.errors import DataError, FxqError
 from fxq.frontend import trace
@@ -22,13 +22,14 @@ from fxq.ops import set_eval_
 from fxq.passes.annotate import Annotate
 from fxq.passes.fold_bn import FoldBN
 from fxq.passes.interest_points import InterestPoints
+from fxq.passes.lfh import LFH
 from fxq.passes.normalize import Normalize
 from fxq.passes.observe import Calibrate, Observe
 from fxq.passes.quantize import Quantize
 from fxq.passes.shapes import PropagateShapes
 from fxq.report import Report, build_report
 
-__all__ = ["Quantized", "prepare_passes", "run_passes", "prepare", "convert", "quantize"]
+__all__ = ["Quantized", "prepare_passes", "run_passes", "prepare", "convert", "quantize", "label_free_hessian"]
 
 
 class Quantized(NamedTuple):
@@ -36,13 +37,19 @@ class Quantized(NamedTuple):
     report: Report
 
 
-def prepare_passes(cfg: PTQConfig, example_inputs: tuple) -> list[PassBase]:
+def float_passes(cfg: PTQConfig, example_inputs: tuple) -> list[PassBase]:
     return [
         Normalize(),  # one form for conv/linear/bn whatever the front-end produced
         FoldBN(),  # before annotate: the folded weights are what gets quantized
         PropagateShapes(example_inputs),  # annotate needs to know which outputs are float tensors
         Annotate(cfg.target),  # which ops get which quantizer spec, which fuse with their activation
         InterestPoints(),  # Z: linear-op outputs not followed by an activation, add, cat
+    ]
+
+
+def prepare_passes(cfg: PTQConfig, example_inputs: tuple) -> list[PassBase]:
+    return [
+        *float_passes(cfg, example_inputs),
         Observe(input_means=cfg.bias_correction),  # observers on quantized activations (+ layer input means)
     ]
 
@@ -68,15 +75,34 @@ def _first_batch(batches: Iterable) -> torch.Tensor:
     raise DataError("the calibration data is empty; give at least one batch of images")
 
 
-def prepare(model: nn.Module, example_inputs: tuple, config: PTQConfig = PTQConfig()) -> GraphModule:
-    """Trace a copy of `model` and insert observers; run it on calibration data, then `convert` it."""
+def _traced(model: nn.Module, example_inputs: tuple, config: PTQConfig) -> tuple[GraphModule, tuple]:
     model = set_eval_(copy.deepcopy(model))
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     example_inputs = tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in example_inputs)
     t0 = time.perf_counter()
     gm = trace(model, example_inputs, config.frontend, config.leaf_modules)
     gq(gm).stage_seconds["Trace"] = time.perf_counter() - t0
+    return gm, example_inputs
+
+
+def prepare(model: nn.Module, example_inputs: tuple, config: PTQConfig = PTQConfig()) -> GraphModule:
+    """Trace a copy of `model` and insert observers; run it on calibration data, then `convert` it."""
+    gm, example_inputs = _traced(model, example_inputs, config)
     return run_passes(gm, prepare_passes(config, example_inputs))
+
+
+def label_free_hessian(
+    model: nn.Module, images: Iterable, lfh: LFHConfig = LFHConfig(), config: PTQConfig = PTQConfig()
+) -> Quantized:
+    """LFH traces of every interest tensor of `model` (float), on unlabeled `images`.
+
+    Returns the float, annotated GraphModule (traces in node.meta["fxq"]) and a report whose layers carry
+    `lfh`, `lfh_stderr` and `lfh_weight`.
+    """
+    batches = images if hasattr(images, "__len__") else list(images)
+    gm, example_inputs = _traced(model, (_first_batch(batches),), config)
+    gm = run_passes(gm, [*float_passes(config, example_inputs), LFH(batches, lfh, config.progress)])
+    return Quantized(gm, build_report(gm, config, model_name=type(model).__name__))
 
 
 def convert(gm: GraphModule, config: PTQConfig = PTQConfig()) -> GraphModule:

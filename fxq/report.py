@@ -31,6 +31,9 @@ class LayerReport:
     act_range: list[float] | None = None
     act_threshold: float | None = None
     interest: bool = False
+    lfh: float | None = None
+    lfh_stderr: float | None = None
+    lfh_weight: float | None = None
 
 
 @dataclass
@@ -91,7 +94,14 @@ def _layer(node) -> LayerReport | None:
     m = q(node)
     if m.wspec is None and m.aspec is None and not m.interest:
         return None
-    lr = LayerReport(node=node.name, kind=m.kind.value if m.kind else "?", interest=m.interest)
+    lr = LayerReport(
+        node=node.name,
+        kind=m.kind.value if m.kind else "?",
+        interest=m.interest,
+        lfh=m.lfh,
+        lfh_stderr=m.lfh_stderr,
+        lfh_weight=m.lfh_weight,
+    )
     if node.op == "call_module":
         lr.module = str(node.target)
     if m.wspec is not None:
@@ -111,7 +121,8 @@ def build_report(gm: GraphModule, cfg: PTQConfig, model_name: str) -> Report:
     layers = [lr for lr in map(_layer, gm.graph.nodes) if lr is not None]
     for lr in layers:
         if lr.weight_bits is not None and lr.module:
-            lr.weight_shape = list(gm.get_submodule(lr.module).layer.weight.shape)
+            mod = gm.get_submodule(lr.module)
+            lr.weight_shape = list(getattr(mod, "layer", mod).weight.shape)
     return Report(
         model=model_name,
         target=cfg.target.name,

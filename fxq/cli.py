@@ -11,14 +11,14 @@ from pathlib import Path
 
 import torch
 
-from fxq.config import ActThreshold, Method, PTQConfig
+from fxq.config import ActThreshold, LFHConfig, Method, Probe, PTQConfig
 from fxq.data import ImageSet, Preprocess, batches, default_data_dir, load_images
 from fxq.errors import FxqError, ModelError
 from fxq.evaluate import evaluate
 from fxq.frontend import Frontend
 from fxq.models import DEFAULT_MODEL, LoadedModel, load_model
 from fxq.ops import set_eval_
-from fxq.pipeline import quantize
+from fxq.pipeline import label_free_hessian, quantize
 from fxq.report import Report, write_json_atomic
 from fxq.targets import INT8
 
@@ -168,6 +168,29 @@ def cmd_compare(args) -> None:
     print(f"wrote {Path(args.out) / 'compare.json'}")
 
 
+def cmd_lfh(args) -> None:
+    """Label-free Hessian traces of every interest tensor: table, JSON and a bar chart."""
+    from fxq.plots import lfh_bar_chart
+
+    cfg = LFHConfig(min_probes=args.min_probes, max_probes=args.max_probes, rel_tol=args.rel_tol, probe=args.probe,
+                    images=args.num_calib or 32, batch_size=args.batch_size, probes_per_pass=args.probes_per_pass,
+                    seed=args.seed)
+    lm = load_model(args.model, args.weights, args.random_weights)
+    images = load_images(args.calib, lm.preprocess, cfg.images, progress=not args.quiet)
+    ptq = PTQConfig(frontend=args.frontend, progress=not args.quiet)
+    _, report = label_free_hessian(lm.model, [images.x], cfg, ptq)
+    report.model = lm.name
+    rows = [lr for lr in report.layers if lr.interest]
+    print(f"{'interest tensor':<32} {'kind':<7} {'LFH trace':>11} {'std err':>10} {'weight':>7}")
+    for lr in rows:
+        print(f"{lr.node:<32} {lr.kind:<7} {lr.lfh:11.4g} {lr.lfh_stderr:10.3g} {lr.lfh_weight:7.3f}")
+    print(f"{len(rows)} interest tensors, {len(images)} images, LFH {report.stage_seconds['LFH']:.1f} s")
+    out = Path(args.out)
+    write_json_atomic(str(out / "lfh.json"), report.to_dict())
+    lfh_bar_chart(report, str(out / "lfh.png"))
+    print(f"wrote {out / 'lfh.json'} and {out / 'lfh.png'}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fxq", description="post-training quantization of PyTorch models (torch.fx)")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -198,6 +221,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cp.add_argument("--out", default="runs/compare")
     cp.set_defaults(fn=cmd_compare)
+
+    lp = sub.add_parser("lfh", help="label-free Hessian trace of every interest tensor (table, JSON, PNG)")
+    _model_args(lp), _data_args(lp)
+    lp.add_argument("--frontend", default=Frontend.FX.value, choices=[f.value for f in Frontend])
+    lp.add_argument("--min-probes", type=int, default=10)
+    lp.add_argument("--max-probes", type=int, default=100)
+    lp.add_argument("--rel-tol", type=float, default=1e-3)
+    lp.add_argument("--probe", default=Probe.GAUSSIAN.value, choices=[p.value for p in Probe])
+    lp.add_argument("--probes-per-pass", type=int, default=1)
+    lp.add_argument("--seed", type=int, default=0)
+    lp.add_argument("--out", default="runs/lfh")
+    lp.set_defaults(fn=cmd_lfh, num_calib=None)
     return p
 
 

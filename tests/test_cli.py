@@ -72,3 +72,16 @@ def test_bad_input_gives_a_clear_error(args, message, capsys):
     assert code == 2
     assert err.startswith("fxq: error: ") and re.search(message, err)
     assert "Traceback" not in err
+
+
+def test_lfh_command_writes_table_json_and_plot(tmp_path, image_dirs, capsys):
+    calib, _ = image_dirs
+    out = tmp_path / "lfh"
+    code, stdout, _ = run(["lfh", "--model", "mobilenet_v3_small", "--random-weights", "--calib", str(calib),
+                           "--batch-size", "2", "--min-probes", "2", "--max-probes", "2", "--out", str(out), "--quiet"],
+                          capsys)
+    assert code == 0 and "interest tensors, 4 images" in stdout
+    report = json.loads((out / "lfh.json").read_text())
+    z = [lr for lr in report["layers"] if lr["interest"]]
+    assert z and all(lr["lfh"] > 0 for lr in z) and min(lr["lfh_weight"] for lr in z) == 0.0
+    assert (out / "lfh.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -41,3 +41,15 @@ def test_export_frontend_matches_fx(lite0):
         fx_sq, ex_sq = sqnr_db(ref, fx_q(x)), sqnr_db(ref, ex_q(x))
     # both front-ends give the same quantizer placement; thresholds differ only by the random samples
     assert fx_sq > 15 and ex_sq > 15 and abs(fx_sq - ex_sq) < 2, (fx_sq, ex_sq)
+
+
+def test_lfh_ranking_is_stable_across_seeds(lite0):
+    lm, calib, _ = lite0
+    traces = []
+    for seed in (0, 1):
+        cfg = fxq.LFHConfig(min_probes=10, max_probes=10, images=8, batch_size=8, seed=seed)
+        _, report = fxq.label_free_hessian(lm.model, [calib.x[:8]], cfg, fxq.PTQConfig(progress=False))
+        traces.append(torch.tensor([lr.lfh_weight for lr in report.layers if lr.interest]))
+    assert len(traces[0]) == 25  # 16 project convs + 9 residual adds; the classifier output is the probe point
+    ranks = [t.argsort().argsort().double() for t in traces]
+    assert float(torch.corrcoef(torch.stack(ranks))[0, 1]) >= 0.95

@@ -53,9 +53,17 @@ def main() -> None:
         stages = report.stage_seconds
     f, q = min(floats), min(quants)
     out = {
-        "model": args.model, "images": len(calib), "batch_size": args.batch_size, "threads": torch.get_num_threads(),
-        "decode_s": decode, "float_pass_s": f, "calibration_rtn_s": q, "ratio": q / f, "stages_s": stages,
-        "all_float_s": floats, "all_quant_s": quants,
+        "model": args.model,
+        "images": len(calib),
+        "batch_size": args.batch_size,
+        "threads": torch.get_num_threads(),
+        "decode_s": decode,
+        "float_pass_s": f,
+        "calibration_rtn_s": q,
+        "ratio": q / f,
+        "stages_s": stages,
+        "all_float_s": floats,
+        "all_quant_s": quants,
     }
     print(f"{args.model}: {len(calib)} images, batch {args.batch_size}, {torch.get_num_threads()} threads")
     print(f"  float pass          {f:8.2f} s")

@@ -55,23 +55,43 @@ def main() -> None:
     t_bound = bound(lm.model, x, args.probes)
     runs = {}
     for seed in [int(s) for s in args.seeds.split(",")]:
-        cfg = fxq.LFHConfig(min_probes=args.probes, max_probes=args.probes, images=args.images,
-                            batch_size=args.images, probes_per_pass=args.probes_per_pass, seed=seed)
+        cfg = fxq.LFHConfig(
+            min_probes=args.probes,
+            max_probes=args.probes,
+            images=args.images,
+            batch_size=args.images,
+            probes_per_pass=args.probes_per_pass,
+            seed=seed,
+        )
         t0 = time.perf_counter()
         gm, report = fxq.label_free_hessian(lm.model, [x], cfg, fxq.PTQConfig(progress=False))
         total = time.perf_counter() - t0
-        runs[seed] = {"seconds_total": total, "seconds_lfh": report.stage_seconds["LFH"],
-                      "traces": {lr.node: lr.lfh for lr in report.layers if lr.interest}}
+        runs[seed] = {
+            "seconds_total": total,
+            "seconds_lfh": report.stage_seconds["LFH"],
+            "traces": {lr.node: lr.lfh for lr in report.layers if lr.interest},
+        }
     seeds = list(runs)
     best = min(r["seconds_lfh"] for r in runs.values())
-    out = {"model": args.model, "images": args.images, "probes": args.probes, "probes_per_pass": args.probes_per_pass,
-           "threads": torch.get_num_threads(), "bound_s": t_bound, "lfh_s": best, "ratio_to_bound": best / t_bound,
-           "n_interest": len(runs[seeds[0]]["traces"]), "runs": runs}
+    out = {
+        "model": args.model,
+        "images": args.images,
+        "probes": args.probes,
+        "probes_per_pass": args.probes_per_pass,
+        "threads": torch.get_num_threads(),
+        "bound_s": t_bound,
+        "lfh_s": best,
+        "ratio_to_bound": best / t_bound,
+        "n_interest": len(runs[seeds[0]]["traces"]),
+        "runs": runs,
+    }
     if len(seeds) > 1:
         a, b = runs[seeds[0]]["traces"], runs[seeds[1]]["traces"]
         out["spearman_seeds"] = spearman(list(a.values()), [b[k] for k in a])
-    print(f"{args.model}: {args.images} images, {args.probes} probes ({args.probes_per_pass} per backward), "
-          f"{out['n_interest']} interest tensors, {out['threads']} threads")
+    print(
+        f"{args.model}: {args.images} images, {args.probes} probes ({args.probes_per_pass} per backward), "
+        f"{out['n_interest']} interest tensors, {out['threads']} threads"
+    )
     print(f"  bound: {args.probes} x forward+backward of the batch  {t_bound:8.2f} s")
     print(f"  fxq LFH                                    {best:8.2f} s  = {best / t_bound:.2f}x the bound")
     if "spearman_seeds" in out:
@@ -87,14 +107,24 @@ def compare_with_mct(out: dict, traces: dict[str, float], path: str) -> None:
     """MCT names a BN-folded conv after its BN: fxq's '<layer>_conv' is MCT's '<layer>_bn'."""
     with open(path) as fh:
         mct = json.load(fh)
-    pairs = [(t, mct["scores"][k.removesuffix("_conv") + "_bn"]) for k, t in traces.items()
-             if k.removesuffix("_conv") + "_bn" in mct["scores"]]
-    out["mct"] = {"seconds": mct["seconds"], "probes": mct["probes"], "images": mct["images"],
-                  "common_tensors": len(pairs), "spearman": spearman(*map(list, zip(*pairs))),
-                  "speedup": mct["seconds"] / out["lfh_s"]}
-    print(f"  MCT {mct['mct']} Hessian ({mct['probes']} probes x {mct['images']} images): {mct['seconds']:.1f} s "
-          f"= {out['mct']['speedup']:.1f}x fxq's time; Spearman over the {len(pairs)} tensors both score: "
-          f"{out['mct']['spearman']:.4f}")
+    pairs = [
+        (t, mct["scores"][k.removesuffix("_conv") + "_bn"])
+        for k, t in traces.items()
+        if k.removesuffix("_conv") + "_bn" in mct["scores"]
+    ]
+    out["mct"] = {
+        "seconds": mct["seconds"],
+        "probes": mct["probes"],
+        "images": mct["images"],
+        "common_tensors": len(pairs),
+        "spearman": spearman(*map(list, zip(*pairs))),
+        "speedup": mct["seconds"] / out["lfh_s"],
+    }
+    print(
+        f"  MCT {mct['mct']} Hessian ({mct['probes']} probes x {mct['images']} images): {mct['seconds']:.1f} s "
+        f"= {out['mct']['speedup']:.1f}x fxq's time; Spearman over the {len(pairs)} tensors both score: "
+        f"{out['mct']['spearman']:.4f}"
+    )
 
 
 if __name__ == "__main__":

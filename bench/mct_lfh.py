@@ -61,20 +61,31 @@ def main() -> None:
     PytorchGPTQTrainer.micro_training_loop = stop
     calib = common.get_calib()[: args.images]
     model, _ = common.prepare_model_for_mct()
-    gcfg = mct.gptq.get_pytorch_gptq_config(n_epochs=1, use_hessian_based_weights=True,
-                                            use_hessian_sample_attention=False)
+    gcfg = mct.gptq.get_pytorch_gptq_config(
+        n_epochs=1, use_hessian_based_weights=True, use_hessian_sample_attention=False
+    )
     gcfg.hessian_weights_config.hessians_num_samples = args.images
     t0 = time.perf_counter()
     try:
         mct.gptq.pytorch_gradient_post_training_quantization(
-            model, common.make_repr_gen(calib, 32, args.images), gptq_config=gcfg,
-            target_platform_capabilities=common.make_tpc(4))
+            model,
+            common.make_repr_gen(calib, 32, args.images),
+            gptq_config=gcfg,
+            target_platform_capabilities=common.make_tpc(4),
+        )
     except _Stop:
         pass
-    found.update(total_seconds=time.perf_counter() - t0, images=args.images, probes=args.probes,
-                 threads=torch.get_num_threads(), mct=mct.__version__)
-    print(f"MCT {mct.__version__}: Hessian {found['seconds']:.1f} s for {args.probes} probes x {args.images} images, "
-          f"{len(found['scores'])} layers (whole call until training {found['total_seconds']:.1f} s)")
+    found.update(
+        total_seconds=time.perf_counter() - t0,
+        images=args.images,
+        probes=args.probes,
+        threads=torch.get_num_threads(),
+        mct=mct.__version__,
+    )
+    print(
+        f"MCT {mct.__version__}: Hessian {found['seconds']:.1f} s for {args.probes} probes x {args.images} images, "
+        f"{len(found['scores'])} layers (whole call until training {found['total_seconds']:.1f} s)"
+    )
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(found, fh, indent=2)

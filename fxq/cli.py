@@ -172,9 +172,16 @@ def cmd_lfh(args) -> None:
     """Label-free Hessian traces of every interest tensor: table, JSON and a bar chart."""
     from fxq.plots import lfh_bar_chart
 
-    cfg = LFHConfig(min_probes=args.min_probes, max_probes=args.max_probes, rel_tol=args.rel_tol, probe=args.probe,
-                    images=args.num_calib or 32, batch_size=args.batch_size, probes_per_pass=args.probes_per_pass,
-                    seed=args.seed)
+    cfg = LFHConfig(
+        min_probes=args.min_probes,
+        max_probes=args.max_probes,
+        rel_tol=args.rel_tol,
+        probe=args.probe,
+        images=args.num_calib or 32,
+        batch_size=args.batch_size,
+        probes_per_pass=args.probes_per_pass,
+        seed=args.seed,
+    )
     lm = load_model(args.model, args.weights, args.random_weights)
     images = load_images(args.calib, lm.preprocess, cfg.images, progress=not args.quiet)
     ptq = PTQConfig(frontend=args.frontend, progress=not args.quiet)

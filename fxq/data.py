@@ -15,7 +15,16 @@ from tqdm.auto import tqdm
 
 from fxq.errors import DataError
 
-__all__ = ["Preprocess", "ImageSet", "list_images", "read_labels", "load_images", "default_data_dir", "batches"]
+__all__ = [
+    "Preprocess",
+    "ImageSet",
+    "list_images",
+    "read_labels",
+    "load_images",
+    "default_data_dir",
+    "batches",
+    "batch_inputs",
+]
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -130,3 +139,12 @@ def load_images(
 
 def batches(x: Tensor, batch_size: int) -> list[Tensor]:
     return list(x.split(batch_size))
+
+
+def batch_inputs(batch) -> Tensor:
+    """A batch is a tensor, or (inputs, labels) as image loaders yield: the inputs."""
+    if isinstance(batch, Tensor):
+        return batch
+    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], Tensor):
+        return batch[0]
+    raise DataError(f"batches must be tensors or (tensor, labels) pairs, got {type(batch).__name__}")

@@ -14,6 +14,7 @@ from torch.fx.passes.infra.pass_base import PassBase
 from torch.fx.passes.infra.pass_manager import PassManager
 
 from fxq.config import LFHConfig, PTQConfig
+from fxq.data import batch_inputs
 from fxq.debug import CHECK
 from fxq.errors import DataError, FxqError
 from fxq.frontend import trace
@@ -70,8 +71,7 @@ def run_passes(gm: GraphModule, passes: list[PassBase]) -> GraphModule:
 
 def _first_batch(batches: Iterable) -> torch.Tensor:
     for b in batches:
-        x = b if isinstance(b, torch.Tensor) else b[0]
-        return x[:2]
+        return batch_inputs(b)[:2]
     raise DataError("the calibration data is empty; give at least one batch of images")
 
 

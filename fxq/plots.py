@@ -19,13 +19,19 @@ def lfh_bar_chart(report: Report, path: str) -> None:
         raise ConfigError("plots need matplotlib: pip install 'fxq[plot]'") from None
     layers = [lr for lr in report.layers if lr.lfh is not None]
     fig, ax = plt.subplots(figsize=(max(6.0, 0.28 * len(layers)), 4.0))
-    ax.bar(range(len(layers)), [lr.lfh for lr in layers], yerr=[lr.lfh_stderr for lr in layers],
-           color=["tab:orange" if lr.kind in ("add", "cat") else "tab:blue" for lr in layers])
+    ax.bar(
+        range(len(layers)),
+        [lr.lfh for lr in layers],
+        yerr=[lr.lfh_stderr for lr in layers],
+        color=["tab:orange" if lr.kind in ("add", "cat") else "tab:blue" for lr in layers],
+    )
     ax.set_yscale("log")
     ax.set_xticks(range(len(layers)), [lr.node for lr in layers], rotation=90, fontsize=7)
     ax.set_ylabel("LFH trace  E||J_z f(x)||²  (log)")
-    ax.set_title(f"{report.model}: label-free Hessian per interest tensor\nblue: conv/linear/matmul output, orange: add/cat",
-                 fontsize=9)
+    ax.set_title(
+        f"{report.model}: label-free Hessian per interest tensor\nblue: conv/linear/matmul output, orange: add/cat",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -20,6 +20,7 @@ from torch.fx import GraphModule, Interpreter, Node
 from tqdm.auto import tqdm
 
 from fxq.config import LFHConfig, Probe
+from fxq.data import batch_inputs
 from fxq.errors import GraphCheckFailed, UnsupportedOp
 from fxq.meta import OpKind, gq, q
 from fxq.ops import set_eval_
@@ -101,7 +102,7 @@ class LFH(FxqPass):
         return PassResult(gm, modified=False)
 
     def _images(self) -> Tensor:
-        xs = [b if isinstance(b, Tensor) else b[0] for b in self.batches]
+        xs = [batch_inputs(b) for b in self.batches]
         if not xs:
             raise GraphCheckFailed("lfh: no images given; pass at least one batch of representative images")
         return torch.cat(xs)[: self.cfg.images]

@@ -72,6 +72,15 @@ def _args(node: Node, names: tuple[str, ...]) -> dict:
     return {**dict(zip(names, node.args)), **node.kwargs}
 
 
+def _with_params(layer: nn.Module, w: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+    """Give a layer built on the meta device the graph's own tensors (shared, not copied)."""
+    as_param = lambda t: t if isinstance(t, nn.Parameter) else nn.Parameter(t, requires_grad=False)  # noqa: E731
+    layer.weight = as_param(w)
+    if bias is not None:
+        layer.bias = as_param(bias)
+    return layer
+
+
 def _conv(gm: GraphModule, node: Node) -> nn.Module | None:
     a = _args(node, _CONV_ARGS)
     w = _param(gm, a.get("weight"))
@@ -92,10 +101,7 @@ def _conv(gm: GraphModule, node: Node) -> nn.Module | None:
         bias=bias is not None,
         device="meta",
     )
-    conv.weight = w if isinstance(w, nn.Parameter) else nn.Parameter(w, requires_grad=False)
-    if bias is not None:
-        conv.bias = bias if isinstance(bias, nn.Parameter) else nn.Parameter(bias, requires_grad=False)
-    return conv
+    return _with_params(conv, w, bias)
 
 
 def _linear(gm: GraphModule, node: Node) -> nn.Module | None:
@@ -105,10 +111,7 @@ def _linear(gm: GraphModule, node: Node) -> nn.Module | None:
     if w is None or w.dim() != 2 or (b is not None and bias is None):
         return None
     lin = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, device="meta")
-    lin.weight = w if isinstance(w, nn.Parameter) else nn.Parameter(w, requires_grad=False)
-    if bias is not None:
-        lin.bias = bias if isinstance(bias, nn.Parameter) else nn.Parameter(bias, requires_grad=False)
-    return lin
+    return _with_params(lin, w, bias)
 
 
 def _batchnorm(gm: GraphModule, node: Node) -> nn.Module | None:

@@ -8,6 +8,7 @@ import torch
 from torch.fx import GraphModule, Node
 from tqdm.auto import tqdm
 
+from fxq.data import batch_inputs
 from fxq.errors import DataError, GraphCheckFailed
 from fxq.meta import OpKind, gq, q
 from fxq.modules import ActObserver, ChannelMeanObserver
@@ -64,15 +65,6 @@ class Observe(FxqPass):
         return PassResult(gm, modified=bool(todo or weighted))
 
 
-def _inputs(batch) -> tuple:
-    """A batch may be a tensor, or (inputs, labels) as image loaders yield: take the inputs."""
-    if isinstance(batch, torch.Tensor):
-        return (batch,)
-    if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], torch.Tensor):
-        return (batch[0],)
-    raise DataError(f"calibration batches must be tensors or (tensor, labels) pairs, got {type(batch).__name__}")
-
-
 class Calibrate(FxqPass):
     """Run the observed graph over the calibration batches (no grad, eval mode), with a progress bar."""
 
@@ -91,7 +83,7 @@ class Calibrate(FxqPass):
         total = len(self.batches) if hasattr(self.batches, "__len__") else None
         images = 0
         for batch in tqdm(self.batches, total=total, desc="calibrate", unit="batch", disable=not self.progress):
-            (x,) = _inputs(batch)
+            x = batch_inputs(batch)
             gm(x.to(device))
             images += x.shape[0]
         if images == 0:

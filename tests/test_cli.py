@@ -77,9 +77,26 @@ def test_bad_input_gives_a_clear_error(args, message, capsys):
 def test_lfh_command_writes_table_json_and_plot(tmp_path, image_dirs, capsys):
     calib, _ = image_dirs
     out = tmp_path / "lfh"
-    code, stdout, _ = run(["lfh", "--model", "mobilenet_v3_small", "--random-weights", "--calib", str(calib),
-                           "--batch-size", "2", "--min-probes", "2", "--max-probes", "2", "--out", str(out), "--quiet"],
-                          capsys)
+    code, stdout, _ = run(
+        [
+            "lfh",
+            "--model",
+            "mobilenet_v3_small",
+            "--random-weights",
+            "--calib",
+            str(calib),
+            "--batch-size",
+            "2",
+            "--min-probes",
+            "2",
+            "--max-probes",
+            "2",
+            "--out",
+            str(out),
+            "--quiet",
+        ],
+        capsys,
+    )
     assert code == 0 and "interest tensors, 4 images" in stdout
     report = json.loads((out / "lfh.json").read_text())
     z = [lr for lr in report["layers"] if lr["interest"]]

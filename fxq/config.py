@@ -13,6 +13,17 @@ from fxq.targets import INT8, Target
 __all__ = ["Method", "ActThreshold", "PTQConfig", "Probe", "LFHConfig"]
 
 
+def _coerce_enums_(cfg, **fields: type[Enum]) -> None:
+    """Accept an enum's value string for each field of a frozen config (CLI and JSON give strings)."""
+    for name, enum in fields.items():
+        value = getattr(cfg, name)
+        if not isinstance(value, enum):
+            try:
+                object.__setattr__(cfg, name, enum(value))
+            except ValueError:
+                raise ConfigError(f"{name} must be one of {[e.value for e in enum]}, got {value!r}") from None
+
+
 class Method(Enum):
     RTN = "rtn"  # round to nearest on error-minimising thresholds
 
@@ -45,11 +56,7 @@ class LFHConfig:
                 f"images, batch_size and probes_per_pass must be >= 1, got {self.images}, {self.batch_size}, "
                 f"{self.probes_per_pass}"
             )
-        if not isinstance(self.probe, Probe):
-            try:
-                object.__setattr__(self, "probe", Probe(self.probe))
-            except ValueError:
-                raise ConfigError(f"probe must be one of {[p.value for p in Probe]}, got {self.probe!r}") from None
+        _coerce_enums_(self, probe=Probe)
 
 
 @dataclass(frozen=True)
@@ -70,13 +77,7 @@ class PTQConfig:
     progress: bool = True
 
     def __post_init__(self):
-        for name, enum in (("method", Method), ("act_threshold", ActThreshold), ("frontend", Frontend)):
-            value = getattr(self, name)
-            if not isinstance(value, enum):
-                try:
-                    object.__setattr__(self, name, enum(value))
-                except ValueError:
-                    raise ConfigError(f"{name} must be one of {[e.value for e in enum]}, got {value!r}") from None
+        _coerce_enums_(self, method=Method, act_threshold=ActThreshold, frontend=Frontend)
         if not isinstance(self.target, Target):
             raise ConfigError(f"target must be an fxq.targets.Target, got {type(self.target).__name__}")
         if self.weight_grid < 2:

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from fxq.ops import set_eval_
+from fxq.ops import device_of, set_eval_
 
 __all__ = ["evaluate"]
 
@@ -19,7 +19,7 @@ def evaluate(
 ) -> dict:
     """{"top1", "top5" (percent), "correct1", "images", "seconds"} of `model` on (x, y)."""
     set_eval_(model)
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    device = device_of(model)
     c1 = c5 = 0
     t0 = time.perf_counter()
     for xb, yb in tqdm(

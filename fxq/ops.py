@@ -12,7 +12,16 @@ from torch.fx.passes.shape_prop import TensorMetadata
 
 from fxq.meta import OpKind
 
-__all__ = ["set_eval_", "kind_of", "module_of", "fetch_attr", "is_float_tensor", "is_nonnegative", "WEIGHTED_MODULES"]
+__all__ = [
+    "set_eval_",
+    "device_of",
+    "kind_of",
+    "module_of",
+    "fetch_attr",
+    "is_float_tensor",
+    "is_nonnegative",
+    "WEIGHTED_MODULES",
+]
 
 aten = torch.ops.aten
 
@@ -217,6 +226,11 @@ _NONNEG_METHODS = {"relu", "relu_", "sigmoid", "softmax"}
 def set_eval_(module: nn.Module) -> nn.Module:
     """module.eval(), also for torch.export's unlifted modules, whose own eval() refuses (their graph is frozen)."""
     return nn.Module.train(module, False)
+
+
+def device_of(module: nn.Module) -> torch.device:
+    """Where a module's parameters live (CPU for a parameter-free module)."""
+    return next((p.device for p in module.parameters()), torch.device("cpu"))
 
 
 def fetch_attr(gm: torch.nn.Module, target: str):

@@ -19,7 +19,7 @@ from fxq.debug import CHECK
 from fxq.errors import DataError, FxqError
 from fxq.frontend import trace
 from fxq.meta import gq
-from fxq.ops import set_eval_
+from fxq.ops import device_of, set_eval_
 from fxq.passes.annotate import Annotate
 from fxq.passes.fold_bn import FoldBN
 from fxq.passes.interest_points import InterestPoints
@@ -77,7 +77,7 @@ def _first_batch(batches: Iterable) -> torch.Tensor:
 
 def _traced(model: nn.Module, example_inputs: tuple, config: PTQConfig) -> tuple[GraphModule, tuple]:
     model = set_eval_(copy.deepcopy(model))
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    device = device_of(model)
     example_inputs = tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in example_inputs)
     t0 = time.perf_counter()
     gm = trace(model, example_inputs, config.frontend, config.leaf_modules)

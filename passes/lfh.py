@@ -23,7 +23,7 @@ from fxq.config import LFHConfig, Probe
 from fxq.data import batch_inputs
 from fxq.errors import GraphCheckFailed, UnsupportedOp
 from fxq.meta import OpKind, gq, q
-from fxq.ops import set_eval_
+from fxq.ops import device_of, set_eval_
 from fxq.passbase import FxqPass, PassResult
 
 __all__ = ["LFH", "log_normalize"]
@@ -76,7 +76,7 @@ class LFH(FxqPass):
     def call(self, gm: GraphModule) -> PassResult:
         z = gq(gm).interest
         images = self._images()
-        device = next((p.device for p in gm.parameters()), torch.device("cpu"))
+        device = device_of(gm)
         set_eval_(gm)
         frozen = [p for p in gm.parameters() if p.requires_grad]
         for p in frozen:  # activation gradients only: no weight-gradient work in the backward

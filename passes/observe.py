@@ -12,7 +12,7 @@ from fxq.data import batch_inputs
 from fxq.errors import DataError, GraphCheckFailed
 from fxq.meta import OpKind, gq, q
 from fxq.modules import ActObserver, ChannelMeanObserver
-from fxq.ops import set_eval_
+from fxq.ops import device_of, set_eval_
 from fxq.passbase import FxqPass, PassResult
 
 __all__ = ["Observe", "Calibrate", "act_module_name"]
@@ -79,7 +79,7 @@ class Calibrate(FxqPass):
     @torch.no_grad()
     def call(self, gm: GraphModule) -> PassResult:
         set_eval_(gm)
-        device = next((p.device for p in gm.parameters()), torch.device("cpu"))
+        device = device_of(gm)
         total = len(self.batches) if hasattr(self.batches, "__len__") else None
         images = 0
         for batch in tqdm(self.batches, total=total, desc="calibrate", unit="batch", disable=not self.progress):

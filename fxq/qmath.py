@@ -74,16 +74,16 @@ def scale_for(threshold: Tensor, spec: QSpec) -> Tensor:
 
 
 def fake_quant(x: Tensor, scale: Tensor, spec: QSpec) -> Tensor:
-    """Round-to-nearest fake quantization; gradients pass straight through inside the range.
+    """Round-to-nearest fake quantization (per channel along dim 0, or per tensor), zero point 0.
 
-    Uses PyTorch's fused fake-quantize kernels (zero point 0: every fxq quantizer is symmetric).
+    Plain tensor ops rather than torch's fused fake-quantize kernels: torch.export and torch.compile trace
+    them (the fused per-tensor op has no meta kernel) and Inductor fuses them. Gradients: straight-through
+    for the rounding, zero outside the clipping range.
     """
-    if spec.per_channel:
-        zp = torch.zeros(scale.numel(), dtype=torch.int32, device=x.device)
-        return torch.fake_quantize_per_channel_affine(x, scale.float(), zp, 0, spec.qmin, spec.qmax)
-    return torch.fake_quantize_per_tensor_affine(
-        x, scale.float(), torch.zeros((), dtype=torch.int32, device=x.device), spec.qmin, spec.qmax
-    )
+    s = scale.reshape(-1, *([1] * (x.dim() - 1))) if spec.per_channel else scale
+    xs = x / s
+    xs = xs + (torch.round(xs) - xs).detach()
+    return torch.clamp(xs, spec.qmin, spec.qmax) * s
 
 
 def quantize_int(x: Tensor, scale: Tensor, spec: QSpec) -> Tensor:
@@ -122,7 +122,10 @@ def weight_thresholds(w: Tensor, spec: QSpec, n_grid: int = 64) -> Tensor:
     """
     if not spec.per_channel:
         return _search(w.reshape(1, -1).float(), spec, n_grid)[0]
-    return _search(w.reshape(w.shape[0], -1).float(), spec, n_grid)
+    t = _search(w.reshape(w.shape[0], -1).float(), spec, n_grid)
+    # dead channels (all weights ~0) would get ~0 steps; integer backends then overflow their int32 bias
+    # (bias / (s_x * s_w)). Any step quantizes such a channel to 0, so floor it relative to the layer's largest.
+    return t.clamp_min(float(t.max()) * 2**-16)
 
 
 def _search(rows: Tensor, spec: QSpec, n_grid: int, weights: Tensor | None = None) -> Tensor:

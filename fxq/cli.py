@@ -16,6 +16,7 @@ from fxq.data import ImageSet, Preprocess, batches, default_data_dir, load_image
 from fxq.errors import FxqError, ModelError
 from fxq.evaluate import evaluate
 from fxq.frontend import Frontend
+from fxq.meta import without_graph_state
 from fxq.models import DEFAULT_MODEL, LoadedModel, load_model
 from fxq.ops import set_eval_
 from fxq.pipeline import label_free_hessian, quantize
@@ -32,12 +33,8 @@ def save_quantized(out: str | os.PathLike, model: torch.nn.Module, report: Repor
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / (MODEL_FILE + ".tmp")
-    graph_state = getattr(model, "meta", {}).pop("fxq", None)  # holds Nodes; the report carries it instead
-    try:
+    with without_graph_state(model):  # the report carries what it held
         torch.save(model, tmp)
-    finally:
-        if graph_state is not None:
-            model.meta["fxq"] = graph_state
     os.replace(tmp, out / MODEL_FILE)
     write_json_atomic(str(out / REPORT_FILE), {**report.to_dict(), "preprocess": asdict(pre)})
 
@@ -198,6 +195,39 @@ def cmd_lfh(args) -> None:
     print(f"wrote {out / 'lfh.json'} and {out / 'lfh.png'}")
 
 
+def cmd_export(args) -> None:
+    """A folder written by `fxq quantize` -> ONNX QDQ (ONNX Runtime) or a torch.export program (.pt2)."""
+    model, pre = load_quantized(args.model)
+    example = torch.randn(2, 3, pre.crop, pre.crop)  # batch 2: torch.export would specialise a batch of 1
+    if args.format == "onnx":
+        from fxq.onnx_export import export_onnx
+
+        export_onnx(model, (example,), args.out)
+    else:
+        ep = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim.AUTO},), strict=False)
+        tmp = f"{args.out}.tmp.pt2"  # torch.export.save wants the .pt2 suffix
+        torch.export.save(ep, tmp)
+        os.replace(tmp, args.out)
+    print(f"wrote {args.out}")
+
+
+def cmd_bench(args) -> None:
+    """Float vs quantized latency per backend at each batch size, timed in the same run."""
+    from fxq.latency import backend_latencies
+
+    cfg = _config(args, args.weight_bits)
+    lm = load_model(args.model, args.weights, args.random_weights)
+    calib = load_images(args.calib, lm.preprocess, args.num_calib, progress=not args.quiet)
+    qgm, _ = quantize(lm.model, batches(calib.x, args.batch_size), cfg)
+    rows = backend_latencies(lm.model, qgm, lm.preprocess.crop, args.batch_sizes, args.iters)
+    print(f"{lm.name} W{args.weight_bits}A{args.act_bits}, {torch.get_num_threads()} threads, median of {args.iters}")
+    print(f"{'backend':<30} {'batch':>5} {'float ms':>10} {'int8 ms':>10} {'speed-up':>9}")
+    for r in rows:
+        print(f"{r['backend']:<30} {r['batch']:>5} {r['float_ms']:10.2f} {r['int8_ms']:10.2f} {r['speedup']:8.2f}x")
+    if args.out:
+        write_json_atomic(args.out, {"model": lm.name, "threads": torch.get_num_threads(), "rows": rows})
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fxq", description="post-training quantization of PyTorch models (torch.fx)")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -240,6 +270,20 @@ def build_parser() -> argparse.ArgumentParser:
     lp.add_argument("--seed", type=int, default=0)
     lp.add_argument("--out", default="runs/lfh")
     lp.set_defaults(fn=cmd_lfh, num_calib=None)
+
+    xp = sub.add_parser("export", help="export a quantized folder: ONNX QDQ for ONNX Runtime, or .pt2 (torch.export)")
+    xp.add_argument("--model", required=True, help="a folder written by `fxq quantize`")
+    xp.add_argument("--format", choices=["onnx", "pt2"], default="onnx")
+    xp.add_argument("--out", required=True, help="output file")
+    xp.set_defaults(fn=cmd_export)
+
+    bp = sub.add_parser("bench", help="float vs quantized latency per backend (eager, ONNX Runtime)")
+    _model_args(bp), _data_args(bp), _quant_args(bp)
+    bp.add_argument("--weight-bits", type=int, default=8)
+    bp.add_argument("--batch-sizes", type=lambda s: [int(b) for b in s.split(",")], default=[1, 32])
+    bp.add_argument("--iters", type=int, default=20)
+    bp.add_argument("--out", default=None, help="also write the rows as JSON")
+    bp.set_defaults(fn=cmd_bench, num_calib=32)
     return p
 
 

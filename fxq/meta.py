@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -10,7 +12,7 @@ from torch.fx import GraphModule, Node
 
 from fxq.qmath import QSpec
 
-__all__ = ["OpKind", "NodeQ", "GraphQ", "q", "gq"]
+__all__ = ["OpKind", "NodeQ", "GraphQ", "q", "gq", "without_graph_state"]
 
 
 class OpKind(Enum):
@@ -69,3 +71,14 @@ def q(node: Node) -> NodeQ:
 def gq(gm: GraphModule) -> GraphQ:
     """The one way to the graph-wide state."""
     return gm.meta.setdefault("fxq", GraphQ())
+
+
+@contextmanager
+def without_graph_state(gm: GraphModule) -> Iterator[GraphModule]:
+    """gm with gm.meta["fxq"] set aside: it holds Nodes, which neither pickle nor deep-copy cleanly."""
+    state = gm.meta.pop("fxq", None)
+    try:
+        yield gm
+    finally:
+        if state is not None:
+            gm.meta["fxq"] = state

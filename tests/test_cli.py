@@ -102,3 +102,79 @@ def test_lfh_command_writes_table_json_and_plot(tmp_path, image_dirs, capsys):
     z = [lr for lr in report["layers"] if lr["interest"]]
     assert z and all(lr["lfh"] > 0 for lr in z) and min(lr["lfh_weight"] for lr in z) == 0.0
     assert (out / "lfh.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_export_onnx_and_pt2(tmp_path, image_dirs, capsys):
+    import numpy as np
+    import torch
+
+    calib, _ = image_dirs
+    out = tmp_path / "q"
+    assert (
+        main(
+            [
+                "quantize",
+                "--model",
+                "mobilenet_v3_small",
+                "--random-weights",
+                "--quiet",
+                "--calib",
+                str(calib),
+                "--no-eval",
+                "--batch-size",
+                "2",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    model, _ = load_quantized(out)
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(x)
+    assert main(["export", "--model", str(out), "--format", "pt2", "--out", str(tmp_path / "m.pt2")]) == 0
+    ep = torch.export.load(str(tmp_path / "m.pt2"))
+    torch.testing.assert_close(ep.module()(x), ref, rtol=1e-4, atol=1e-4)
+    pytest.importorskip("onnxruntime")
+    from fxq.latency import ort_session
+
+    assert main(["export", "--model", str(out), "--format", "onnx", "--out", str(tmp_path / "m.onnx")]) == 0
+    got = ort_session(str(tmp_path / "m.onnx")).run(None, {"input": x.numpy()})[0]
+    assert (got.argmax(1) == ref.numpy().argmax(1)).all()
+    assert np.isfinite(got).all()
+    capsys.readouterr()
+
+
+def test_bench_reports_every_backend_and_batch(tmp_path, image_dirs, capsys):
+    pytest.importorskip("onnxruntime")
+    calib, _ = image_dirs
+    out = tmp_path / "bench.json"
+    assert (
+        main(
+            [
+                "bench",
+                "--model",
+                "mobilenet_v3_small",
+                "--random-weights",
+                "--quiet",
+                "--calib",
+                str(calib),
+                "--batch-size",
+                "2",
+                "--batch-sizes",
+                "1,2",
+                "--iters",
+                "1",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["backend"], r["batch"]) for r in rows} == {
+        (b, n) for b in ("eager fake-quant (reference)", "onnxruntime QDQ int8") for n in (1, 2)
+    }
+    assert all(r["float_ms"] > 0 and r["int8_ms"] > 0 for r in rows)
+    assert "speed-up" in capsys.readouterr().out

@@ -4,6 +4,7 @@ import fxq
 qgm, report = fxq.quantize(model, calib_batches, fxq.PTQConfig(target=fxq.INT8.with_bits(weight_bits=4)))
 """
 
+from fxq.compile_backend import backend
 from fxq.config import ActThreshold, LFHConfig, Method, Probe, PTQConfig
 from fxq.errors import ConfigError, DataError, FxqError, GraphCheckFailed, ModelError, TraceFailed, UnsupportedOp
 from fxq.frontend import Frontend, trace
@@ -14,6 +15,7 @@ from fxq.targets import INT8, W248A8, Target
 
 __all__ = [
     "quantize",
+    "backend",
     "label_free_hessian",
     "LFHConfig",
     "Probe",

@@ -16,6 +16,7 @@ from fxq.data import ImageSet, Preprocess, batches, default_data_dir, load_image
 from fxq.errors import FxqError, ModelError
 from fxq.evaluate import evaluate
 from fxq.frontend import Frontend
+from fxq.latency import BACKENDS
 from fxq.meta import without_graph_state
 from fxq.models import DEFAULT_MODEL, LoadedModel, load_model
 from fxq.ops import set_eval_
@@ -219,11 +220,14 @@ def cmd_bench(args) -> None:
     lm = load_model(args.model, args.weights, args.random_weights)
     calib = load_images(args.calib, lm.preprocess, args.num_calib, progress=not args.quiet)
     qgm, _ = quantize(lm.model, batches(calib.x, args.batch_size), cfg)
-    rows = backend_latencies(lm.model, qgm, lm.preprocess.crop, args.batch_sizes, args.iters)
+    rows = backend_latencies(lm.model, qgm, lm.preprocess.crop, args.batch_sizes, args.iters, args.backends)
     print(f"{lm.name} W{args.weight_bits}A{args.act_bits}, {torch.get_num_threads()} threads, median of {args.iters}")
-    print(f"{'backend':<30} {'batch':>5} {'float ms':>10} {'int8 ms':>10} {'speed-up':>9}")
+    print(f"{'backend':<30} {'batch':>5} {'float ms':>10} {'int8 ms':>10} {'speed-up':>9} {'vs eager fp32':>14}")
     for r in rows:
-        print(f"{r['backend']:<30} {r['batch']:>5} {r['float_ms']:10.2f} {r['int8_ms']:10.2f} {r['speedup']:8.2f}x")
+        print(
+            f"{r['backend']:<30} {r['batch']:>5} {r['float_ms']:10.2f} {r['int8_ms']:10.2f} {r['speedup']:8.2f}x "
+            f"{r['eager_fp32_ms'] / r['int8_ms']:13.2f}x"
+        )
     if args.out:
         write_json_atomic(args.out, {"model": lm.name, "threads": torch.get_num_threads(), "rows": rows})
 
@@ -282,6 +286,12 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument("--weight-bits", type=int, default=8)
     bp.add_argument("--batch-sizes", type=lambda s: [int(b) for b in s.split(",")], default=[1, 32])
     bp.add_argument("--iters", type=int, default=20)
+    bp.add_argument(
+        "--backends",
+        type=lambda s: s.split(","),
+        default=list(BACKENDS),
+        help=f"comma-separated, from {','.join(BACKENDS)}",
+    )
     bp.add_argument("--out", default=None, help="also write the rows as JSON")
     bp.set_defaults(fn=cmd_bench, num_calib=32)
     return p

@@ -16,7 +16,7 @@ from torch.fx import GraphModule
 
 from fxq.onnx_export import OPSET, export_onnx
 
-__all__ = ["time_call", "ort_session", "export_float_onnx", "backend_latencies"]
+__all__ = ["time_call", "ort_session", "export_float_onnx", "backend_latencies", "BACKENDS"]
 
 
 def time_call(fn: Callable[[], object], iters: int = 20, warmup: int = 3) -> float:
@@ -54,25 +54,44 @@ def export_float_onnx(model: nn.Module, example: torch.Tensor, path: str) -> Non
         )
 
 
+BACKENDS = ("eager", "onnx", "inductor")
+_LABELS = {"eager": "eager fake-quant (reference)", "onnx": "onnxruntime QDQ int8", "inductor": "inductor (fake-quant)"}
+
+
+def _runners(backend: str, model: nn.Module, qgm: GraphModule, image_size: int, tmp: str) -> tuple[Callable, Callable]:
+    """(float, quantized) callables of one backend, each taking a batch tensor."""
+    if backend == "eager":
+        return model, qgm
+    if backend == "inductor":  # the export path: the fxq graph handed to Inductor as is
+        return torch.compile(model, dynamic=False), torch.compile(qgm, dynamic=False)
+    f_path, q_path = os.path.join(tmp, "float.onnx"), os.path.join(tmp, "int8.onnx")
+    example = torch.randn(2, 3, image_size, image_size)
+    export_float_onnx(model, example, f_path)
+    export_onnx(qgm, (example,), q_path)
+    sf, sq = ort_session(f_path), ort_session(q_path)
+    return (lambda x: sf.run(None, {"input": x.numpy()})), (lambda x: sq.run(None, {"input": x.numpy()}))
+
+
 def backend_latencies(
-    model: nn.Module, qgm: GraphModule, image_size: int, batch_sizes=(1, 32), iters: int = 20
+    model: nn.Module, qgm: GraphModule, image_size: int, batch_sizes=(1, 32), iters: int = 20, backends=BACKENDS
 ) -> list[dict]:
-    """Rows of {backend, batch, float_ms, int8_ms, speedup}, float and quantized timed in the same run."""
+    """Rows of {backend, batch, float_ms, int8_ms, speedup, eager_fp32_ms}; everything timed in the same run."""
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        f_path, q_path = os.path.join(tmp, "float.onnx"), os.path.join(tmp, "int8.onnx")
-        example = torch.randn(1, 3, image_size, image_size)
-        export_float_onnx(model, example, f_path)
-        export_onnx(qgm, (example,), q_path)
-        sf, sq = ort_session(f_path), ort_session(q_path)
-        for b in batch_sizes:
-            x = torch.randn(b, 3, image_size, image_size)
-            with torch.no_grad():
-                eager = (time_call(partial(model, x), iters), time_call(partial(qgm, x), iters))
-            feed = {"input": x.numpy()}
-            onnx = (time_call(partial(sf.run, None, feed), iters), time_call(partial(sq.run, None, feed), iters))
-            for name, (tf, tq) in (("eager fake-quant (reference)", eager), ("onnxruntime QDQ int8", onnx)):
+    with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
+        runners = {b: _runners(b, model, qgm, image_size, tmp) for b in backends}
+        for batch in batch_sizes:
+            x = torch.randn(batch, 3, image_size, image_size)
+            eager_fp32 = time_call(partial(model, x), iters)
+            for b, (run_float, run_quant) in runners.items():
+                tf, tq = time_call(partial(run_float, x), iters), time_call(partial(run_quant, x), iters)
                 rows.append(
-                    {"backend": name, "batch": b, "float_ms": 1e3 * tf, "int8_ms": 1e3 * tq, "speedup": tf / tq}
+                    {
+                        "backend": _LABELS[b],
+                        "batch": batch,
+                        "float_ms": 1e3 * tf,
+                        "int8_ms": 1e3 * tq,
+                        "speedup": tf / tq,
+                        "eager_fp32_ms": 1e3 * eager_fp32,
+                    }
                 )
     return rows

@@ -166,6 +166,8 @@ def test_bench_reports_every_backend_and_batch(tmp_path, image_dirs, capsys):
                 "1,2",
                 "--iters",
                 "1",
+                "--backends",
+                "eager,onnx",  # inductor's compile takes a minute on CPU; its numerics are in test_compile_backend
                 "--out",
                 str(out),
             ]

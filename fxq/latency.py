@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-import warnings
 from collections.abc import Callable
 from functools import partial
 
@@ -14,9 +13,9 @@ import torch
 from torch import nn
 from torch.fx import GraphModule
 
-from fxq.onnx_export import OPSET, export_onnx
+from fxq.onnx_export import export_float_onnx, export_onnx
 
-__all__ = ["time_call", "ort_session", "export_float_onnx", "backend_latencies", "BACKENDS"]
+__all__ = ["time_call", "ort_session", "backend_latencies", "BACKENDS"]
 
 
 def time_call(fn: Callable[[], object], iters: int = 20, warmup: int = 3) -> float:
@@ -39,21 +38,6 @@ def ort_session(path: str, threads: int | None = None):
     return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
 
 
-def export_float_onnx(model: nn.Module, example: torch.Tensor, path: str) -> None:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model,
-            (example,),
-            path,
-            dynamo=False,
-            opset_version=OPSET,
-            input_names=["input"],
-            output_names=["output"],
-            dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
-        )
-
-
 BACKENDS = ("eager", "onnx", "inductor")
 _LABELS = {"eager": "eager fake-quant (reference)", "onnx": "onnxruntime QDQ int8", "inductor": "inductor (fake-quant)"}
 
@@ -66,7 +50,7 @@ def _runners(backend: str, model: nn.Module, qgm: GraphModule, image_size: int, 
         return torch.compile(model, dynamic=False), torch.compile(qgm, dynamic=False)
     f_path, q_path = os.path.join(tmp, "float.onnx"), os.path.join(tmp, "int8.onnx")
     example = torch.randn(2, 3, image_size, image_size)
-    export_float_onnx(model, example, f_path)
+    export_float_onnx(model, (example,), f_path)
     export_onnx(qgm, (example,), q_path)
     sf, sq = ort_session(f_path), ort_session(q_path)
     return (lambda x: sf.run(None, {"input": x.numpy()})), (lambda x: sq.run(None, {"input": x.numpy()}))

@@ -24,7 +24,7 @@ from fxq.meta import without_graph_state
 from fxq.modules import ActQuant, QuantWeight
 from fxq.ops import device_of
 
-__all__ = ["export_onnx", "OPSET"]
+__all__ = ["export_onnx", "export_float_onnx", "OPSET"]
 
 OPSET = 17
 
@@ -74,6 +74,22 @@ def _export_form(qgm: GraphModule) -> GraphModule:
     return gm
 
 
+def export_float_onnx(model: nn.Module, example_inputs: tuple, f) -> None:
+    """torch.onnx's TorchScript exporter at fxq's opset, input 'input' and output 'output', dynamic batch."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            model,
+            example_inputs,
+            f,
+            dynamo=False,
+            opset_version=OPSET,
+            input_names=["input"],
+            output_names=["output"],
+            dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
+        )
+
+
 def export_onnx(qgm: GraphModule, example_inputs: tuple, path: str | os.PathLike) -> None:
     """Write `qgm` (an fxq fake-quant GraphModule) as a QDQ ONNX model with a dynamic batch dimension."""
     import onnx
@@ -82,18 +98,7 @@ def export_onnx(qgm: GraphModule, example_inputs: tuple, path: str | os.PathLike
     device = device_of(gm)
     example = tuple(x.to(device) for x in example_inputs)
     buf = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            gm,
-            example,
-            buf,
-            dynamo=False,
-            opset_version=OPSET,
-            input_names=["input"],
-            output_names=["output"],
-            dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
-        )
+    export_float_onnx(gm, example, buf)
     model = onnx.load_from_string(buf.getvalue())
     _fold_weight_quantizers_(model)
     _drop_float_casts_(model)

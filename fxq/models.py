@@ -16,6 +16,7 @@ from fxq.errors import ModelError
 __all__ = ["LoadedModel", "load_model", "load_state_dict_file", "known_models", "DEFAULT_MODEL"]
 
 DEFAULT_MODEL = "efficientnet_lite0"
+RANDOM_WEIGHTS_SEED = 0
 # EfficientNet-Lite was trained on inputs scaled to [-1, 1): mean 127/255, std 128/255
 LITE_PREPROCESS = Preprocess(mean=(127 / 255,) * 3, std=(128 / 255,) * 3)
 
@@ -81,7 +82,8 @@ def load_state_dict_file(model: nn.Module, path: str | os.PathLike) -> nn.Module
 def load_model(name: str, weights: str | None = None, random_weights: bool = False) -> LoadedModel:
     """Build a model by name in eval mode.
 
-    torchvision models need `weights` (a state-dict file); `random_weights=True` is for tests and speed runs.
+    torchvision models need `weights` (a state-dict file); `random_weights=True` is for tests and speed runs,
+    drawn from a fixed seed so that two runs (or two machines) quantize the same model.
     """
     if name == DEFAULT_MODEL:
         return LoadedModel(name, _efficientnet_lite0(weights).eval(), LITE_PREPROCESS)
@@ -95,7 +97,9 @@ def load_model(name: str, weights: str | None = None, random_weights: bool = Fal
             f"{name}: give its weights with --weights FILE (a state dict); nothing downloads at run "
             f"time. For speed runs only: --random-weights"
         )
-    model = torchvision.models.get_model(name, weights=None)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_WEIGHTS_SEED)
+        model = torchvision.models.get_model(name, weights=None)
     if weights is not None:
         load_state_dict_file(model, weights)
     size = 224

@@ -141,8 +141,13 @@ def test_export_onnx_and_pt2(tmp_path, image_dirs, capsys):
 
     assert main(["export", "--model", str(out), "--format", "onnx", "--out", str(tmp_path / "m.onnx")]) == 0
     got = ort_session(str(tmp_path / "m.onnx")).run(None, {"input": x.numpy()})[0]
-    assert (got.argmax(1) == ref.numpy().argmax(1)).all()
+    ref = ref.numpy()
+    # The output is quantized, so compare in output steps; top classes of a random-weight model often tie, so
+    # ORT's top class must score within one step of the reference's best rather than share its index.
+    step = np.diff(np.unique(ref)).min()
     assert np.isfinite(got).all()
+    assert (np.abs(got - ref) <= 1.01 * step).mean() >= 0.99
+    assert (ref[np.arange(len(ref)), got.argmax(1)] >= ref.max(1) - 1.01 * step).all()
     capsys.readouterr()
 
 

@@ -5,10 +5,19 @@ qgm, report = fxq.quantize(model, calib_batches, fxq.PTQConfig(target=fxq.INT8.w
 """
 
 from fxq.compile_backend import backend
-from fxq.config import ActThreshold, LFHConfig, Method, Probe, PTQConfig
+from fxq.config import (
+    ActThreshold,
+    LFHConfig,
+    LossWeights,
+    Method,
+    MixedPrecisionConfig,
+    Probe,
+    PTQConfig,
+    RoundingConfig,
+)
 from fxq.errors import ConfigError, DataError, FxqError, GraphCheckFailed, ModelError, TraceFailed, UnsupportedOp
 from fxq.frontend import Frontend, trace
-from fxq.pipeline import Quantized, convert, label_free_hessian, prepare, quantize
+from fxq.pipeline import Quantized, analyze, convert, label_free_hessian, prepare, quantize, quantize_analyzed
 from fxq.qmath import QSpec
 from fxq.report import Report
 from fxq.targets import INT8, W248A8, Target
@@ -18,6 +27,11 @@ __all__ = [
     "backend",
     "label_free_hessian",
     "LFHConfig",
+    "RoundingConfig",
+    "LossWeights",
+    "MixedPrecisionConfig",
+    "analyze",
+    "quantize_analyzed",
     "Probe",
     "prepare",
     "convert",

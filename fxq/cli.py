@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -11,7 +12,16 @@ from pathlib import Path
 
 import torch
 
-from fxq.config import ActThreshold, LFHConfig, Method, Probe, PTQConfig
+from fxq.config import (
+    ActThreshold,
+    LFHConfig,
+    LossWeights,
+    Method,
+    MixedPrecisionConfig,
+    Probe,
+    PTQConfig,
+    RoundingConfig,
+)
 from fxq.data import ImageSet, Preprocess, batches, default_data_dir, load_images
 from fxq.errors import FxqError, ModelError
 from fxq.evaluate import evaluate
@@ -73,22 +83,110 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _quant_args(p: argparse.ArgumentParser) -> None:
+    _mp_args(p)
     p.add_argument("--act-bits", type=int, default=8)
     p.add_argument("--method", default=Method.RTN.value, choices=[m.value for m in Method])
     p.add_argument("--act-threshold", default=ActThreshold.MSE.value, choices=[a.value for a in ActThreshold])
     p.add_argument("--frontend", default=Frontend.FX.value, choices=[f.value for f in Frontend])
     p.add_argument("--no-bias-correction", action="store_true")
+    r = p.add_argument_group("EPTQ rounding (--method eptq)")
+    r.add_argument(
+        "--schedule",
+        choices=["auto", "short", "full"],
+        default="auto",
+        help="full: 20K iterations of 32 images (the paper's); short: 400 of 8, minutes on a CPU; "
+        "auto: full on a GPU, short on a CPU",
+    )
+    r.add_argument("--iterations", type=int, default=None, help="override the schedule's iteration count")
+    r.add_argument("--rounding-batch", type=int, default=None, help="override the schedule's batch size")
+    r.add_argument("--rounding-images", type=int, default=None, help="use the first N calibration images")
+    r.add_argument("--loss-weights", default=LossWeights.LFH.value, choices=[w.value for w in LossWeights])
+    r.add_argument("--no-bias-training", action="store_true")
+    r.add_argument("--lfh-probes", type=int, default=None, help="max Hutchinson probes (default: 100 full, 16 short)")
+    r.add_argument("--checkpoint-dir", default=None, help="checkpoint the rounding here every 500 iterations")
+    r.add_argument("--resume", action="store_true", help="continue the rounding from --checkpoint-dir")
 
 
-def _config(args, weight_bits: int) -> PTQConfig:
+_UNITS = {"b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def _size(text: str) -> float:
+    """'2.5MB' -> 2.5e6 bytes (KB/MB/GB decimal, KiB/MiB/GiB binary, a bare number is bytes)."""
+    t = text.strip().lower()
+    unit = next((u for u in sorted(_UNITS, key=len, reverse=True) if t.endswith(u)), "")
+    try:
+        return float(t[: len(t) - len(unit)]) * _UNITS.get(unit, 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad size {text!r}: write e.g. 2.5MB, 800KB or 1.5MiB") from None
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(b) for b in text.split(","))
+
+
+def _floats(text: str) -> list[float]:
+    return [float(b) for b in text.split(",")]
+
+
+def _mp_args(p: argparse.ArgumentParser) -> None:
+    m = p.add_argument_group("mixed precision (per-layer weight widths from an ILP; give a budget)")
+    m.add_argument("--weight-memory", type=_size, default=None, help="quantized weight budget, e.g. 2.5MB")
+    m.add_argument("--avg-bits", type=float, default=None, help="budget as average bits per weight, e.g. 3.5")
+    m.add_argument("--bops", type=float, default=None, help="budget in bit-operations (MACs x W bits x A bits)")
+    m.add_argument("--bit-options", type=_ints, default=None, help="widths to choose from (default 2,4,8)")
+    m.add_argument("--mp-images", type=int, default=32, help="calibration images for the sensitivities")
+
+
+def _mixed_precision(args, **budget) -> MixedPrecisionConfig | None:
+    given = {"weight_memory": args.weight_memory, "avg_bits": args.avg_bits, "bops": args.bops, **budget}
+    if all(v is None for v in given.values()):
+        return None
+    return MixedPrecisionConfig(**given, bit_options=args.bit_options, images=args.mp_images)
+
+
+def _schedule(args) -> tuple[str, RoundingConfig, LFHConfig]:
+    """The rounding and LFH settings the flags ask for; 'auto' is full on a GPU, short on a CPU."""
+    name = args.schedule if args.schedule != "auto" else ("full" if torch.cuda.is_available() else "short")
+    overrides = {
+        k: v
+        for k, v in {
+            "iterations": args.iterations,
+            "batch_size": args.rounding_batch,
+            "images": args.rounding_images,
+            "checkpoint_dir": args.checkpoint_dir,
+        }.items()
+        if v is not None
+    }
+    overrides.update(loss_weights=args.loss_weights, train_bias=not args.no_bias_training, resume=args.resume)
+    rounding = RoundingConfig.short(**overrides) if name == "short" else RoundingConfig(**overrides)
+    probes = args.lfh_probes or (16 if name == "short" else 100)
+    return name, rounding, LFHConfig(min_probes=min(10, probes), max_probes=probes)
+
+
+def _config(args, weight_bits: int, method: str | None = None, mixed: MixedPrecisionConfig | None = None) -> PTQConfig:
+    _, rounding, lfh = _schedule(args)
     return PTQConfig(
+        mixed_precision=mixed or _mixed_precision(args),
         target=INT8.with_bits(weight_bits, args.act_bits),
-        method=args.method,
+        method=method or args.method,
         act_threshold=args.act_threshold,
         frontend=args.frontend,
         bias_correction=not args.no_bias_correction,
+        rounding=rounding,
+        lfh=lfh,
         progress=not args.quiet,
     )
+
+
+def _say_schedule(args, methods) -> None:
+    if Method.EPTQ.value in methods:
+        name, r, lfh = _schedule(args)
+        note = " (the CPU one; --schedule full for the paper's 20K x 32)" if name == "short" else ""
+        print(
+            f"EPTQ schedule: {name}{note}: {r.iterations} iterations, batch {r.batch_size}, "
+            f"LFH up to {lfh.max_probes} probes",
+            flush=True,
+        )
 
 
 def _load(args) -> tuple[LoadedModel, ImageSet, ImageSet | None]:
@@ -113,12 +211,15 @@ def _accuracy_line(name: str, acc: dict, ref: dict | None = None) -> str:
 
 def cmd_quantize(args) -> None:
     cfg = _config(args, args.weight_bits)  # bad options fail before any image is read
+    _say_schedule(args, [args.method])
     lm, calib, val = _load(args)
     t0 = time.perf_counter()
     qgm, report = quantize(lm.model, batches(calib.x, args.batch_size), cfg)
     report.stage_seconds["total_quantize"] = time.perf_counter() - t0
     report.model = lm.name
     print(report.table())
+    if report.mixed_precision:
+        print(_mp_line(report))
     if val is not None:
         report.accuracy["float"] = evaluate(lm.model, val.x, val.y, progress=not args.quiet, desc="eval float")
         report.accuracy["quantized"] = evaluate(qgm, val.x, val.y, progress=not args.quiet, desc="eval quantized")
@@ -132,6 +233,67 @@ def cmd_quantize(args) -> None:
     print(f"wrote {Path(args.out) / MODEL_FILE} and {Path(args.out) / REPORT_FILE}")
 
 
+def _mp_line(report: Report) -> str:
+    m = report.mixed_precision
+    counts = {b: list(m["bits"].values()).count(b) for b in m["options"]}
+    return (
+        f"mixed precision: {m['avg_bits']:.3f} bits/weight, {m['weight_bytes'] / 1e6:.3f} MB of weights "
+        f"({', '.join(f'{n} layers at {b} bits' for b, n in counts.items() if n)}); sensitivity "
+        f"{report.stage_seconds.get('Sensitivity', 0):.1f} s, ILP {m['solve_seconds'] * 1e3:.0f} ms"
+    )
+
+
+def cmd_pareto(args) -> None:
+    """Accuracy against weight memory: mixed precision over a sweep of budgets, uniform widths for reference."""
+    from fxq.meta import copy_graph
+    from fxq.passes.mixed_precision import MixedPrecision
+    from fxq.pipeline import analyze, quantize_analyzed, run_passes
+    from fxq.plots import pareto_plot
+
+    sweep = {b: _config(args, max(args.uniform), mixed=_mixed_precision(args, avg_bits=b)) for b in args.avg_bits_list}
+    uniform = {b: _config(args, b, mixed=None) for b in args.uniform}
+    _say_schedule(args, [args.method])
+    lm, calib, val = _load(args)
+    xs = batches(calib.x, args.batch_size)
+    rows = [{"kind": "float", "label": "float", **evaluate(lm.model, val.x, val.y, progress=False)}]
+    first = next(iter(sweep.values()))
+    analyzed = analyze(lm.model, xs, first)  # LFH and sensitivities once, for every budget
+    for avg, cfg in sweep.items():
+        gm = run_passes(copy_graph(analyzed), [MixedPrecision(cfg.mixed_precision, cfg.target.act_bits)])
+        qgm, rep = quantize_analyzed(gm, xs, cfg, lm.name)
+        acc = evaluate(qgm, val.x, val.y, progress=False)
+        m = rep.mixed_precision
+        rows.append(
+            {
+                "kind": "mixed",
+                "label": f"MP {avg} b/w",
+                "budget_avg_bits": avg,
+                **acc,
+                "avg_bits": m["avg_bits"],
+                "weight_mb": m["weight_bytes"] / 1e6,
+                "bits": m["bits"],
+            }
+        )
+        print(
+            f"mixed {avg:>4} bits/weight: top-1 {acc['top1']:6.2f}  ({m['avg_bits']:.3f} b/w, {m['weight_bytes'] / 1e6:.3f} MB)"
+        )
+    for b, cfg in uniform.items():
+        qgm, rep = quantize(lm.model, xs, cfg)
+        numel = sum(math.prod(lr.weight_shape) for lr in rep.layers if lr.weight_bits)
+        acc = evaluate(qgm, val.x, val.y, progress=False)
+        rows.append({"kind": "uniform", "label": f"W{b}", "avg_bits": b, "weight_mb": numel * b / 8e6, **acc})
+        print(f"uniform W{b}: top-1 {acc['top1']:6.2f}  ({numel * b / 8e6:.3f} MB)")
+    out = Path(args.out)
+    sens = analyzed.meta["fxq"].stage_seconds.get("Sensitivity", 0.0)
+    write_json_atomic(
+        str(out / "pareto.json"), {"model": lm.name, "method": args.method, "sensitivity_seconds": sens, "rows": rows}
+    )
+    pareto_plot(
+        rows, str(out / "pareto.png"), f"{lm.name} {args.method}: top-1 vs weight memory ({len(val)} val images)"
+    )
+    print(f"wrote {out / 'pareto.json'} and {out / 'pareto.png'}")
+
+
 def cmd_eval(args) -> None:
     if Path(args.model).is_dir():
         model, pre = load_quantized(args.model)
@@ -143,16 +305,30 @@ def cmd_eval(args) -> None:
     print(_accuracy_line(name, evaluate(model, val.x, val.y, progress=not args.quiet)))
 
 
+def _runs(text: str) -> list[tuple[str, int]]:
+    """'rtn:8,rtn:4,eptq:4' -> [('rtn', 8), ('rtn', 4), ('eptq', 4)]."""
+    runs = []
+    for item in text.split(","):
+        method, _, bits = item.strip().partition(":")
+        if method not in [m.value for m in Method] or not bits.isdigit():
+            raise argparse.ArgumentTypeError(
+                f"bad run {item!r}: write METHOD:WEIGHT_BITS with METHOD in {[m.value for m in Method]}, e.g. eptq:4"
+            )
+        runs.append((method, int(bits)))
+    return runs
+
+
 def cmd_compare(args) -> None:
-    """The main job: float vs RTN at each weight width on the same calibration and val images."""
-    configs = {wb: _config(args, wb) for wb in args.weight_bits}  # bad options fail before any image is read
+    """The main job: float vs each (method, weight width) run on the same calibration and val images."""
+    configs = {run: _config(args, run[1], run[0]) for run in args.runs}  # bad options fail before any image is read
+    _say_schedule(args, [m for m, _ in args.runs])
     lm, calib, val = _load(args)
     results = {"float": evaluate(lm.model, val.x, val.y, progress=not args.quiet, desc="eval float")}
     reports = {}
-    for wb in args.weight_bits:
-        name = f"W{wb}A{args.act_bits} {args.method}"
+    for method, wb in args.runs:
+        name = f"W{wb}A{args.act_bits} {method}"
         t0 = time.perf_counter()
-        qgm, rep = quantize(lm.model, batches(calib.x, args.batch_size), configs[wb])
+        qgm, rep = quantize(lm.model, batches(calib.x, args.batch_size), configs[(method, wb)])
         seconds = time.perf_counter() - t0
         results[name] = {
             **evaluate(qgm, val.x, val.y, progress=not args.quiet, desc=f"eval {name}"),
@@ -255,13 +431,20 @@ def build_parser() -> argparse.ArgumentParser:
     cp = sub.add_parser("compare", help="float vs quantized at several weight widths (the README's main job)")
     _model_args(cp), _data_args(cp), _quant_args(cp)
     cp.add_argument(
-        "--weight-bits",
-        type=lambda s: [int(b) for b in s.split(",")],
-        default=[8, 4],
-        help="comma-separated weight widths, e.g. 8,4",
+        "--runs",
+        type=_runs,
+        default=_runs("rtn:8,rtn:4,eptq:4"),
+        help="comma-separated METHOD:WEIGHT_BITS runs (default rtn:8,rtn:4,eptq:4)",
     )
     cp.add_argument("--out", default="runs/compare")
     cp.set_defaults(fn=cmd_compare)
+
+    pp = sub.add_parser("pareto", help="mixed precision over a sweep of budgets: table, JSON, PNG (top-1 vs size)")
+    _model_args(pp), _data_args(pp), _quant_args(pp)
+    pp.add_argument("--avg-bits-list", type=_floats, default=[2.5, 3.0, 3.5, 4.0, 5.0, 6.0])
+    pp.add_argument("--uniform", type=_ints, default=(2, 4, 8), help="uniform widths to plot for reference")
+    pp.add_argument("--out", default="runs/pareto")
+    pp.set_defaults(fn=cmd_pareto)
 
     lp = sub.add_parser("lfh", help="label-free Hessian trace of every interest tensor (table, JSON, PNG)")
     _model_args(lp), _data_args(lp)

@@ -10,7 +10,16 @@ from fxq.frontend import Frontend
 from fxq.qmath import ActThreshold
 from fxq.targets import INT8, Target
 
-__all__ = ["Method", "ActThreshold", "PTQConfig", "Probe", "LFHConfig"]
+__all__ = [
+    "Method",
+    "ActThreshold",
+    "PTQConfig",
+    "Probe",
+    "LFHConfig",
+    "RoundingConfig",
+    "LossWeights",
+    "MixedPrecisionConfig",
+]
 
 
 def _coerce_enums_(cfg, **fields: type[Enum]) -> None:
@@ -26,6 +35,7 @@ def _coerce_enums_(cfg, **fields: type[Enum]) -> None:
 
 class Method(Enum):
     RTN = "rtn"  # round to nearest on error-minimising thresholds
+    EPTQ = "eptq"  # RTN, then LFH-weighted distillation of the rounding over the whole network
 
 
 class Probe(Enum):
@@ -45,6 +55,7 @@ class LFHConfig:
     batch_size: int = 32
     probes_per_pass: int = 1  # probes batched into one backward (replicated batch); trades memory for speed
     seed: int = 0
+    flush_mib: int = 256  # CUDA kernel: gradients held before a fused launch (0: one launch per gradient)
 
     def __post_init__(self):
         if not 0 < self.min_probes <= self.max_probes:
@@ -56,7 +67,91 @@ class LFHConfig:
                 f"images, batch_size and probes_per_pass must be >= 1, got {self.images}, {self.batch_size}, "
                 f"{self.probes_per_pass}"
             )
+        if self.flush_mib < 0:
+            raise ConfigError(f"flush_mib must be >= 0, got {self.flush_mib}")
         _coerce_enums_(self, probe=Probe)
+
+
+class LossWeights(Enum):
+    LFH = "lfh"  # lambda_z from the label-free Hessian (EPTQ)
+    MEAN = "mean"  # every interest tensor alike (the paper's Table 1 ablation)
+
+
+@dataclass(frozen=True)
+class RoundingConfig:
+    """EPTQ rounding optimization (METHOD.md section 3; defaults are MCT's v1 ones unless noted).
+
+    The full schedule is 20K iterations at batch 32 (the paper's); `RoundingConfig.short()` is the CPU one.
+    """
+
+    iterations: int = 20_000
+    batch_size: int = 32
+    lr_rounding: float = 3e-2  # RAdam, on the AdaRound variables V
+    lr_bias: float = 1e-3  # SGD, on every quantized layer's bias
+    train_bias: bool = True
+    reg: float = 0.01  # lambda_reg of the rounding regulariser
+    beta: tuple[float, float] = (20.0, 2.0)  # annealed linearly after the warm-up
+    warmup: float = 0.2  # fraction of the iterations with the regulariser off
+    loss_weights: LossWeights = LossWeights.LFH
+    normalize_loss: bool = True  # each tensor's squared error relative to its float energy (as MCT does)
+    images: int | None = None  # use the first N calibration images (None: all)
+    keep_best: bool = True  # fall back to RTN when the optimized rounding distils worse on held-out images
+    checkpoint_every: int = 500  # iterations between checkpoints (with checkpoint_dir)
+    checkpoint_dir: str | None = None
+    resume: bool = False
+    amp: bool = True  # bf16 autocast for the student on CUDA (ignored on CPU)
+    compile: bool = False  # torch.compile the student and teacher graphs
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.iterations < 0 or self.batch_size < 1:
+            raise ConfigError(f"need iterations >= 0 and batch_size >= 1, got {self.iterations}, {self.batch_size}")
+        if min(self.lr_rounding, self.lr_bias, self.reg) < 0:
+            raise ConfigError("learning rates and reg must be >= 0")
+        if not 0 <= self.warmup < 1:
+            raise ConfigError(f"warmup is a fraction of the iterations in [0, 1), got {self.warmup}")
+        if self.images is not None and self.images < 1:
+            raise ConfigError(f"images must be >= 1 or None, got {self.images}")
+        if self.resume and not self.checkpoint_dir:
+            raise ConfigError("resume needs checkpoint_dir: the folder an earlier run checkpointed to")
+        _coerce_enums_(self, loss_weights=LossWeights)
+
+    @classmethod
+    def short(cls, **overrides) -> RoundingConfig:
+        """A CPU schedule that finishes in minutes on EfficientNet-Lite0 (2 cores): 400 iterations of 8 images."""
+        return cls(**{"iterations": 400, "batch_size": 8, **overrides})
+
+
+@dataclass(frozen=True)
+class MixedPrecisionConfig:
+    """Per-layer weight bit-widths from an ILP (METHOD.md section 4). Give at least one budget.
+
+    weight_memory: bytes of quantized weights (numel * bits / 8 summed); avg_bits: the same as bits per weight.
+    bops: bit-operations (MACs * weight bits * activation bits). latency: a limit on the summed per-layer
+    latency table `latency_table` ({layer name: {bits: ms}}, measured on the target).
+    """
+
+    weight_memory: float | None = None
+    avg_bits: float | None = None
+    bops: float | None = None
+    latency: float | None = None
+    latency_table: dict | None = None
+    bit_options: tuple[int, ...] = (2, 4, 8)  # the widths each layer may take
+    images: int = 32  # calibration images for the sensitivity measurement
+    batch_size: int = 16
+
+    def __post_init__(self):
+        budgets = (self.weight_memory, self.avg_bits, self.bops, self.latency)
+        if all(b is None for b in budgets):
+            raise ConfigError("mixed precision needs a budget: weight_memory, avg_bits, bops or latency")
+        if any(b is not None and not b > 0 for b in budgets):
+            raise ConfigError(f"budgets must be > 0, got {budgets}")
+        if (self.latency is None) != (self.latency_table is None):
+            raise ConfigError("a latency budget needs latency_table ({layer: {bits: ms}}), and the table a budget")
+        if len(self.bit_options) < 2 or any(not 2 <= b <= 8 for b in self.bit_options):
+            raise ConfigError(f"bit_options must hold two or more widths in [2, 8], got {self.bit_options}")
+        if self.images < 1 or self.batch_size < 1:
+            raise ConfigError(f"images and batch_size must be >= 1, got {self.images}, {self.batch_size}")
 
 
 @dataclass(frozen=True)
@@ -74,6 +169,9 @@ class PTQConfig:
     bias_correction: bool = True  # cancel the mean output shift of weight rounding (MCT's default too)
     frontend: Frontend = Frontend.FX
     leaf_modules: tuple = field(default_factory=tuple)
+    rounding: RoundingConfig = field(default_factory=RoundingConfig)  # method=EPTQ
+    lfh: LFHConfig = field(default_factory=LFHConfig)  # method=EPTQ / mixed precision: the loss weights
+    mixed_precision: MixedPrecisionConfig | None = None  # per-layer weight widths under a budget
     progress: bool = True
 
     def __post_init__(self):

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 
 from torch import Tensor
@@ -12,7 +13,7 @@ from torch.fx import GraphModule, Node
 
 from fxq.qmath import QSpec
 
-__all__ = ["OpKind", "NodeQ", "GraphQ", "q", "gq", "without_graph_state"]
+__all__ = ["OpKind", "NodeQ", "GraphQ", "q", "gq", "without_graph_state", "copy_graph"]
 
 
 class OpKind(Enum):
@@ -48,6 +49,8 @@ class NodeQ:
     lfh_stderr: float | None = None  # its standard error over probes and images
     lfh_weight: float | None = None  # log10(t) - min log10(t) over Z: the distillation weight lambda_z
     bits: int | None = None  # chosen weight bit-width
+    bit_sensitivity: dict[int, float] | None = None  # mixed precision: LFH-weighted distance per weight width
+    macs: int | None = None  # multiply-accumulates per image (conv / linear)
     observes: Node | None = None  # on observer / act-quant nodes: the node whose output they quantize
 
 
@@ -61,6 +64,8 @@ class GraphQ:
     stage_seconds: dict[str, float] = field(default_factory=dict)
     calib_images: int = 0
     lfh_probes: list[int] = field(default_factory=list)  # probes used per image batch
+    rounding: dict = field(default_factory=dict)  # the rounding optimization's schedule, timing and losses
+    mixed_precision: dict = field(default_factory=dict)  # options, budgets, ILP time, chosen bits per layer
 
 
 def q(node: Node) -> NodeQ:
@@ -82,3 +87,32 @@ def without_graph_state(gm: GraphModule) -> Iterator[GraphModule]:
     finally:
         if state is not None:
             gm.meta["fxq"] = state
+
+
+def copy_graph(gm: GraphModule) -> GraphModule:
+    """A deep copy of `gm` whose quantization state is its own, its Node references pointing into the copy.
+
+    (torch.fx copies node.meta shallowly, so a plain deepcopy would share every NodeQ with the original.)
+    """
+    with without_graph_state(gm):
+        new = copy.deepcopy(gm)
+    by_name = {n.name: n for n in new.graph.nodes}
+
+    def remap(n: Node | None) -> Node | None:
+        return None if n is None else by_name[n.name]
+
+    for n in new.graph.nodes:
+        if "fxq" in n.meta:
+            m = q(n)
+            n.meta["fxq"] = replace(m, fused_into=remap(m.fused_into), observes=remap(m.observes))
+    if "fxq" in gm.meta:
+        g = gq(gm)
+        new.meta["fxq"] = replace(
+            g,
+            interest=[by_name[n.name] for n in g.interest],
+            stage_seconds=dict(g.stage_seconds),
+            lfh_probes=list(g.lfh_probes),
+            rounding=copy.deepcopy(g.rounding),
+            mixed_precision=copy.deepcopy(g.mixed_precision),
+        )
+    return new

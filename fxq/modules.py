@@ -92,10 +92,41 @@ class ActQuant(nn.Module):
         return f"bits={self.spec.bits}, signed={self.spec.signed}, scale={float(self.scale):.4g}"
 
 
+ZETA, GAMMA = 1.1, -0.1  # AdaRound's stretch of the sigmoid, so h(V) reaches exactly 0 and 1
+
+
+def rectified_sigmoid(v: Tensor) -> Tensor:
+    """AdaRound's h(V) = clip(sigmoid(V) * (zeta - gamma) + gamma, 0, 1)."""
+    return torch.clamp(torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0, 1)
+
+
+def inverse_rectified_sigmoid(h: Tensor) -> Tensor:
+    """V with h(V) = h for h in (0, 1): the initialisation that makes the soft weight equal the float one."""
+    p = ((h - GAMMA) / (ZETA - GAMMA)).clamp(1e-6, 1 - 1e-6)
+    return torch.log(p / (1 - p))
+
+
+def mean_output_shift(layer: nn.Module, dw: Tensor, x_mean: Tensor) -> Tensor:
+    """E[y'] - E[y] per output channel when `layer`'s weight moves by dw and its input has channel means x_mean
+    (padding ignored): what bias correction subtracts."""
+    if isinstance(layer, nn.Linear):
+        return dw @ x_mean
+    g = layer.groups
+    per_in = dw.flatten(2).sum(2)  # (Cout, Cin/g)
+    x = x_mean.view(g, -1).repeat_interleave(dw.shape[0] // g, dim=0)  # (Cout, Cin/g): each row its group's inputs
+    return (per_in * x).sum(1)
+
+
 class QuantWeight(nn.Module):
     """A conv or linear layer whose weight is fake-quantized per output channel on every call.
 
     Holds the float layer unchanged so later passes (rounding, mixed precision) can re-derive the grid.
+    During the rounding optimization it also holds AdaRound state: the weight is s * clamp(floor(w/s) + h(V)),
+    trainable through V; `harden_()` then writes the chosen grid values into the layer's weight, after
+    which plain round-to-nearest reproduces them exactly.
+
+    With bias correction it keeps the layer's input channel means and float bias: the corrected bias is always
+    float bias - E[x] (W_q - W), for RTN weights, for the soft weights while they train, and for the hard ones.
     """
 
     def __init__(self, layer: nn.Module, spec: QSpec, threshold: Tensor):
@@ -103,20 +134,89 @@ class QuantWeight(nn.Module):
         self.layer = layer
         self.spec = spec
         self.register_buffer("scale", scale_for(threshold.detach().float(), spec))
+        self.register_parameter("rounding", None)  # V, while soft rounding is on
+        self.register_buffer("w_floor", None)
+        self.register_buffer("input_mean", None)  # E[x] per input channel, when bias correction is on
+        self.register_buffer("float_bias", None)
 
     @property
     def fxq_kind(self) -> OpKind:
         return OpKind.LINEAR if isinstance(self.layer, nn.Linear) else OpKind.CONV
 
+    def scale_like(self, w: Tensor) -> Tensor:
+        """The per-channel step, shaped to broadcast against `w`."""
+        return self.scale.to(w.dtype).reshape(-1, *([1] * (w.dim() - 1)))
+
+    def bias_shift(self, w_q: Tensor) -> Tensor | None:
+        """E[x] (W_q - W): the mean output shift that quantizing the weight to w_q causes (None: no correction)."""
+        if self.input_mean is None:
+            return None
+        dw = (w_q - self.layer.weight.detach()).float()
+        return mean_output_shift(self.layer, dw, self.input_mean.to(dw.device)).to(self.layer.weight.dtype)
+
+    @torch.no_grad()
+    def correct_bias_(self, input_mean: Tensor) -> None:
+        """Empirical bias correction (Nagel et al. 2019, MCT's default): b = b_float - E[x] (W_q - W)."""
+        layer = self.layer
+        if layer.bias is None:
+            w = layer.weight
+            layer.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device), requires_grad=False)
+        self.float_bias = layer.bias.detach().clone()
+        self.input_mean = input_mean.detach().float()
+        layer.bias.copy_(self.float_bias - self.bias_shift(self.quantized_weight().detach()))
+
+    def start_soft_rounding_(self) -> nn.Parameter:
+        """Attach V, initialised so that h(V) = w/s - floor(w/s) (the soft weight is the float weight).
+
+        A corrected bias goes back to its float value: it becomes the trainable part, and forward subtracts
+        the correction of the current soft weights."""
+        if self.float_bias is not None:
+            with torch.no_grad():
+                self.layer.bias.copy_(self.float_bias)
+        w = self.layer.weight.detach()
+        ws = w / self.scale_like(w)
+        self.w_floor = torch.floor(ws)
+        self.rounding = nn.Parameter(inverse_rectified_sigmoid(ws - self.w_floor))
+        return self.rounding
+
+    def soft_targets(self) -> Tensor:
+        return rectified_sigmoid(self.rounding)
+
+    def hard_codes(self) -> Tensor:
+        """Integer codes of the current rounding: floor(w/s) + 1[h(V) >= 0.5], clipped to the grid."""
+        if self.rounding is None:
+            w = self.layer.weight.detach()
+            return torch.clamp(torch.round(w / self.scale_like(w)), self.spec.qmin, self.spec.qmax)
+        up = (self.rounding.detach() >= 0).to(self.w_floor.dtype)  # h(V) >= 0.5 exactly when V >= 0
+        return torch.clamp(self.w_floor + up, self.spec.qmin, self.spec.qmax)
+
+    @torch.no_grad()
+    def harden_(self) -> None:
+        """End soft rounding: the weight becomes s * codes, the bias is corrected for them, V is dropped."""
+        w = self.layer.weight
+        hard = (self.hard_codes() * self.scale_like(w)).to(w.dtype)
+        shift = self.bias_shift(hard)
+        if shift is not None:
+            self.float_bias = self.layer.bias.detach().clone()  # the trained bias, before correction
+            self.layer.bias.copy_(self.float_bias - shift)
+        self.layer.weight.copy_(hard)
+        self.rounding, self.w_floor = None, None
+        self.input_mean = self.float_bias = None  # the weight is its own grid now: nothing left to correct
+
     def quantized_weight(self) -> Tensor:
         w = self.layer.weight
+        if self.rounding is not None:
+            codes = torch.clamp(self.w_floor + self.soft_targets(), self.spec.qmin, self.spec.qmax)
+            return codes * self.scale_like(w)
         return fake_quant(w, self.scale.to(w.dtype), self.spec).to(w.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        w = self.quantized_weight()
+        w, b = self.quantized_weight(), self.layer.bias
+        if self.rounding is not None and self.input_mean is not None:
+            b = b - self.bias_shift(w)  # live bias correction of the soft weights
         if isinstance(self.layer, nn.Linear):
-            return F.linear(x, w, self.layer.bias)
-        return self.layer._conv_forward(x, w, self.layer.bias)
+            return F.linear(x, w, b)
+        return self.layer._conv_forward(x, w, b)
 
     def extra_repr(self) -> str:
         return f"bits={self.spec.bits}, per_channel={self.spec.per_channel}"

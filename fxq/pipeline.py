@@ -13,7 +13,7 @@ from torch.fx import GraphModule
 from torch.fx.passes.infra.pass_base import PassBase
 from torch.fx.passes.infra.pass_manager import PassManager
 
-from fxq.config import LFHConfig, PTQConfig
+from fxq.config import LFHConfig, LossWeights, Method, PTQConfig
 from fxq.data import batch_inputs
 from fxq.debug import CHECK
 from fxq.errors import DataError, FxqError
@@ -24,13 +24,26 @@ from fxq.passes.annotate import Annotate
 from fxq.passes.fold_bn import FoldBN
 from fxq.passes.interest_points import InterestPoints
 from fxq.passes.lfh import LFH
+from fxq.passes.mixed_precision import MixedPrecision, Sensitivity
 from fxq.passes.normalize import Normalize
 from fxq.passes.observe import Calibrate, Observe
 from fxq.passes.quantize import Quantize
+from fxq.passes.rounding import Rounding, float_teacher
 from fxq.passes.shapes import PropagateShapes
 from fxq.report import Report, build_report
 
-__all__ = ["Quantized", "prepare_passes", "run_passes", "prepare", "convert", "quantize", "label_free_hessian"]
+__all__ = [
+    "Quantized",
+    "prepare_passes",
+    "analysis_passes",
+    "run_passes",
+    "prepare",
+    "convert",
+    "analyze",
+    "quantize_analyzed",
+    "quantize",
+    "label_free_hessian",
+]
 
 
 class Quantized(NamedTuple):
@@ -49,10 +62,11 @@ def float_passes(cfg: PTQConfig, example_inputs: tuple) -> list[PassBase]:
 
 
 def prepare_passes(cfg: PTQConfig, example_inputs: tuple) -> list[PassBase]:
-    return [
-        *float_passes(cfg, example_inputs),
-        Observe(input_means=cfg.bias_correction),  # observers on quantized activations (+ layer input means)
-    ]
+    return [*float_passes(cfg, example_inputs), _observe(cfg)]
+
+
+def _observe(cfg: PTQConfig) -> PassBase:
+    return Observe(input_means=cfg.bias_correction)  # observers on quantized activations (+ layer input means)
 
 
 def convert_passes(cfg: PTQConfig) -> list[PassBase]:
@@ -110,17 +124,44 @@ def convert(gm: GraphModule, config: PTQConfig = PTQConfig()) -> GraphModule:
     return run_passes(gm, convert_passes(config))
 
 
+def analysis_passes(cfg: PTQConfig, batches: list) -> list[PassBase]:
+    """On the float graph: the LFH when the rounding or mixed precision needs it, then the bit allocation."""
+    mp, eptq = cfg.mixed_precision, cfg.method is Method.EPTQ
+    needs_lfh = mp is not None or (eptq and cfg.rounding.loss_weights is LossWeights.LFH)
+    passes: list[PassBase] = [LFH(batches, cfg.lfh, cfg.progress)] if needs_lfh else []
+    if mp is not None:
+        passes += [Sensitivity(batches, mp, cfg.weight_grid, cfg.progress), MixedPrecision(mp, cfg.target.act_bits)]
+    return passes
+
+
+def analyze(model: nn.Module, calib_data: Iterable, config: PTQConfig) -> GraphModule:
+    """The float graph with what the analysis passes learned (LFH, sensitivities, chosen bits) in node.meta."""
+    batches = calib_data if hasattr(calib_data, "__len__") else list(calib_data)
+    gm, example_inputs = _traced(model, (_first_batch(batches),), config)
+    return run_passes(gm, [*float_passes(config, example_inputs), *analysis_passes(config, batches)])
+
+
+def quantize_analyzed(gm: GraphModule, calib_data: Iterable, config: PTQConfig, name: str = "model") -> Quantized:
+    """Calibrate, convert and (EPTQ) optimize the rounding of a float graph from `analyze`; `gm` is consumed."""
+    batches = calib_data if hasattr(calib_data, "__len__") else list(calib_data)
+    passes = [_observe(config), Calibrate(batches, config.progress), *convert_passes(config)]
+    if config.method is Method.EPTQ:
+        images = torch.cat([batch_inputs(b) for b in batches])
+        passes.append(Rounding(float_teacher(gm), images, config.rounding, config.progress))
+    gm = run_passes(gm, passes)
+    return Quantized(gm, build_report(gm, config, model_name=name))
+
+
 def quantize(model: nn.Module, calib_data: Iterable, config: PTQConfig = PTQConfig()) -> Quantized:
     """Post-training quantization of `model` on unlabeled `calib_data` (batches of inputs, or (inputs, labels)).
 
     The model is not changed. Returns the quantized GraphModule and a report (per-layer bits and thresholds,
-    time per stage).
+    time per stage). With `method=EPTQ` the float graph's LFH weighs a rounding optimization that follows RTN;
+    with `mixed_precision` an ILP picks each layer's weight width under the budget first.
 
     Example:
         qgm, report = fxq.quantize(model, calib_loader, PTQConfig(target=fxq.INT8.with_bits(weight_bits=4)))
     """
     batches = calib_data if hasattr(calib_data, "__len__") else list(calib_data)
-    gm = prepare(model, (_first_batch(batches),), config)
-    gm = run_passes(gm, [Calibrate(batches, config.progress)])
-    gm = convert(gm, config)
-    return Quantized(gm, build_report(gm, config, model_name=type(model).__name__))
+    gm = analyze(model, batches, config)
+    return quantize_analyzed(gm, batches, config, type(model).__name__)

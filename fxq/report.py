@@ -46,6 +46,8 @@ class Report:
     layers: list[LayerReport] = field(default_factory=list)
     stage_seconds: dict[str, float] = field(default_factory=dict)
     accuracy: dict[str, dict] = field(default_factory=dict)  # run name -> {top1, top5, images, seconds}
+    rounding: dict = field(default_factory=dict)  # EPTQ: iterations, seconds per step, loss history, RTN check
+    mixed_precision: dict = field(default_factory=dict)  # options, budgets, ILP time, chosen bits per layer
 
     def table(self) -> str:
         """A readable per-layer table for the terminal."""
@@ -131,4 +133,6 @@ def build_report(gm: GraphModule, cfg: PTQConfig, model_name: str) -> Report:
         calib_images=g.calib_images,
         layers=layers,
         stage_seconds=dict(g.stage_seconds),
+        rounding=dict(g.rounding),
+        mixed_precision=dict(g.mixed_precision),
     )

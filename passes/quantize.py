@@ -10,8 +10,6 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
-import torch
-from torch import Tensor, nn
 from torch.fx import GraphModule, Node
 
 from fxq.errors import GraphCheckFailed
@@ -45,26 +43,6 @@ def _quantize_activation(gm: GraphModule, obs_node: Node, method: ActThreshold) 
     q(obs_node).kind = OpKind.ACT_QUANT
 
 
-def _mean_shift(layer: nn.Module, dw: Tensor, x_mean: Tensor) -> Tensor:
-    """E[y_q - y] per output channel for an input with per-channel mean x_mean (padding ignored)."""
-    if isinstance(layer, nn.Linear):
-        return dw @ x_mean
-    g = layer.groups
-    per_in = dw.flatten(2).sum(2)  # (Cout, Cin/g)
-    x = x_mean.view(g, -1).repeat_interleave(dw.shape[0] // g, dim=0)  # (Cout, Cin/g): each row its group's inputs
-    return (per_in * x).sum(1)
-
-
-def _correct_bias_(layer: nn.Module, qw: QuantWeight, x_mean: Tensor) -> None:
-    """Empirical bias correction (Nagel et al. 2019, MCT's default): b -= E[x] * (W_q - W)."""
-    with torch.no_grad():
-        dw = (qw.quantized_weight() - layer.weight).float()
-        shift = _mean_shift(layer, dw, x_mean.to(dw.device))
-        if layer.bias is None:
-            layer.bias = nn.Parameter(torch.zeros_like(shift).to(layer.weight.dtype), requires_grad=False)
-        layer.bias -= shift.to(layer.bias.dtype)
-
-
 def _quantize_weight(gm: GraphModule, node: Node, n_grid: int) -> None:
     m = q(node)
     spec = m.wspec.with_bits(m.bits or m.wspec.bits)
@@ -76,7 +54,7 @@ def _quantize_weight(gm: GraphModule, node: Node, n_grid: int) -> None:
     if isinstance(src, Node) and isinstance(
         gm.get_submodule(src.target) if src.op == "call_module" else None, ChannelMeanObserver
     ):
-        _correct_bias_(layer, qw, gm.get_submodule(src.target).mean())
+        qw.correct_bias_(gm.get_submodule(src.target).mean())
         node.replace_input_with(src, src.args[0])
         gm.graph.erase_node(src)
     gm.add_submodule(node.target, qw)

@@ -63,6 +63,7 @@ def test_quantize_then_eval_round_trip(tmp_path, image_dirs, capsys):
         (["quantize", "--out", "x", "--model", "resnet18"], "give its weights with --weights FILE"),
         (["quantize", "--out", "x", "--calib", "/no/such/folder"], "image folder '/no/such/folder' does not exist"),
         (["eval", "--model", "/tmp"], "'/tmp' holds no model.pt"),
+        (["quantize", "--out", "x", "--method", "eptq", "--resume"], "resume needs checkpoint_dir"),
     ],
 )
 def test_bad_input_gives_a_clear_error(args, message, capsys):
@@ -185,3 +186,24 @@ def test_bench_reports_every_backend_and_batch(tmp_path, image_dirs, capsys):
     }
     assert all(r["float_ms"] > 0 and r["int8_ms"] > 0 for r in rows)
     assert "speed-up" in capsys.readouterr().out
+
+
+def test_eptq_quantize_reports_its_schedule(tmp_path, image_dirs, capsys):
+    calib, _ = image_dirs
+    out = tmp_path / "eptq"
+    args = ["quantize", "--model", "mobilenet_v3_small", "--random-weights", "--quiet", "--calib", str(calib)]
+    args += ["--no-eval", "--weight-bits", "4", "--method", "eptq", "--schedule", "short", "--iterations", "3"]
+    args += ["--rounding-batch", "2", "--lfh-probes", "1", "--batch-size", "2", "--out", str(out)]
+    code, stdout, _ = run(args, capsys)
+    assert code == 0
+    assert "EPTQ schedule: short (the CPU one; --schedule full for the paper's 20K x 32): 3 iterations" in stdout
+    report = json.loads((out / "report.json").read_text())
+    assert report["method"] == "eptq" and report["rounding"]["iterations"] == 3
+    assert report["rounding"]["kept"] in ("eptq", "rtn")
+    assert all(lr["lfh_weight"] is not None for lr in report["layers"] if lr["interest"])
+
+
+def test_compare_refuses_a_malformed_run(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["compare", "--runs", "rtn:8,adaround:4"])
+    assert e.value.code == 2 and "bad run 'adaround:4'" in capsys.readouterr().err

@@ -1,0 +1,122 @@
+"""EPTQ rounding on EfficientNet-Lite0: the issue's accuracy table and the time per step against its bound.
+
+    python bench/rounding.py --iterations 1500 --batch-size 8 --json bench/rounding_cpu.json
+
+Rows: float; RTN W4A8 and W3A8; EPTQ W4A8 at MCT's short CPU setting (300 steps, batch 8, 480 images,
+10 probes: MCT ends at 61.38 there); EPTQ W4A8 and W3A8 at --iterations; plain-mean distillation W3A8 (the
+ablation). Every row calibrates on the same images with the same quantizer settings and is evaluated on the
+same val images. Each finished row is written to --json at once and skipped when the script runs again with
+the same settings, so an interrupted run resumes where it stopped.
+
+The bound of one step is measured in the same process: a teacher forward (no grad) plus a student forward
+and backward of the same batch, with fxq's own graphs (float graph, fake-quant graph).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+import fxq
+from fxq.config import LFHConfig, Method, PTQConfig, RoundingConfig
+from fxq.data import batches, default_data_dir, load_images
+from fxq.evaluate import evaluate
+from fxq.models import load_model
+from fxq.report import write_json_atomic
+from fxq.targets import INT8
+
+
+def rows(args) -> dict[str, PTQConfig]:
+    def cfg(bits: int, method=Method.RTN, probes=(10, 32), **rounding) -> PTQConfig:
+        return PTQConfig(
+            target=INT8.with_bits(bits),
+            method=method,
+            rounding=RoundingConfig(**{"iterations": args.iterations, "batch_size": args.batch_size, **rounding}),
+            lfh=LFHConfig(min_probes=probes[0], max_probes=probes[1]),
+            progress=not args.quiet,
+        )
+
+    n = args.iterations
+    return {
+        "RTN W4A8": cfg(4),
+        "RTN W3A8": cfg(3),
+        "EPTQ W4A8 (MCT CPU setting: 300 steps, batch 8, 480 images)": cfg(
+            4, Method.EPTQ, probes=(10, 10), iterations=300, batch_size=8, images=480
+        ),
+        f"EPTQ W4A8 ({n} steps)": cfg(4, Method.EPTQ),
+        f"EPTQ W3A8 ({n} steps)": cfg(3, Method.EPTQ),
+        f"plain-mean W3A8 ({n} steps)": cfg(3, Method.EPTQ, loss_weights="mean"),
+    }
+
+
+def step_bound(model, qgm, x: torch.Tensor, repeat: int = 5) -> float:
+    """Median seconds of teacher forward + student forward + backward on batch x."""
+    params = [p for p in qgm.parameters()]
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(p.dim() == 1)  # biases: a backward through the whole graph, as in the rounding step
+    times = []
+    for _ in range(repeat + 1):
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            model(x)
+        qgm(x).square().mean().backward()
+        times.append(time.perf_counter() - t0)
+    for p, f in zip(params, flags):
+        p.requires_grad_(f)
+        p.grad = None
+    return statistics.median(times[1:])
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    data = default_data_dir() / "imagenet"
+    p.add_argument("--calib", default=str(data / "calib"))
+    p.add_argument("--val", default=str(data / "val"))
+    p.add_argument("--iterations", type=int, default=1500)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--only", default=None, help="run only rows whose name contains this")
+    p.add_argument("--json", default="bench/rounding_cpu.json")
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args()
+
+    lm = load_model("efficientnet_lite0")
+    calib = load_images(args.calib, lm.preprocess, progress=False)
+    val = load_images(args.val, lm.preprocess, labeled=True, progress=False)
+    path = Path(args.json)
+    done = json.loads(path.read_text()) if path.is_file() else {}
+    setting = {"iterations": args.iterations, "batch_size": args.batch_size, "threads": torch.get_num_threads()}
+    if done.get("setting") != setting:
+        done = {"setting": setting, "calib_images": len(calib), "val_images": len(val), "rows": {}}
+    if "float" not in done["rows"]:
+        done["rows"]["float"] = evaluate(lm.model, val.x, val.y, progress=False)
+        write_json_atomic(str(path), done)
+    for name, cfg in rows(args).items():
+        if name in done["rows"] or (args.only and args.only not in name):
+            continue
+        t0 = time.perf_counter()
+        qgm, report = fxq.quantize(lm.model, batches(calib.x, 32), cfg)
+        row = {**evaluate(qgm, val.x, val.y, progress=False), "quantize_seconds": time.perf_counter() - t0}
+        row["stage_seconds"] = report.stage_seconds
+        if report.rounding:
+            r = report.rounding
+            bound = step_bound(lm.model, qgm, calib.x[: r["batch_size"]])
+            row["rounding"] = {k: v for k, v in r.items() if k != "history"}
+            row["rounding"]["bound_seconds"] = bound
+            row["rounding"]["step_over_bound"] = r["seconds_per_step"] / bound
+            row["loss_history"] = r["history"]
+        done["rows"][name] = row
+        write_json_atomic(str(path), done)
+        print(
+            f"{name:<60} top-1 {row['top1']:6.2f} ({row['correct1']}/{row['images']})  {row['quantize_seconds']:.0f} s"
+        )
+    print(json.dumps({k: v.get("top1") for k, v in done["rows"].items()}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,238 @@
+"""Mixed precision: per-layer weight bit-widths from an ILP over LFH-weighted sensitivities (METHOD.md s. 4).
+
+Sensitivity of (layer l, width b): the LFH-weighted change of the interest tensors (and the output) when
+only l's weight is quantized at b, everything else float, on a few calibration images. Every node's float
+value is computed once; each layer then re-runs only the nodes downstream of it, with all its candidate
+widths stacked along the batch dimension (one pass per layer), falling back to one pass per candidate where
+the graph does not broadcast over a stacked batch. Results go to node.meta (NodeQ.bit_sensitivity), where
+the ILP pass reads them, so a sweep over budgets measures once.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from fxq.passes.rounding import distillation_loss, interest_weights
+from torch import Tensor, nn
+from torch.fx import GraphModule, Interpreter, Node
+from torch.fx.node import map_arg
+from tqdm.auto import tqdm
+
+from fxq.config import LossWeights, MixedPrecisionConfig
+from fxq.data import batch_inputs
+from fxq.errors import ConfigError, GraphCheckFailed
+from fxq.ilp import Budget, solve_allocation
+from fxq.meta import gq, q
+from fxq.modules import mean_output_shift
+from fxq.ops import device_of, set_eval_
+from fxq.passbase import FxqPass, PassResult
+from fxq.qmath import fake_quant, scale_for, weight_thresholds
+from fxq.taps import interest_nodes
+
+__all__ = ["Sensitivity", "MixedPrecision", "weight_layers"]
+
+
+def weight_layers(gm: GraphModule) -> list[Node]:
+    """Nodes whose weight gets a quantizer (conv / linear modules), in graph order."""
+    return [n for n in gm.graph.nodes if q(n).wspec is not None and n.op == "call_module"]
+
+
+def _channel_mean(x: Tensor, layer: nn.Module) -> Tensor:
+    dim = x.dim() - 1 if isinstance(layer, nn.Linear) else 1
+    return x.float().mean([d for d in range(x.dim()) if d != dim])
+
+
+def _quantized_output(layer: nn.Module, x: Tensor, spec, n_grid: int) -> Tensor:
+    """The layer's output with its weight at `spec` (MSE threshold) and its bias corrected, as Quantize does."""
+    w = layer.weight.detach()
+    wq = fake_quant(w, scale_for(weight_thresholds(w, spec, n_grid), spec), spec)
+    bias = layer.bias.detach() if layer.bias is not None else torch.zeros(w.shape[0], device=w.device)
+    bias = bias - mean_output_shift(layer, (wq - w).float(), _channel_mean(x, layer)).to(bias.dtype)
+    return torch.nn.functional.linear(x, wq, bias) if isinstance(layer, nn.Linear) else layer._conv_forward(x, wq, bias)
+
+
+class _Downstream(Interpreter):
+    """The float values of every node for one batch, and re-runs of the part of the graph below one node."""
+
+    def __init__(self, gm: GraphModule, x: Tensor):
+        super().__init__(gm, garbage_collect_values=False)
+        with torch.no_grad():
+            self.out = self.run(x)
+        self.float_env = dict(self.env)
+        self.batch = x.shape[0]
+        self.order = {n: i for i, n in enumerate(gm.graph.nodes)}
+        self.batched = set(self._reach([n for n in gm.graph.nodes if n.op == "placeholder"]))  # hold a batch dim
+
+    def below(self, node: Node) -> list[Node]:
+        return sorted(self._reach([node]), key=self.order.__getitem__)
+
+    @staticmethod
+    def _reach(start: list[Node]) -> set[Node]:
+        """Nodes downstream of `start` (the output node excluded)."""
+        seen, stack = set(), list(start)
+        while stack:
+            for u in stack.pop().users:
+                if u not in seen and u.op != "output":
+                    seen.add(u)
+                    stack.append(u)
+        return seen
+
+    @torch.no_grad()
+    def rerun(self, node: Node, value: Tensor, below: list[Node], copies: int) -> dict[Node, Tensor]:
+        """Values of `below` when `node` outputs `value` (`copies` candidates stacked along the batch)."""
+        changed = {node: value}
+        widened: dict[Node, object] = {}
+
+        def fetch(a: Node):
+            if a in changed:
+                return changed[a]
+            if a not in widened:
+                v = self.float_env[a]
+                stack = copies > 1 and a in self.batched and isinstance(v, Tensor) and v.dim() > 0
+                widened[a] = v.repeat(copies, *([1] * (v.dim() - 1))) if stack else v
+            return widened[a]
+
+        for n in below:
+            args, kwargs = map_arg(n.args, fetch), map_arg(n.kwargs, fetch)
+            changed[n] = getattr(self, n.op)(n.target, args, kwargs)
+        return changed
+
+
+class Sensitivity(FxqPass):
+    """NodeQ.bit_sensitivity = {bits: LFH-weighted distance} for every weight layer; also NodeQ.macs."""
+
+    def __init__(
+        self,
+        batches,
+        config: MixedPrecisionConfig,
+        n_grid: int = 64,
+        progress: bool = True,
+    ):
+        self.batches, self.cfg = batches, config
+        self.n_grid, self.progress = n_grid, progress
+
+    def requires(self, gm: GraphModule) -> None:
+        if not weight_layers(gm):
+            raise GraphCheckFailed("sensitivity: no weight quantizers annotated; run Annotate first")
+        missing = [n.name for n in interest_nodes(gm) if q(n).lfh_weight is None]
+        if missing:
+            raise GraphCheckFailed(f"sensitivity: no LFH weight on {missing[:3]}; run the LFH pass first")
+
+    def call(self, gm: GraphModule) -> PassResult:
+        set_eval_(gm)
+        options = tuple(sorted(set(self.cfg.bit_options)))
+        layers = weight_layers(gm)
+        z = interest_nodes(gm)
+        totals = {n: np.zeros(len(options)) for n in layers}
+        x_all = torch.cat([batch_inputs(b) for b in self.batches])[: self.cfg.images].to(device_of(gm))
+        chunks = x_all.split(self.cfg.batch_size)
+        bar = tqdm(total=len(layers) * len(chunks), desc="sensitivity", unit="layer", disable=not self.progress)
+        stacked = 0
+        for x in chunks:
+            run = _Downstream(gm, x)
+            out_is_tensor = isinstance(run.out, Tensor)
+            taps = ([None] if out_is_tensor else []) + z
+            weights = interest_weights(gm, LossWeights.LFH, out_is_tensor).to(x.device)
+            zf = [run.out if t is None else run.float_env[t] for t in taps]
+            for node in layers:
+                d, ok = self._layer(gm, run, node, options, taps, zf, weights)
+                totals[node] += d * x.shape[0]
+                stacked += ok
+                bar.update()
+        bar.close()
+        for node in layers:
+            q(node).bit_sensitivity = dict(zip(options, (totals[node] / len(x_all)).tolist()))
+            q(node).macs = _macs(gm.get_submodule(node.target), run.float_env[node])
+        gq(gm).mixed_precision["sensitivity_images"] = len(x_all)
+        gq(gm).mixed_precision["stacked_layers"] = stacked // len(chunks)
+        return PassResult(gm, modified=False)
+
+    def _layer(self, gm, run: _Downstream, node: Node, options, taps, zf, weights) -> tuple[np.ndarray, bool]:
+        layer = gm.get_submodule(node.target)
+        x = run.float_env[node.args[0]]
+        outs = [_quantized_output(layer, x, q(node).wspec.with_bits(b), self.n_grid) for b in options]
+        below = run.below(node)
+        try:
+            changed = run.rerun(node, torch.cat(outs), below, len(options))
+            per = [self._distances(changed, run, taps, zf, weights, len(options), i) for i in range(len(options))]
+            return np.array(per), True
+        except RuntimeError:  # the graph does not broadcast over stacked candidates: one pass each
+            per = []
+            for out in outs:
+                changed = run.rerun(node, out, below, 1)
+                per.append(self._distances(changed, run, taps, zf, weights, 1, 0))
+            return np.array(per), False
+
+    @staticmethod
+    def _distances(changed, run: _Downstream, taps, zf, weights, copies: int, i: int) -> float:
+        out_node = next(n for n in run.module.graph.nodes if n.op == "output").args[0]
+        zq = []
+        for t, f in zip(taps, zf):
+            v = changed.get(out_node if t is None else t)
+            zq.append(f if v is None else v.chunk(copies)[i] if copies > 1 else v)
+        return float(distillation_loss(zf, zq, weights))
+
+
+def _macs(layer: nn.Module, out: Tensor) -> int:
+    """Multiply-accumulates per image of a conv or linear layer."""
+    per_output = layer.weight[0].numel()  # Cin/groups * kernel, or in_features
+    return int(out[0].numel() * per_output)
+
+
+class MixedPrecision(FxqPass):
+    """Solve the bit allocation and set NodeQ.bits on every weight layer."""
+
+    def __init__(self, config: MixedPrecisionConfig, act_bits: int = 8):
+        self.cfg, self.act_bits = config, act_bits
+
+    def requires(self, gm: GraphModule) -> None:
+        missing = [n.name for n in weight_layers(gm) if q(n).bit_sensitivity is None]
+        if missing:
+            raise GraphCheckFailed(f"mixed precision: no sensitivities on {missing[:3]}; run Sensitivity first")
+
+    def call(self, gm: GraphModule) -> PassResult:
+        layers = weight_layers(gm)
+        options = list(q(layers[0]).bit_sensitivity)
+        cost = np.array([[q(n).bit_sensitivity[b] for b in options] for n in layers])
+        bits = np.array(options, dtype=np.float64)[None, :]
+        numel = np.array([gm.get_submodule(n.target).weight.numel() for n in layers], dtype=np.float64)[:, None]
+        budgets = self._budgets(layers, numel, bits, options)
+        alloc = solve_allocation(cost, budgets)
+        for n, k in zip(layers, alloc.choice):
+            q(n).bits = options[k]
+        chosen = np.array([options[k] for k in alloc.choice])
+        gq(gm).mixed_precision.update(
+            options=options,
+            objective=alloc.objective,
+            usage=alloc.usage,
+            limits={b.name: b.limit for b in budgets},
+            solve_seconds=alloc.seconds,
+            weight_bytes=float((numel[:, 0] * chosen).sum() / 8),
+            avg_bits=float((numel[:, 0] * chosen).sum() / numel.sum()),
+            bits={n.name: options[k] for n, k in zip(layers, alloc.choice)},
+        )
+        return PassResult(gm, modified=True)
+
+    def _budgets(self, layers, numel, bits, options) -> list[Budget]:
+        c, memory = self.cfg, numel * bits / 8
+        out = []
+        if c.weight_memory is not None:
+            out.append(Budget("weight memory (bytes)", memory, c.weight_memory))
+        if c.avg_bits is not None:
+            out.append(Budget(f"weight memory (bytes, {c.avg_bits} bits/weight)", memory, c.avg_bits * numel.sum() / 8))
+        if c.bops is not None:
+            macs = np.array([q(n).macs for n in layers], dtype=np.float64)[:, None]
+            out.append(Budget("BOPs", macs * bits * self.act_bits, c.bops))
+        if c.latency is not None:
+            out.append(Budget("latency (ms)", _latency_usage(c.latency_table, layers, options), c.latency))
+        return out
+
+
+def _latency_usage(table: dict, layers: list[Node], options: list[int]) -> np.ndarray:
+    try:
+        return np.array([[float(table[n.name][b]) for b in options] for n in layers])
+    except KeyError as e:
+        raise ConfigError(
+            f"latency_table has no entry {e} for a layer or width; it needs {{layer: {{bits: ms}}}} for every "
+            f"weight layer ({', '.join(n.name for n in layers[:3])}, ...) and every width in {options}"
+        ) from None

@@ -1,0 +1,292 @@
+"""Rounding: EPTQ's rounding optimization, one knowledge distillation over the whole network (METHOD.md s. 3).
+
+Every weight quantizer gets AdaRound variables V (soft weight s * clamp(floor(w/s) + h(V))), every
+quantized layer's bias is trainable, activations stay quantized. The loss compares the quantized graph's
+interest tensors with the float graph's on unlabeled images, weighted by the LFH (lambda_z), plus the
+rounding regulariser lambda_reg * sum(1 - |2h - 1|^beta) with beta annealed 20 -> 2 after a warm-up with
+the regulariser off. At the end every weight is rounded hard onto its grid.
+
+Each tensor's squared error is taken relative to its float energy (as MCT does), so that tensors of very
+different scales weigh by their lambda alone; the model output joins Z with the largest lambda. Batches
+come from a stateless sampler (step -> images), so a resumed run sees the same batches as an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+from torch import Tensor, nn
+from torch.fx import GraphModule
+from tqdm.auto import tqdm
+
+from fxq.checkpoint import load_checkpoint, save_checkpoint
+from fxq.config import LossWeights, RoundingConfig
+from fxq.errors import GraphCheckFailed
+from fxq.meta import copy_graph, gq, q
+from fxq.modules import QuantWeight
+from fxq.ops import device_of, set_eval_
+from fxq.passbase import FxqPass, PassResult
+from fxq.taps import interest_nodes, quantized_value, with_taps
+
+__all__ = ["Rounding", "float_teacher", "batch_indices", "distillation_loss", "beta_at", "interest_weights"]
+
+CHECKPOINT = "rounding.pt"
+
+
+def float_teacher(gm: GraphModule) -> GraphModule:
+    """A frozen copy of the float graph, with its own node state."""
+    teacher = copy_graph(gm)
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return set_eval_(teacher)
+
+
+def batch_indices(n: int, batch: int, step: int, seed: int) -> Tensor:
+    """The images of step `step`: epochs of seeded permutations, a pure function of its arguments."""
+    per_epoch = max(n // batch, 1)
+    epoch, k = divmod(step, per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    if n < batch:
+        perm = perm.repeat(math.ceil(batch / n))
+    return perm[k * batch : (k + 1) * batch]
+
+
+def beta_at(step: int, cfg: RoundingConfig) -> float | None:
+    """The regulariser's beta at `step`, or None during the warm-up (regulariser off)."""
+    start = int(cfg.warmup * cfg.iterations)
+    if step < start:
+        return None
+    frac = (step - start) / max(cfg.iterations - start, 1)
+    return cfg.beta[0] + (cfg.beta[1] - cfg.beta[0]) * frac
+
+
+def distillation_loss(zf: list[Tensor], zq: list[Tensor], weights: Tensor, normalize: bool = True) -> Tensor:
+    """(1/n) sum_z lambda_z * ||Z_f - Z_q||^2, per sample; relative to ||Z_f||^2 when `normalize`."""
+    terms = []
+    for a, b in zip(zf, zq):
+        a, b = a.float(), b.float()
+        err = (a - b).square().flatten(1).sum(1).mean()
+        terms.append(err / a.square().flatten(1).sum(1).mean().clamp_min(1e-12) if normalize else err)
+    return (weights * torch.stack(terms)).mean()
+
+
+def rounding_regularizer(layers: list[QuantWeight], beta: float) -> Tensor:
+    """sum over every weight of 1 - |2h(V) - 1|^beta: zero only when each h is exactly 0 or 1."""
+    return sum((1 - (2 * qw.soft_targets() - 1).abs().pow(beta)).sum() for qw in layers)
+
+
+def interest_weights(gm: GraphModule, kind: LossWeights, with_output: bool) -> Tensor:
+    """lambda_z per interest tensor (the output first when `with_output`), scaled to mean 1."""
+    z = interest_nodes(gm)
+    if kind is LossWeights.MEAN:
+        w = torch.ones(len(z))
+    else:
+        missing = [n.name for n in z if q(n).lfh_weight is None]
+        if missing:
+            raise GraphCheckFailed(
+                f"rounding: no LFH weight on interest tensors {missing[:3]}; run the LFH pass on the float graph "
+                f"first, or use loss_weights='mean'"
+            )
+        w = torch.tensor([q(n).lfh_weight for n in z], dtype=torch.float32)
+    if with_output:
+        w = torch.cat([w.max().reshape(1), w])  # the output: the largest trace of all (J = I)
+    return w / w.mean().clamp_min(1e-12)  # mean 1: the LFH and plain-mean runs share lr and lambda_reg
+
+
+class Rounding(FxqPass):
+    """Optimize the rounding of every quantized weight (and the biases) against the float `teacher`."""
+
+    def __init__(self, teacher: GraphModule, images: Tensor, config: RoundingConfig = RoundingConfig(), progress=True):
+        self.teacher = teacher
+        self.images = images if config.images is None else images[: config.images]
+        self.cfg = config
+        self.progress = progress
+
+    def requires(self, gm: GraphModule) -> None:
+        if not any(isinstance(m, QuantWeight) for m in gm.modules()):
+            raise GraphCheckFailed("rounding: no quantized weights in the graph; run Quantize first")
+        if not interest_nodes(gm):
+            raise GraphCheckFailed("rounding: no interest tensors marked; run InterestPoints first")
+        if len(self.images) == 0:
+            raise GraphCheckFailed("rounding: no images given; pass the calibration images")
+
+    def call(self, gm: GraphModule) -> PassResult:
+        cfg, device = self.cfg, device_of(gm)
+        set_eval_(gm)
+        layers = [m for m in gm.modules() if isinstance(m, QuantWeight)]
+        student, teacher = self._tapped(gm)
+        images = self.images.to(device) if device.type == "cuda" else self.images
+        trainable = {p: p.requires_grad for p in gm.parameters()}
+        for p in trainable:
+            p.requires_grad_(False)
+        rtn = [(qw.quantized_weight().detach().clone(), _bias(qw).detach().clone()) for qw in layers]
+        try:
+            rounding = [qw.start_soft_rounding_() for qw in layers]
+            biases = [_bias(qw) for qw in layers]
+            for b in biases:
+                b.requires_grad_(cfg.train_bias)
+            opt_v = torch.optim.RAdam(rounding, lr=cfg.lr_rounding)
+            opt_b = torch.optim.SGD(biases, lr=cfg.lr_bias)
+            out_is_tensor = isinstance(teacher(images[:1].to(device))[0], Tensor)
+            weights = interest_weights(gm, cfg.loss_weights, out_is_tensor).to(device)
+            stats = self._optimize(gm, layers, student, teacher, images, weights, opt_v, opt_b, out_is_tensor)
+            for qw in layers:
+                qw.harden_()
+            if cfg.keep_best:
+                stats.update(self._keep_best(layers, rtn, student, teacher, images, weights, out_is_tensor))
+        finally:
+            for qw in layers:
+                qw.rounding, qw.w_floor = None, None
+            for p, flag in trainable.items():
+                p.requires_grad_(flag)
+        gq(gm).rounding = stats
+        return PassResult(gm, modified=True)
+
+    def ensures(self, gm: GraphModule) -> None:
+        for name, qw in gm.named_modules():
+            if isinstance(qw, QuantWeight):
+                w = qw.layer.weight.detach()
+                if not torch.equal(qw.hard_codes() * qw.scale_like(w), w):
+                    raise GraphCheckFailed(f"rounding: {name}'s weight is off its integer grid after hardening")
+
+    def _tapped(self, gm: GraphModule) -> tuple[GraphModule, GraphModule]:
+        z = interest_nodes(gm)
+        by_name = {n.name: n for n in self.teacher.graph.nodes}
+        missing = [n.name for n in z if n.name not in by_name]
+        if missing:
+            raise GraphCheckFailed(f"rounding: the teacher graph lacks interest tensors {missing[:3]}")
+        student = with_taps(gm, [quantized_value(n) for n in z])
+        teacher = with_taps(self.teacher.to(device_of(gm)), [by_name[n.name] for n in z])
+        if self.cfg.compile:
+            student, teacher = torch.compile(student), torch.compile(teacher)
+        return student, teacher
+
+    def _fingerprint(self, layers: list[QuantWeight]) -> dict:
+        c = self.cfg
+        return {
+            "layers": len(layers),
+            "weights": sum(qw.layer.weight.numel() for qw in layers),
+            "bits": [qw.spec.bits for qw in layers],
+            "images": len(self.images),
+            "iterations": c.iterations,
+            "batch_size": c.batch_size,
+            "seed": c.seed,
+            "loss_weights": c.loss_weights.value,
+        }
+
+    def _losses(self, student, teacher, x: Tensor, weights: Tensor, out_is_tensor: bool) -> Tensor:
+        amp = self.cfg.amp and x.device.type == "cuda"
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+            with torch.no_grad():
+                zf = _flat(teacher(x), out_is_tensor)
+            zq = _flat(student(x), out_is_tensor)
+        return distillation_loss(zf, zq, weights, self.cfg.normalize_loss)
+
+    def _optimize(self, gm, layers, student, teacher, images, weights, opt_v, opt_b, out_is_tensor) -> dict:
+        cfg, device = self.cfg, device_of(gm)
+        fingerprint, start = self._fingerprint(layers), 0
+        history: list[tuple[int, float]] = []
+        if cfg.resume:
+            state = load_checkpoint(cfg.checkpoint_dir, CHECKPOINT, fingerprint)
+            with torch.no_grad():
+                for qw, v, b in zip(layers, state["rounding"], state["biases"]):
+                    qw.rounding.copy_(v)
+                    _bias(qw).copy_(b)
+            opt_v.load_state_dict(state["opt_v"])
+            opt_b.load_state_dict(state["opt_b"])
+            start, history = state["step"], state["history"]
+        log_every = max(cfg.iterations // 100, 1)
+        t0 = time.perf_counter()
+        bar = tqdm(
+            range(start, cfg.iterations),
+            initial=start,
+            total=cfg.iterations,
+            desc="rounding",
+            unit="it",
+            disable=not self.progress,
+        )
+        for step in bar:
+            x = images[batch_indices(len(images), cfg.batch_size, step, cfg.seed)].to(device, non_blocking=True)
+            loss = self._losses(student, teacher, x, weights, out_is_tensor)
+            beta = beta_at(step, cfg)
+            total = loss if beta is None or cfg.reg == 0 else loss + cfg.reg * rounding_regularizer(layers, beta)
+            opt_v.zero_grad(set_to_none=True)
+            opt_b.zero_grad(set_to_none=True)
+            total.backward()
+            opt_v.step()
+            opt_b.step()
+            if step % log_every == 0 or step == cfg.iterations - 1:  # the only host syncs of the loop
+                history.append((step, float(loss.detach())))
+                bar.set_postfix(loss=f"{history[-1][1]:.4g}", beta="warm-up" if beta is None else f"{beta:.1f}")
+            if cfg.checkpoint_dir and ((step + 1) % cfg.checkpoint_every == 0 or step == cfg.iterations - 1):
+                save_checkpoint(
+                    cfg.checkpoint_dir,
+                    CHECKPOINT,
+                    {
+                        "fingerprint": fingerprint,
+                        "step": step + 1,
+                        "rounding": [qw.rounding.detach().cpu() for qw in layers],
+                        "biases": [_bias(qw).detach().cpu() for qw in layers],
+                        "opt_v": opt_v.state_dict(),
+                        "opt_b": opt_b.state_dict(),
+                        "history": history,
+                    },
+                )
+        bar.close()
+        steps = cfg.iterations - start
+        seconds = time.perf_counter() - t0
+        return {
+            "iterations": cfg.iterations,
+            "resumed_at": start,
+            "batch_size": cfg.batch_size,
+            "images": len(images),
+            "seconds": seconds,
+            "seconds_per_step": seconds / steps if steps else None,
+            "loss_weights": cfg.loss_weights.value,
+            "history": history,
+        }
+
+    @torch.no_grad()
+    def _keep_best(self, layers, rtn, student, teacher, images, weights, out_is_tensor) -> dict:
+        """Distillation loss of the hard-rounded model vs RTN on fixed calibration images; keep the lower."""
+        x = images[: min(len(images), 4 * self.cfg.batch_size, 128)]
+        device = weights.device
+
+        def loss() -> float:
+            return sum(
+                float(self._losses(student, teacher, xb.to(device), weights, out_is_tensor))
+                for xb in x.split(self.cfg.batch_size)
+            )
+
+        eptq = loss()
+        chosen = [(qw.layer.weight.detach().clone(), _bias(qw).detach().clone()) for qw in layers]
+        _load_weights(layers, rtn)
+        rtn_loss = loss()
+        if eptq <= rtn_loss:
+            _load_weights(layers, chosen)
+        return {"check_loss": eptq, "rtn_check_loss": rtn_loss, "kept": "eptq" if eptq <= rtn_loss else "rtn"}
+
+
+def _flat(out, out_is_tensor: bool) -> list[Tensor]:
+    """(output, z_1, ..., z_n) -> the tensors of the loss: the output too when it is one tensor."""
+    return list(out) if out_is_tensor else list(out[1:])
+
+
+def _bias(qw: QuantWeight) -> nn.Parameter:
+    """The layer's bias, created as zeros when it has none (the rounding trains every bias)."""
+    layer = qw.layer
+    if layer.bias is None:
+        layer.bias = nn.Parameter(
+            torch.zeros(layer.weight.shape[0], dtype=layer.weight.dtype, device=layer.weight.device)
+        )
+    return layer.bias
+
+
+@torch.no_grad()
+def _load_weights(layers: list[QuantWeight], values: list[tuple[Tensor, Tensor]]) -> None:
+    for qw, (w, b) in zip(layers, values):
+        qw.layer.weight.copy_(w)
+        _bias(qw).copy_(b)

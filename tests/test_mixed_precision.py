@@ -1,0 +1,176 @@
+"""Mixed precision: the ILP against brute force, budgets, errors, and sensitivities against a direct re-run."""
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from fxq.passes import mixed_precision as mp
+from fxq.passes.rounding import distillation_loss, interest_weights
+from torch import nn
+
+import fxq
+from fxq.config import LFHConfig, LossWeights, MixedPrecisionConfig, PTQConfig
+from fxq.errors import ConfigError
+from fxq.ilp import Budget, solve_allocation
+from fxq.meta import q
+from fxq.modules import QuantWeight
+from fxq.taps import interest_nodes, with_taps
+from fxq.targets import INT8
+from tests.conftest import seeded
+
+CALIB = [seeded(8, 3, 16, 16, seed=i) for i in range(2)]
+LFH = LFHConfig(min_probes=2, max_probes=2, images=8, batch_size=8)
+
+
+def _brute_force(cost, budgets):
+    best = None
+    for choice in itertools.product(range(cost.shape[1]), repeat=cost.shape[0]):
+        rows = np.arange(cost.shape[0])
+        if all(b.usage[rows, choice].sum() <= b.limit + 1e-9 for b in budgets):
+            value = cost[rows, choice].sum()
+            best = value if best is None else min(best, value)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_ilp_matches_brute_force_and_respects_the_budget(seed):
+    rng = np.random.default_rng(seed)
+    layers = int(rng.integers(1, 7))
+    cost = np.sort(rng.random((layers, 3)), 1)[:, ::-1].copy()  # fewer bits, more sensitive
+    numel = rng.integers(10, 1000, (layers, 1))
+    memory = numel * np.array([[2, 4, 8]]) / 8
+    bops = rng.random((layers, 1)) * np.array([[2, 4, 8]])
+    budgets = [
+        Budget("memory", memory, float(rng.uniform(memory.min(1).sum(), memory.max(1).sum()))),
+        Budget("bops", bops, float(rng.uniform(bops.min(1).sum(), bops.max(1).sum()))),
+    ]
+    expected = _brute_force(cost, budgets)
+    if expected is None:
+        with pytest.raises(ConfigError):
+            solve_allocation(cost, budgets)
+        return
+    alloc = solve_allocation(cost, budgets)
+    assert alloc.objective == pytest.approx(expected, rel=1e-4, abs=1e-9)
+    for b in budgets:
+        assert alloc.usage[b.name] <= b.limit + 1e-9
+
+
+def test_an_infeasible_budget_names_the_smallest_feasible_one():
+    usage = np.array([[1.0, 2.0, 4.0], [10.0, 20.0, 40.0]])
+    with pytest.raises(ConfigError, match=r"infeasible; the smallest choice needs 11"):
+        solve_allocation(np.ones((2, 3)), [Budget("weight memory (bytes)", usage, 10.0)])
+
+
+def test_a_budget_exactly_at_the_smallest_choice_is_feasible():
+    usage = np.array([[1.0, 2.0], [3.0, 4.0]])
+    alloc = solve_allocation(np.array([[1.0, 0.0], [1.0, 0.0]]), [Budget("m", usage, 4.0)])
+    assert alloc.choice == [0, 0] and alloc.usage["m"] == 4.0
+
+
+def _analyzed(model, **mp_cfg):
+    cfg = PTQConfig(
+        target=INT8.with_bits(4),
+        mixed_precision=MixedPrecisionConfig(**{"avg_bits": 4.0, "images": 8, "batch_size": 4, **mp_cfg}),
+        lfh=LFH,
+        progress=False,
+    )
+    return fxq.analyze(model, CALIB, cfg), cfg
+
+
+def test_sensitivity_equals_a_direct_run_with_one_layer_quantized(tiny_net):
+    gm, cfg = _analyzed(tiny_net, bit_options=(2, 4, 8), batch_size=8)  # one batch: same statistics as below
+    x = torch.cat(CALIB)[:8]
+    weights = interest_weights(gm, LossWeights.LFH, with_output=True)
+    tapped = with_taps(gm, interest_nodes(gm))
+    with torch.no_grad():
+        zf = list(tapped(x))
+    for node in mp.weight_layers(gm):
+        layer = gm.get_submodule(node.target)
+        for bits in (2, 4, 8):
+            spec = q(node).wspec.with_bits(bits)
+
+            def quantized(m, args, out, spec=spec):  # a whole-graph run with only this layer quantized
+                return mp._quantized_output(m, args[0], spec, cfg.weight_grid)
+
+            handle = layer.register_forward_hook(quantized)
+            with torch.no_grad():
+                zq = list(tapped(x))
+            handle.remove()
+            expected = float(distillation_loss(zf, zq, weights))
+            assert q(node).bit_sensitivity[bits] == pytest.approx(expected, rel=1e-5, abs=1e-9), (node.name, bits)
+
+
+def test_stacked_candidates_equal_one_pass_each(tiny_net, monkeypatch):
+    gm, _ = _analyzed(tiny_net)
+    stacked = {n.name: dict(q(n).bit_sensitivity) for n in mp.weight_layers(gm)}
+    real = mp._Downstream.rerun
+
+    def refuse_stacks(self, node, value, below, copies):
+        if copies > 1:
+            raise RuntimeError("no stacking")
+        return real(self, node, value, below, copies)
+
+    monkeypatch.setattr(mp._Downstream, "rerun", refuse_stacks)
+    gm2, _ = _analyzed(tiny_net)
+    for n in mp.weight_layers(gm2):
+        for bits, value in q(n).bit_sensitivity.items():
+            assert value == pytest.approx(stacked[n.name][bits], rel=1e-4, abs=1e-9)
+
+
+def test_fewer_bits_are_more_sensitive(tiny_net):
+    gm, _ = _analyzed(tiny_net, bit_options=(2, 4, 8))
+    for n in mp.weight_layers(gm):
+        s = q(n).bit_sensitivity
+        assert s[2] > s[4] > s[8] >= 0, (n.name, s)
+
+
+def test_the_quantized_model_holds_the_chosen_bits_within_budget(tiny_net):
+    cfg = PTQConfig(
+        target=INT8.with_bits(4),
+        mixed_precision=MixedPrecisionConfig(avg_bits=3.0, bit_options=(2, 4, 8), images=8, batch_size=8),
+        lfh=LFH,
+        progress=False,
+    )
+    qgm, report = fxq.quantize(tiny_net, CALIB, cfg)
+    chosen = report.mixed_precision["bits"]
+    layers = {n: m for n, m in qgm.named_modules() if isinstance(m, QuantWeight)}
+    numel = sum(m.layer.weight.numel() for m in layers.values())
+    bits = sum(m.spec.bits * m.layer.weight.numel() for m in layers.values())
+    assert bits / numel <= 3.0 + 1e-9 and report.mixed_precision["avg_bits"] == pytest.approx(bits / numel)
+    assert sorted({m.spec.bits for m in layers.values()}) == sorted(set(chosen.values()))
+    assert {lr.node: lr.weight_bits for lr in report.layers if lr.weight_bits} == chosen
+
+
+def test_a_model_with_one_layer():
+    model = nn.Sequential(nn.Linear(6, 3)).eval()
+    cfg = PTQConfig(
+        mixed_precision=MixedPrecisionConfig(weight_memory=18 * 4 / 8, images=4, batch_size=4),
+        lfh=LFH,
+        progress=False,
+    )
+    qgm, report = fxq.quantize(model, [torch.randn(4, 6)], cfg)
+    assert list(report.mixed_precision["bits"].values()) == [4]  # 18 weights, 9 bytes: 4 bits is the best fit
+    assert report.mixed_precision["options"] == [2, 4, 8]
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({}, "needs a budget"),
+        ({"avg_bits": -1.0}, "must be > 0"),
+        ({"avg_bits": 4.0, "bit_options": (4,)}, "two or more widths"),
+        ({"latency": 3.0}, "needs latency_table"),
+    ],
+)
+def test_bad_mixed_precision_settings(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        MixedPrecisionConfig(**kwargs)
+
+
+def test_an_infeasible_memory_budget_fails_before_quantizing(tiny_net):
+    cfg = PTQConfig(
+        mixed_precision=MixedPrecisionConfig(weight_memory=10.0, images=8, batch_size=8), lfh=LFH, progress=False
+    )
+    with pytest.raises(ConfigError, match="is infeasible; the smallest choice needs"):
+        fxq.quantize(tiny_net, CALIB, cfg)

@@ -1,0 +1,137 @@
+"""EPTQ rounding: soft quantizer init, hard rounding on the grid, lr = 0 is RTN, the loss falls, resume."""
+
+import pytest
+import torch
+from fxq.passes import rounding as rounding_pass
+from fxq.passes.rounding import batch_indices, beta_at
+from torch import nn
+
+import fxq
+from fxq.config import LFHConfig, LossWeights, Method, PTQConfig, RoundingConfig
+from fxq.errors import ConfigError
+from fxq.modules import QuantWeight
+from fxq.qmath import QSpec, weight_thresholds
+from fxq.targets import INT8
+from tests.conftest import seeded
+
+CALIB = [seeded(8, 3, 16, 16, seed=i) for i in range(4)]
+
+
+def _eptq(model, bits=3, **rounding):
+    cfg = PTQConfig(
+        target=INT8.with_bits(bits),
+        method=Method.EPTQ,
+        rounding=RoundingConfig(**{"iterations": 60, "batch_size": 8, "keep_best": False, **rounding}),
+        lfh=LFHConfig(min_probes=2, max_probes=4, images=8, batch_size=8),
+        progress=False,
+    )
+    return fxq.quantize(model, CALIB, cfg)
+
+
+def _quant_layers(gm):
+    return {n: m for n, m in gm.named_modules() if isinstance(m, QuantWeight)}
+
+
+def test_soft_weight_at_init_equals_the_float_weight_inside_the_grid():
+    layer = nn.Conv2d(4, 6, 3)
+    spec = QSpec(4, signed=True, per_channel=True)
+    qw = QuantWeight(layer, spec, weight_thresholds(layer.weight.detach(), spec))
+    qw.start_soft_rounding_()
+    w = layer.weight.detach()
+    inside = (w / qw.scale_like(w)).abs() < spec.qmax - 0.01  # clipped weights cannot equal their float value
+    assert inside.float().mean() > 0.5
+    torch.testing.assert_close(qw.quantized_weight()[inside], w[inside], rtol=0, atol=1e-5)
+
+
+def test_hardened_weights_lie_on_their_integer_grid(tiny_net):
+    qgm, report = _eptq(tiny_net, iterations=20)
+    layers = _quant_layers(qgm)
+    assert len(layers) == 4
+    for qw in layers.values():
+        w = qw.layer.weight.detach()
+        codes = (w / qw.scale_like(w)).round()
+        assert torch.equal(codes * qw.scale_like(w), w), "weights off the grid"
+        assert codes.min() >= qw.spec.qmin and codes.max() <= qw.spec.qmax
+        assert qw.rounding is None and qw.w_floor is None
+        torch.testing.assert_close(qw.quantized_weight(), w, rtol=0, atol=0)  # RTN of the result is itself
+    assert report.rounding["iterations"] == 20 and len(report.rounding["history"]) > 0
+
+
+def test_zero_learning_rates_reproduce_rtn_exactly(tiny_net):
+    rtn, _ = fxq.quantize(tiny_net, CALIB, PTQConfig(target=INT8.with_bits(3), progress=False))
+    eptq, _ = _eptq(tiny_net, iterations=10, lr_rounding=0.0, lr_bias=0.0)
+    for (name, a), b in zip(_quant_layers(rtn).items(), _quant_layers(eptq).values()):
+        assert torch.equal(a.quantized_weight(), b.quantized_weight()), name
+        assert torch.equal(a.layer.bias, b.layer.bias), name
+    x = seeded(4, 3, 16, 16, seed=11)
+    torch.testing.assert_close(eptq(x), rtn(x), rtol=0, atol=0)
+
+
+def test_the_distillation_loss_falls(tiny_net):
+    _, report = _eptq(tiny_net, bits=2, iterations=150, warmup=0.9, lr_rounding=5e-2)
+    losses = [loss for _, loss in report.rounding["history"]]
+    assert len(losses) >= 20
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < 0.8 * first, (first, last)
+
+
+def test_keep_best_never_ends_worse_than_rtn_on_its_check_images(tiny_net):
+    _, report = _eptq(tiny_net, bits=2, iterations=30, keep_best=True)
+    r = report.rounding
+    assert r["kept"] in ("eptq", "rtn")
+    assert min(r["check_loss"], r["rtn_check_loss"]) == (
+        r["check_loss"] if r["kept"] == "eptq" else r["rtn_check_loss"]
+    )
+
+
+def test_plain_mean_weights_need_no_lfh(tiny_net):
+    qgm, report = _eptq(tiny_net, iterations=5, loss_weights="mean")
+    assert "LFH" not in report.stage_seconds and report.rounding["loss_weights"] == "mean"
+
+
+def test_resume_after_an_interrupt_gives_the_same_model(tiny_net, tmp_path, monkeypatch):
+    settings = {"iterations": 24, "checkpoint_every": 8}
+    straight, _ = _eptq(tiny_net, checkpoint_dir=str(tmp_path / "a"), **settings)
+
+    real = rounding_pass.batch_indices
+
+    def interrupt_at_step_13(n, batch, step, seed):
+        if step == 13:
+            raise KeyboardInterrupt
+        return real(n, batch, step, seed)
+
+    monkeypatch.setattr(rounding_pass, "batch_indices", interrupt_at_step_13)
+    with pytest.raises(KeyboardInterrupt):
+        _eptq(tiny_net, checkpoint_dir=str(tmp_path / "b"), **settings)
+    monkeypatch.setattr(rounding_pass, "batch_indices", real)
+    assert torch.load(tmp_path / "b" / "rounding.pt", weights_only=False)["step"] == 8
+    resumed, report = _eptq(tiny_net, checkpoint_dir=str(tmp_path / "b"), resume=True, **settings)
+    assert report.rounding["resumed_at"] == 8
+    for (name, a), b in zip(_quant_layers(straight).items(), _quant_layers(resumed).values()):
+        assert torch.equal(a.layer.weight, b.layer.weight), name
+        assert torch.equal(a.layer.bias, b.layer.bias), name
+
+
+def test_resume_refuses_a_checkpoint_of_another_run(tiny_net, tmp_path):
+    _eptq(tiny_net, iterations=8, checkpoint_every=4, checkpoint_dir=str(tmp_path))
+    with pytest.raises(ConfigError, match="different run"):
+        _eptq(tiny_net, iterations=16, checkpoint_every=4, checkpoint_dir=str(tmp_path), resume=True)
+
+
+def test_bad_rounding_settings_are_refused():
+    with pytest.raises(ConfigError, match="checkpoint_dir"):
+        RoundingConfig(resume=True)
+    with pytest.raises(ConfigError, match="warmup"):
+        RoundingConfig(warmup=1.5)
+    with pytest.raises(ConfigError, match="loss_weights"):
+        RoundingConfig(loss_weights="hessian")
+
+
+def test_schedule_and_sampler():
+    cfg = RoundingConfig(iterations=100, warmup=0.2, beta=(20.0, 2.0))
+    assert beta_at(19, cfg) is None and beta_at(20, cfg) == 20.0 and beta_at(100, cfg) == pytest.approx(2.0)
+    seen = torch.cat([batch_indices(10, 3, s, seed=0) for s in range(3)])
+    assert len(set(seen.tolist())) == 9  # one epoch: no image twice
+    assert torch.equal(batch_indices(10, 3, 7, 0), batch_indices(10, 3, 7, 0))
+    assert len(batch_indices(2, 5, 0, 0)) == 5  # fewer images than a batch: repeated
+    assert LossWeights("mean") is LossWeights.MEAN

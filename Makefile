@@ -1,5 +1,6 @@
 # Two commands on a fresh machine; each creates .venv when missing.
-#   make main   quantize EfficientNet-Lite0 (W8A8, W4A8, RTN) on the shared images, print float vs quantized top-1
+#   make main   quantize EfficientNet-Lite0 (RTN W8A8 and W4A8, EPTQ W4A8) on the shared images, print float vs
+#               quantized top-1 (EPTQ: the short CPU schedule without a GPU; FULL=1 for the paper's 20K steps)
 #   make test   the test suite (CPU)
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -13,7 +14,8 @@ $(VENV)/.ready: pyproject.toml constraints.txt
 	touch $@
 
 main: $(VENV)/.ready
-	$(VENV)/bin/fxq compare --model efficientnet_lite0 --weight-bits 8,4 --act-bits 8 --method rtn
+	$(VENV)/bin/fxq compare --model efficientnet_lite0 --runs rtn:8,rtn:4,eptq:4 --act-bits 8 \
+		--schedule $(if $(FULL),full,auto)
 
 test: $(VENV)/.ready
 	$(PY) -m pytest -q tests

@@ -99,6 +99,7 @@ class RoundingConfig:
     checkpoint_every: int = 500  # iterations between checkpoints (with checkpoint_dir)
     checkpoint_dir: str | None = None
     resume: bool = False
+    teacher_cache: str = "auto"  # float interest tensors of every image kept (fp16) or recomputed: auto|on|off
     amp: bool = True  # bf16 autocast for the student on CUDA (ignored on CPU)
     compile: bool = False  # torch.compile the student and teacher graphs
     seed: int = 0
@@ -114,6 +115,8 @@ class RoundingConfig:
             raise ConfigError(f"images must be >= 1 or None, got {self.images}")
         if self.resume and not self.checkpoint_dir:
             raise ConfigError("resume needs checkpoint_dir: the folder an earlier run checkpointed to")
+        if self.teacher_cache not in ("auto", "on", "off"):
+            raise ConfigError(f"teacher_cache must be auto, on or off, got {self.teacher_cache!r}")
         _coerce_enums_(self, loss_weights=LossWeights)
 
     @classmethod

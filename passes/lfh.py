@@ -3,8 +3,10 @@
 Tr(H_z) ∝ E_x ||J_z f(x)||_F^2, estimated with Hutchinson probes on the model output: for v ~ N(0, I) (or
 Rademacher), E_v ||J_z^T v||^2 = ||J_z||_F^2, and one backward of (f(x)·v).sum() yields J_z^T v for every
 interest tensor and every sample at once (samples do not interact in eval mode). Only activation gradients
-are needed: parameters are frozen during the backward. Each gradient is reduced to per-sample squared norms
-in its backward hook and dropped, so memory grows with the number of interest tensors, not their size.
+are needed: parameters are frozen during the backward. Each gradient goes from its backward hook to an
+LFHReducer (kernels/lfh_reduce.py): per-sample squared norms folded into running statistics, on CUDA by one
+fused kernel launch per batch of gradients, so memory grows with the number of interest tensors (plus a
+capped flush buffer, LFHConfig.flush_mib), not with their size.
 Weights: lambda = log10(t) - min(log10(t)) as in the paper (MCT v1 normalises differently).
 """
 
@@ -14,7 +16,7 @@ import math
 from collections.abc import Iterable
 
 import torch
-from fxq.kernels.lfh_reduce import RunningStats, lfh_update_, sumsq_per_sample
+from fxq.kernels.lfh_reduce import LFHReducer, RunningStats
 from torch import Tensor
 from torch.fx import GraphModule, Interpreter, Node
 from tqdm.auto import tqdm
@@ -30,12 +32,12 @@ __all__ = ["LFH", "log_normalize"]
 
 
 class _Tap(Interpreter):
-    """Runs the graph and hooks each interest tensor's gradient: row i of `rows` gets its per-sample ||g||^2."""
+    """Runs the graph and hooks each interest tensor's gradient: interest tensor i's goes to row i of `reducer`."""
 
-    def __init__(self, gm: GraphModule, z: list[Node]):
+    def __init__(self, gm: GraphModule, z: list[Node], reducer: LFHReducer):
         super().__init__(gm)
         self.index = {n: i for i, n in enumerate(z)}
-        self.rows: list[Tensor | None] = [None] * len(z)
+        self.reducer = reducer
 
     def run_node(self, n: Node):
         out = super().run_node(n)
@@ -43,7 +45,7 @@ class _Tap(Interpreter):
         if i is not None:
             if not isinstance(out, Tensor) or not out.requires_grad:
                 raise UnsupportedOp(f"lfh: interest tensor {n.format_node()} is not a differentiable tensor")
-            out.register_hook(lambda g, i=i: self.rows.__setitem__(i, sumsq_per_sample(g)))
+            out.register_hook(lambda g, i=i: self.reducer.add(i, g))  # add returns None: g is not replaced
         return out
 
 
@@ -68,13 +70,15 @@ class LFH(FxqPass):
         self.progress = progress
 
     def requires(self, gm: GraphModule) -> None:
-        if not gq(gm).interest:
+        if "InterestPoints" not in gq(gm).stage_seconds:
             raise GraphCheckFailed("lfh: no interest tensors marked; run InterestPoints first")
         if any(q(n).kind in (OpKind.OBSERVER, OpKind.ACT_QUANT) for n in gm.graph.nodes):
             raise GraphCheckFailed("lfh: the graph already holds observers or quantizers; run LFH on the float graph")
 
     def call(self, gm: GraphModule) -> PassResult:
         z = gq(gm).interest
+        if not z:  # e.g. a single layer: the output is the only tensor, and it needs no trace
+            return PassResult(gm, modified=False)
         images = self._images()
         device = device_of(gm)
         set_eval_(gm)
@@ -110,23 +114,23 @@ class LFH(FxqPass):
     def _batch(self, gm: GraphModule, z: list[Node], x: Tensor, gen: torch.Generator) -> tuple[RunningStats, int]:
         """Probe one image batch until every trace's running mean settles (or max_probes)."""
         cfg, p = self.cfg, self.cfg.probes_per_pass
-        stats = RunningStats.zeros(len(z), x.device)
         xr = x.repeat(p, *([1] * (x.dim() - 1))).requires_grad_(True)  # p probes share one backward
+        # count >= min_probes * B  <=>  done >= min_probes: the device-side flags follow the same rule
+        reducer = LFHReducer(
+            len(z), xr.shape[0], x.device, cfg.min_probes * x.shape[0], cfg.rel_tol, cfg.flush_mib << 20
+        )
         done = 0
         while done < cfg.max_probes:
-            tap = _Tap(gm, z)
-            out = tap.run(xr)
+            out = _Tap(gm, z, reducer).run(xr)
             if not isinstance(out, Tensor):
                 raise UnsupportedOp("lfh: the model output must be one tensor (the probe point)")
             v = _probe(out.shape, cfg.probe, gen, out.device)
             torch.autograd.grad((out * v).sum(), xr)  # the hooks do the work; the input gradient is dropped
-            prev = stats.mean.clone()
-            rows = [r if r is not None else torch.zeros(xr.shape[0], device=x.device) for r in tap.rows]
-            lfh_update_(stats, torch.stack(rows))  # a tensor the output does not depend on has trace 0
+            reducer.finish()  # a tensor the output does not depend on has trace 0
             done += p
-            moved = ((stats.mean - prev).abs() / stats.mean.abs().clamp_min(1e-30)).max()
-            if done >= cfg.min_probes and float(moved) < cfg.rel_tol:
+            if done >= cfg.min_probes and reducer.converged():  # one host sync per probe, none before min_probes
                 break
+        stats = reducer.stats
         if not math.isfinite(float(stats.mean.sum())):
             raise GraphCheckFailed("lfh: NaN/inf in the Hessian traces; check the input images and model weights")
         return stats, done

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from fxq.checkpoint import load_checkpoint, save_checkpoint
 from fxq.config import LossWeights, RoundingConfig
-from fxq.errors import GraphCheckFailed
+from fxq.errors import ConfigError, GraphCheckFailed
 from fxq.meta import copy_graph, gq, q
 from fxq.modules import QuantWeight
 from fxq.ops import device_of, set_eval_
@@ -91,9 +91,11 @@ def interest_weights(gm: GraphModule, kind: LossWeights, with_output: bool) -> T
                 f"first, or use loss_weights='mean'"
             )
         w = torch.tensor([q(n).lfh_weight for n in z], dtype=torch.float32)
-    if with_output:
-        w = torch.cat([w.max().reshape(1), w])  # the output: the largest trace of all (J = I)
-    return w / w.mean().clamp_min(1e-12)  # mean 1: the LFH and plain-mean runs share lr and lambda_reg
+    if with_output:  # the output: the largest trace of all (J = I)
+        w = torch.cat([w.max().reshape(1) if len(w) else torch.ones(1), w])
+    if not bool(w.any()):  # one tensor alone has log-normalised weight 0: then all count alike
+        w = torch.ones_like(w)
+    return w / w.mean()  # mean 1: the LFH and plain-mean runs share lr and lambda_reg
 
 
 class Rounding(FxqPass):
@@ -130,13 +132,18 @@ class Rounding(FxqPass):
                 b.requires_grad_(cfg.train_bias)
             opt_v = torch.optim.RAdam(rounding, lr=cfg.lr_rounding)
             opt_b = torch.optim.SGD(biases, lr=cfg.lr_bias)
-            out_is_tensor = isinstance(teacher(images[:1].to(device))[0], Tensor)
+            with torch.no_grad():
+                out_is_tensor = isinstance(teacher(images[:1].to(device))[0], Tensor)
             weights = interest_weights(gm, cfg.loss_weights, out_is_tensor).to(device)
-            stats = self._optimize(gm, layers, student, teacher, images, weights, opt_v, opt_b, out_is_tensor)
+            t0 = time.perf_counter()
+            targets = _TeacherTargets(teacher, images, cfg, out_is_tensor)
+            cache_seconds = time.perf_counter() - t0
+            stats = self._optimize(gm, layers, student, targets, images, weights, opt_v, opt_b)
+            stats.update(teacher_cache=targets.cache is not None, teacher_cache_seconds=cache_seconds)
             for qw in layers:
                 qw.harden_()
             if cfg.keep_best:
-                stats.update(self._keep_best(layers, rtn, student, teacher, images, weights, out_is_tensor))
+                stats.update(self._keep_best(layers, rtn, student, targets, images, weights))
         finally:
             for qw in layers:
                 qw.rounding, qw.w_floor = None, None
@@ -177,15 +184,13 @@ class Rounding(FxqPass):
             "loss_weights": c.loss_weights.value,
         }
 
-    def _losses(self, student, teacher, x: Tensor, weights: Tensor, out_is_tensor: bool) -> Tensor:
-        amp = self.cfg.amp and x.device.type == "cuda"
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
-            with torch.no_grad():
-                zf = _flat(teacher(x), out_is_tensor)
-            zq = _flat(student(x), out_is_tensor)
+    def _losses(self, student, targets: _TeacherTargets, idx: Tensor, x: Tensor, weights: Tensor) -> Tensor:
+        zf = targets(idx, x)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.cfg.amp and x.device.type == "cuda"):
+            zq = _flat(student(x), targets.out_is_tensor)
         return distillation_loss(zf, zq, weights, self.cfg.normalize_loss)
 
-    def _optimize(self, gm, layers, student, teacher, images, weights, opt_v, opt_b, out_is_tensor) -> dict:
+    def _optimize(self, gm, layers, student, targets, images, weights, opt_v, opt_b) -> dict:
         cfg, device = self.cfg, device_of(gm)
         fingerprint, start = self._fingerprint(layers), 0
         history: list[tuple[int, float]] = []
@@ -209,8 +214,9 @@ class Rounding(FxqPass):
             disable=not self.progress,
         )
         for step in bar:
-            x = images[batch_indices(len(images), cfg.batch_size, step, cfg.seed)].to(device, non_blocking=True)
-            loss = self._losses(student, teacher, x, weights, out_is_tensor)
+            idx = batch_indices(len(images), cfg.batch_size, step, cfg.seed)
+            x = images[idx.to(images.device)].to(device, non_blocking=True)
+            loss = self._losses(student, targets, idx, x, weights)
             beta = beta_at(step, cfg)
             total = loss if beta is None or cfg.reg == 0 else loss + cfg.reg * rounding_regularizer(layers, beta)
             opt_v.zero_grad(set_to_none=True)
@@ -250,15 +256,15 @@ class Rounding(FxqPass):
         }
 
     @torch.no_grad()
-    def _keep_best(self, layers, rtn, student, teacher, images, weights, out_is_tensor) -> dict:
+    def _keep_best(self, layers, rtn, student, targets, images, weights) -> dict:
         """Distillation loss of the hard-rounded model vs RTN on fixed calibration images; keep the lower."""
-        x = images[: min(len(images), 4 * self.cfg.batch_size, 128)]
+        x = images[: min(len(images), 128)]
         device = weights.device
 
         def loss() -> float:
             return sum(
-                float(self._losses(student, teacher, xb.to(device), weights, out_is_tensor))
-                for xb in x.split(self.cfg.batch_size)
+                float(self._losses(student, targets, idx, x[idx].to(device), weights))
+                for idx in torch.arange(len(x)).split(self.cfg.batch_size)
             )
 
         eptq = loss()
@@ -268,6 +274,43 @@ class Rounding(FxqPass):
         if eptq <= rtn_loss:
             _load_weights(layers, chosen)
         return {"check_loss": eptq, "rtn_check_loss": rtn_loss, "kept": "eptq" if eptq <= rtn_loss else "rtn"}
+
+
+class _TeacherTargets:
+    """The float graph's interest tensors for a batch: looked up in an fp16 cache of every image, or recomputed.
+
+    The cache costs one float pass over the images and saves the teacher forward of every step; `auto` keeps it
+    when the schedule sees each image at least once and it fits (8 GiB on CPU, 30 % of free GPU memory).
+    """
+
+    def __init__(self, teacher: GraphModule, images: Tensor, cfg: RoundingConfig, out_is_tensor: bool):
+        self.teacher, self.out_is_tensor, self.amp = teacher, out_is_tensor, cfg.amp
+        self.cache: list[Tensor] | None = None
+        if cfg.teacher_cache == "off":
+            return
+        per_image = sum(t[0].numel() * 2 for t in self._forward(images[:1]))
+        need = per_image * len(images)
+        on_gpu = images.device.type == "cuda"
+        room = 0.3 * torch.cuda.mem_get_info(images.device)[0] if on_gpu else 8 * 2**30
+        if cfg.teacher_cache == "on" and need > room:
+            raise ConfigError(
+                f"rounding: the teacher cache needs {need / 2**30:.1f} GiB, more than the {room / 2**30:.1f} GiB "
+                f"allowed; use teacher_cache='off' (recompute) or fewer images"
+            )
+        if need <= room and (cfg.teacher_cache == "on" or cfg.iterations * cfg.batch_size >= len(images)):
+            parts = [[t.half() for t in self._forward(x)] for x in images.split(32)]
+            self.cache = [torch.cat(ts) for ts in zip(*parts)]
+
+    @torch.no_grad()
+    def _forward(self, x: Tensor) -> list[Tensor]:
+        amp = self.amp and x.device.type == "cuda"
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+            return _flat(self.teacher(x), self.out_is_tensor)
+
+    def __call__(self, idx: Tensor, x: Tensor) -> list[Tensor]:
+        if self.cache is None:
+            return self._forward(x)
+        return [c[idx.to(c.device)].to(x.device) for c in self.cache]
 
 
 def _flat(out, out_is_tensor: bool) -> list[Tensor]:

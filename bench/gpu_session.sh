@@ -1,0 +1,25 @@
+#!/bin/bash
+# One lent-GPU session, every step time-boxed; results land in $OUT (JSON + logs). Prepare with bench/gpu_prepare.sh.
+#   1. the CUDA tests (the fused LFH kernel against its reference, the LFH pass with the kernel)
+#   2. bench/lfh_kernel.py: fused kernel vs reference reduction over Lite0-like gradient lists (fp32, bf16)
+#   3. bench/lfh.py: LFH of Lite0 (32 images, 100 probes) against its bound, probes per pass 1 and 8
+#   4. EPTQ W4A8 at MCT's GPU setting (1008 steps, batch 32, first 500 calib images) with top-1 on 650 val
+set -o pipefail
+out=${OUT:-$(mktemp -d)}; site=$(mktemp -d)
+python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" .gpu/wheels/*.whl || exit 3
+python3 -m pip install -q --no-deps --no-build-isolation --no-compile --target "$site" . || exit 3
+export PYTHONPATH=$site FXQ_DATA=$PWD/.gpu/data PYTHONUNBUFFERED=1 FXQ_CACHE=$(mktemp -d)
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/gpu.txt"
+cd "$(mktemp -d)"  # import the installed fxq, not the source tree
+src=$OLDPWD
+FXQ_LFH_KERNEL=cuda timeout 240 python3 -m pytest -q -p no:cacheprovider "$src/tests/test_lfh_kernel.py" \
+  "$src/tests/test_lfh.py" -m "not slow" 2>&1 | tail -15 | tee "$out/tests.log"
+for dt in float32 bfloat16; do
+  timeout 60 python3 "$src/bench/lfh_kernel.py" --dtype $dt --json "$out/lfh_kernel_$dt.json" 2>&1 | tail -3
+done
+for ppp in 1 8; do
+  timeout 90 python3 "$src/bench/lfh.py" --images 32 --probes 100 --probes-per-pass $ppp --seeds 0 \
+    --json "$out/lfh_gpu_ppp$ppp.json" 2>&1 | tail -4 | tee -a "$out/lfh.log"
+done
+timeout 240 python3 "$src/bench/rounding.py" --only "MCT GPU" --json "$out/rounding_gpu.json" --quiet 2>&1 | tail -5 \
+  | tee "$out/rounding.log"

@@ -3,7 +3,8 @@
 #   1. the CUDA tests (the fused LFH kernel against its reference, the LFH pass with the kernel)
 #   2. bench/lfh_kernel.py: fused kernel vs reference reduction over Lite0-like gradient lists (fp32, bf16)
 #   3. bench/lfh.py: LFH of Lite0 (32 images, 100 probes) against its bound, probes per pass 1 and 8
-#   4. EPTQ W4A8 at MCT's GPU setting (1008 steps, batch 32, first 500 calib images) with top-1 on 650 val
+#   4. bench/lfh_memory.py: the LFH's memory peak against one training step of the same batch
+#   5. EPTQ W4A8 at MCT's GPU setting (1008 steps, batch 32, first 500 calib images) with top-1 on 650 val
 set -o pipefail
 out=${OUT:-$(mktemp -d)}; site=$(mktemp -d)
 python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" .gpu/wheels/*.whl || exit 3
@@ -21,5 +22,6 @@ for ppp in 1 8; do
   timeout 90 python3 "$src/bench/lfh.py" --images 32 --probes 100 --probes-per-pass $ppp --seeds 0 \
     --json "$out/lfh_gpu_ppp$ppp.json" 2>&1 | tail -4 | tee -a "$out/lfh.log"
 done
+timeout 60 python3 "$src/bench/lfh_memory.py" --json "$out/lfh_memory_gpu.json" 2>&1 | tail -3
 timeout 240 python3 "$src/bench/rounding.py" --only "MCT GPU" --json "$out/rounding_gpu.json" --quiet 2>&1 | tail -5 \
   | tee "$out/rounding.log"

@@ -141,7 +141,8 @@ def _mixed_precision(args, **budget) -> MixedPrecisionConfig | None:
     given = {"weight_memory": args.weight_memory, "avg_bits": args.avg_bits, "bops": args.bops, **budget}
     if all(v is None for v in given.values()):
         return None
-    return MixedPrecisionConfig(**given, bit_options=args.bit_options, images=args.mp_images)
+    options = {"bit_options": args.bit_options} if args.bit_options else {}
+    return MixedPrecisionConfig(**given, **options, images=args.mp_images)
 
 
 def _schedule(args) -> tuple[str, RoundingConfig, LFHConfig]:

@@ -207,3 +207,21 @@ def test_compare_refuses_a_malformed_run(capsys):
     with pytest.raises(SystemExit) as e:
         main(["compare", "--runs", "rtn:8,adaround:4"])
     assert e.value.code == 2 and "bad run 'adaround:4'" in capsys.readouterr().err
+
+
+def test_pareto_writes_json_and_plot_with_mixed_and_uniform_points(tmp_path, image_dirs, capsys):
+    calib, val = image_dirs
+    out = tmp_path / "pareto"
+    args = ["pareto", "--model", "mobilenet_v3_small", "--random-weights", "--quiet", "--calib", str(calib)]
+    args += ["--val", str(val), "--batch-size", "2", "--mp-images", "2", "--avg-bits-list", "3,6"]
+    args += ["--uniform", "2,8", "--out", str(out)]
+    code, stdout, _ = run(args, capsys)
+    assert code == 0 and "mixed  3.0 bits/weight" in stdout
+    rows = json.loads((out / "pareto.json").read_text())["rows"]
+    mixed = [r for r in rows if r["kind"] == "mixed"]
+    uniform = {r["avg_bits"]: r for r in rows if r["kind"] == "uniform"}
+    assert [r["budget_avg_bits"] for r in mixed] == [3.0, 6.0]
+    assert all(r["avg_bits"] <= r["budget_avg_bits"] + 1e-9 for r in mixed)
+    assert mixed[0]["weight_mb"] < mixed[1]["weight_mb"] <= uniform[8]["weight_mb"]
+    assert uniform[2]["weight_mb"] == pytest.approx(uniform[8]["weight_mb"] / 4)
+    assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -174,3 +174,18 @@ def test_an_infeasible_memory_budget_fails_before_quantizing(tiny_net):
     )
     with pytest.raises(ConfigError, match="is infeasible; the smallest choice needs"):
         fxq.quantize(tiny_net, CALIB, cfg)
+
+
+def test_copy_graph_decouples_the_quantization_state(tiny_net):
+    from fxq.meta import copy_graph, gq
+
+    gm, _ = _analyzed(tiny_net)
+    twin = copy_graph(gm)
+    a = {n.name: n for n in gm.graph.nodes}
+    for n in twin.graph.nodes:
+        assert q(n) is not q(a[n.name]) and q(n).bits == q(a[n.name]).bits
+        if q(n).fused_into is not None:
+            assert q(n).fused_into in set(twin.graph.nodes)
+    assert all(n in set(twin.graph.nodes) for n in gq(twin).interest)
+    q(mp.weight_layers(twin)[0]).bits = 99  # a change to the copy stays in the copy
+    assert q(mp.weight_layers(gm)[0]).bits != 99

@@ -4,7 +4,8 @@
 #   2. bench/lfh_kernel.py: fused kernel vs reference reduction over Lite0-like gradient lists (fp32, bf16)
 #   3. bench/lfh.py: LFH of Lite0 (32 images, 100 probes) against its bound, probes per pass 1 and 8
 #   4. bench/lfh_memory.py: the LFH's memory peak against one training step of the same batch
-#   5. EPTQ W4A8 at MCT's GPU setting (1008 steps, batch 32, first 500 calib images) with top-1 on 650 val
+#   5. bench/rounding_step.py: time per rounding step at batch 32 against its bound, teacher cache on and off
+#   6. EPTQ W4A8 at MCT's GPU setting (1008 steps, batch 32, first 500 calib images) with top-1 on 650 val
 set -o pipefail
 out=${OUT:-$(mktemp -d)}; site=$(mktemp -d)
 python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" .gpu/wheels/*.whl || exit 3
@@ -23,5 +24,7 @@ for ppp in 1 8; do
     --json "$out/lfh_gpu_ppp$ppp.json" 2>&1 | tail -4 | tee -a "$out/lfh.log"
 done
 timeout 60 python3 "$src/bench/lfh_memory.py" --json "$out/lfh_memory_gpu.json" 2>&1 | tail -3
+timeout 120 python3 "$src/bench/rounding_step.py" --batch-sizes 32 --steps 50 --json "$out/rounding_step_gpu.json" 2>&1 \
+  | tail -3 | tee -a "$out/rounding.log"
 timeout 240 python3 "$src/bench/rounding.py" --only "MCT GPU" --json "$out/rounding_gpu.json" --quiet 2>&1 | tail -5 \
   | tee "$out/rounding.log"

@@ -225,3 +225,16 @@ def test_pareto_writes_json_and_plot_with_mixed_and_uniform_points(tmp_path, ima
     assert mixed[0]["weight_mb"] < mixed[1]["weight_mb"] <= uniform[8]["weight_mb"]
     assert uniform[2]["weight_mb"] == pytest.approx(uniform[8]["weight_mb"] / 4)
     assert (out / "pareto.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compare_runs_rtn_and_eptq_side_by_side(tmp_path, image_dirs, capsys):
+    calib, val = image_dirs
+    args = ["compare", "--model", "mobilenet_v3_small", "--random-weights", "--quiet", "--calib", str(calib)]
+    args += ["--val", str(val), "--batch-size", "2", "--runs", "rtn:4,eptq:4", "--iterations", "2"]
+    args += ["--rounding-batch", "2", "--lfh-probes", "1", "--out", str(tmp_path)]
+    code, stdout, _ = run(args, capsys)
+    assert code == 0 and "EPTQ schedule: short" in stdout
+    assert "W4A8 rtn" in stdout and "W4A8 eptq" in stdout
+    results = json.loads((tmp_path / "compare.json").read_text())["results"]
+    assert set(results) == {"float", "W4A8 rtn", "W4A8 eptq"}
+    assert results["W4A8 eptq"]["images"] == 6

@@ -89,6 +89,8 @@ class RoundingConfig:
     lr_rounding: float = 3e-2  # RAdam, on the AdaRound variables V
     lr_bias: float = 1e-3  # SGD, on every quantized layer's bias
     train_bias: bool = True
+    train_scale: bool = False  # a trainable per-channel factor on each weight step (SGD, lr_scale)
+    lr_scale: float = 1e-3
     reg: float = 0.01  # lambda_reg of the rounding regulariser
     beta: tuple[float, float] = (20.0, 2.0)  # annealed linearly after the warm-up
     warmup: float = 0.2  # fraction of the iterations with the regulariser off
@@ -107,7 +109,7 @@ class RoundingConfig:
     def __post_init__(self):
         if self.iterations < 0 or self.batch_size < 1:
             raise ConfigError(f"need iterations >= 0 and batch_size >= 1, got {self.iterations}, {self.batch_size}")
-        if min(self.lr_rounding, self.lr_bias, self.reg) < 0:
+        if min(self.lr_rounding, self.lr_bias, self.lr_scale, self.reg) < 0:
             raise ConfigError("learning rates and reg must be >= 0")
         if not 0 <= self.warmup < 1:
             raise ConfigError(f"warmup is a fraction of the iterations in [0, 1), got {self.warmup}")

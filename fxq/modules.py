@@ -135,6 +135,7 @@ class QuantWeight(nn.Module):
         self.spec = spec
         self.register_buffer("scale", scale_for(threshold.detach().float(), spec))
         self.register_parameter("rounding", None)  # V, while soft rounding is on
+        self.register_parameter("scale_factor", None)  # a trainable multiplier of the step, when asked for
         self.register_buffer("w_floor", None)
         self.register_buffer("input_mean", None)  # E[x] per input channel, when bias correction is on
         self.register_buffer("float_bias", None)
@@ -146,6 +147,9 @@ class QuantWeight(nn.Module):
     def scale_like(self, w: Tensor) -> Tensor:
         """The per-channel step, shaped to broadcast against `w`."""
         return self.scale.to(w.dtype).reshape(-1, *([1] * (w.dim() - 1)))
+
+    def scale_like_factor(self, w: Tensor) -> Tensor:
+        return self.scale_factor.to(w.dtype).reshape(-1, *([1] * (w.dim() - 1)))
 
     def bias_shift(self, w_q: Tensor) -> Tensor | None:
         """E[x] (W_q - W): the mean output shift that quantizing the weight to w_q causes (None: no correction)."""
@@ -165,11 +169,14 @@ class QuantWeight(nn.Module):
         self.input_mean = input_mean.detach().float()
         layer.bias.copy_(self.float_bias - self.bias_shift(self.quantized_weight().detach()))
 
-    def start_soft_rounding_(self) -> nn.Parameter:
+    def start_soft_rounding_(self, train_scale: bool = False) -> nn.Parameter:
         """Attach V, initialised so that h(V) = w/s - floor(w/s) (the soft weight is the float weight).
 
         A corrected bias goes back to its float value: it becomes the trainable part, and forward subtracts
-        the correction of the current soft weights."""
+        the correction of the current soft weights. With `train_scale` the step gets a trainable per-channel
+        factor (1 at the start); the integer codes stay relative to the grid it scales."""
+        if train_scale:
+            self.scale_factor = nn.Parameter(torch.ones_like(self.scale))
         if self.float_bias is not None:
             with torch.no_grad():
                 self.layer.bias.copy_(self.float_bias)
@@ -194,7 +201,11 @@ class QuantWeight(nn.Module):
     def harden_(self) -> None:
         """End soft rounding: the weight becomes s * codes, the bias is corrected for them, V is dropped."""
         w = self.layer.weight
-        hard = (self.hard_codes() * self.scale_like(w)).to(w.dtype)
+        codes = self.hard_codes()
+        if self.scale_factor is not None:
+            self.scale.mul_(self.scale_factor.detach())
+            self.scale_factor = None
+        hard = (codes * self.scale_like(w)).to(w.dtype)
         shift = self.bias_shift(hard)
         if shift is not None:
             self.float_bias = self.layer.bias.detach().clone()  # the trained bias, before correction
@@ -207,7 +218,8 @@ class QuantWeight(nn.Module):
         w = self.layer.weight
         if self.rounding is not None:
             codes = torch.clamp(self.w_floor + self.soft_targets(), self.spec.qmin, self.spec.qmax)
-            return codes * self.scale_like(w)
+            step = self.scale_like(w) if self.scale_factor is None else self.scale_like(w) * self.scale_like_factor(w)
+            return codes * step
         return fake_quant(w, self.scale.to(w.dtype), self.spec).to(w.dtype)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -126,12 +126,16 @@ class Rounding(FxqPass):
             p.requires_grad_(False)
         rtn = [(qw.quantized_weight().detach().clone(), _bias(qw).detach().clone()) for qw in layers]
         try:
-            rounding = [qw.start_soft_rounding_() for qw in layers]
+            rounding = [qw.start_soft_rounding_(cfg.train_scale) for qw in layers]
             biases = [_bias(qw) for qw in layers]
             for b in biases:
                 b.requires_grad_(cfg.train_bias)
+            scales = [qw.scale_factor for qw in layers if qw.scale_factor is not None]
             opt_v = torch.optim.RAdam(rounding, lr=cfg.lr_rounding)
-            opt_b = torch.optim.SGD(biases, lr=cfg.lr_bias)
+            groups = [{"params": biases, "lr": cfg.lr_bias}] + (
+                [{"params": scales, "lr": cfg.lr_scale}] if scales else []
+            )
+            opt_b = torch.optim.SGD(groups)
             with torch.no_grad():
                 out_is_tensor = isinstance(teacher(images[:1].to(device))[0], Tensor)
             weights = interest_weights(gm, cfg.loss_weights, out_is_tensor).to(device)
@@ -146,9 +150,12 @@ class Rounding(FxqPass):
                 stats.update(self._keep_best(layers, rtn, student, targets, images, weights))
         finally:
             for qw in layers:
-                qw.rounding, qw.w_floor = None, None
+                qw.rounding, qw.w_floor, qw.scale_factor = None, None, None
             for p, flag in trainable.items():
                 p.requires_grad_(flag)
+        for node in gm.graph.nodes:  # a trained step moved the thresholds the report shows
+            if node.op == "call_module" and isinstance(qw := gm.get_submodule(node.target), QuantWeight):
+                q(node).w_threshold = qw.scale * qw.spec.levels_per_threshold
         gq(gm).rounding = stats
         return PassResult(gm, modified=True)
 
@@ -182,6 +189,7 @@ class Rounding(FxqPass):
             "batch_size": c.batch_size,
             "seed": c.seed,
             "loss_weights": c.loss_weights.value,
+            "train_scale": c.train_scale,
         }
 
     def _losses(self, student, targets: _TeacherTargets, idx: Tensor, x: Tensor, weights: Tensor) -> Tensor:
@@ -196,10 +204,7 @@ class Rounding(FxqPass):
         history: list[tuple[int, float]] = []
         if cfg.resume:
             state = load_checkpoint(cfg.checkpoint_dir, CHECKPOINT, fingerprint)
-            with torch.no_grad():
-                for qw, v, b in zip(layers, state["rounding"], state["biases"]):
-                    qw.rounding.copy_(v)
-                    _bias(qw).copy_(b)
+            _restore_trained(layers, state["layers"])
             opt_v.load_state_dict(state["opt_v"])
             opt_b.load_state_dict(state["opt_b"])
             start, history = state["step"], state["history"]
@@ -234,8 +239,7 @@ class Rounding(FxqPass):
                     {
                         "fingerprint": fingerprint,
                         "step": step + 1,
-                        "rounding": [qw.rounding.detach().cpu() for qw in layers],
-                        "biases": [_bias(qw).detach().cpu() for qw in layers],
+                        "layers": _trained(layers),
                         "opt_v": opt_v.state_dict(),
                         "opt_b": opt_b.state_dict(),
                         "history": history,
@@ -311,6 +315,23 @@ class _TeacherTargets:
         if self.cache is None:
             return self._forward(x)
         return [c[idx.to(c.device)].to(x.device) for c in self.cache]
+
+
+def _trained(layers: list[QuantWeight]) -> list[dict[str, Tensor]]:
+    """What the optimization changes in each layer, on the CPU (checkpoints)."""
+    out = []
+    for qw in layers:
+        state = {"rounding": qw.rounding, "bias": _bias(qw), "scale_factor": qw.scale_factor}
+        out.append({k: v.detach().cpu() for k, v in state.items() if v is not None})
+    return out
+
+
+@torch.no_grad()
+def _restore_trained(layers: list[QuantWeight], states: list[dict[str, Tensor]]) -> None:
+    for qw, state in zip(layers, states):
+        targets = {"rounding": qw.rounding, "bias": _bias(qw), "scale_factor": qw.scale_factor}
+        for name, value in state.items():
+            targets[name].copy_(value)
 
 
 def _flat(out, out_is_tensor: bool) -> list[Tensor]:

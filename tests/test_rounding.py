@@ -144,3 +144,16 @@ def test_teacher_cache_matches_recomputing_the_teacher(tiny_net):
     a = [loss for _, loss in cached.rounding["history"]]
     b = [loss for _, loss in recomputed.rounding["history"]]
     assert a == pytest.approx(b, rel=2e-2)  # fp16 targets: the same run up to their rounding
+
+
+def test_trainable_weight_steps_move_and_stay_consistent(tiny_net, tmp_path):
+    rtn, _ = fxq.quantize(tiny_net, CALIB, PTQConfig(target=INT8.with_bits(3), progress=False))
+    qgm, _ = _eptq(tiny_net, iterations=30, train_scale=True, lr_scale=0.05, checkpoint_dir=str(tmp_path))
+    moved = False
+    for a, b in zip(_quant_layers(rtn).values(), _quant_layers(qgm).values()):
+        moved |= not torch.equal(a.scale, b.scale)
+        w = b.layer.weight.detach()
+        assert torch.equal((w / b.scale_like(w)).round() * b.scale_like(w), w)  # on the trained grid
+        assert b.scale_factor is None
+    assert moved
+    assert "scale_factor" in torch.load(tmp_path / "rounding.pt", weights_only=False)["layers"][0]

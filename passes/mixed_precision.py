@@ -42,13 +42,23 @@ def _channel_mean(x: Tensor, layer: nn.Module) -> Tensor:
     return x.float().mean([d for d in range(x.dim()) if d != dim])
 
 
-def _quantized_output(layer: nn.Module, x: Tensor, spec, n_grid: int) -> Tensor:
-    """The layer's output with its weight at `spec` (MSE threshold) and its bias corrected, as Quantize does."""
+def _quantized_weight(layer: nn.Module, spec, n_grid: int) -> Tensor:
+    """The layer's weight at `spec` with its MSE threshold, as Quantize makes it."""
     w = layer.weight.detach()
-    wq = fake_quant(w, scale_for(weight_thresholds(w, spec, n_grid), spec), spec)
+    return fake_quant(w, scale_for(weight_thresholds(w, spec, n_grid), spec), spec)
+
+
+def _output_with(layer: nn.Module, x: Tensor, wq: Tensor) -> Tensor:
+    """The layer's output on x with weight wq and its bias corrected for x's channel means."""
+    w = layer.weight.detach()
     bias = layer.bias.detach() if layer.bias is not None else torch.zeros(w.shape[0], device=w.device)
     bias = bias - mean_output_shift(layer, (wq - w).float(), _channel_mean(x, layer)).to(bias.dtype)
     return torch.nn.functional.linear(x, wq, bias) if isinstance(layer, nn.Linear) else layer._conv_forward(x, wq, bias)
+
+
+def _quantized_output(layer: nn.Module, x: Tensor, spec, n_grid: int) -> Tensor:
+    """The layer's output with its weight at `spec` (MSE threshold) and its bias corrected, as Quantize does."""
+    return _output_with(layer, x, _quantized_weight(layer, spec, n_grid))
 
 
 class _Downstream(Interpreter):
@@ -120,6 +130,7 @@ class Sensitivity(FxqPass):
 
     def call(self, gm: GraphModule) -> PassResult:
         set_eval_(gm)
+        self._weights_q: dict[Node, list[Tensor]] = {}
         options = tuple(sorted(set(self.cfg.bit_options)))
         layers = weight_layers(gm)
         z = interest_nodes(gm)
@@ -150,7 +161,9 @@ class Sensitivity(FxqPass):
     def _layer(self, gm, run: _Downstream, node: Node, options, taps, zf, weights) -> tuple[np.ndarray, bool]:
         layer = gm.get_submodule(node.target)
         x = run.float_env[node.args[0]]
-        outs = [_quantized_output(layer, x, q(node).wspec.with_bits(b), self.n_grid) for b in options]
+        if node not in self._weights_q:  # the threshold search once per layer and width, not once per batch
+            self._weights_q[node] = [_quantized_weight(layer, q(node).wspec.with_bits(b), self.n_grid) for b in options]
+        outs = [_output_with(layer, x, wq) for wq in self._weights_q[node]]
         below = run.below(node)
         try:
             changed = run.rerun(node, torch.cat(outs), below, len(options))

@@ -162,12 +162,17 @@ class QuantWeight(nn.Module):
     def correct_bias_(self, input_mean: Tensor) -> None:
         """Empirical bias correction (Nagel et al. 2019, MCT's default): b = b_float - E[x] (W_q - W)."""
         layer = self.layer
+        self.float_bias = self.ensure_bias().detach().clone()
+        self.input_mean = input_mean.detach().float()
+        layer.bias.copy_(self.float_bias - self.bias_shift(self.quantized_weight().detach()))
+
+    def ensure_bias(self) -> nn.Parameter:
+        """The layer's bias, created as zeros when it has none (bias correction and the rounding need one)."""
+        layer = self.layer
         if layer.bias is None:
             w = layer.weight
             layer.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device), requires_grad=False)
-        self.float_bias = layer.bias.detach().clone()
-        self.input_mean = input_mean.detach().float()
-        layer.bias.copy_(self.float_bias - self.bias_shift(self.quantized_weight().detach()))
+        return layer.bias
 
     def start_soft_rounding_(self, train_scale: bool = False) -> nn.Parameter:
         """Attach V, initialised so that h(V) = w/s - floor(w/s) (the soft weight is the float weight).

@@ -18,7 +18,7 @@ import math
 import time
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.fx import GraphModule
 from tqdm.auto import tqdm
 
@@ -124,10 +124,10 @@ class Rounding(FxqPass):
         trainable = {p: p.requires_grad for p in gm.parameters()}
         for p in trainable:
             p.requires_grad_(False)
-        rtn = [(qw.quantized_weight().detach().clone(), _bias(qw).detach().clone()) for qw in layers]
+        rtn = [(qw.quantized_weight().detach().clone(), qw.ensure_bias().detach().clone()) for qw in layers]
         try:
             rounding = [qw.start_soft_rounding_(cfg.train_scale) for qw in layers]
-            biases = [_bias(qw) for qw in layers]
+            biases = [qw.ensure_bias() for qw in layers]
             for b in biases:
                 b.requires_grad_(cfg.train_bias)
             scales = [qw.scale_factor for qw in layers if qw.scale_factor is not None]
@@ -272,7 +272,7 @@ class Rounding(FxqPass):
             )
 
         eptq = loss()
-        chosen = [(qw.layer.weight.detach().clone(), _bias(qw).detach().clone()) for qw in layers]
+        chosen = [(qw.layer.weight.detach().clone(), qw.ensure_bias().detach().clone()) for qw in layers]
         _load_weights(layers, rtn)
         rtn_loss = loss()
         if eptq <= rtn_loss:
@@ -321,7 +321,7 @@ def _trained(layers: list[QuantWeight]) -> list[dict[str, Tensor]]:
     """What the optimization changes in each layer, on the CPU (checkpoints)."""
     out = []
     for qw in layers:
-        state = {"rounding": qw.rounding, "bias": _bias(qw), "scale_factor": qw.scale_factor}
+        state = {"rounding": qw.rounding, "bias": qw.ensure_bias(), "scale_factor": qw.scale_factor}
         out.append({k: v.detach().cpu() for k, v in state.items() if v is not None})
     return out
 
@@ -329,7 +329,7 @@ def _trained(layers: list[QuantWeight]) -> list[dict[str, Tensor]]:
 @torch.no_grad()
 def _restore_trained(layers: list[QuantWeight], states: list[dict[str, Tensor]]) -> None:
     for qw, state in zip(layers, states):
-        targets = {"rounding": qw.rounding, "bias": _bias(qw), "scale_factor": qw.scale_factor}
+        targets = {"rounding": qw.rounding, "bias": qw.ensure_bias(), "scale_factor": qw.scale_factor}
         for name, value in state.items():
             targets[name].copy_(value)
 
@@ -339,18 +339,8 @@ def _flat(out, out_is_tensor: bool) -> list[Tensor]:
     return list(out) if out_is_tensor else list(out[1:])
 
 
-def _bias(qw: QuantWeight) -> nn.Parameter:
-    """The layer's bias, created as zeros when it has none (the rounding trains every bias)."""
-    layer = qw.layer
-    if layer.bias is None:
-        layer.bias = nn.Parameter(
-            torch.zeros(layer.weight.shape[0], dtype=layer.weight.dtype, device=layer.weight.device)
-        )
-    return layer.bias
-
-
 @torch.no_grad()
 def _load_weights(layers: list[QuantWeight], values: list[tuple[Tensor, Tensor]]) -> None:
     for qw, (w, b) in zip(layers, values):
         qw.layer.weight.copy_(w)
-        _bias(qw).copy_(b)
+        qw.ensure_bias().copy_(b)

@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 $(VENV)/.ready: pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e '.[models,onnx,plot,dev]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[models,onnx,plot,inductor,dev]'
 	touch $@
 
 main: $(VENV)/.ready

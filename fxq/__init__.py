@@ -18,6 +18,7 @@ from fxq.config import (
 from fxq.errors import ConfigError, DataError, FxqError, GraphCheckFailed, ModelError, TraceFailed, UnsupportedOp
 from fxq.frontend import Frontend, trace
 from fxq.pipeline import Quantized, analyze, convert, label_free_hessian, prepare, quantize, quantize_analyzed
+from fxq.qdq_form import compile_int8, package_int8, to_qdq_form
 from fxq.qmath import QSpec
 from fxq.report import Report
 from fxq.targets import INT8, W248A8, Target
@@ -25,6 +26,9 @@ from fxq.targets import INT8, W248A8, Target
 __all__ = [
     "quantize",
     "backend",
+    "compile_int8",
+    "package_int8",
+    "to_qdq_form",
     "label_free_hessian",
     "LFHConfig",
     "RoundingConfig",

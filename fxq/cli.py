@@ -374,13 +374,18 @@ def cmd_lfh(args) -> None:
 
 
 def cmd_export(args) -> None:
-    """A folder written by `fxq quantize` -> ONNX QDQ (ONNX Runtime) or a torch.export program (.pt2)."""
+    """A folder written by `fxq quantize` -> ONNX QDQ (ONNX Runtime), a torch.export program (.pt2, fake-quant),
+    or an AOTInductor package with x86 integer kernels (aoti-int8, .pt2)."""
     model, pre = load_quantized(args.model)
     example = torch.randn(2, 3, pre.crop, pre.crop)  # batch 2: torch.export would specialise a batch of 1
     if args.format == "onnx":
         from fxq.onnx_export import export_onnx
 
         export_onnx(model, (example,), args.out)
+    elif args.format == "aoti-int8":
+        from fxq.qdq_form import package_int8
+
+        package_int8(model, (example,), args.out)
     else:
         ep = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim.AUTO},), strict=False)
         tmp = f"{args.out}.tmp.pt2"  # torch.export.save wants the .pt2 suffix
@@ -459,13 +464,21 @@ def build_parser() -> argparse.ArgumentParser:
     lp.add_argument("--out", default="runs/lfh")
     lp.set_defaults(fn=cmd_lfh, num_calib=None)
 
-    xp = sub.add_parser("export", help="export a quantized folder: ONNX QDQ for ONNX Runtime, or .pt2 (torch.export)")
+    xp = sub.add_parser(
+        "export", help="export a quantized folder: ONNX QDQ, .pt2 (torch.export), or an int8 AOTInductor package"
+    )
     xp.add_argument("--model", required=True, help="a folder written by `fxq quantize`")
-    xp.add_argument("--format", choices=["onnx", "pt2"], default="onnx")
+    xp.add_argument(
+        "--format",
+        choices=["onnx", "pt2", "aoti-int8"],
+        default="onnx",
+        help="onnx: QDQ for ONNX Runtime; pt2: torch.export of the fake-quant graph; aoti-int8: AOTInductor "
+        "package with oneDNN integer kernels (x86 CPU, needs torchao), load with torch._inductor.aoti_load_package",
+    )
     xp.add_argument("--out", required=True, help="output file")
     xp.set_defaults(fn=cmd_export)
 
-    bp = sub.add_parser("bench", help="float vs quantized latency per backend (eager, ONNX Runtime)")
+    bp = sub.add_parser("bench", help="float vs quantized latency per backend (eager, ONNX Runtime, Inductor)")
     _model_args(bp), _data_args(bp), _quant_args(bp)
     bp.add_argument("--weight-bits", type=int, default=8)
     bp.add_argument("--batch-sizes", type=lambda s: [int(b) for b in s.split(",")], default=[1, 32])

@@ -25,6 +25,7 @@ from fxq.errors import UnsupportedOp
 from fxq.meta import gq
 from fxq.passes.observe import Calibrate
 from fxq.pipeline import convert_passes, prepare_passes, run_passes
+from fxq.qdq_form import freezing, register_int8_patterns, to_qdq_form
 
 __all__ = ["backend"]
 
@@ -47,8 +48,15 @@ def _freeze_parameters_(gm: GraphModule, example_inputs: list) -> list[int]:
     return data
 
 
-def backend(calib_data: Iterable, config: PTQConfig = PTQConfig(), inductor: bool = True) -> Callable:
-    """A torch.compile backend that quantizes the captured graph with `config`, calibrating on `calib_data`."""
+def backend(
+    calib_data: Iterable, config: PTQConfig = PTQConfig(), inductor: bool = True, int8: bool = False
+) -> Callable:
+    """A torch.compile backend that quantizes the captured graph with `config`, calibrating on `calib_data`.
+
+    inductor=False returns the fake-quant graph as is (the numeric reference); int8=True lowers it to integer
+    kernels (Q/DQ form, Inductor with freezing, torchao's x86 patterns; see fxq.qdq_form)."""
+    if int8:
+        register_int8_patterns()
     batches = calib_data if hasattr(calib_data, "__len__") else list(calib_data)
     seen: list[tuple] = []  # the ops of the first graph: a recompile (new shapes) repeats them, a graph break not
 
@@ -77,10 +85,13 @@ def backend(calib_data: Iterable, config: PTQConfig = PTQConfig(), inductor: boo
         example = (example_inputs[data[0]],)
         qgm = run_passes(gm, prepare_passes(config, example))
         qgm = run_passes(qgm, [Calibrate(batches, config.progress), *convert_passes(config)])
-        run = qgm
-        if inductor:
-            from torch._inductor.compile_fx import compile_fx
+        from torch._inductor.compile_fx import compile_fx
 
+        run = qgm
+        if int8:
+            with freezing():
+                run = compile_fx(to_qdq_form(qgm), list(example))
+        elif inductor:
             run = compile_fx(qgm, list(example))
 
         def call(*args):

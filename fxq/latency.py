@@ -14,6 +14,7 @@ from torch import nn
 from torch.fx import GraphModule
 
 from fxq.onnx_export import export_float_onnx, export_onnx
+from fxq.qdq_form import FrozenCompiled, compile_int8
 
 __all__ = ["time_call", "ort_session", "backend_latencies", "BACKENDS"]
 
@@ -38,8 +39,13 @@ def ort_session(path: str, threads: int | None = None):
     return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
 
 
-BACKENDS = ("eager", "onnx", "inductor")
-_LABELS = {"eager": "eager fake-quant (reference)", "onnx": "onnxruntime QDQ int8", "inductor": "inductor (fake-quant)"}
+BACKENDS = ("eager", "onnx", "inductor", "inductor-int8")
+_LABELS = {
+    "eager": "eager fake-quant (reference)",
+    "onnx": "onnxruntime QDQ int8",
+    "inductor": "inductor (fake-quant)",
+    "inductor-int8": "inductor int8 (oneDNN)",
+}
 
 
 def _runners(backend: str, model: nn.Module, qgm: GraphModule, image_size: int, tmp: str) -> tuple[Callable, Callable]:
@@ -48,6 +54,8 @@ def _runners(backend: str, model: nn.Module, qgm: GraphModule, image_size: int, 
         return model, qgm
     if backend == "inductor":  # the export path: the fxq graph handed to Inductor as is
         return torch.compile(model, dynamic=False), torch.compile(qgm, dynamic=False)
+    if backend == "inductor-int8":  # integer kernels; the float side frozen too, so both get packed weights
+        return FrozenCompiled(model), compile_int8(qgm)
     f_path, q_path = os.path.join(tmp, "float.onnx"), os.path.join(tmp, "int8.onnx")
     example = torch.randn(2, 3, image_size, image_size)
     export_float_onnx(model, (example,), f_path)

@@ -144,6 +144,7 @@ class MixedPrecisionConfig:
     bit_options: tuple[int, ...] = (2, 4, 8)  # the widths each layer may take
     images: int = 32  # calibration images for the sensitivity measurement
     batch_size: int = 16
+    stack_candidates: bool | None = None  # a layer's widths in one pass along the batch; None: on CUDA only
 
     def __post_init__(self):
         budgets = (self.weight_memory, self.avg_bits, self.bops, self.latency)

@@ -130,7 +130,7 @@ def analysis_passes(cfg: PTQConfig, batches: list) -> list[PassBase]:
     needs_lfh = mp is not None or (eptq and cfg.rounding.loss_weights is LossWeights.LFH)
     passes: list[PassBase] = [LFH(batches, cfg.lfh, cfg.progress)] if needs_lfh else []
     if mp is not None:
-        passes += [Sensitivity(batches, mp, cfg.weight_grid, cfg.progress), MixedPrecision(mp, cfg.target.act_bits)]
+        passes += [Sensitivity(batches, mp, cfg.weight_grid, cfg.progress, mp.stack_candidates), MixedPrecision(mp, cfg.target.act_bits)]
     return passes
 
 

@@ -2,9 +2,11 @@
 
 Sensitivity of (layer l, width b): the LFH-weighted change of the interest tensors (and the output) when
 only l's weight is quantized at b, everything else float, on a few calibration images. Every node's float
-value is computed once; each layer then re-runs only the nodes downstream of it, with all its candidate
-widths stacked along the batch dimension (one pass per layer), falling back to one pass per candidate where
-the graph does not broadcast over a stacked batch. Results go to node.meta (NodeQ.bit_sensitivity), where
+value is computed once; each layer then re-runs only the nodes downstream of it. On a GPU all its candidate
+widths go stacked along the batch dimension (one pass per layer; a size read off the batch is read again),
+falling back to one pass per candidate where the graph does not broadcast over a stacked batch. On a CPU one
+pass per candidate is faster (measured on Lite0: stacking made the sensitivity phase slower), so that is the
+default there. Results go to node.meta (NodeQ.bit_sensitivity), where
 the ILP pass reads them, so a sweep over budgets measures once.
 """
 
@@ -71,7 +73,8 @@ class _Downstream(Interpreter):
         self.float_env = dict(self.env)
         self.batch = x.shape[0]
         self.order = {n: i for i, n in enumerate(gm.graph.nodes)}
-        self.batched = set(self._reach([n for n in gm.graph.nodes if n.op == "placeholder"]))  # hold a batch dim
+        inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        self.batched = set(self._reach(inputs)) | set(inputs)  # hold a batch dim, or a size derived from one
 
     def below(self, node: Node) -> list[Node]:
         return sorted(self._reach([node]), key=self.order.__getitem__)
@@ -98,8 +101,12 @@ class _Downstream(Interpreter):
                 return changed[a]
             if a not in widened:
                 v = self.float_env[a]
-                stack = copies > 1 and a in self.batched and isinstance(v, Tensor) and v.dim() > 0
-                widened[a] = v.repeat(copies, *([1] * (v.dim() - 1))) if stack else v
+                stacked = copies > 1 and a in self.batched
+                if stacked and isinstance(v, Tensor) and v.dim() > 0:
+                    v = v.repeat(copies, *([1] * (v.dim() - 1)))
+                elif stacked and not isinstance(v, Tensor):  # a size read off the batch (x.size(0)): read it again
+                    v = getattr(self, a.op)(a.target, map_arg(a.args, fetch), map_arg(a.kwargs, fetch))
+                widened[a] = v
             return widened[a]
 
         for n in below:
@@ -117,9 +124,11 @@ class Sensitivity(FxqPass):
         config: MixedPrecisionConfig,
         n_grid: int = 64,
         progress: bool = True,
+        stack: bool | None = None,
     ):
         self.batches, self.cfg = batches, config
         self.n_grid, self.progress = n_grid, progress
+        self.stack = stack  # candidates along the batch: None = on CUDA only
 
     def requires(self, gm: GraphModule) -> None:
         if not weight_layers(gm):
@@ -139,6 +148,7 @@ class Sensitivity(FxqPass):
         chunks = x_all.split(self.cfg.batch_size)
         bar = tqdm(total=len(layers) * len(chunks), desc="sensitivity", unit="layer", disable=not self.progress)
         stacked = 0
+        stack = x_all.is_cuda if self.stack is None else self.stack
         for x in chunks:
             run = _Downstream(gm, x)
             out_is_tensor = isinstance(run.out, Tensor)
@@ -146,7 +156,7 @@ class Sensitivity(FxqPass):
             weights = interest_weights(gm, LossWeights.LFH, out_is_tensor).to(x.device)
             zf = [run.out if t is None else run.float_env[t] for t in taps]
             for node in layers:
-                d, ok = self._layer(gm, run, node, options, taps, zf, weights)
+                d, ok = self._layer(gm, run, node, options, taps, zf, weights, stack)
                 totals[node] += d * x.shape[0]
                 stacked += ok
                 bar.update()
@@ -158,23 +168,25 @@ class Sensitivity(FxqPass):
         gq(gm).mixed_precision["stacked_layers"] = stacked // len(chunks)
         return PassResult(gm, modified=False)
 
-    def _layer(self, gm, run: _Downstream, node: Node, options, taps, zf, weights) -> tuple[np.ndarray, bool]:
+    def _layer(self, gm, run: _Downstream, node: Node, options, taps, zf, weights, stack) -> tuple[np.ndarray, bool]:
         layer = gm.get_submodule(node.target)
         x = run.float_env[node.args[0]]
         if node not in self._weights_q:  # the threshold search once per layer and width, not once per batch
             self._weights_q[node] = [_quantized_weight(layer, q(node).wspec.with_bits(b), self.n_grid) for b in options]
         outs = [_output_with(layer, x, wq) for wq in self._weights_q[node]]
         below = run.below(node)
-        try:
-            changed = run.rerun(node, torch.cat(outs), below, len(options))
-            per = [self._distances(changed, run, taps, zf, weights, len(options), i) for i in range(len(options))]
-            return np.array(per), True
-        except RuntimeError:  # the graph does not broadcast over stacked candidates: one pass each
-            per = []
-            for out in outs:
-                changed = run.rerun(node, out, below, 1)
-                per.append(self._distances(changed, run, taps, zf, weights, 1, 0))
-            return np.array(per), False
+        if stack:
+            try:
+                changed = run.rerun(node, torch.cat(outs), below, len(options))
+                per = [self._distances(changed, run, taps, zf, weights, len(options), i) for i in range(len(options))]
+                return np.array(per), True
+            except RuntimeError:  # the graph does not broadcast over stacked candidates: one pass each
+                pass
+        per = []
+        for out in outs:
+            changed = run.rerun(node, out, below, 1)
+            per.append(self._distances(changed, run, taps, zf, weights, 1, 0))
+        return np.array(per), False
 
     @staticmethod
     def _distances(changed, run: _Downstream, taps, zf, weights, copies: int, i: int) -> float:

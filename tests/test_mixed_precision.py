@@ -13,11 +13,11 @@ import fxq
 from fxq.config import LFHConfig, LossWeights, MixedPrecisionConfig, PTQConfig
 from fxq.errors import ConfigError
 from fxq.ilp import Budget, solve_allocation
-from fxq.meta import q
+from fxq.meta import gq, q
 from fxq.modules import QuantWeight
 from fxq.taps import interest_nodes, with_taps
 from fxq.targets import INT8
-from tests.conftest import seeded
+from tests.conftest import TinyNet, seeded
 
 CALIB = [seeded(8, 3, 16, 16, seed=i) for i in range(2)]
 LFH = LFHConfig(min_probes=2, max_probes=2, images=8, batch_size=8)
@@ -101,18 +101,27 @@ def test_sensitivity_equals_a_direct_run_with_one_layer_quantized(tiny_net):
             assert q(node).bit_sensitivity[bits] == pytest.approx(expected, rel=1e-5, abs=1e-9), (node.name, bits)
 
 
-def test_stacked_candidates_equal_one_pass_each(tiny_net, monkeypatch):
-    gm, _ = _analyzed(tiny_net)
-    stacked = {n.name: dict(q(n).bit_sensitivity) for n in mp.weight_layers(gm)}
-    real = mp._Downstream.rerun
+class FlattensBySize(nn.Module):
+    """A head that reshapes with the batch size read off the input (x.view(x.size(0), -1)), as Lite0's does."""
 
-    def refuse_stacks(self, node, value, below, copies):
-        if copies > 1:
-            raise RuntimeError("no stacking")
-        return real(self, node, value, below, copies)
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 4, 3, stride=4), nn.Linear(4 * 4 * 4, 3)
 
-    monkeypatch.setattr(mp._Downstream, "rerun", refuse_stacks)
-    gm2, _ = _analyzed(tiny_net)
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).view(x.size(0), -1))
+
+
+@pytest.mark.parametrize("make", [TinyNet, FlattensBySize])
+def test_stacked_candidates_equal_one_pass_each(make):
+    torch.manual_seed(0)
+    model = make().eval()
+    gm, _ = _analyzed(model, stack_candidates=True)
+    layers = mp.weight_layers(gm)
+    assert gq(gm).mixed_precision["stacked_layers"] == len(layers)  # no layer fell back
+    stacked = {n.name: dict(q(n).bit_sensitivity) for n in layers}
+    gm2, _ = _analyzed(model, stack_candidates=False)
+    assert gq(gm2).mixed_precision["stacked_layers"] == 0
     for n in mp.weight_layers(gm2):
         for bits, value in q(n).bit_sensitivity.items():
             assert value == pytest.approx(stacked[n.name][bits], rel=1e-4, abs=1e-9)

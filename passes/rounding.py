@@ -119,6 +119,10 @@ class Rounding(FxqPass):
         cfg, device = self.cfg, device_of(gm)
         set_eval_(gm)
         layers = [m for m in gm.modules() if isinstance(m, QuantWeight)]
+        nhwc = cfg.channels_last and self.images.dim() == 4
+        if nhwc:  # before V is made from the weights, so V and its gradients are NHWC too
+            gm.to(memory_format=torch.channels_last)
+            self.teacher.to(memory_format=torch.channels_last)
         student, teacher = self._tapped(gm)
         images = self.images.to(device) if device.type == "cuda" else self.images
         trainable = {p: p.requires_grad for p in gm.parameters()}
@@ -131,11 +135,11 @@ class Rounding(FxqPass):
             for b in biases:
                 b.requires_grad_(cfg.train_bias)
             scales = [qw.scale_factor for qw in layers if qw.scale_factor is not None]
-            opt_v = torch.optim.RAdam(rounding, lr=cfg.lr_rounding)
+            opt_v = torch.optim.RAdam(rounding, lr=cfg.lr_rounding, foreach=True)  # one op per update, not per layer
             groups = [{"params": biases, "lr": cfg.lr_bias}] + (
                 [{"params": scales, "lr": cfg.lr_scale}] if scales else []
             )
-            opt_b = torch.optim.SGD(groups)
+            opt_b = torch.optim.SGD(groups, foreach=True)
             with torch.no_grad():
                 out_is_tensor = isinstance(teacher(images[:1].to(device))[0], Tensor)
             weights = interest_weights(gm, cfg.loss_weights, out_is_tensor).to(device)
@@ -153,6 +157,9 @@ class Rounding(FxqPass):
                 qw.rounding, qw.w_floor, qw.scale_factor = None, None, None
             for p, flag in trainable.items():
                 p.requires_grad_(flag)
+            if nhwc:
+                gm.to(memory_format=torch.contiguous_format)
+                self.teacher.to(memory_format=torch.contiguous_format)
         for node in gm.graph.nodes:  # a trained step moved the thresholds the report shows
             if node.op == "call_module" and isinstance(qw := gm.get_submodule(node.target), QuantWeight):
                 q(node).w_threshold = qw.scale * qw.spec.levels_per_threshold
@@ -220,7 +227,7 @@ class Rounding(FxqPass):
         )
         for step in bar:
             idx = batch_indices(len(images), cfg.batch_size, step, cfg.seed)
-            x = images[idx.to(images.device)].to(device, non_blocking=True)
+            x = _as_model_wants(images[idx.to(images.device)].to(device, non_blocking=True), cfg)
             loss = self._losses(student, targets, idx, x, weights)
             beta = beta_at(step, cfg)
             total = loss if beta is None or cfg.reg == 0 else loss + cfg.reg * rounding_regularizer(layers, beta)
@@ -267,7 +274,7 @@ class Rounding(FxqPass):
 
         def loss() -> float:
             return sum(
-                float(self._losses(student, targets, idx, x[idx].to(device), weights))
+                float(self._losses(student, targets, idx, _as_model_wants(x[idx].to(device), self.cfg), weights))
                 for idx in torch.arange(len(x)).split(self.cfg.batch_size)
             )
 
@@ -278,6 +285,10 @@ class Rounding(FxqPass):
         if eptq <= rtn_loss:
             _load_weights(layers, chosen)
         return {"check_loss": eptq, "rtn_check_loss": rtn_loss, "kept": "eptq" if eptq <= rtn_loss else "rtn"}
+
+
+def _as_model_wants(x: Tensor, cfg: RoundingConfig) -> Tensor:
+    return x.contiguous(memory_format=torch.channels_last) if cfg.channels_last and x.dim() == 4 else x
 
 
 class _TeacherTargets:
@@ -302,7 +313,7 @@ class _TeacherTargets:
                 f"allowed; use teacher_cache='off' (recompute) or fewer images"
             )
         if need <= room and (cfg.teacher_cache == "on" or cfg.iterations * cfg.batch_size >= len(images)):
-            parts = [[t.half() for t in self._forward(x)] for x in images.split(32)]
+            parts = [[t.half() for t in self._forward(_as_model_wants(x, cfg))] for x in images.split(32)]
             self.cache = [torch.cat(ts) for ts in zip(*parts)]
 
     @torch.no_grad()

@@ -135,6 +135,12 @@ def _mp_args(p: argparse.ArgumentParser) -> None:
     m.add_argument("--bops", type=float, default=None, help="budget in bit-operations (MACs x W bits x A bits)")
     m.add_argument("--bit-options", type=_ints, default=None, help="widths to choose from (default 2,4,8)")
     m.add_argument("--mp-images", type=int, default=32, help="calibration images for the sensitivities")
+    m.add_argument(
+        "--mp-loss-weights",
+        choices=["lfh", "mean"],
+        default="lfh",
+        help="sensitivity: LFH-weighted interest tensors (default) or their plain mean (MCT's AVG)",
+    )
 
 
 def _mixed_precision(args, **budget) -> MixedPrecisionConfig | None:
@@ -142,7 +148,7 @@ def _mixed_precision(args, **budget) -> MixedPrecisionConfig | None:
     if all(v is None for v in given.values()):
         return None
     options = {"bit_options": args.bit_options} if args.bit_options else {}
-    return MixedPrecisionConfig(**given, **options, images=args.mp_images)
+    return MixedPrecisionConfig(**given, **options, images=args.mp_images, loss_weights=args.mp_loss_weights)
 
 
 def _schedule(args) -> tuple[str, RoundingConfig, LFHConfig]:

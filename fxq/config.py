@@ -146,6 +146,7 @@ class MixedPrecisionConfig:
     images: int = 32  # calibration images for the sensitivity measurement
     batch_size: int = 16
     stack_candidates: bool | None = None  # a layer's widths in one pass along the batch; None: on CUDA only
+    loss_weights: LossWeights = LossWeights.LFH  # how the interest tensors' distances add up (mean: MCT's AVG)
 
     def __post_init__(self):
         budgets = (self.weight_memory, self.avg_bits, self.bops, self.latency)
@@ -159,6 +160,7 @@ class MixedPrecisionConfig:
             raise ConfigError(f"bit_options must hold two or more widths in [2, 8], got {self.bit_options}")
         if self.images < 1 or self.batch_size < 1:
             raise ConfigError(f"images and batch_size must be >= 1, got {self.images}, {self.batch_size}")
+        _coerce_enums_(self, loss_weights=LossWeights)
 
 
 @dataclass(frozen=True)

@@ -127,10 +127,12 @@ def convert(gm: GraphModule, config: PTQConfig = PTQConfig()) -> GraphModule:
 def analysis_passes(cfg: PTQConfig, batches: list) -> list[PassBase]:
     """On the float graph: the LFH when the rounding or mixed precision needs it, then the bit allocation."""
     mp, eptq = cfg.mixed_precision, cfg.method is Method.EPTQ
-    needs_lfh = mp is not None or (eptq and cfg.rounding.loss_weights is LossWeights.LFH)
+    needs_lfh = (mp is not None and mp.loss_weights is LossWeights.LFH) or (
+        eptq and cfg.rounding.loss_weights is LossWeights.LFH
+    )
     passes: list[PassBase] = [LFH(batches, cfg.lfh, cfg.progress)] if needs_lfh else []
     if mp is not None:
-        passes += [Sensitivity(batches, mp, cfg.weight_grid, cfg.progress, mp.stack_candidates), MixedPrecision(mp, cfg.target.act_bits)]
+        passes += [Sensitivity(batches, mp, cfg.weight_grid, cfg.progress), MixedPrecision(mp, cfg.target.act_bits)]
     return passes
 
 

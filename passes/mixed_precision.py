@@ -124,17 +124,15 @@ class Sensitivity(FxqPass):
         config: MixedPrecisionConfig,
         n_grid: int = 64,
         progress: bool = True,
-        stack: bool | None = None,
     ):
         self.batches, self.cfg = batches, config
         self.n_grid, self.progress = n_grid, progress
-        self.stack = stack  # candidates along the batch: None = on CUDA only
 
     def requires(self, gm: GraphModule) -> None:
         if not weight_layers(gm):
             raise GraphCheckFailed("sensitivity: no weight quantizers annotated; run Annotate first")
         missing = [n.name for n in interest_nodes(gm) if q(n).lfh_weight is None]
-        if missing:
+        if missing and self.cfg.loss_weights is LossWeights.LFH:
             raise GraphCheckFailed(f"sensitivity: no LFH weight on {missing[:3]}; run the LFH pass first")
 
     def call(self, gm: GraphModule) -> PassResult:
@@ -148,12 +146,12 @@ class Sensitivity(FxqPass):
         chunks = x_all.split(self.cfg.batch_size)
         bar = tqdm(total=len(layers) * len(chunks), desc="sensitivity", unit="layer", disable=not self.progress)
         stacked = 0
-        stack = x_all.is_cuda if self.stack is None else self.stack
+        stack = x_all.is_cuda if self.cfg.stack_candidates is None else self.cfg.stack_candidates
         for x in chunks:
             run = _Downstream(gm, x)
             out_is_tensor = isinstance(run.out, Tensor)
             taps = ([None] if out_is_tensor else []) + z
-            weights = interest_weights(gm, LossWeights.LFH, out_is_tensor).to(x.device)
+            weights = interest_weights(gm, self.cfg.loss_weights, out_is_tensor).to(x.device)
             zf = [run.out if t is None else run.float_env[t] for t in taps]
             for node in layers:
                 d, ok = self._layer(gm, run, node, options, taps, zf, weights, stack)

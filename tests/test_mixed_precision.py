@@ -198,3 +198,15 @@ def test_copy_graph_decouples_the_quantization_state(tiny_net):
     assert all(n in set(twin.graph.nodes) for n in gq(twin).interest)
     q(mp.weight_layers(twin)[0]).bits = 99  # a change to the copy stays in the copy
     assert q(mp.weight_layers(gm)[0]).bits != 99
+
+
+def test_plain_mean_sensitivity_needs_no_lfh(tiny_net):
+    gm, _ = _analyzed(tiny_net, loss_weights="mean")
+    assert all(q(n).lfh_weight is None for n in interest_nodes(gm))  # the LFH pass did not run
+    for n in mp.weight_layers(gm):
+        s = q(n).bit_sensitivity
+        assert s[2] > s[4] > s[8] >= 0
+    lfh_gm, _ = _analyzed(tiny_net)
+    mean_scores = [q(n).bit_sensitivity[2] for n in mp.weight_layers(gm)]
+    lfh_scores = [q(n).bit_sensitivity[2] for n in mp.weight_layers(lfh_gm)]
+    assert mean_scores != pytest.approx(lfh_scores)  # the weighting is used

@@ -1,7 +1,7 @@
 """A lowered backend (ONNX Runtime QDQ, or Inductor int8) against fxq's reference fake-quant model on the val images.
 
     python bench/backend_numerics.py --backend onnx|inductor-int8|qdq-eager [--model efficientnet_lite0] [--weight-bits 8]
-        [--num-calib 1000] [--json FILE]
+        [--num-calib 1000] [--calib DIR|NPZ] [--val DIR|NPZ] [--json FILE]
 
 Reports the max abs logit difference, the share of images whose top-1 class agrees (and the share among images
 whose reference top-1 is not tied on the quantized output grid), and both accuracies.
@@ -32,7 +32,7 @@ def lowered_logits(backend: str, qgm, images: torch.Tensor, tmp: str) -> torch.T
     # qdq-eager: the same float graph with PT2E's quantize ops, which multiply by 1/s where fxq divides by s;
     # only ties round differently, so its disagreement is the floor any integer backend starts from
     run = to_qdq_form(qgm) if backend == "qdq-eager" else compile_int8(qgm, dynamic=False)
-    return torch.cat([run(x) for x in images.split(50)])
+    return torch.cat([run(x) for x in images.split(50)])  # a fixed batch: one compile
 
 
 def main() -> None:
@@ -41,12 +41,14 @@ def main() -> None:
     p.add_argument("--model", default="efficientnet_lite0")
     p.add_argument("--weight-bits", type=int, default=8)
     p.add_argument("--num-calib", type=int, default=1000)
+    p.add_argument("--calib", default=None, help="calibration images (folder or .npz); default: shared ImageNet calib")
+    p.add_argument("--val", default=None, help="labeled images (folder or .npz); default: shared ImageNet val")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     data = default_data_dir() / "imagenet"
     lm = load_model(args.model)
-    calib = load_images(data / "calib", lm.preprocess, args.num_calib, progress=False)
-    val = load_images(data / "val", lm.preprocess, labeled=True, progress=False)
+    calib = load_images(args.calib or data / "calib", lm.preprocess, args.num_calib, progress=False)
+    val = load_images(args.val or data / "val", lm.preprocess, labeled=True, progress=False)
     cfg = fxq.PTQConfig(target=fxq.INT8.with_bits(args.weight_bits), progress=False)
     qgm, _ = fxq.quantize(lm.model, batches(calib.x, 32), cfg)
     with tempfile.TemporaryDirectory() as tmp, torch.no_grad():

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from fxq.passes.rounding import use_fused_act_quant_
 
 import fxq
 from fxq.config import LFHConfig, Method, PTQConfig, RoundingConfig
@@ -68,7 +69,8 @@ def _sync(x: torch.Tensor) -> None:
 
 
 def step_bound(model, qgm, x: torch.Tensor, repeat: int = 5) -> float:
-    """Median seconds of teacher forward + student forward + backward on batch x."""
+    """Median seconds of teacher forward + student forward + backward on batch x (with the rounding's kernels)."""
+    use_fused_act_quant_(qgm, True)
     params = [p for p in qgm.parameters()]
     flags = [p.requires_grad for p in params]
     for p in params:
@@ -85,6 +87,7 @@ def step_bound(model, qgm, x: torch.Tensor, repeat: int = 5) -> float:
     for p, f in zip(params, flags):
         p.requires_grad_(f)
         p.grad = None
+    use_fused_act_quant_(qgm, False)
     return statistics.median(times[1:])
 
 

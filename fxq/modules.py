@@ -84,11 +84,12 @@ class ActQuant(nn.Module):
         super().__init__()
         self.spec = spec
         self.register_buffer("scale", scale_for(torch.tensor(float(threshold)), spec))
+        self.fused_kernel = False  # set by the rounding optimization while it trains
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.requires_grad and x.dtype == torch.float32:
-            # training (the rounding optimization): torch's fused fake-quantize, one kernel each way where the
-            # traceable formula below takes six; it rounds x * (1/s), so a tie may go the other way
+        if self.fused_kernel and x.requires_grad and x.dtype == torch.float32:
+            # training: torch's fused fake-quantize, one kernel each way where the formula below takes six. It
+            # has no meta kernel (torch.export/compile cannot trace it) and rounds x * (1/s), so a tie may differ
             zero = self.scale.new_zeros((), dtype=torch.int32)
             return torch.fake_quantize_per_tensor_affine(x, self.scale, zero, self.spec.qmin, self.spec.qmax)
         return fake_quant(x, self.scale, self.spec)

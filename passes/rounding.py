@@ -18,7 +18,7 @@ import math
 import time
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.fx import GraphModule
 from tqdm.auto import tqdm
 
@@ -26,7 +26,7 @@ from fxq.checkpoint import load_checkpoint, save_checkpoint
 from fxq.config import LossWeights, RoundingConfig
 from fxq.errors import ConfigError, GraphCheckFailed
 from fxq.meta import copy_graph, gq, q
-from fxq.modules import QuantWeight
+from fxq.modules import ActQuant, QuantWeight
 from fxq.ops import device_of, set_eval_
 from fxq.passbase import FxqPass, PassResult
 from fxq.taps import interest_nodes, quantized_value, with_taps
@@ -119,6 +119,7 @@ class Rounding(FxqPass):
         cfg, device = self.cfg, device_of(gm)
         set_eval_(gm)
         layers = [m for m in gm.modules() if isinstance(m, QuantWeight)]
+        use_fused_act_quant_(gm, True)
         nhwc = cfg.channels_last and self.images.dim() == 4
         if nhwc:  # before V is made from the weights, so V and its gradients are NHWC too
             gm.to(memory_format=torch.channels_last)
@@ -157,6 +158,7 @@ class Rounding(FxqPass):
                 qw.rounding, qw.w_floor, qw.scale_factor = None, None, None
             for p, flag in trainable.items():
                 p.requires_grad_(flag)
+            use_fused_act_quant_(gm, False)
             if nhwc:
                 gm.to(memory_format=torch.contiguous_format)
                 self.teacher.to(memory_format=torch.contiguous_format)
@@ -285,6 +287,13 @@ class Rounding(FxqPass):
         if eptq <= rtn_loss:
             _load_weights(layers, chosen)
         return {"check_loss": eptq, "rtn_check_loss": rtn_loss, "kept": "eptq" if eptq <= rtn_loss else "rtn"}
+
+
+def use_fused_act_quant_(gm: nn.Module, on: bool) -> None:
+    """Activation quantizers on torch's fused training kernel (on) or the traceable formula (off, the default)."""
+    for m in gm.modules():
+        if isinstance(m, ActQuant):
+            m.fused_kernel = on
 
 
 def _as_model_wants(x: Tensor, cfg: RoundingConfig) -> Tensor:

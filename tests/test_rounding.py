@@ -157,3 +157,15 @@ def test_trainable_weight_steps_move_and_stay_consistent(tiny_net, tmp_path):
         assert b.scale_factor is None
     assert moved
     assert "scale_factor" in torch.load(tmp_path / "rounding.pt", weights_only=False)["layers"][0]
+
+
+def test_the_optimized_model_exports_and_trains_with_the_fused_kernel_only_inside(tiny_net, monkeypatch):
+    seen = []
+    real = torch.fake_quantize_per_tensor_affine
+    monkeypatch.setattr(torch, "fake_quantize_per_tensor_affine", lambda *a: seen.append(1) or real(*a))
+    qgm, _ = _eptq(tiny_net, iterations=3)
+    assert seen  # the optimization trained with torch's fused kernel
+    assert not any(getattr(m, "fused_kernel", False) for m in qgm.modules())  # and handed back the formula
+    x = seeded(2, 3, 16, 16, seed=4)
+    ep = torch.export.export(qgm, (x,))  # torch.export cannot trace the fused kernel: it must be off
+    torch.testing.assert_close(ep.module()(x), qgm(x))

@@ -137,13 +137,14 @@ def to_qdq_form(qgm: GraphModule) -> GraphModule:
 def int8_inductor_available() -> bool:
     """True when torchao's x86 Inductor passes can be registered and oneDNN is present."""
     try:
-        import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer  # noqa: F401
-    except ImportError:
+        register_int8_patterns()
+    except ConfigError:
         return False
-    return torch.backends.mkldnn.is_available()
+    return True
 
 
 def register_int8_patterns() -> None:
+    """Import torchao's x86 Inductor passes, which register themselves with Inductor's freezing pass."""
     try:
         import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer  # noqa: F401  (registers the passes)
     except ImportError as e:

@@ -23,7 +23,7 @@ from fxq.config import (
     RoundingConfig,
 )
 from fxq.data import ImageSet, Preprocess, batches, default_data_dir, load_images
-from fxq.errors import FxqError, ModelError
+from fxq.errors import ConfigError, FxqError, ModelError
 from fxq.evaluate import evaluate
 from fxq.frontend import Frontend
 from fxq.latency import BACKENDS
@@ -403,12 +403,17 @@ def cmd_export(args) -> None:
 def cmd_bench(args) -> None:
     """Float vs quantized latency per backend at each batch size, timed in the same run."""
     from fxq.latency import backend_latencies
+    from fxq.qdq_form import int8_inductor_available
 
+    unknown = set(args.backends or []) - set(BACKENDS)
+    if unknown:
+        raise ConfigError(f"unknown backend(s) {sorted(unknown)} in --backends; choose from {','.join(BACKENDS)}")
+    backends = args.backends or [b for b in BACKENDS if b != "inductor-int8" or int8_inductor_available()]
     cfg = _config(args, args.weight_bits)
     lm = load_model(args.model, args.weights, args.random_weights)
     calib = load_images(args.calib, lm.preprocess, args.num_calib, progress=not args.quiet)
     qgm, _ = quantize(lm.model, batches(calib.x, args.batch_size), cfg)
-    rows = backend_latencies(lm.model, qgm, lm.preprocess.crop, args.batch_sizes, args.iters, args.backends)
+    rows = backend_latencies(lm.model, qgm, lm.preprocess.crop, args.batch_sizes, args.iters, backends)
     print(f"{lm.name} W{args.weight_bits}A{args.act_bits}, {torch.get_num_threads()} threads, median of {args.iters}")
     print(f"{'backend':<30} {'batch':>5} {'float ms':>10} {'int8 ms':>10} {'speed-up':>9} {'vs eager fp32':>14}")
     for r in rows:
@@ -492,8 +497,8 @@ def build_parser() -> argparse.ArgumentParser:
     bp.add_argument(
         "--backends",
         type=lambda s: s.split(","),
-        default=list(BACKENDS),
-        help=f"comma-separated, from {','.join(BACKENDS)}",
+        default=None,
+        help=f"comma-separated, from {','.join(BACKENDS)} (default: all; inductor-int8 where torchao is installed)",
     )
     bp.add_argument("--out", default=None, help="also write the rows as JSON")
     bp.set_defaults(fn=cmd_bench, num_calib=32)

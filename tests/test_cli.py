@@ -64,6 +64,7 @@ def test_quantize_then_eval_round_trip(tmp_path, image_dirs, capsys):
         (["quantize", "--out", "x", "--calib", "/no/such/folder"], "image folder '/no/such/folder' does not exist"),
         (["eval", "--model", "/tmp"], "'/tmp' holds no model.pt"),
         (["quantize", "--out", "x", "--method", "eptq", "--resume"], "resume needs checkpoint_dir"),
+        (["bench", "--backends", "eager,tensorrt"], r"unknown backend\(s\) \['tensorrt'\] in --backends"),
     ],
 )
 def test_bad_input_gives_a_clear_error(args, message, capsys):

@@ -111,12 +111,20 @@ def read_labels(folder: str | os.PathLike) -> dict[str, int] | None:
     return labels
 
 
-def _decode(path: Path, pre: Preprocess) -> Tensor:
+def _decode(source: Path | io.BytesIO, pre: Preprocess, where: str, fix: str) -> Tensor:
+    """One image (a file, or encoded bytes) preprocessed; the error names it (`where`) and the remedy (`fix`)."""
     try:
-        with Image.open(path) as img:
+        with Image.open(source) as img:
             return pre(img)
     except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise DataError(f"cannot decode image '{path}': {e}; remove or replace the file") from None
+        raise DataError(f"cannot decode {where}: {e}; {fix}") from None
+
+
+def _decode_all(items: list, decode, desc: str, progress: bool, workers: int) -> Tensor:
+    """decode(item) for every item, in threads (PIL releases the GIL), stacked, with a progress bar."""
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        xs = list(tqdm(pool.map(decode, items), total=len(items), desc=desc, unit="img", disable=not progress))
+    return torch.stack(xs)
 
 
 def load_images(
@@ -143,11 +151,13 @@ def load_images(
         if not files:
             raise DataError(f"no image in '{folder}' is listed in its labels.tsv")
     files = files[:limit] if limit else files
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        it = pool.map(lambda f: _decode(folder / f, pre), files)
-        xs = list(tqdm(it, total=len(files), desc=f"load {folder.name}", unit="img", disable=not progress))
+
+    def decode(f: str) -> Tensor:
+        return _decode(folder / f, pre, f"image '{folder / f}'", "remove or replace the file")
+
+    x = _decode_all(files, decode, f"load {folder.name}", progress, workers)
     y = torch.tensor([labels[f] for f in files]) if labels is not None and all(f in labels for f in files) else None
-    return ImageSet(torch.stack(xs), y, files)
+    return ImageSet(x, y, files)
 
 
 def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, list[str] | None]:
@@ -193,14 +203,6 @@ def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, li
     return data, offsets, labels, names
 
 
-def _decode_bytes(buf: bytes, pre: Preprocess, where: str) -> Tensor:
-    try:
-        with Image.open(io.BytesIO(buf)) as img:
-            return pre(img)
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise DataError(f"cannot decode {where}: {e}; the file is corrupt, replace it") from None
-
-
 def load_npz_images(
     path: str | os.PathLike,
     pre: Preprocess,
@@ -228,14 +230,12 @@ def load_npz_images(
     names = names[:n] if names is not None else [f"{i:05d}" for i in range(n)]
 
     def decode(i: int) -> Tensor:
-        buf = data[offsets[i] : offsets[i + 1]].tobytes()
-        return _decode_bytes(buf, pre, f"image {i} ('{names[i]}') of '{path}'")
+        buf = io.BytesIO(data[offsets[i] : offsets[i + 1]].tobytes())
+        return _decode(buf, pre, f"image {i} ('{names[i]}') of '{path}'", "the file is corrupt, replace it")
 
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        it = pool.map(decode, range(n))
-        xs = list(tqdm(it, total=n, desc=f"load {path.name}", unit="img", disable=not progress))
+    x = _decode_all(list(range(n)), decode, f"load {path.name}", progress, workers)
     y = torch.from_numpy(labels[:n].astype(np.int64)) if labels is not None else None
-    return ImageSet(torch.stack(xs), y, names)
+    return ImageSet(x, y, names)
 
 
 def batches(x: Tensor, batch_size: int) -> list[Tensor]:

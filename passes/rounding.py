@@ -119,18 +119,18 @@ class Rounding(FxqPass):
         cfg, device = self.cfg, device_of(gm)
         set_eval_(gm)
         layers = [m for m in gm.modules() if isinstance(m, QuantWeight)]
-        use_fused_act_quant_(gm, True)
         nhwc = cfg.channels_last and self.images.dim() == 4
-        if nhwc:  # before V is made from the weights, so V and its gradients are NHWC too
-            gm.to(memory_format=torch.channels_last)
-            self.teacher.to(memory_format=torch.channels_last)
         student, teacher = self._tapped(gm)
         images = self.images.to(device) if device.type == "cuda" else self.images
         trainable = {p: p.requires_grad for p in gm.parameters()}
         for p in trainable:
             p.requires_grad_(False)
         rtn = [(qw.quantized_weight().detach().clone(), qw.ensure_bias().detach().clone()) for qw in layers]
-        try:
+        try:  # everything set up from here on is undone in `finally`
+            use_fused_act_quant_(gm, True)
+            if nhwc:  # before V is made from the weights, so V and its gradients are NHWC too
+                gm.to(memory_format=torch.channels_last)
+                self.teacher.to(memory_format=torch.channels_last)
             rounding = [qw.start_soft_rounding_(cfg.train_scale) for qw in layers]
             biases = [qw.ensure_bias() for qw in layers]
             for b in biases:

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from fxq.meta import OpKind
 from fxq.qmath import QSpec, fake_quant, scale_for
 
-__all__ = ["ActObserver", "ChannelMeanObserver", "ActQuant", "QuantWeight", "TraceableMHA"]
+__all__ = ["ActObserver", "ChannelMeanObserver", "ActQuant", "QuantWeight", "TraceableMHA", "layer_forward"]
 
 
 class ActObserver(nn.Module):
@@ -110,6 +110,13 @@ def inverse_rectified_sigmoid(h: Tensor) -> Tensor:
     """V with h(V) = h for h in (0, 1): the initialisation that makes the soft weight equal the float one."""
     p = ((h - GAMMA) / (ZETA - GAMMA)).clamp(1e-6, 1 - 1e-6)
     return torch.log(p / (1 - p))
+
+
+def layer_forward(layer: nn.Module, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    """A conv or linear layer's op on x with weight w and bias b in place of its own."""
+    if isinstance(layer, nn.Linear):
+        return F.linear(x, w, b)
+    return layer._conv_forward(x, w, b)
 
 
 def mean_output_shift(layer: nn.Module, dw: Tensor, x_mean: Tensor) -> Tensor:
@@ -237,9 +244,7 @@ class QuantWeight(nn.Module):
         w, b = self.quantized_weight(), self.layer.bias
         if self.rounding is not None and self.input_mean is not None:
             b = b - self.bias_shift(w)  # live bias correction of the soft weights
-        if isinstance(self.layer, nn.Linear):
-            return F.linear(x, w, b)
-        return self.layer._conv_forward(x, w, b)
+        return layer_forward(self.layer, x, w, b)
 
     def extra_repr(self) -> str:
         return f"bits={self.spec.bits}, per_channel={self.spec.per_channel}"

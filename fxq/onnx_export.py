@@ -21,7 +21,7 @@ from torch.fx import GraphModule
 
 from fxq.errors import UnsupportedOp
 from fxq.meta import without_graph_state
-from fxq.modules import ActQuant, QuantWeight
+from fxq.modules import ActQuant, QuantWeight, layer_forward
 from fxq.ops import device_of
 
 __all__ = ["export_onnx", "export_float_onnx", "OPSET"]
@@ -41,9 +41,7 @@ class _GridWeight(nn.Module):
 
     def forward(self, x):
         w = torch.fake_quantize_per_channel_affine(self.w, self.scale, self.zero, 0, -128, 127)
-        if isinstance(self.layer, nn.Linear):
-            return nn.functional.linear(x, w, self.layer.bias)
-        return self.layer._conv_forward(x, w, self.layer.bias)
+        return layer_forward(self.layer, x, w, self.layer.bias)
 
 
 class _QDQActivation(nn.Module):

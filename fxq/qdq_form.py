@@ -26,7 +26,7 @@ from torch.fx import GraphModule, Node
 
 from fxq.errors import ConfigError, UnsupportedOp
 from fxq.meta import OpKind, without_graph_state
-from fxq.modules import ActQuant, QuantWeight
+from fxq.modules import ActQuant, QuantWeight, layer_forward
 from fxq.ops import kind_of
 
 __all__ = [
@@ -84,9 +84,7 @@ class DequantWeight(nn.Module):
         w = _decomposed_ops().dequantize_per_channel.default(
             self.codes, self.scale, self.zero_point, 0, -128, 127, torch.int8
         )
-        if isinstance(self.layer, nn.Linear):
-            return nn.functional.linear(x, w, self.layer.bias)
-        return self.layer._conv_forward(x, w, self.layer.bias)
+        return layer_forward(self.layer, x, w, self.layer.bias)
 
 
 def _grid_source(gm: GraphModule, node: Node) -> Node | None:

@@ -25,7 +25,7 @@ from fxq.data import batch_inputs
 from fxq.errors import ConfigError, GraphCheckFailed
 from fxq.ilp import Budget, solve_allocation
 from fxq.meta import gq, q
-from fxq.modules import mean_output_shift
+from fxq.modules import layer_forward, mean_output_shift
 from fxq.ops import device_of, set_eval_
 from fxq.passbase import FxqPass, PassResult
 from fxq.qmath import fake_quant, scale_for, weight_thresholds
@@ -55,7 +55,7 @@ def _output_with(layer: nn.Module, x: Tensor, wq: Tensor) -> Tensor:
     w = layer.weight.detach()
     bias = layer.bias.detach() if layer.bias is not None else torch.zeros(w.shape[0], device=w.device)
     bias = bias - mean_output_shift(layer, (wq - w).float(), _channel_mean(x, layer)).to(bias.dtype)
-    return torch.nn.functional.linear(x, wq, bias) if isinstance(layer, nn.Linear) else layer._conv_forward(x, wq, bias)
+    return layer_forward(layer, x, wq, bias)
 
 
 def _quantized_output(layer: nn.Module, x: Tensor, spec, n_grid: int) -> Tensor:

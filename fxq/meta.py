@@ -49,6 +49,7 @@ class NodeQ:
     lfh_stderr: float | None = None  # its standard error over probes and images
     lfh_weight: float | None = None  # log10(t) - min log10(t) over Z: the distillation weight lambda_z
     bits: int | None = None  # chosen weight bit-width
+    bias_bits: int | None = None  # the bias sits on the integer grid s_x * s_w at this width (None: float bias)
     bit_sensitivity: dict[int, float] | None = None  # mixed precision: LFH-weighted distance per weight width
     macs: int | None = None  # multiply-accumulates per image (conv / linear)
     observes: Node | None = None  # on observer / act-quant nodes: the node whose output they quantize

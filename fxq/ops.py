@@ -258,6 +258,17 @@ def kind_of(gm: GraphModule, node: Node) -> OpKind:
     return OpKind.OTHER
 
 
+def grid_source(gm: GraphModule, node: Node, quantizer: type[nn.Module]) -> Node | None:
+    """The `quantizer` module call whose grid `node`'s value is on, found through ops that only move values
+    (maxpool, flatten, views, dropout); None when there is none."""
+    while True:
+        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), quantizer):
+            return node
+        if kind_of(gm, node) is not OpKind.PASSTHROUGH or not node.args or not isinstance(node.args[0], Node):
+            return None
+        node = node.args[0]
+
+
 def _kind_by_isinstance(mod: nn.Module) -> OpKind:
     # subclasses keep their base's kind only for passthrough/activation; a Conv2d subclass with its own
     # forward is traced through (it is not a leaf), so a call_module of it never reaches here.

@@ -28,6 +28,7 @@ from fxq.passes.mixed_precision import MixedPrecision, Sensitivity
 from fxq.passes.normalize import Normalize
 from fxq.passes.observe import Calibrate, Observe
 from fxq.passes.quantize import Quantize
+from fxq.passes.quantize_bias import QuantizeBias
 from fxq.passes.rounding import Rounding, float_teacher
 from fxq.passes.shapes import PropagateShapes
 from fxq.report import Report, build_report
@@ -71,6 +72,11 @@ def _observe(cfg: PTQConfig) -> PassBase:
 
 def convert_passes(cfg: PTQConfig) -> list[PassBase]:
     return [Quantize(cfg.act_threshold, cfg.weight_grid)]  # observers and layers become fake-quant modules
+
+
+def finish_passes(cfg: PTQConfig) -> list[PassBase]:
+    """After the last pass that trains: biases onto the integer grid the target adds them on."""
+    return [] if cfg.target.bias_bits is None else [QuantizeBias(cfg.target.bias_bits)]
 
 
 def run_passes(gm: GraphModule, passes: list[PassBase]) -> GraphModule:
@@ -121,7 +127,7 @@ def label_free_hessian(
 
 def convert(gm: GraphModule, config: PTQConfig = PTQConfig()) -> GraphModule:
     """Turn a calibrated, observed graph into the fake-quant reference model."""
-    return run_passes(gm, convert_passes(config))
+    return run_passes(gm, [*convert_passes(config), *finish_passes(config)])
 
 
 def analysis_passes(cfg: PTQConfig, batches: list) -> list[PassBase]:
@@ -150,7 +156,7 @@ def quantize_analyzed(gm: GraphModule, calib_data: Iterable, config: PTQConfig, 
     if config.method is Method.EPTQ:
         images = torch.cat([batch_inputs(b) for b in batches])
         passes.append(Rounding(float_teacher(gm), images, config.rounding, config.progress))
-    gm = run_passes(gm, passes)
+    gm = run_passes(gm, [*passes, *finish_passes(config)])
     return Quantized(gm, build_report(gm, config, model_name=name))
 
 

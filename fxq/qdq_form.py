@@ -25,9 +25,9 @@ from torch import Tensor, nn
 from torch.fx import GraphModule, Node
 
 from fxq.errors import ConfigError, UnsupportedOp
-from fxq.meta import OpKind, without_graph_state
+from fxq.meta import without_graph_state
 from fxq.modules import ActQuant, QuantWeight, layer_forward
-from fxq.ops import kind_of
+from fxq.ops import grid_source
 
 __all__ = [
     "to_qdq_form",
@@ -87,17 +87,6 @@ class DequantWeight(nn.Module):
         return layer_forward(self.layer, x, w, self.layer.bias)
 
 
-def _grid_source(gm: GraphModule, node: Node) -> Node | None:
-    """The QDQActivation node whose grid `node`'s value is on, through ops that only move values (maxpool,
-    flatten, views, dropout); None when there is none."""
-    while True:
-        if node.op == "call_module" and isinstance(gm.get_submodule(node.target), QDQActivation):
-            return node
-        if kind_of(gm, node) is not OpKind.PASSTHROUGH or not node.args or not isinstance(node.args[0], Node):
-            return None
-        node = node.args[0]
-
-
 def _requantize_weighted_inputs_(gm: GraphModule) -> int:
     """Give every conv/linear whose input reaches it through value-moving ops a Q/DQ pair with the grid it is
     already on (exact: max-pooling or reshaping grid values keeps them on the grid), so the integer kernels
@@ -107,7 +96,7 @@ def _requantize_weighted_inputs_(gm: GraphModule) -> int:
         if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), DequantWeight):
             continue
         x = node.args[0]
-        source = _grid_source(gm, x) if isinstance(x, Node) else None
+        source = grid_source(gm, x, QDQActivation) if isinstance(x, Node) else None
         if source is None or source is x:
             continue
         with gm.graph.inserting_before(node):

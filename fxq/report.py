@@ -25,6 +25,7 @@ class LayerReport:
     module: str | None = None
     weight_bits: int | None = None
     weight_shape: list[int] | None = None
+    bias_bits: int | None = None  # integer bias width (None: float bias)
     w_threshold: dict[str, float] | None = None  # min / mean / max over output channels
     act_bits: int | None = None
     act_signed: bool | None = None
@@ -107,7 +108,7 @@ def _layer(node) -> LayerReport | None:
     if node.op == "call_module":
         lr.module = str(node.target)
     if m.wspec is not None:
-        lr.weight_bits = m.wspec.bits
+        lr.weight_bits, lr.bias_bits = m.wspec.bits, m.bias_bits
         if m.w_threshold is not None:
             t = m.w_threshold.float()
             lr.w_threshold = {"min": float(t.min()), "mean": float(t.mean()), "max": float(t.max())}

@@ -21,6 +21,8 @@ class Target:
     per_channel: weights per output channel (activations are always per tensor).
     pot: thresholds restricted to powers of two (fixed-point DSPs and some NPUs need this).
     fuse_activation: a linear op or add followed only by an activation shares one output quantizer.
+    bias_bits: conv/linear biases are integers of this width at step s_x * s_w, as integer kernels add them
+    (None: the device adds a float bias).
     """
 
     name: str
@@ -30,6 +32,7 @@ class Target:
     per_channel: bool = True
     pot: bool = False
     fuse_activation: bool = True
+    bias_bits: int | None = 32
     resources: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -40,6 +43,10 @@ class Target:
         ]:
             if not isinstance(b, int) or not MIN_BITS <= b <= MAX_BITS:
                 raise ConfigError(f"target {self.name}: {what} must be integers in [{MIN_BITS}, {MAX_BITS}], got {b!r}")
+        if self.bias_bits is not None and not (isinstance(self.bias_bits, int) and 8 <= self.bias_bits <= 32):
+            raise ConfigError(
+                f"target {self.name}: bias_bits must be an integer in [8, 32] or None, got {self.bias_bits!r}"
+            )
 
     def with_bits(self, weight_bits: int | None = None, act_bits: int | None = None) -> Target:
         """The same target at other default widths (checked like any target)."""

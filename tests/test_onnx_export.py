@@ -36,6 +36,27 @@ def test_onnx_runtime_matches_the_reference(tiny_net, tmp_path, bits):
     assert (out.argmax(1) == ref.argmax(1)).mean() >= 5 / 6
 
 
+def test_the_qdq_graph_run_in_float_is_the_reference(tiny_net, tmp_path):
+    """With ORT's graph rewrites off, the QDQ graph runs in float exactly as fxq's reference does: int32 biases
+    that dequantize to the reference's own biases, the same quantizers. Only rounding ties may differ."""
+    from onnx import numpy_helper
+
+    qgm = _quantized(tiny_net)
+    path = tmp_path / "tiny.onnx"
+    export_onnx(qgm, (seeded(1, 3, 16, 16),), path)
+    inits = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
+    for name, ints in ((n, a) for n, a in inits.items() if n.endswith(".bias_int32")):
+        bias = qgm.get_parameter(name[: -len("_int32")]).detach().numpy()
+        assert np.array_equal(ints.astype(np.float32) * inits[name.replace("_int32", "_scale")], bias), name
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    x = seeded(64, 3, 16, 16, seed=3)
+    out, ref = sess.run(None, {"input": x.numpy()})[0], qgm(x).detach().numpy()
+    step = float(qgm.get_submodule("fxq_act_head").scale)
+    assert np.abs(out - ref).max() <= step * 1.001 and (out == ref).mean() > 0.95
+
+
 def test_weights_ship_as_integers_on_their_grid(tiny_net, tmp_path):
     qgm = _quantized(tiny_net, 4)
     path = tmp_path / "tiny.onnx"

@@ -1,11 +1,11 @@
 import pytest
 import torch
+from fxq.passes import quantize_bias
 from torch import nn
 
 import fxq
 from fxq.modules import ActQuant, QuantWeight
 from fxq.ops import grid_source
-from fxq.passes.quantize_bias import bias_step
 from fxq.targets import INT8
 from tests.conftest import seeded
 
@@ -27,7 +27,10 @@ def _biases(qgm):
         if node.op == "call_module" and isinstance(qw := qgm.get_submodule(node.target), QuantWeight):
             src = grid_source(qgm, node.args[0], ActQuant)
             if src is not None:
-                found[node.target] = (qw.layer.bias.detach(), bias_step(qgm.get_submodule(src.target), qw))
+                found[node.target] = (
+                    qw.layer.bias.detach(),
+                    quantize_bias.bias_step(qgm.get_submodule(src.target), qw),
+                )
     return found
 
 

@@ -134,6 +134,8 @@ def _mp_args(p: argparse.ArgumentParser) -> None:
     m.add_argument("--avg-bits", type=float, default=None, help="budget as average bits per weight, e.g. 3.5")
     m.add_argument("--bops", type=float, default=None, help="budget in bit-operations (MACs x W bits x A bits)")
     m.add_argument("--bit-options", type=_ints, default=None, help="widths to choose from (default 2,4,8)")
+    m.add_argument("--act-bit-options", type=_ints, default=None, help="activations choose a width too, e.g. 4,8")
+    m.add_argument("--act-avg-bits", type=float, default=None, help="activation budget: average bits per value")
     m.add_argument("--mp-images", type=int, default=32, help="calibration images for the sensitivities")
     m.add_argument(
         "--mp-loss-weights",
@@ -144,10 +146,18 @@ def _mp_args(p: argparse.ArgumentParser) -> None:
 
 
 def _mixed_precision(args, **budget) -> MixedPrecisionConfig | None:
-    given = {"weight_memory": args.weight_memory, "avg_bits": args.avg_bits, "bops": args.bops, **budget}
+    given = {
+        "weight_memory": args.weight_memory,
+        "avg_bits": args.avg_bits,
+        "bops": args.bops,
+        "act_avg_bits": args.act_avg_bits,
+        **budget,
+    }
     if all(v is None for v in given.values()):
         return None
     options = {"bit_options": args.bit_options} if args.bit_options else {}
+    if args.act_bit_options:
+        options["act_bit_options"] = args.act_bit_options
     return MixedPrecisionConfig(**given, **options, images=args.mp_images, loss_weights=args.mp_loss_weights)
 
 
@@ -247,6 +257,7 @@ def _mp_line(report: Report) -> str:
         f"mixed precision: {m['avg_bits']:.3f} bits/weight, {m['weight_bytes'] / 1e6:.3f} MB of weights "
         f"({', '.join(f'{n} layers at {b} bits' for b, n in counts.items() if n)}); sensitivity "
         f"{report.stage_seconds.get('Sensitivity', 0):.1f} s, ILP {m['solve_seconds'] * 1e3:.0f} ms"
+        + (f"; activations {m['act_avg_bits']:.3f} bits/value" if "act_bits" in m else "")
     )
 
 

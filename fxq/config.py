@@ -147,17 +147,29 @@ class MixedPrecisionConfig:
     batch_size: int = 16
     stack_candidates: bool | None = None  # a layer's widths in one pass along the batch; None: on CUDA only
     loss_weights: LossWeights = LossWeights.LFH  # how the interest tensors' distances add up (mean: MCT's AVG)
+    act_bit_options: tuple[int, ...] | None = None
+    act_avg_bits: float | None = None
 
     def __post_init__(self):
-        budgets = (self.weight_memory, self.avg_bits, self.bops, self.latency)
+        budgets = (self.weight_memory, self.avg_bits, self.bops, self.latency, self.act_avg_bits)
         if all(b is None for b in budgets):
-            raise ConfigError("mixed precision needs a budget: weight_memory, avg_bits, bops or latency")
+            raise ConfigError("mixed precision needs a budget: weight_memory, avg_bits, bops, latency or act_avg_bits")
         if any(b is not None and not b > 0 for b in budgets):
             raise ConfigError(f"budgets must be > 0, got {budgets}")
         if (self.latency is None) != (self.latency_table is None):
             raise ConfigError("a latency budget needs latency_table ({layer: {bits: ms}}), and the table a budget")
         if len(self.bit_options) < 2 or any(not 2 <= b <= 8 for b in self.bit_options):
             raise ConfigError(f"bit_options must hold two or more widths in [2, 8], got {self.bit_options}")
+        acts = self.act_bit_options
+        if acts is not None and (len(acts) < 2 or any(not 2 <= b <= 8 for b in acts)):
+            raise ConfigError(f"act_bit_options must hold two or more widths in [2, 8], got {acts}")
+        if self.act_avg_bits is not None and acts is None:
+            raise ConfigError("act_avg_bits budgets the activation widths: give act_bit_options too, e.g. (4, 8)")
+        if acts is not None and self.bops is not None:
+            raise ConfigError(
+                "a BOPs budget with activation widths to choose is not supported (BOPs multiply the two choices); "
+                "budget activations with act_avg_bits, or leave act_bit_options unset"
+            )
         if self.images < 1 or self.batch_size < 1:
             raise ConfigError(f"images and batch_size must be >= 1, got {self.images}, {self.batch_size}")
         _coerce_enums_(self, loss_weights=LossWeights)

@@ -36,15 +36,17 @@ class Allocation:
     seconds: float
 
 
-def _check(cost: np.ndarray, budgets: list[Budget]) -> None:
+def _check(cost: np.ndarray, budgets: list[Budget], allowed: np.ndarray) -> None:
     if cost.ndim != 2 or cost.shape[0] == 0 or cost.shape[1] == 0:
         raise ConfigError(f"bit allocation: need a (layers, options) cost table, got shape {cost.shape}")
-    if not np.isfinite(cost).all():
+    if allowed.shape != cost.shape or not allowed.any(axis=1).all():
+        raise ConfigError("bit allocation: every layer needs at least one allowed option")
+    if not np.isfinite(cost[allowed]).all():
         raise ConfigError("bit allocation: the sensitivities hold NaN/inf; check the model and the images")
     for b in budgets:
         if b.usage.shape != cost.shape:
             raise ConfigError(f"bit allocation: {b.name} usage has shape {b.usage.shape}, expected {cost.shape}")
-        smallest = float(b.usage.min(1).sum())
+        smallest = float(np.where(allowed, b.usage, np.inf).min(1).sum())
         if smallest > b.limit * (1 + 1e-9):
             raise ConfigError(
                 f"bit allocation: the {b.name} budget {b.limit:.6g} is infeasible; the smallest choice needs "
@@ -69,18 +71,35 @@ def _highs():
     return h
 
 
-def solve_allocation(cost: np.ndarray, budgets: list[Budget], time_limit: float = 60.0) -> Allocation:
-    """Minimise sum cost[l, x_l] subject to every budget; exact up to HiGHS's default MIP gap (1e-4)."""
+def solve_allocation(
+    cost: np.ndarray, budgets: list[Budget], time_limit: float = 60.0, allowed: np.ndarray | None = None
+) -> Allocation:
+    """Minimise sum cost[l, x_l] subject to every budget; exact up to HiGHS's default MIP gap (1e-4).
+
+    `allowed` (layers, options) masks options a layer cannot take (rows with fewer choices, e.g. activations
+    whose widths differ from the weights'); their cost and usage are ignored."""
     import highspy
 
+    allowed = np.ones(np.shape(cost), bool) if allowed is None else np.asarray(allowed, bool)
     cost = np.asarray(cost, dtype=np.float64)
-    _check(cost, budgets)
+    _check(cost, budgets, allowed)
+    cost = np.where(allowed, cost, 0.0)
+    budgets = [Budget(b.name, np.where(allowed, b.usage, 0.0), b.limit) for b in budgets]
     t0 = time.perf_counter()
     n_layers, n_opts = cost.shape
     n = n_layers * n_opts
     h = _highs()
     h.setOptionValue("time_limit", float(time_limit))
-    h.addCols(n, cost.ravel(), np.zeros(n), np.ones(n), 0, np.array([], np.int32), np.array([], np.int32), np.array([]))
+    h.addCols(
+        n,
+        cost.ravel(),
+        np.zeros(n),
+        allowed.ravel().astype(float),
+        0,
+        np.array([], np.int32),
+        np.array([], np.int32),
+        np.array([]),
+    )
     h.changeColsIntegrality(n, np.arange(n, dtype=np.int32), np.full(n, highspy.HighsVarType.kInteger))
     # one option per layer: rows of n_opts ones
     starts = np.arange(0, n, n_opts, dtype=np.int32)

@@ -138,7 +138,10 @@ def analysis_passes(cfg: PTQConfig, batches: list) -> list[PassBase]:
     )
     passes: list[PassBase] = [LFH(batches, cfg.lfh, cfg.progress)] if needs_lfh else []
     if mp is not None:
-        passes += [Sensitivity(batches, mp, cfg.weight_grid, cfg.progress), MixedPrecision(mp, cfg.target.act_bits)]
+        passes += [
+            Sensitivity(batches, mp, cfg.weight_grid, cfg.progress, cfg.act_threshold),
+            MixedPrecision(mp, cfg.target.act_bits),
+        ]
     return passes
 
 

@@ -1,7 +1,9 @@
 """Mixed precision: per-layer weight bit-widths from an ILP over LFH-weighted sensitivities (METHOD.md s. 4).
 
 Sensitivity of (layer l, width b): the LFH-weighted change of the interest tensors (and the output) when
-only l's weight is quantized at b, everything else float, on a few calibration images. Every node's float
+only l's weight is quantized at b, everything else float, on a few calibration images. With
+`act_bit_options`, every activation quantizer gets the same measurement per width (its MSE threshold taken
+on the first batch of those images), and the ILP picks its width too. Every node's float
 value is computed once; each layer then re-runs only the nodes downstream of it. On a GPU all its candidate
 widths go stacked along the batch dimension (one pass per layer; a size read off the batch is read again),
 falling back to one pass per candidate where the graph does not broadcast over a stacked batch. On a CPU one
@@ -28,15 +30,30 @@ from fxq.meta import gq, q
 from fxq.modules import layer_forward, mean_output_shift
 from fxq.ops import device_of, set_eval_
 from fxq.passbase import FxqPass, PassResult
-from fxq.qmath import fake_quant, scale_for, weight_thresholds
+from fxq.qmath import ActThreshold, QSpec, activation_threshold, fake_quant, scale_for, weight_thresholds
 from fxq.taps import interest_nodes
 
-__all__ = ["Sensitivity", "MixedPrecision", "weight_layers"]
+__all__ = ["Sensitivity", "MixedPrecision", "weight_layers", "activation_sites"]
 
 
 def weight_layers(gm: GraphModule) -> list[Node]:
     """Nodes whose weight gets a quantizer (conv / linear modules), in graph order."""
     return [n for n in gm.graph.nodes if q(n).wspec is not None and n.op == "call_module"]
+
+
+def activation_sites(gm: GraphModule) -> list[Node]:
+    """Nodes whose output gets a quantizer (what Observe observes), in graph order."""
+    return [n for n in gm.graph.nodes if q(n).aspec is not None]
+
+
+def _activation_quantizer(v: Tensor, spec: QSpec, method: ActThreshold, samples: int = 4096) -> tuple[Tensor, QSpec]:
+    """(step, spec) for value v at spec's width, chosen as Quantize chooses it (unsigned for data >= 0)."""
+    lo, hi = (float(t) for t in torch.aminmax(v.detach().float()))
+    spec = QSpec(spec.bits, spec.signed and lo < 0, spec.per_channel, spec.pot)
+    flat = v.detach().reshape(-1).float().cpu()
+    idx = torch.randint(flat.numel(), (min(samples, flat.numel()),), generator=torch.Generator().manual_seed(0))
+    threshold = activation_threshold(lo, hi, flat[idx], spec, method)
+    return scale_for(torch.tensor(threshold), spec).to(v.device), spec
 
 
 def _channel_mean(x: Tensor, layer: nn.Module) -> Tensor:
@@ -124,9 +141,10 @@ class Sensitivity(FxqPass):
         config: MixedPrecisionConfig,
         n_grid: int = 64,
         progress: bool = True,
+        act_threshold: ActThreshold = ActThreshold.MSE,
     ):
         self.batches, self.cfg = batches, config
-        self.n_grid, self.progress = n_grid, progress
+        self.n_grid, self.progress, self.act_threshold = n_grid, progress, act_threshold
 
     def requires(self, gm: GraphModule) -> None:
         if not weight_layers(gm):
@@ -138,13 +156,18 @@ class Sensitivity(FxqPass):
     def call(self, gm: GraphModule) -> PassResult:
         set_eval_(gm)
         self._weights_q: dict[Node, list[Tensor]] = {}
+        self._acts_q: dict[Node, list[tuple[Tensor, QSpec]]] = {}
         options = tuple(sorted(set(self.cfg.bit_options)))
+        act_options = tuple(sorted(set(self.cfg.act_bit_options or ())))
         layers = weight_layers(gm)
+        acts = activation_sites(gm) if act_options else []
         z = interest_nodes(gm)
         totals = {n: np.zeros(len(options)) for n in layers}
+        act_totals = {n: np.zeros(len(act_options)) for n in acts}
         x_all = torch.cat([batch_inputs(b) for b in self.batches])[: self.cfg.images].to(device_of(gm))
         chunks = x_all.split(self.cfg.batch_size)
-        bar = tqdm(total=len(layers) * len(chunks), desc="sensitivity", unit="layer", disable=not self.progress)
+        total = (len(layers) + len(acts)) * len(chunks)
+        bar = tqdm(total=total, desc="sensitivity", unit="layer", disable=not self.progress)
         stacked = 0
         stack = x_all.is_cuda if self.cfg.stack_candidates is None else self.cfg.stack_candidates
         for x in chunks:
@@ -158,7 +181,12 @@ class Sensitivity(FxqPass):
                 totals[node] += d * x.shape[0]
                 stacked += ok
                 bar.update()
+            for node in acts:
+                act_totals[node] += self._activation(run, node, act_options, taps, zf, weights) * x.shape[0]
+                bar.update()
         bar.close()
+        for node in acts:
+            q(node).act_bit_sensitivity = dict(zip(act_options, (act_totals[node] / len(x_all)).tolist()))
         for node in layers:
             q(node).bit_sensitivity = dict(zip(options, (totals[node] / len(x_all)).tolist()))
             q(node).macs = _macs(gm.get_submodule(node.target), run.float_env[node])
@@ -186,6 +214,19 @@ class Sensitivity(FxqPass):
             per.append(self._distances(changed, run, taps, zf, weights, 1, 0))
         return np.array(per), False
 
+    def _activation(self, run: _Downstream, node: Node, options, taps, zf, weights) -> np.ndarray:
+        value = run.float_env[node]
+        if node not in self._acts_q:  # thresholds from the first batch, then kept
+            self._acts_q[node] = [
+                _activation_quantizer(value, q(node).aspec.with_bits(b), self.act_threshold) for b in options
+            ]
+        below = run.below(node)
+        per = []
+        for scale, spec in self._acts_q[node]:
+            changed = run.rerun(node, fake_quant(value, scale, spec), below, 1)
+            per.append(self._distances(changed, run, taps, zf, weights, 1, 0))
+        return np.array(per)
+
     @staticmethod
     def _distances(changed, run: _Downstream, taps, zf, weights, copies: int, i: int) -> float:
         out_node = next(n for n in run.module.graph.nodes if n.op == "output").args[0]
@@ -210,52 +251,89 @@ class MixedPrecision(FxqPass):
 
     def requires(self, gm: GraphModule) -> None:
         missing = [n.name for n in weight_layers(gm) if q(n).bit_sensitivity is None]
+        if self.cfg.act_bit_options:
+            missing += [n.name for n in activation_sites(gm) if q(n).act_bit_sensitivity is None]
         if missing:
             raise GraphCheckFailed(f"mixed precision: no sensitivities on {missing[:3]}; run Sensitivity first")
 
     def call(self, gm: GraphModule) -> PassResult:
         layers = weight_layers(gm)
-        options = list(q(layers[0]).bit_sensitivity)
-        cost = np.array([[q(n).bit_sensitivity[b] for b in options] for n in layers])
+        acts = activation_sites(gm) if self.cfg.act_bit_options else []
+        w_opts = list(q(layers[0]).bit_sensitivity)
+        a_opts = list(q(acts[0]).act_bit_sensitivity) if acts else []
+        options = sorted(set(w_opts) | set(a_opts))  # one column per width; each row allows its own widths
+        table = [q(n).bit_sensitivity for n in layers] + [q(n).act_bit_sensitivity for n in acts]
+        allowed = np.array([[b in row for b in options] for row in table])
+        cost = np.array([[row.get(b, 0.0) for b in options] for row in table])
         bits = np.array(options, dtype=np.float64)[None, :]
         numel = np.array([gm.get_submodule(n.target).weight.numel() for n in layers], dtype=np.float64)[:, None]
-        budgets = self._budgets(layers, numel, bits, options)
-        alloc = solve_allocation(cost, budgets)
-        for n, k in zip(layers, alloc.choice):
-            q(n).bits = options[k]
-        chosen = np.array([options[k] for k in alloc.choice])
+        act_numel = np.array([_per_image_numel(n) for n in acts], dtype=np.float64)[:, None]
+        budgets = self._budgets(layers, numel, act_numel, bits, options, w_opts)
+        alloc = solve_allocation(cost, budgets, allowed=allowed)
+        chosen = [options[k] for k in alloc.choice]
+        for n, b in zip(layers, chosen):
+            q(n).bits = b
+        for n, b in zip(acts, chosen[len(layers) :]):
+            q(n).aspec = q(n).aspec.with_bits(b)
+        w_bits = np.array(chosen[: len(layers)], dtype=np.float64)
         gq(gm).mixed_precision.update(
-            options=options,
+            options=w_opts,
             objective=alloc.objective,
             usage=alloc.usage,
             limits={b.name: b.limit for b in budgets},
             solve_seconds=alloc.seconds,
-            weight_bytes=float((numel[:, 0] * chosen).sum() / 8),
-            avg_bits=float((numel[:, 0] * chosen).sum() / numel.sum()),
-            bits={n.name: options[k] for n, k in zip(layers, alloc.choice)},
+            weight_bytes=float((numel[:, 0] * w_bits).sum() / 8),
+            avg_bits=float((numel[:, 0] * w_bits).sum() / numel.sum()),
+            bits={n.name: b for n, b in zip(layers, chosen)},
         )
+        if acts:
+            a_bits = np.array(chosen[len(layers) :], dtype=np.float64)
+            gq(gm).mixed_precision.update(
+                act_options=a_opts,
+                act_avg_bits=float((act_numel[:, 0] * a_bits).sum() / act_numel.sum()),
+                act_bits={n.name: b for n, b in zip(acts, chosen[len(layers) :])},
+            )
         return PassResult(gm, modified=True)
 
-    def _budgets(self, layers, numel, bits, options) -> list[Budget]:
-        c, memory = self.cfg, numel * bits / 8
+    def _budgets(self, layers, numel, act_numel, bits, options, w_opts) -> list[Budget]:
+        """Budget rows over the weight layers followed by the activation sites (zero usage where not theirs)."""
+        c, n_acts = self.cfg, len(act_numel)
+
+        def on_weights(usage: np.ndarray) -> np.ndarray:
+            return np.vstack([usage, np.zeros((n_acts, usage.shape[1]))])
+
+        memory = numel * bits / 8
         out = []
         if c.weight_memory is not None:
-            out.append(Budget("weight memory (bytes)", memory, c.weight_memory))
+            out.append(Budget("weight memory (bytes)", on_weights(memory), c.weight_memory))
         if c.avg_bits is not None:
-            out.append(Budget(f"weight memory (bytes, {c.avg_bits} bits/weight)", memory, c.avg_bits * numel.sum() / 8))
+            limit = c.avg_bits * numel.sum() / 8
+            out.append(Budget(f"weight memory (bytes, {c.avg_bits} bits/weight)", on_weights(memory), limit))
         if c.bops is not None:
             macs = np.array([q(n).macs for n in layers], dtype=np.float64)[:, None]
-            out.append(Budget("BOPs", macs * bits * self.act_bits, c.bops))
+            out.append(Budget("BOPs", on_weights(macs * bits * self.act_bits), c.bops))
         if c.latency is not None:
-            out.append(Budget("latency (ms)", _latency_usage(c.latency_table, layers, options), c.latency))
+            out.append(
+                Budget("latency (ms)", on_weights(_latency_usage(c.latency_table, layers, options, w_opts)), c.latency)
+            )
+        if c.act_avg_bits is not None:
+            usage = np.vstack([np.zeros((len(layers), len(options))), act_numel * bits / 8])
+            limit = c.act_avg_bits * act_numel.sum() / 8
+            out.append(Budget(f"activation bytes per image ({c.act_avg_bits} bits/value)", usage, limit))
         return out
 
 
-def _latency_usage(table: dict, layers: list[Node], options: list[int]) -> np.ndarray:
+def _per_image_numel(node: Node) -> int:
+    """Values per image of a node's output (its recorded shape without the batch dimension)."""
+    shape = node.meta["tensor_meta"].shape
+    return int(np.prod(shape[1:])) if len(shape) > 1 else 1
+
+
+def _latency_usage(table: dict, layers: list[Node], options: list[int], w_opts: list[int]) -> np.ndarray:
     try:
-        return np.array([[float(table[n.name][b]) for b in options] for n in layers])
+        return np.array([[float(table[n.name][b]) if b in w_opts else 0.0 for b in options] for n in layers])
     except KeyError as e:
         raise ConfigError(
             f"latency_table has no entry {e} for a layer or width; it needs {{layer: {{bits: ms}}}} for every "
-            f"weight layer ({', '.join(n.name for n in layers[:3])}, ...) and every width in {options}"
+            f"weight layer ({', '.join(n.name for n in layers[:3])}, ...) and every width in {w_opts}"
         ) from None

@@ -239,3 +239,16 @@ def test_compare_runs_rtn_and_eptq_side_by_side(tmp_path, image_dirs, capsys):
     results = json.loads((tmp_path / "compare.json").read_text())["results"]
     assert set(results) == {"float", "W4A8 rtn", "W4A8 eptq"}
     assert results["W4A8 eptq"]["images"] == 6
+
+
+def test_quantize_with_activation_widths_in_the_ilp(tmp_path, image_dirs, capsys):
+    calib, _ = image_dirs
+    out = tmp_path / "mixed"
+    args = ["quantize", "--model", "mobilenet_v3_small", "--random-weights", "--quiet", "--calib", str(calib)]
+    args += ["--no-eval", "--batch-size", "2", "--mp-images", "2", "--avg-bits", "6", "--act-bit-options", "4,8"]
+    args += ["--act-avg-bits", "6", "--out", str(out)]
+    code, stdout, _ = run(args, capsys)
+    assert code == 0 and "bits/value" in stdout
+    mixed = json.loads((out / "report.json").read_text())["mixed_precision"]
+    assert set(mixed["act_bits"].values()) == {4, 8} and mixed["act_avg_bits"] <= 6 + 1e-9
+    assert mixed["avg_bits"] <= 6 + 1e-9

@@ -14,7 +14,7 @@ from fxq.config import LFHConfig, LossWeights, MixedPrecisionConfig, PTQConfig
 from fxq.errors import ConfigError
 from fxq.ilp import Budget, solve_allocation
 from fxq.meta import gq, q
-from fxq.modules import QuantWeight
+from fxq.modules import ActQuant, QuantWeight
 from fxq.taps import interest_nodes, with_taps
 from fxq.targets import INT8
 from tests.conftest import TinyNet, seeded
@@ -23,10 +23,12 @@ CALIB = [seeded(8, 3, 16, 16, seed=i) for i in range(2)]
 LFH = LFHConfig(min_probes=2, max_probes=2, images=8, batch_size=8)
 
 
-def _brute_force(cost, budgets):
+def _brute_force(cost, budgets, allowed=None):
     best = None
     for choice in itertools.product(range(cost.shape[1]), repeat=cost.shape[0]):
         rows = np.arange(cost.shape[0])
+        if allowed is not None and not allowed[rows, choice].all():
+            continue
         if all(b.usage[rows, choice].sum() <= b.limit + 1e-9 for b in budgets):
             value = cost[rows, choice].sum()
             best = value if best is None else min(best, value)
@@ -54,6 +56,22 @@ def test_ilp_matches_brute_force_and_respects_the_budget(seed):
     assert alloc.objective == pytest.approx(expected, rel=1e-4, abs=1e-9)
     for b in budgets:
         assert alloc.usage[b.name] <= b.limit + 1e-9
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_ilp_with_options_a_row_cannot_take_matches_brute_force(seed):
+    rng = np.random.default_rng(100 + seed)
+    layers = int(rng.integers(2, 7))
+    cost = rng.random((layers, 3))
+    allowed = rng.random((layers, 3)) < 0.6
+    allowed[np.arange(layers), rng.integers(0, 3, layers)] = True  # every row keeps one option
+    memory = rng.integers(10, 1000, (layers, 1)) * np.array([[2, 4, 8]]) / 8
+    budget = Budget("memory", memory, float(np.where(allowed, memory, np.inf).min(1).sum() * 1.5))
+    expected = _brute_force(cost, [budget], allowed)
+    alloc = solve_allocation(cost, [budget], allowed=allowed)
+    assert allowed[np.arange(layers), alloc.choice].all()
+    assert alloc.objective == pytest.approx(expected, rel=1e-4, abs=1e-9)
+    assert alloc.usage["memory"] <= budget.limit + 1e-9
 
 
 def test_an_infeasible_budget_names_the_smallest_feasible_one():
@@ -170,6 +188,9 @@ def test_a_model_with_one_layer():
         ({"avg_bits": -1.0}, "must be > 0"),
         ({"avg_bits": 4.0, "bit_options": (4,)}, "two or more widths"),
         ({"latency": 3.0}, "needs latency_table"),
+        ({"act_avg_bits": 6.0}, "give act_bit_options too"),
+        ({"avg_bits": 4.0, "act_bit_options": (8,)}, "act_bit_options must hold two or more widths"),
+        ({"bops": 1e6, "act_bit_options": (4, 8)}, "BOPs budget with activation widths"),
     ],
 )
 def test_bad_mixed_precision_settings(kwargs, message):
@@ -210,3 +231,44 @@ def test_plain_mean_sensitivity_needs_no_lfh(tiny_net):
     mean_scores = [q(n).bit_sensitivity[2] for n in mp.weight_layers(gm)]
     lfh_scores = [q(n).bit_sensitivity[2] for n in mp.weight_layers(lfh_gm)]
     assert mean_scores != pytest.approx(lfh_scores)  # the weighting is used
+
+
+def _act_mp_config(act_avg_bits: float) -> PTQConfig:
+    mixed = MixedPrecisionConfig(
+        avg_bits=8.0, act_bit_options=(4, 8), act_avg_bits=act_avg_bits, images=8, batch_size=8
+    )
+    return PTQConfig(target=INT8, mixed_precision=mixed, lfh=LFH, progress=False)
+
+
+def test_activation_widths_are_chosen_within_their_budget(tiny_net):
+    qgm, report = fxq.quantize(tiny_net, CALIB, _act_mp_config(6.0))
+    chosen = report.mixed_precision["act_bits"]
+    assert set(chosen.values()) == {4, 8}  # 6 bits on average forces a mix
+    quantizers = {n: m for n, m in qgm.named_modules() if isinstance(m, ActQuant)}
+    assert {name: quantizers[f"fxq_act_{name}"].spec.bits for name in chosen} == chosen
+    numel = {}
+
+    def record(module, args, out):  # values per image of each quantized activation
+        numel[module] = out[0].numel()
+
+    hooks = [m.register_forward_hook(record) for m in quantizers.values()]
+    qgm(seeded(1, 3, 16, 16))
+    for h in hooks:
+        h.remove()
+    bits = sum(numel[m] * m.spec.bits for m in quantizers.values()) / sum(numel.values())
+    assert bits <= 6.0 + 1e-9 and report.mixed_precision["act_avg_bits"] == pytest.approx(bits)
+    assert {lr.node: lr.act_bits for lr in report.layers if lr.node in chosen} == chosen
+
+
+def test_fewer_activation_bits_are_more_sensitive(tiny_net):
+    gm = fxq.analyze(tiny_net, CALIB, _act_mp_config(6.0))
+    sites = mp.activation_sites(gm)
+    assert len(sites) >= 5
+    for n in sites:
+        s = q(n).act_bit_sensitivity
+        assert s[4] > s[8] >= 0, (n.name, s)
+
+
+def test_an_infeasible_activation_budget_names_the_smallest_one(tiny_net):
+    with pytest.raises(ConfigError, match=r"activation bytes per image \(3.0 bits/value\) budget .* is infeasible"):
+        fxq.quantize(tiny_net, CALIB, _act_mp_config(3.0))

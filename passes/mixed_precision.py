@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from fxq.passes.quantize import fit_activation
 from fxq.passes.rounding import distillation_loss, interest_weights
 from torch import Tensor, nn
 from torch.fx import GraphModule, Interpreter, Node
@@ -27,10 +28,10 @@ from fxq.data import batch_inputs
 from fxq.errors import ConfigError, GraphCheckFailed
 from fxq.ilp import Budget, solve_allocation
 from fxq.meta import gq, q
-from fxq.modules import layer_forward, mean_output_shift
+from fxq.modules import ActObserver, ActQuant, layer_forward, mean_output_shift
 from fxq.ops import device_of, set_eval_
 from fxq.passbase import FxqPass, PassResult
-from fxq.qmath import ActThreshold, QSpec, activation_threshold, fake_quant, scale_for, weight_thresholds
+from fxq.qmath import ActThreshold, QSpec, fake_quant, scale_for, weight_thresholds
 from fxq.taps import interest_nodes
 
 __all__ = ["Sensitivity", "MixedPrecision", "weight_layers", "activation_sites"]
@@ -46,14 +47,11 @@ def activation_sites(gm: GraphModule) -> list[Node]:
     return [n for n in gm.graph.nodes if q(n).aspec is not None]
 
 
-def _activation_quantizer(v: Tensor, spec: QSpec, method: ActThreshold, samples: int = 4096) -> tuple[Tensor, QSpec]:
-    """(step, spec) for value v at spec's width, chosen as Quantize chooses it (unsigned for data >= 0)."""
-    lo, hi = (float(t) for t in torch.aminmax(v.detach().float()))
-    spec = QSpec(spec.bits, spec.signed and lo < 0, spec.per_channel, spec.pot)
-    flat = v.detach().reshape(-1).float().cpu()
-    idx = torch.randint(flat.numel(), (min(samples, flat.numel()),), generator=torch.Generator().manual_seed(0))
-    threshold = activation_threshold(lo, hi, flat[idx], spec, method)
-    return scale_for(torch.tensor(threshold), spec).to(v.device), spec
+def _activation_quantizer(v: Tensor, spec: QSpec, method: ActThreshold) -> ActQuant:
+    """The activation quantizer Quantize would fit at spec's width had calibration seen only `v`."""
+    obs = ActObserver()
+    obs(v)
+    return ActQuant(*fit_activation(obs, spec, method)).to(v.device)
 
 
 def _channel_mean(x: Tensor, layer: nn.Module) -> Tensor:
@@ -156,7 +154,7 @@ class Sensitivity(FxqPass):
     def call(self, gm: GraphModule) -> PassResult:
         set_eval_(gm)
         self._weights_q: dict[Node, list[Tensor]] = {}
-        self._acts_q: dict[Node, list[tuple[Tensor, QSpec]]] = {}
+        self._acts_q: dict[Node, list[ActQuant]] = {}
         options = tuple(sorted(set(self.cfg.bit_options)))
         act_options = tuple(sorted(set(self.cfg.act_bit_options or ())))
         layers = weight_layers(gm)
@@ -222,8 +220,8 @@ class Sensitivity(FxqPass):
             ]
         below = run.below(node)
         per = []
-        for scale, spec in self._acts_q[node]:
-            changed = run.rerun(node, fake_quant(value, scale, spec), below, 1)
+        for quantizer in self._acts_q[node]:
+            changed = run.rerun(node, quantizer(value), below, 1)
             per.append(self._distances(changed, run, taps, zf, weights, 1, 0))
         return np.array(per)
 

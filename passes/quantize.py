@@ -16,9 +16,16 @@ from fxq.errors import GraphCheckFailed
 from fxq.meta import OpKind, q
 from fxq.modules import ActObserver, ActQuant, ChannelMeanObserver, QuantWeight
 from fxq.passbase import FxqPass, PassResult
-from fxq.qmath import ActThreshold, activation_threshold, weight_thresholds
+from fxq.qmath import ActThreshold, QSpec, activation_threshold, weight_thresholds
 
-__all__ = ["Quantize"]
+__all__ = ["Quantize", "fit_activation"]
+
+
+def fit_activation(obs: ActObserver, aspec: QSpec, method: ActThreshold) -> tuple[QSpec, float]:
+    """(spec, threshold) of the quantizer for what `obs` saw: unsigned, one more bit, when nothing was negative."""
+    lo, hi = float(obs.lo), float(obs.hi)
+    spec = replace(aspec, signed=aspec.signed and lo < 0)
+    return spec, activation_threshold(lo, hi, obs.sample(), spec, method)
 
 
 def _quantize_activation(gm: GraphModule, obs_node: Node, method: ActThreshold) -> None:
@@ -36,10 +43,9 @@ def _quantize_activation(gm: GraphModule, obs_node: Node, method: ActThreshold) 
             f"check the input normalisation and the model weights"
         )
     m = q(src)
-    spec = replace(m.aspec, signed=m.aspec.signed and lo < 0)  # non-negative data: unsigned, one more bit
-    m.aspec, m.act_range = spec, (lo, hi)
-    m.act_threshold = activation_threshold(lo, hi, obs.sample(), spec, method)
-    gm.add_submodule(obs_node.target, ActQuant(spec, m.act_threshold))
+    m.aspec, m.act_threshold = fit_activation(obs, m.aspec, method)
+    m.act_range = (lo, hi)
+    gm.add_submodule(obs_node.target, ActQuant(m.aspec, m.act_threshold))
     q(obs_node).kind = OpKind.ACT_QUANT
 
 

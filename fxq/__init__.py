@@ -14,6 +14,7 @@ from fxq.config import (
     Probe,
     PTQConfig,
     RoundingConfig,
+    WeightError,
 )
 from fxq.errors import ConfigError, DataError, FxqError, GraphCheckFailed, ModelError, TraceFailed, UnsupportedOp
 from fxq.frontend import Frontend, trace
@@ -44,6 +45,7 @@ __all__ = [
     "PTQConfig",
     "Method",
     "ActThreshold",
+    "WeightError",
     "Frontend",
     "Target",
     "INT8",

@@ -21,6 +21,7 @@ from fxq.config import (
     Probe,
     PTQConfig,
     RoundingConfig,
+    WeightError,
 )
 from fxq.data import ImageSet, Preprocess, batches, default_data_dir, load_images
 from fxq.errors import ConfigError, FxqError, ModelError
@@ -87,6 +88,12 @@ def _quant_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--act-bits", type=int, default=8)
     p.add_argument("--method", default=Method.RTN.value, choices=[m.value for m in Method])
     p.add_argument("--act-threshold", default=ActThreshold.MSE.value, choices=[a.value for a in ActThreshold])
+    p.add_argument(
+        "--weight-error",
+        default=WeightError.MSE.value,
+        choices=[e.value for e in WeightError],
+        help="what a weight threshold minimises: the weight's error (mse) or the layer output's (output)",
+    )
     p.add_argument("--frontend", default=Frontend.FX.value, choices=[f.value for f in Frontend])
     p.add_argument("--no-bias-correction", action="store_true")
     r = p.add_argument_group("EPTQ rounding (--method eptq)")
@@ -187,6 +194,7 @@ def _config(args, weight_bits: int, method: str | None = None, mixed: MixedPreci
         target=INT8.with_bits(weight_bits, args.act_bits),
         method=method or args.method,
         act_threshold=args.act_threshold,
+        weight_error=args.weight_error,
         frontend=args.frontend,
         bias_correction=not args.no_bias_correction,
         rounding=rounding,

@@ -7,7 +7,7 @@ from enum import Enum
 
 from fxq.errors import ConfigError
 from fxq.frontend import Frontend
-from fxq.qmath import ActThreshold
+from fxq.qmath import ActThreshold, WeightError
 from fxq.targets import INT8, Target
 
 __all__ = [
@@ -187,6 +187,7 @@ class PTQConfig:
     method: Method = Method.RTN
     act_threshold: ActThreshold = ActThreshold.MSE
     weight_grid: int = 64  # threshold candidates per weight channel
+    weight_error: WeightError = WeightError.MSE  # what the weight threshold minimises (OUTPUT: the layer's output)
     bias_correction: bool = True  # cancel the mean output shift of weight rounding (MCT's default too)
     frontend: Frontend = Frontend.FX
     leaf_modules: tuple = field(default_factory=tuple)
@@ -196,7 +197,7 @@ class PTQConfig:
     progress: bool = True
 
     def __post_init__(self):
-        _coerce_enums_(self, method=Method, act_threshold=ActThreshold, frontend=Frontend)
+        _coerce_enums_(self, method=Method, act_threshold=ActThreshold, weight_error=WeightError, frontend=Frontend)
         if not isinstance(self.target, Target):
             raise ConfigError(f"target must be an fxq.targets.Target, got {type(self.target).__name__}")
         if self.weight_grid < 2:

@@ -9,7 +9,7 @@ from torch import Tensor, nn
 from fxq.meta import OpKind
 from fxq.qmath import QSpec, fake_quant, scale_for
 
-__all__ = ["ActObserver", "ChannelMeanObserver", "ActQuant", "QuantWeight", "TraceableMHA", "layer_forward"]
+__all__ = ["ActObserver", "ChannelStatsObserver", "ActQuant", "QuantWeight", "TraceableMHA", "layer_forward"]
 
 
 class ActObserver(nn.Module):
@@ -50,9 +50,10 @@ class ActObserver(nn.Module):
         return torch.cat(self.samples).cpu() if self.samples else torch.empty(0)
 
 
-class ChannelMeanObserver(nn.Module):
-    """Running per-channel mean of a layer's input (channel dim 1 for conv, last for linear): bias correction
-    needs E[x] to cancel the mean output shift that weight rounding causes."""
+class ChannelStatsObserver(nn.Module):
+    """Running per-channel mean and second moment of a layer's input (channel dim 1 for conv, last for
+    linear): bias correction needs E[x] to cancel the mean output shift that weight rounding causes, and the
+    output-error weight threshold (WeightError.OUTPUT) weighs each input channel by its spread."""
 
     fxq_kind = OpKind.OBSERVER
 
@@ -60,19 +61,29 @@ class ChannelMeanObserver(nn.Module):
         super().__init__()
         self.channel_dim = channel_dim
         self.register_buffer("total", torch.zeros(0))
+        self.register_buffer("total_sq", torch.zeros(0))
         self.count = 0
 
     @torch.no_grad()
     def forward(self, x: Tensor) -> Tensor:
         dim = self.channel_dim % x.dim()
         dims = [d for d in range(x.dim()) if d != dim]
-        s = x.detach().float().sum(dims)
-        self.total = s if self.total.numel() == 0 else self.total.to(s.device) + s
+        xf = x.detach().float()
+        s, s2 = xf.sum(dims), xf.square().sum(dims)
+        first = self.total.numel() == 0
+        self.total = s if first else self.total.to(s.device) + s
+        self.total_sq = s2 if first else self.total_sq.to(s.device) + s2
         self.count += x.numel() // x.shape[dim]
         return x
 
     def mean(self) -> Tensor:
         return self.total / max(self.count, 1)
+
+    def second_moment(self) -> Tensor:
+        return self.total_sq / max(self.count, 1)
+
+    def variance(self) -> Tensor:
+        return (self.second_moment() - self.mean().square()).clamp_min(0)
 
 
 class ActQuant(nn.Module):

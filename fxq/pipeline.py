@@ -13,7 +13,7 @@ from torch.fx import GraphModule
 from torch.fx.passes.infra.pass_base import PassBase
 from torch.fx.passes.infra.pass_manager import PassManager
 
-from fxq.config import LFHConfig, LossWeights, Method, PTQConfig
+from fxq.config import LFHConfig, LossWeights, Method, PTQConfig, WeightError
 from fxq.data import batch_inputs
 from fxq.debug import CHECK
 from fxq.errors import DataError, FxqError
@@ -67,11 +67,13 @@ def prepare_passes(cfg: PTQConfig, example_inputs: tuple) -> list[PassBase]:
 
 
 def _observe(cfg: PTQConfig) -> PassBase:
-    return Observe(input_means=cfg.bias_correction)  # observers on quantized activations (+ layer input means)
+    stats = cfg.bias_correction or cfg.weight_error is WeightError.OUTPUT
+    return Observe(input_stats=stats)  # observers on quantized activations (+ layer input statistics)
 
 
 def convert_passes(cfg: PTQConfig) -> list[PassBase]:
-    return [Quantize(cfg.act_threshold, cfg.weight_grid)]  # observers and layers become fake-quant modules
+    # observers and layers become fake-quant modules
+    return [Quantize(cfg.act_threshold, cfg.weight_grid, cfg.weight_error, cfg.bias_correction)]
 
 
 def finish_passes(cfg: PTQConfig) -> list[PassBase]:
@@ -139,7 +141,9 @@ def analysis_passes(cfg: PTQConfig, batches: list) -> list[PassBase]:
     passes: list[PassBase] = [LFH(batches, cfg.lfh, cfg.progress)] if needs_lfh else []
     if mp is not None:
         passes += [
-            Sensitivity(batches, mp, cfg.weight_grid, cfg.progress, cfg.act_threshold),
+            Sensitivity(
+                batches, mp, cfg.weight_grid, cfg.progress, cfg.act_threshold, cfg.weight_error, cfg.bias_correction
+            ),
             MixedPrecision(mp, cfg.target.act_bits),
         ]
     return passes

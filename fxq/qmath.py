@@ -19,6 +19,7 @@ from fxq.errors import ConfigError
 __all__ = [
     "QSpec",
     "ActThreshold",
+    "WeightError",
     "MIN_BITS",
     "MAX_BITS",
     "scale_for",
@@ -69,6 +70,18 @@ class ActThreshold(Enum):
     MINMAX = "minmax"
 
 
+class WeightError(Enum):
+    """What a weight threshold minimises.
+
+    MSE: the weight's own squared error. OUTPUT: the layer output's squared error, each weight's error
+    weighted by the variance (or, without bias correction, the second moment) of the input channel it
+    multiplies: the diagonal of E[x x^T], as GPTQ's layer Hessian is, measured on the calibration images.
+    """
+
+    MSE = "mse"
+    OUTPUT = "output"
+
+
 def scale_for(threshold: Tensor, spec: QSpec) -> Tensor:
     return threshold / spec.levels_per_threshold
 
@@ -115,17 +128,31 @@ def _candidates(t_max: Tensor, spec: QSpec, n: int) -> Tensor:
 
 
 @torch.no_grad()
-def weight_thresholds(w: Tensor, spec: QSpec, n_grid: int = 64) -> Tensor:
-    """Per-output-channel thresholds minimising the weight's squared quantization error (MSE search).
+def weight_thresholds(w: Tensor, spec: QSpec, n_grid: int = 64, importance: Tensor | None = None) -> Tensor:
+    """Per-output-channel thresholds minimising the weight's squared quantization error (MSE search), each
+    element's error times `importance` (w's shape, e.g. from `input_importance`) when given.
 
     Channels are searched in parallel; each candidate costs one pass over the weight.
     """
+    imp = None if importance is None else importance.float().reshape(w.shape[0], -1)
+    if imp is not None:  # a row with no importance at all (inputs constant or dead) falls back to plain MSE
+        imp = imp + imp.mean(1, keepdim=True).clamp_min(_TINY) * 1e-6
     if not spec.per_channel:
-        return _search(w.reshape(1, -1).float(), spec, n_grid)[0]
-    t = _search(w.reshape(w.shape[0], -1).float(), spec, n_grid)
+        return _search(w.reshape(1, -1).float(), spec, n_grid, None if imp is None else imp.reshape(1, -1))[0]
+    t = _search(w.reshape(w.shape[0], -1).float(), spec, n_grid, imp)
     # dead channels (all weights ~0) would get ~0 steps; integer backends then overflow their int32 bias
     # (bias / (s_x * s_w)). Any step quantizes such a channel to 0, so floor it relative to the layer's largest.
     return t.clamp_min(float(t.max()) * 2**-16)
+
+
+def input_importance(weight_shape: torch.Size, groups: int, channel_energy: Tensor) -> Tensor:
+    """Per-element importance for a conv/linear weight [C_out, C_in/groups, *kernel] from a per-input-channel
+    energy [C_in]: element (o, j, ...) multiplies input channel (o's group) * C_in/groups + j."""
+    c_out, c_in_g = weight_shape[0], weight_shape[1]
+    group = torch.arange(c_out, device=channel_energy.device) // (c_out // groups)
+    idx = group[:, None] * c_in_g + torch.arange(c_in_g, device=channel_energy.device)[None, :]
+    e = channel_energy.float().clamp_min(0)[idx]  # [C_out, C_in/groups]
+    return e.reshape(*e.shape, *([1] * (len(weight_shape) - 2))).expand(weight_shape)
 
 
 def _search(rows: Tensor, spec: QSpec, n_grid: int, weights: Tensor | None = None) -> Tensor:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from fxq.passes.quantize import fit_activation
+from fxq.passes.quantize import fit_activation, fit_weight, input_energy
 from fxq.passes.rounding import distillation_loss, interest_weights
 from torch import Tensor, nn
 from torch.fx import GraphModule, Interpreter, Node
@@ -31,7 +31,7 @@ from fxq.meta import gq, q
 from fxq.modules import ActObserver, ActQuant, layer_forward, mean_output_shift
 from fxq.ops import device_of, set_eval_
 from fxq.passbase import FxqPass, PassResult
-from fxq.qmath import ActThreshold, QSpec, fake_quant, scale_for, weight_thresholds
+from fxq.qmath import ActThreshold, QSpec, WeightError, fake_quant, scale_for
 from fxq.taps import interest_nodes
 
 __all__ = ["Sensitivity", "MixedPrecision", "weight_layers", "activation_sites"]
@@ -54,28 +54,20 @@ def _activation_quantizer(v: Tensor, spec: QSpec, method: ActThreshold) -> ActQu
     return ActQuant(*fit_activation(obs, spec, method)).to(v.device)
 
 
-def _channel_mean(x: Tensor, layer: nn.Module) -> Tensor:
+def _channel_dims(x: Tensor, layer: nn.Module) -> list[int]:
+    """The dims of a layer input to reduce over for per-input-channel statistics."""
     dim = x.dim() - 1 if isinstance(layer, nn.Linear) else 1
-    return x.float().mean([d for d in range(x.dim()) if d != dim])
+    return [d for d in range(x.dim()) if d != dim]
 
 
-def _quantized_weight(layer: nn.Module, spec, n_grid: int) -> Tensor:
-    """The layer's weight at `spec` with its MSE threshold, as Quantize makes it."""
-    w = layer.weight.detach()
-    return fake_quant(w, scale_for(weight_thresholds(w, spec, n_grid), spec), spec)
-
-
-def _output_with(layer: nn.Module, x: Tensor, wq: Tensor) -> Tensor:
-    """The layer's output on x with weight wq and its bias corrected for x's channel means."""
+def _output_with(layer: nn.Module, x: Tensor, wq: Tensor, bias_correction: bool) -> Tensor:
+    """The layer's output on x with weight wq and, with bias correction, its bias corrected for x's means."""
     w = layer.weight.detach()
     bias = layer.bias.detach() if layer.bias is not None else torch.zeros(w.shape[0], device=w.device)
-    bias = bias - mean_output_shift(layer, (wq - w).float(), _channel_mean(x, layer)).to(bias.dtype)
+    if bias_correction:
+        x_mean = x.float().mean(_channel_dims(x, layer))
+        bias = bias - mean_output_shift(layer, (wq - w).float(), x_mean).to(bias.dtype)
     return layer_forward(layer, x, wq, bias)
-
-
-def _quantized_output(layer: nn.Module, x: Tensor, spec, n_grid: int) -> Tensor:
-    """The layer's output with its weight at `spec` (MSE threshold) and its bias corrected, as Quantize does."""
-    return _output_with(layer, x, _quantized_weight(layer, spec, n_grid))
 
 
 class _Downstream(Interpreter):
@@ -140,9 +132,12 @@ class Sensitivity(FxqPass):
         n_grid: int = 64,
         progress: bool = True,
         act_threshold: ActThreshold = ActThreshold.MSE,
+        weight_error: WeightError = WeightError.MSE,
+        bias_correction: bool = True,
     ):
         self.batches, self.cfg = batches, config
         self.n_grid, self.progress, self.act_threshold = n_grid, progress, act_threshold
+        self.weight_error, self.bias_correction = weight_error, bias_correction
 
     def requires(self, gm: GraphModule) -> None:
         if not weight_layers(gm):
@@ -196,8 +191,8 @@ class Sensitivity(FxqPass):
         layer = gm.get_submodule(node.target)
         x = run.float_env[node.args[0]]
         if node not in self._weights_q:  # the threshold search once per layer and width, not once per batch
-            self._weights_q[node] = [_quantized_weight(layer, q(node).wspec.with_bits(b), self.n_grid) for b in options]
-        outs = [_output_with(layer, x, wq) for wq in self._weights_q[node]]
+            self._weights_q[node] = self._quantized_weights(layer, x, q(node).wspec, options)
+        outs = [_output_with(layer, x, wq, self.bias_correction) for wq in self._weights_q[node]]
         below = run.below(node)
         if stack:
             try:
@@ -211,6 +206,19 @@ class Sensitivity(FxqPass):
             changed = run.rerun(node, out, below, 1)
             per.append(self._distances(changed, run, taps, zf, weights, 1, 0))
         return np.array(per), False
+
+    def _quantized_weights(self, layer: nn.Module, x: Tensor, spec: QSpec, options) -> list[Tensor]:
+        """The layer's weight at each width as Quantize makes it (input statistics from this batch)."""
+        energy = None
+        if self.weight_error is WeightError.OUTPUT:
+            xf, dims = x.float(), _channel_dims(x, layer)
+            energy = input_energy(xf.mean(dims), xf.square().mean(dims), self.bias_correction)
+        w = layer.weight.detach()
+        out = []
+        for b in options:
+            s = spec.with_bits(b)
+            out.append(fake_quant(w, scale_for(fit_weight(layer, s, self.n_grid, energy), s), s))
+        return out
 
     def _activation(self, run: _Downstream, node: Node, options, taps, zf, weights) -> np.ndarray:
         value = run.float_env[node]

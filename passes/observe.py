@@ -11,7 +11,7 @@ from tqdm.auto import tqdm
 from fxq.data import batch_inputs
 from fxq.errors import DataError, GraphCheckFailed
 from fxq.meta import OpKind, gq, q
-from fxq.modules import ActObserver, ChannelMeanObserver
+from fxq.modules import ActObserver, ChannelStatsObserver
 from fxq.ops import device_of, set_eval_
 from fxq.passbase import FxqPass, PassResult
 
@@ -30,11 +30,11 @@ def _insert_after(gm: GraphModule, node: Node, name: str) -> Node:
     return new
 
 
-def _observe_input_mean(gm: GraphModule, node: Node) -> None:
-    """Put a ChannelMeanObserver on the edge into a weighted layer (only that layer sees it)."""
+def _observe_input_stats(gm: GraphModule, node: Node) -> None:
+    """Put a ChannelStatsObserver on the edge into a weighted layer (only that layer sees it)."""
     channel_dim = -1 if q(node).kind is OpKind.LINEAR else 1
     name = f"fxq_inmean_{node.name}"
-    gm.add_submodule(name, ChannelMeanObserver(channel_dim))
+    gm.add_submodule(name, ChannelStatsObserver(channel_dim))
     src = node.args[0]
     with gm.graph.inserting_before(node):
         obs = gm.graph.call_module(name, (src,))
@@ -44,11 +44,11 @@ def _observe_input_mean(gm: GraphModule, node: Node) -> None:
 
 class Observe(FxqPass):
     """Insert an ActObserver after every node with an output quantizer spec (NodeQ.aspec), and, for bias
-    correction, a ChannelMeanObserver in front of every weighted layer."""
+    correction and the output-error weight threshold, a ChannelStatsObserver in front of every weighted layer."""
 
-    def __init__(self, samples_per_batch: int = 4096, input_means: bool = True):
+    def __init__(self, samples_per_batch: int = 4096, input_stats: bool = True):
         self.samples_per_batch = samples_per_batch
-        self.input_means = input_means
+        self.input_stats = input_stats
 
     def call(self, gm: GraphModule) -> PassResult:
         nodes = [n for n in gm.graph.nodes if q(n).kind is not OpKind.OBSERVER]
@@ -58,9 +58,9 @@ class Observe(FxqPass):
             gm.add_submodule(name, ActObserver(self.samples_per_batch, seed=i))
             obs = _insert_after(gm, node, name)
             q(obs).kind, q(obs).observes = OpKind.OBSERVER, node
-        weighted = [n for n in nodes if q(n).wspec is not None] if self.input_means else []
+        weighted = [n for n in nodes if q(n).wspec is not None] if self.input_stats else []
         for node in weighted:
-            _observe_input_mean(gm, node)
+            _observe_input_stats(gm, node)
         gm.recompile()
         return PassResult(gm, modified=bool(todo or weighted))
 

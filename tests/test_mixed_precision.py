@@ -15,6 +15,7 @@ from fxq.errors import ConfigError
 from fxq.ilp import Budget, solve_allocation
 from fxq.meta import gq, q
 from fxq.modules import ActQuant, QuantWeight
+from fxq.qmath import WeightError, fake_quant, scale_for, weight_thresholds
 from fxq.taps import interest_nodes, with_taps
 from fxq.targets import INT8
 from tests.conftest import TinyNet, seeded
@@ -86,18 +87,33 @@ def test_a_budget_exactly_at_the_smallest_choice_is_feasible():
     assert alloc.choice == [0, 0] and alloc.usage["m"] == 4.0
 
 
-def _analyzed(model, **mp_cfg):
+def _analyzed(model, weight_error=WeightError.MSE, **mp_cfg):
     cfg = PTQConfig(
         target=INT8.with_bits(4),
         mixed_precision=MixedPrecisionConfig(**{"avg_bits": 4.0, "images": 8, "batch_size": 4, **mp_cfg}),
         lfh=LFH,
+        weight_error=weight_error,
         progress=False,
     )
     return fxq.analyze(model, CALIB, cfg), cfg
 
 
-def test_sensitivity_equals_a_direct_run_with_one_layer_quantized(tiny_net):
-    gm, cfg = _analyzed(tiny_net, bit_options=(2, 4, 8), batch_size=8)  # one batch: same statistics as below
+def _weight_as_quantize_makes_it(layer, x, spec, cfg) -> torch.Tensor:
+    """Written out apart from the pass: the MSE threshold, each weight's error weighted by its input
+    channel's variance for WeightError.OUTPUT (TinyNet has no grouped convs)."""
+    w = layer.weight.detach()
+    importance = None
+    if cfg.weight_error is WeightError.OUTPUT:
+        dims = [0, 2, 3] if x.dim() == 4 else [0]
+        var = x.var(dims, unbiased=False)
+        importance = (var.view(1, -1, 1, 1) if w.dim() == 4 else var.view(1, -1)).expand_as(w)
+    return fake_quant(w, scale_for(weight_thresholds(w, spec, cfg.weight_grid, importance), spec), spec)
+
+
+@pytest.mark.parametrize("weight_error", list(WeightError))
+def test_sensitivity_equals_a_direct_run_with_one_layer_quantized(tiny_net, weight_error):
+    # one batch: same statistics as below
+    gm, cfg = _analyzed(tiny_net, weight_error, bit_options=(2, 4, 8), batch_size=8)
     x = torch.cat(CALIB)[:8]
     weights = interest_weights(gm, LossWeights.LFH, with_output=True)
     tapped = with_taps(gm, interest_nodes(gm))
@@ -109,7 +125,8 @@ def test_sensitivity_equals_a_direct_run_with_one_layer_quantized(tiny_net):
             spec = q(node).wspec.with_bits(bits)
 
             def quantized(m, args, out, spec=spec):  # a whole-graph run with only this layer quantized
-                return mp._quantized_output(m, args[0], spec, cfg.weight_grid)
+                wq = _weight_as_quantize_makes_it(m, args[0], spec, cfg)
+                return mp._output_with(m, args[0], wq, bias_correction=True)
 
             handle = layer.register_forward_hook(quantized)
             with torch.no_grad():

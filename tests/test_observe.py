@@ -4,7 +4,7 @@ from torch import nn
 
 import fxq
 from fxq.meta import OpKind, q
-from fxq.modules import ActObserver, ChannelMeanObserver
+from fxq.modules import ActObserver, ChannelStatsObserver
 from fxq.pipeline import prepare, run_passes
 from tests.conftest import seeded
 
@@ -31,11 +31,14 @@ def test_observer_ranges_match_the_float_activations(tiny_net):
     assert relu_obs.sample().numel() == sum(min(4096, x.shape[0] * 8 * 144) for x in xs)
 
 
-def test_channel_mean_observer_matches_input_means(tiny_net):
+def test_channel_stats_observer_matches_input_statistics(tiny_net):
     xs = [seeded(2, 3, 12, 12, seed=s) for s in range(2)]
     gm = run_passes(prepare(tiny_net, (xs[0],)), [Calibrate(xs, progress=False)])
-    means = _observers(gm, ChannelMeanObserver)
-    torch.testing.assert_close(means["stem_0"].mean(), torch.cat(xs).mean((0, 2, 3)))
+    stats = _observers(gm, ChannelStatsObserver)["stem_0"]
+    x = torch.cat(xs)
+    torch.testing.assert_close(stats.mean(), x.mean((0, 2, 3)))
+    torch.testing.assert_close(stats.second_moment(), x.square().mean((0, 2, 3)))
+    torch.testing.assert_close(stats.variance(), x.var((0, 2, 3), unbiased=False), rtol=1e-4, atol=1e-6)
 
 
 def test_activation_signedness(tiny_net):
@@ -50,7 +53,7 @@ def test_observer_passes_values_through():
     obs = ActObserver()
     x = seeded(2, 3, 4)
     assert obs(x) is x
-    cm = ChannelMeanObserver(channel_dim=-1)
+    cm = ChannelStatsObserver(channel_dim=-1)
     assert cm(x) is x
     torch.testing.assert_close(cm.mean(), x.mean((0, 1)))
 

@@ -44,6 +44,7 @@ class Report:
     method: str
     frontend: str | None
     calib_images: int
+    settings: dict = field(default_factory=dict)  # how the quantizers were fitted (thresholds, bias correction)
     layers: list[LayerReport] = field(default_factory=list)
     stage_seconds: dict[str, float] = field(default_factory=dict)
     accuracy: dict[str, dict] = field(default_factory=dict)  # run name -> {top1, top5, images, seconds}
@@ -132,6 +133,13 @@ def build_report(gm: GraphModule, cfg: PTQConfig, model_name: str) -> Report:
         method=cfg.method.value,
         frontend=g.frontend,
         calib_images=g.calib_images,
+        settings={
+            "act_threshold": cfg.act_threshold.value,
+            "weight_error": cfg.weight_error.value,
+            "weight_grid": cfg.weight_grid,
+            "bias_correction": cfg.bias_correction,
+            "bias_bits": cfg.target.bias_bits,
+        },
         layers=layers,
         stage_seconds=dict(g.stage_seconds),
         rounding=dict(g.rounding),

@@ -252,3 +252,17 @@ def test_quantize_with_activation_widths_in_the_ilp(tmp_path, image_dirs, capsys
     mixed = json.loads((out / "report.json").read_text())["mixed_precision"]
     assert set(mixed["act_bits"].values()) == {4, 8} and mixed["act_avg_bits"] <= 6 + 1e-9
     assert mixed["avg_bits"] <= 6 + 1e-9
+
+
+def test_quantize_with_output_error_weight_thresholds(tmp_path, image_dirs, capsys):
+    calib, _ = image_dirs
+    reports = {}
+    for error in ("mse", "output"):
+        out = tmp_path / error
+        args = ["quantize", "--model", "mobilenet_v3_small", "--random-weights", "--quiet", "--calib", str(calib)]
+        args += ["--no-eval", "--batch-size", "2", "--weight-bits", "4", "--weight-error", error, "--out", str(out)]
+        assert run(args, capsys)[0] == 0
+        reports[error] = json.loads((out / "report.json").read_text())
+        assert reports[error]["settings"]["weight_error"] == error
+    thresholds = [{lr["node"]: lr["w_threshold"] for lr in r["layers"] if lr["w_threshold"]} for r in reports.values()]
+    assert thresholds[0].keys() == thresholds[1].keys() and thresholds[0] != thresholds[1]

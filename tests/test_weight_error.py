@@ -8,7 +8,7 @@ from torch import nn
 import fxq
 from fxq.meta import q
 from fxq.modules import QuantWeight
-from fxq.qmath import QSpec, WeightError, fake_quant, input_importance, scale_for, weight_thresholds
+from fxq.qmath import QSpec, fake_quant, input_importance, scale_for, weight_thresholds
 from tests.conftest import seeded
 
 W4 = QSpec(4, signed=True, per_channel=True)

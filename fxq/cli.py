@@ -146,9 +146,10 @@ def _mp_args(p: argparse.ArgumentParser) -> None:
     m.add_argument("--mp-images", type=int, default=32, help="calibration images for the sensitivities")
     m.add_argument(
         "--mp-loss-weights",
-        choices=["lfh", "mean"],
+        choices=[w.value for w in LossWeights],
         default="lfh",
-        help="sensitivity: LFH-weighted interest tensors (default) or their plain mean (MCT's AVG)",
+        help="sensitivity: LFH-weighted interest tensors (default), their plain mean (MCT's AVG), or the model "
+        "output alone",
     )
 
 

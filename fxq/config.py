@@ -75,6 +75,7 @@ class LFHConfig:
 class LossWeights(Enum):
     LFH = "lfh"  # lambda_z from the label-free Hessian (EPTQ)
     MEAN = "mean"  # every interest tensor alike (the paper's Table 1 ablation)
+    OUTPUT = "output"  # the model output alone (a mixed-precision sensitivity that tracks top-1 closely)
 
 
 @dataclass(frozen=True)

@@ -81,6 +81,15 @@ def rounding_regularizer(layers: list[QuantWeight], beta: float) -> Tensor:
 def interest_weights(gm: GraphModule, kind: LossWeights, with_output: bool) -> Tensor:
     """lambda_z per interest tensor (the output first when `with_output`), scaled to mean 1."""
     z = interest_nodes(gm)
+    if kind is LossWeights.OUTPUT:
+        if not with_output:
+            raise GraphCheckFailed(
+                "loss_weights='output' measures the model output, but this model does not return one tensor; "
+                "use 'lfh' or 'mean'"
+            )
+        w = torch.zeros(len(z) + 1)
+        w[0] = 1.0
+        return w / w.mean()
     if kind is LossWeights.MEAN:
         w = torch.ones(len(z))
     else:

@@ -250,6 +250,42 @@ def test_plain_mean_sensitivity_needs_no_lfh(tiny_net):
     assert mean_scores != pytest.approx(lfh_scores)  # the weighting is used
 
 
+def test_output_sensitivity_is_the_outputs_relative_error(tiny_net):
+    gm, cfg = _analyzed(tiny_net, loss_weights="output", batch_size=8, images=8)
+    assert all(q(n).lfh_weight is None for n in interest_nodes(gm))  # the LFH pass did not run
+    x = torch.cat(CALIB)[:8]
+    with torch.no_grad():
+        ref = gm(x)
+    for node in mp.weight_layers(gm):
+        layer = gm.get_submodule(node.target)
+        spec = q(node).wspec.with_bits(2)
+
+        def quantized(m, args, out):
+            wq = _weight_as_quantize_makes_it(m, args[0], spec, cfg)
+            return mp._output_with(m, args[0], wq, bias_correction=True)
+
+        handle = layer.register_forward_hook(quantized)
+        with torch.no_grad():
+            out = gm(x)
+        handle.remove()
+        expected = float((out - ref).square().sum(1).mean() / ref.square().sum(1).mean())
+        assert q(node).bit_sensitivity[2] == pytest.approx(expected, rel=1e-5), node.name
+
+
+def test_output_sensitivity_needs_a_single_tensor_output():
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return y, y.mean()
+
+    with pytest.raises(fxq.GraphCheckFailed, match="does not return one tensor; use 'lfh' or 'mean'"):
+        _analyzed(TwoHeads().eval(), loss_weights="output")
+
+
 def _act_mp_config(act_avg_bits: float) -> PTQConfig:
     mixed = MixedPrecisionConfig(
         avg_bits=8.0, act_bit_options=(4, 8), act_avg_bits=act_avg_bits, images=8, batch_size=8

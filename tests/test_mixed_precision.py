@@ -260,7 +260,7 @@ def test_output_sensitivity_is_the_outputs_relative_error(tiny_net):
         layer = gm.get_submodule(node.target)
         spec = q(node).wspec.with_bits(2)
 
-        def quantized(m, args, out):
+        def quantized(m, args, out, spec=spec):
             wq = _weight_as_quantize_makes_it(m, args[0], spec, cfg)
             return mp._output_with(m, args[0], wq, bias_correction=True)
 

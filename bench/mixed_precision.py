@@ -44,6 +44,7 @@ def main() -> None:
     p.add_argument("--budgets", default="3,4", help="average bits per weight")
     p.add_argument("--iterations", type=int, default=800)
     p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--mp-loss-weights", default="lfh", help="sensitivity measure: lfh, mean or output")
     p.add_argument("--json", default="bench/mixed_precision_cpu.json")
     args = p.parse_args()
 
@@ -60,14 +61,14 @@ def main() -> None:
         return PTQConfig(
             target=INT8.with_bits(4),
             method=method,
-            mixed_precision=MixedPrecisionConfig(avg_bits=avg),
+            mixed_precision=MixedPrecisionConfig(avg_bits=avg, loss_weights=args.mp_loss_weights),
             rounding=RoundingConfig(iterations=args.iterations, batch_size=args.batch_size),
             lfh=LFHConfig(min_probes=10, max_probes=32),
             progress=False,
         )
 
     t0 = time.perf_counter()
-    analyzed = analyze(lm.model, xs, cfg(budgets[0], Method.RTN))
+    analyzed = analyze(lm.model, xs, cfg(budgets[0], Method.EPTQ))  # EPTQ: the LFH is measured for the rounding too
     stages = gq(analyzed).stage_seconds
     done["analysis"] = {
         "seconds": time.perf_counter() - t0,

@@ -98,10 +98,12 @@ class _Downstream(Interpreter):
         return seen
 
     @torch.no_grad()
-    def rerun(self, node: Node, value: Tensor, below: list[Node], copies: int) -> dict[Node, Tensor]:
-        """Values of `below` when `node` outputs `value` (`copies` candidates stacked along the batch)."""
+    def rerun(self, node: Node, value: Tensor, below: list[Node], copies: int, keep: set[Node]) -> dict[Node, Tensor]:
+        """Values of the `keep` nodes among `below` when `node` outputs `value` (`copies` candidates stacked along
+        the batch). Every other value is dropped after its last use: holding all of them took ~18 GB on Lite0."""
         changed = {node: value}
         widened: dict[Node, object] = {}
+        last_use = {a: n for n in below for a in n.all_input_nodes}
 
         def fetch(a: Node):
             if a in changed:
@@ -119,6 +121,10 @@ class _Downstream(Interpreter):
         for n in below:
             args, kwargs = map_arg(n.args, fetch), map_arg(n.kwargs, fetch)
             changed[n] = getattr(self, n.op)(n.target, args, kwargs)
+            for a in n.all_input_nodes:
+                if last_use[a] is n and a not in keep:
+                    changed.pop(a, None)
+                    widened.pop(a, None)
         return changed
 
 
@@ -157,7 +163,7 @@ class Sensitivity(FxqPass):
         z = interest_nodes(gm)
         totals = {n: np.zeros(len(options)) for n in layers}
         act_totals = {n: np.zeros(len(act_options)) for n in acts}
-        x_all = torch.cat([batch_inputs(b) for b in self.batches])[: self.cfg.images].to(device_of(gm))
+        x_all = _first_images(self.batches, self.cfg.images).to(device_of(gm))
         chunks = x_all.split(self.cfg.batch_size)
         total = (len(layers) + len(acts)) * len(chunks)
         bar = tqdm(total=total, desc="sensitivity", unit="layer", disable=not self.progress)
@@ -169,6 +175,8 @@ class Sensitivity(FxqPass):
             taps = ([None] if out_is_tensor else []) + z
             weights = interest_weights(gm, self.cfg.loss_weights, out_is_tensor).to(x.device)
             zf = [run.out if t is None else run.float_env[t] for t in taps]
+            out_node = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+            self._keep = {out_node if t is None else t for t, w in zip(taps, weights.tolist()) if w > 0}
             for node in layers:
                 d, ok = self._layer(gm, run, node, options, taps, zf, weights, stack)
                 totals[node] += d * x.shape[0]
@@ -196,15 +204,14 @@ class Sensitivity(FxqPass):
         below = run.below(node)
         if stack:
             try:
-                changed = run.rerun(node, torch.cat(outs), below, len(options))
+                changed = run.rerun(node, torch.cat(outs), below, len(options), self._keep)
                 per = [self._distances(changed, run, taps, zf, weights, len(options), i) for i in range(len(options))]
                 return np.array(per), True
             except RuntimeError:  # the graph does not broadcast over stacked candidates: one pass each
                 pass
         per = []
         for out in outs:
-            changed = run.rerun(node, out, below, 1)
-            per.append(self._distances(changed, run, taps, zf, weights, 1, 0))
+            per.append(self._distances(run.rerun(node, out, below, 1, self._keep), run, taps, zf, weights, 1, 0))
         return np.array(per), False
 
     def _quantized_weights(self, layer: nn.Module, x: Tensor, spec: QSpec, options) -> list[Tensor]:
@@ -229,7 +236,7 @@ class Sensitivity(FxqPass):
         below = run.below(node)
         per = []
         for quantizer in self._acts_q[node]:
-            changed = run.rerun(node, quantizer(value), below, 1)
+            changed = run.rerun(node, quantizer(value), below, 1, self._keep)
             per.append(self._distances(changed, run, taps, zf, weights, 1, 0))
         return np.array(per)
 
@@ -241,6 +248,17 @@ class Sensitivity(FxqPass):
             v = changed.get(out_node if t is None else t)
             zq.append(f if v is None else v.chunk(copies)[i] if copies > 1 else v)
         return float(distillation_loss(zf, zq, weights))
+
+
+def _first_images(batches, n: int) -> Tensor:
+    """The first n inputs of `batches`, without concatenating the batches past them."""
+    xs, have = [], 0
+    for b in batches:
+        if have >= n:
+            break
+        xs.append(batch_inputs(b))
+        have += len(xs[-1])
+    return torch.cat(xs)[:n]
 
 
 def _macs(layer: nn.Module, out: Tensor) -> int:

@@ -136,6 +136,20 @@ def test_sensitivity_equals_a_direct_run_with_one_layer_quantized(tiny_net, weig
             assert q(node).bit_sensitivity[bits] == pytest.approx(expected, rel=1e-5, abs=1e-9), (node.name, bits)
 
 
+def test_a_rerun_keeps_only_what_it_is_asked_for(tiny_net):
+    gm, _ = _analyzed(tiny_net, loss_weights="mean")
+    x = torch.cat(CALIB)[:4]
+    run = mp._Downstream(gm, x)
+    node = mp.weight_layers(gm)[0]
+    below = run.below(node)
+    value = run.float_env[node] * 1.5
+    everything = run.rerun(node, value, below, 1, keep=set(below))
+    tap = interest_nodes(gm)[-1]
+    lean = run.rerun(node, value, below, 1, keep={tap})
+    assert tap in lean and len(lean) < len(below) // 2  # intermediate values were dropped after their last use
+    torch.testing.assert_close(lean[tap], everything[tap])
+
+
 class FlattensBySize(nn.Module):
     """A head that reshapes with the batch size read off the input (x.view(x.size(0), -1)), as Lite0's does."""
 

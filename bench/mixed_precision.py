@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-from fxq.passes.mixed_precision import MixedPrecision
 
 from fxq.config import LFHConfig, Method, MixedPrecisionConfig, PTQConfig, RoundingConfig
 from fxq.data import batches, default_data_dir, load_images
@@ -24,7 +23,7 @@ from fxq.evaluate import evaluate
 from fxq.ilp import Budget, solve_allocation
 from fxq.meta import copy_graph, gq
 from fxq.models import load_model
-from fxq.pipeline import analyze, quantize_analyzed, run_passes
+from fxq.pipeline import allocation_passes, analyze, quantize_analyzed, run_passes
 from fxq.report import write_json_atomic
 from fxq.targets import INT8
 
@@ -87,7 +86,7 @@ def main() -> None:
                 continue
             c = cfg(avg, method)
             t1 = time.perf_counter()
-            gm = run_passes(copy_graph(analyzed), [MixedPrecision(c.mixed_precision, c.target.act_bits)])
+            gm = run_passes(copy_graph(analyzed), allocation_passes(c, xs))
             qgm, report = quantize_analyzed(gm, xs, c, lm.name)
             row = {**evaluate(qgm, val.x, val.y, progress=False), "quantize_seconds": time.perf_counter() - t1}
             m = report.mixed_precision

@@ -3,6 +3,9 @@
     python bench/mp_sensitivity.py --json bench/mp_sensitivity_lite0_cpu.json
     python bench/mp_sensitivity.py --model cifar10_resnet20 --budgets 4,3,2.5 --json bench/mp_sensitivity_resnet20_cpu.json
 
+A measure "lfh+output" solves the ILP under both and keeps the allocation whose RTN model agrees most with the
+float model on the last 256 calibration images (`MixedPrecisionConfig.select_from`).
+
 Weights pick from {2, 4, 8} at each average-bits budget, activations at 8 bits, RTN (no rounding optimization).
 One analysis per measure, every budget reuses it (as `fxq pareto` does). Top-1 on all val images; on ImageNet
 also the label-free agreement with the float model's top-1 on calibration images 500-999 (the calibration uses
@@ -17,14 +20,13 @@ import time
 from pathlib import Path
 
 import torch
-from fxq.passes.mixed_precision import MixedPrecision
 
 from fxq.config import LFHConfig, MixedPrecisionConfig, PTQConfig
 from fxq.data import batches, default_data_dir, load_images
 from fxq.evaluate import evaluate
 from fxq.meta import copy_graph, gq
 from fxq.models import load_model
-from fxq.pipeline import analyze, quantize_analyzed, run_passes
+from fxq.pipeline import allocation_passes, analyze, quantize_analyzed, run_passes
 from fxq.report import write_json_atomic
 from fxq.targets import INT8
 
@@ -60,7 +62,8 @@ def main() -> None:
     done = json.loads(path.read_text()) if path.is_file() else {"model": args.model, "rows": {}}
 
     def cfg(measure: str, avg: float) -> PTQConfig:
-        mixed = MixedPrecisionConfig(avg_bits=avg, images=args.images, loss_weights=measure)
+        first, *others = measure.split("+")  # "lfh+output": solve under both, keep the better-agreeing allocation
+        mixed = MixedPrecisionConfig(avg_bits=avg, images=args.images, loss_weights=first, select_from=tuple(others))
         lfh = LFHConfig(min_probes=10, max_probes=32)
         return PTQConfig(target=INT8.with_bits(4), mixed_precision=mixed, lfh=lfh, progress=False)
 
@@ -74,7 +77,7 @@ def main() -> None:
         analysis = {"seconds": time.perf_counter() - t0, **gq(analyzed).stage_seconds}
         for avg, name in names.items():
             c = cfg(measure, avg)
-            gm = run_passes(copy_graph(analyzed), [MixedPrecision(c.mixed_precision, c.target.act_bits)])
+            gm = run_passes(copy_graph(analyzed), allocation_passes(c, xs))
             qgm, report = quantize_analyzed(gm, xs, c, lm.name)
             row = evaluate(qgm, val.x, val.y, progress=False)
             row["agree_calib"] = float((top1(qgm, held) == float_top1).float().mean() * 100)
@@ -82,6 +85,9 @@ def main() -> None:
             row["layers_at"] = {b: bits.count(b) for b in (2, 4, 8)}
             row["avg_bits"] = report.mixed_precision["avg_bits"]
             row["analysis"] = analysis
+            if "selected" in report.mixed_precision:
+                row["selected"] = report.mixed_precision["selected"]
+                row["selection_agreement"] = report.mixed_precision["agreement"]
             done["rows"][name] = row
             write_json_atomic(str(path), done)
             print(

@@ -13,14 +13,13 @@ import argparse
 import time
 
 import torch
-from fxq.passes.mixed_precision import MixedPrecision
 
 from fxq.config import LFHConfig, MixedPrecisionConfig, PTQConfig
 from fxq.data import batches, default_data_dir, load_images
 from fxq.evaluate import evaluate
 from fxq.meta import copy_graph
 from fxq.models import load_model
-from fxq.pipeline import analyze, quantize, quantize_analyzed, run_passes
+from fxq.pipeline import allocation_passes, analyze, quantize, quantize_analyzed, run_passes
 from fxq.report import write_json_atomic
 from fxq.targets import INT8
 
@@ -75,7 +74,7 @@ def main() -> None:
         analyzed = analyze(lm.model, xs, cfg(4.0))
         for avg in (4.0, 3.0):
             c = cfg(avg)
-            gm = run_passes(copy_graph(analyzed), [MixedPrecision(c.mixed_precision, c.target.act_bits)])
+            gm = run_passes(copy_graph(analyzed), allocation_passes(c, xs))
             qgm, report = quantize_analyzed(gm, xs, c)
             bits = list(report.mixed_precision["bits"].values())
             record(f"{error} MP {avg:g} bits/weight", qgm, layers_at={b: bits.count(b) for b in (2, 4, 8)})

@@ -146,11 +146,22 @@ def _mp_args(p: argparse.ArgumentParser) -> None:
     m.add_argument("--mp-images", type=int, default=32, help="calibration images for the sensitivities")
     m.add_argument(
         "--mp-loss-weights",
-        choices=[w.value for w in LossWeights],
-        default="lfh",
-        help="sensitivity: LFH-weighted interest tensors (default), their plain mean (MCT's AVG), or the model "
-        "output alone",
+        type=_measures,
+        default=(LossWeights.LFH.value,),
+        help="sensitivity: lfh (LFH-weighted interest tensors, the default), mean (their plain mean, MCT's AVG) or "
+        "output (the model output alone); a list such as lfh,output solves the ILP under each and keeps the "
+        "allocation whose RTN model agrees most with the float model on held-out calibration images",
     )
+    m.add_argument("--mp-check-images", type=int, default=256, help="held-out images for that agreement check")
+
+
+def _measures(text: str) -> tuple[str, ...]:
+    known = [w.value for w in LossWeights]
+    measures = tuple(t.strip() for t in text.split(",") if t.strip())
+    bad = [m for m in measures if m not in known]
+    if bad or not measures:
+        raise argparse.ArgumentTypeError(f"unknown measure(s) {bad} in {text!r}; choose from {known}")
+    return measures
 
 
 def _mixed_precision(args, **budget) -> MixedPrecisionConfig | None:
@@ -166,7 +177,15 @@ def _mixed_precision(args, **budget) -> MixedPrecisionConfig | None:
     options = {"bit_options": args.bit_options} if args.bit_options else {}
     if args.act_bit_options:
         options["act_bit_options"] = args.act_bit_options
-    return MixedPrecisionConfig(**given, **options, images=args.mp_images, loss_weights=args.mp_loss_weights)
+    measure, *others = args.mp_loss_weights
+    return MixedPrecisionConfig(
+        **given,
+        **options,
+        images=args.mp_images,
+        loss_weights=measure,
+        select_from=tuple(others),
+        check_images=args.mp_check_images,
+    )
 
 
 def _schedule(args) -> tuple[str, RoundingConfig, LFHConfig]:
@@ -267,14 +286,19 @@ def _mp_line(report: Report) -> str:
         f"({', '.join(f'{n} layers at {b} bits' for b, n in counts.items() if n)}); sensitivity "
         f"{report.stage_seconds.get('Sensitivity', 0):.1f} s, ILP {m['solve_seconds'] * 1e3:.0f} ms"
         + (f"; activations {m['act_avg_bits']:.3f} bits/value" if "act_bits" in m else "")
+        + (_selection(m) if "selected" in m else "")
     )
+
+
+def _selection(m: dict) -> str:
+    scores = ", ".join(f"{k} {v:.1f} %" for k, v in m["agreement"].items())
+    return f"; measure {m['selected']} kept (agreement with float on {m['check_images']} calib images: {scores})"
 
 
 def cmd_pareto(args) -> None:
     """Accuracy against weight memory: mixed precision over a sweep of budgets, uniform widths for reference."""
     from fxq.meta import copy_graph
-    from fxq.passes.mixed_precision import MixedPrecision
-    from fxq.pipeline import analyze, quantize_analyzed, run_passes
+    from fxq.pipeline import allocation_passes, analyze, quantize_analyzed, run_passes
     from fxq.plots import pareto_plot
 
     sweep = {b: _config(args, max(args.uniform), mixed=_mixed_precision(args, avg_bits=b)) for b in args.avg_bits_list}
@@ -286,7 +310,7 @@ def cmd_pareto(args) -> None:
     first = next(iter(sweep.values()))
     analyzed = analyze(lm.model, xs, first)  # LFH and sensitivities once, for every budget
     for avg, cfg in sweep.items():
-        gm = run_passes(copy_graph(analyzed), [MixedPrecision(cfg.mixed_precision, cfg.target.act_bits)])
+        gm = run_passes(copy_graph(analyzed), allocation_passes(cfg, xs))
         qgm, rep = quantize_analyzed(gm, xs, cfg, lm.name)
         acc = evaluate(qgm, val.x, val.y, progress=False)
         m = rep.mixed_precision

@@ -148,8 +148,17 @@ class MixedPrecisionConfig:
     batch_size: int = 16
     stack_candidates: bool | None = None  # a layer's widths in one pass along the batch; None: on CUDA only
     loss_weights: LossWeights = LossWeights.LFH  # how the interest tensors' distances add up (mean: MCT's AVG)
+    # further measures to solve the ILP under; the allocation whose RTN model agrees most often with the float
+    # model's top-1 on the last `check_images` calibration images (no labels) is kept
+    select_from: tuple[LossWeights, ...] = ()
+    check_images: int = 256
     act_bit_options: tuple[int, ...] | None = None
     act_avg_bits: float | None = None
+
+    @property
+    def measures(self) -> tuple[LossWeights, ...]:
+        """loss_weights, then the other measures the allocation is selected from."""
+        return (self.loss_weights, *self.select_from)
 
     def __post_init__(self):
         budgets = (self.weight_memory, self.avg_bits, self.bops, self.latency, self.act_avg_bits)
@@ -171,9 +180,20 @@ class MixedPrecisionConfig:
                 "a BOPs budget with activation widths to choose is not supported (BOPs multiply the two choices); "
                 "budget activations with act_avg_bits, or leave act_bit_options unset"
             )
-        if self.images < 1 or self.batch_size < 1:
-            raise ConfigError(f"images and batch_size must be >= 1, got {self.images}, {self.batch_size}")
+        if self.images < 1 or self.batch_size < 1 or self.check_images < 1:
+            raise ConfigError(
+                f"images, batch_size and check_images must be >= 1, got {self.images}, {self.batch_size}, "
+                f"{self.check_images}"
+            )
         _coerce_enums_(self, loss_weights=LossWeights)
+        given = (self.select_from,) if isinstance(self.select_from, (str, LossWeights)) else self.select_from
+        try:
+            measures = tuple(LossWeights(m) for m in given)
+        except ValueError:
+            raise ConfigError(
+                f"select_from must hold measures from {[w.value for w in LossWeights]}, got {self.select_from!r}"
+            ) from None
+        object.__setattr__(self, "select_from", tuple(m for m in dict.fromkeys(measures) if m != self.loss_weights))
 
 
 @dataclass(frozen=True)

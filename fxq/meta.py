@@ -52,6 +52,8 @@ class NodeQ:
     bias_bits: int | None = None  # the bias sits on the integer grid s_x * s_w at this width (None: float bias)
     bit_sensitivity: dict[int, float] | None = None  # mixed precision: LFH-weighted distance per weight width
     act_bit_sensitivity: dict[int, float] | None = None  # the same per width of this node's output quantizer
+    bit_sensitivity_by: dict[str, dict[int, float]] | None = None  # per measure, when several are compared
+    act_bit_sensitivity_by: dict[str, dict[int, float]] | None = None
     macs: int | None = None  # multiply-accumulates per image (conv / linear)
     observes: Node | None = None  # on observer / act-quant nodes: the node whose output they quantize
 

@@ -30,6 +30,7 @@ from fxq.passes.observe import Calibrate, Observe
 from fxq.passes.quantize import Quantize
 from fxq.passes.quantize_bias import QuantizeBias
 from fxq.passes.rounding import Rounding, float_teacher
+from fxq.passes.select_allocation import SelectAllocation
 from fxq.passes.shapes import PropagateShapes
 from fxq.report import Report, build_report
 
@@ -135,18 +136,36 @@ def convert(gm: GraphModule, config: PTQConfig = PTQConfig()) -> GraphModule:
 def analysis_passes(cfg: PTQConfig, batches: list) -> list[PassBase]:
     """On the float graph: the LFH when the rounding or mixed precision needs it, then the bit allocation."""
     mp, eptq = cfg.mixed_precision, cfg.method is Method.EPTQ
-    needs_lfh = (mp is not None and mp.loss_weights is LossWeights.LFH) or (
+    needs_lfh = (mp is not None and LossWeights.LFH in mp.measures) or (
         eptq and cfg.rounding.loss_weights is LossWeights.LFH
     )
     passes: list[PassBase] = [LFH(batches, cfg.lfh, cfg.progress)] if needs_lfh else []
     if mp is not None:
-        passes += [
+        passes.append(
             Sensitivity(
                 batches, mp, cfg.weight_grid, cfg.progress, cfg.act_threshold, cfg.weight_error, cfg.bias_correction
-            ),
-            MixedPrecision(mp, cfg.target.act_bits),
-        ]
+            )
+        )
+        passes += allocation_passes(cfg, batches)
     return passes
+
+
+def allocation_passes(cfg: PTQConfig, batches: list) -> list[PassBase]:
+    """From measured sensitivities to widths: the ILP, then (with `select_from`) the label-free choice among the
+    allocations of each measure. A sweep over budgets reruns only these on copies of one analyzed graph."""
+    mp = cfg.mixed_precision
+    passes: list[PassBase] = [MixedPrecision(mp, cfg.target.act_bits)]
+    if mp.select_from:
+        passes.append(SelectAllocation(batches, lambda g: run_passes(g, _rtn_passes(cfg, batches)), mp.check_images))
+    return passes
+
+
+def _calibrate_and_convert(cfg: PTQConfig, batches: list, progress: bool) -> list[PassBase]:
+    return [_observe(cfg), Calibrate(batches, progress), *convert_passes(cfg)]
+
+
+def _rtn_passes(cfg: PTQConfig, batches: list) -> list[PassBase]:
+    return [*_calibrate_and_convert(cfg, batches, progress=False), *finish_passes(cfg)]
 
 
 def analyze(model: nn.Module, calib_data: Iterable, config: PTQConfig) -> GraphModule:
@@ -159,7 +178,7 @@ def analyze(model: nn.Module, calib_data: Iterable, config: PTQConfig) -> GraphM
 def quantize_analyzed(gm: GraphModule, calib_data: Iterable, config: PTQConfig, name: str = "model") -> Quantized:
     """Calibrate, convert and (EPTQ) optimize the rounding of a float graph from `analyze`; `gm` is consumed."""
     batches = calib_data if hasattr(calib_data, "__len__") else list(calib_data)
-    passes = [_observe(config), Calibrate(batches, config.progress), *convert_passes(config)]
+    passes = _calibrate_and_convert(config, batches, config.progress)
     if config.method is Method.EPTQ:
         images = torch.cat([batch_inputs(b) for b in batches])
         passes.append(Rounding(float_teacher(gm), images, config.rounding, config.progress))

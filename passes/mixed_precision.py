@@ -34,7 +34,7 @@ from fxq.passbase import FxqPass, PassResult
 from fxq.qmath import ActThreshold, QSpec, WeightError, fake_quant, scale_for
 from fxq.taps import interest_nodes
 
-__all__ = ["Sensitivity", "MixedPrecision", "weight_layers", "activation_sites"]
+__all__ = ["Sensitivity", "MixedPrecision", "apply_plan", "weight_layers", "activation_sites"]
 
 
 def weight_layers(gm: GraphModule) -> list[Node]:
@@ -149,7 +149,7 @@ class Sensitivity(FxqPass):
         if not weight_layers(gm):
             raise GraphCheckFailed("sensitivity: no weight quantizers annotated; run Annotate first")
         missing = [n.name for n in interest_nodes(gm) if q(n).lfh_weight is None]
-        if missing and self.cfg.loss_weights is LossWeights.LFH:
+        if missing and LossWeights.LFH in self.cfg.measures:
             raise GraphCheckFailed(f"sensitivity: no LFH weight on {missing[:3]}; run the LFH pass first")
 
     def call(self, gm: GraphModule) -> PassResult:
@@ -161,8 +161,9 @@ class Sensitivity(FxqPass):
         layers = weight_layers(gm)
         acts = activation_sites(gm) if act_options else []
         z = interest_nodes(gm)
-        totals = {n: np.zeros(len(options)) for n in layers}
-        act_totals = {n: np.zeros(len(act_options)) for n in acts}
+        measures = self.cfg.measures
+        totals = {n: np.zeros((len(options), len(measures))) for n in layers}
+        act_totals = {n: np.zeros((len(act_options), len(measures))) for n in acts}
         x_all = _first_images(self.batches, self.cfg.images).to(device_of(gm))
         chunks = x_all.split(self.cfg.batch_size)
         total = (len(layers) + len(acts)) * len(chunks)
@@ -173,10 +174,12 @@ class Sensitivity(FxqPass):
             run = _Downstream(gm, x)
             out_is_tensor = isinstance(run.out, Tensor)
             taps = ([None] if out_is_tensor else []) + z
-            weights = interest_weights(gm, self.cfg.loss_weights, out_is_tensor).to(x.device)
+            # one row per measure: every measure weighs the same re-runs
+            weights = torch.stack([interest_weights(gm, m, out_is_tensor) for m in measures]).to(x.device)
             zf = [run.out if t is None else run.float_env[t] for t in taps]
             out_node = next(n for n in gm.graph.nodes if n.op == "output").args[0]
-            self._keep = {out_node if t is None else t for t, w in zip(taps, weights.tolist()) if w > 0}
+            used = weights.gt(0).any(0).tolist()
+            self._keep = {out_node if t is None else t for t, u in zip(taps, used) if u}
             for node in layers:
                 d, ok = self._layer(gm, run, node, options, taps, zf, weights, stack)
                 totals[node] += d * x.shape[0]
@@ -186,10 +189,18 @@ class Sensitivity(FxqPass):
                 act_totals[node] += self._activation(run, node, act_options, taps, zf, weights) * x.shape[0]
                 bar.update()
         bar.close()
+
+        def per_measure(table: np.ndarray, widths) -> dict[str, dict[int, float]]:
+            return {m.value: dict(zip(widths, (table[:, k] / len(x_all)).tolist())) for k, m in enumerate(measures)}
+
         for node in acts:
-            q(node).act_bit_sensitivity = dict(zip(act_options, (act_totals[node] / len(x_all)).tolist()))
+            by = per_measure(act_totals[node], act_options)
+            q(node).act_bit_sensitivity = by[measures[0].value]
+            q(node).act_bit_sensitivity_by = by if len(measures) > 1 else None
         for node in layers:
-            q(node).bit_sensitivity = dict(zip(options, (totals[node] / len(x_all)).tolist()))
+            by = per_measure(totals[node], options)
+            q(node).bit_sensitivity = by[measures[0].value]
+            q(node).bit_sensitivity_by = by if len(measures) > 1 else None
             q(node).macs = _macs(gm.get_submodule(node.target), run.float_env[node])
         gq(gm).mixed_precision["sensitivity_images"] = len(x_all)
         gq(gm).mixed_precision["stacked_layers"] = stacked // len(chunks)
@@ -241,13 +252,14 @@ class Sensitivity(FxqPass):
         return np.array(per)
 
     @staticmethod
-    def _distances(changed, run: _Downstream, taps, zf, weights, copies: int, i: int) -> float:
+    def _distances(changed, run: _Downstream, taps, zf, weights, copies: int, i: int) -> np.ndarray:
+        """The weighted distance under each measure (one per row of `weights`)."""
         out_node = next(n for n in run.module.graph.nodes if n.op == "output").args[0]
         zq = []
         for t, f in zip(taps, zf):
             v = changed.get(out_node if t is None else t)
             zq.append(f if v is None else v.chunk(copies)[i] if copies > 1 else v)
-        return float(distillation_loss(zf, zq, weights))
+        return distillation_loss(zf, zq, weights).cpu().numpy()
 
 
 def _first_images(batches, n: int) -> Tensor:
@@ -281,12 +293,28 @@ class MixedPrecision(FxqPass):
             raise GraphCheckFailed(f"mixed precision: no sensitivities on {missing[:3]}; run Sensitivity first")
 
     def call(self, gm: GraphModule) -> PassResult:
+        measures = [m.value for m in self.cfg.measures]
+        plans = {m: self._plan(gm, m if len(measures) > 1 else None) for m in measures}
+        apply_plan(gm, plans[measures[0]])
+        if len(plans) > 1:  # SelectAllocation picks among them
+            gq(gm).mixed_precision["candidates"] = plans
+        return PassResult(gm, modified=True)
+
+    def _plan(self, gm: GraphModule, measure: str | None) -> dict:
+        """The ILP's allocation under one measure's sensitivities (None: the only one), as report fields."""
         layers = weight_layers(gm)
         acts = activation_sites(gm) if self.cfg.act_bit_options else []
-        w_opts = list(q(layers[0]).bit_sensitivity)
-        a_opts = list(q(acts[0]).act_bit_sensitivity) if acts else []
+
+        def sens(n: Node, act: bool) -> dict[int, float]:
+            m = q(n)
+            if measure is None:
+                return m.act_bit_sensitivity if act else m.bit_sensitivity
+            return (m.act_bit_sensitivity_by if act else m.bit_sensitivity_by)[measure]
+
+        table = [sens(n, False) for n in layers] + [sens(n, True) for n in acts]
+        w_opts = list(table[0])
+        a_opts = list(table[len(layers)]) if acts else []
         options = sorted(set(w_opts) | set(a_opts))  # one column per width; each row allows its own widths
-        table = [q(n).bit_sensitivity for n in layers] + [q(n).act_bit_sensitivity for n in acts]
         allowed = np.array([[b in row for b in options] for row in table])
         cost = np.array([[row.get(b, 0.0) for b in options] for row in table])
         bits = np.array(options, dtype=np.float64)[None, :]
@@ -295,12 +323,9 @@ class MixedPrecision(FxqPass):
         budgets = self._budgets(layers, numel, act_numel, bits, options, w_opts)
         alloc = solve_allocation(cost, budgets, allowed=allowed)
         chosen = [options[k] for k in alloc.choice]
-        for n, b in zip(layers, chosen):
-            q(n).bits = b
-        for n, b in zip(acts, chosen[len(layers) :]):
-            q(n).aspec = q(n).aspec.with_bits(b)
         w_bits = np.array(chosen[: len(layers)], dtype=np.float64)
-        gq(gm).mixed_precision.update(
+        plan = dict(
+            measure=measure or self.cfg.loss_weights.value,
             options=w_opts,
             objective=alloc.objective,
             usage=alloc.usage,
@@ -312,12 +337,12 @@ class MixedPrecision(FxqPass):
         )
         if acts:
             a_bits = np.array(chosen[len(layers) :], dtype=np.float64)
-            gq(gm).mixed_precision.update(
+            plan.update(
                 act_options=a_opts,
                 act_avg_bits=float((act_numel[:, 0] * a_bits).sum() / act_numel.sum()),
                 act_bits={n.name: b for n, b in zip(acts, chosen[len(layers) :])},
             )
-        return PassResult(gm, modified=True)
+        return plan
 
     def _budgets(self, layers, numel, act_numel, bits, options, w_opts) -> list[Budget]:
         """Budget rows over the weight layers followed by the activation sites (zero usage where not theirs)."""
@@ -345,6 +370,17 @@ class MixedPrecision(FxqPass):
             limit = c.act_avg_bits * act_numel.sum() / 8
             out.append(Budget(f"activation bytes per image ({c.act_avg_bits} bits/value)", usage, limit))
         return out
+
+
+def apply_plan(gm: GraphModule, plan: dict) -> None:
+    """Set the widths of an allocation from MixedPrecision on gm's nodes, and its fields in the report."""
+    act_bits = plan.get("act_bits", {})
+    for n in gm.graph.nodes:
+        if n.name in plan["bits"]:
+            q(n).bits = plan["bits"][n.name]
+        if n.name in act_bits:
+            q(n).aspec = q(n).aspec.with_bits(act_bits[n.name])
+    gq(gm).mixed_precision.update(plan)
 
 
 def _per_image_numel(node: Node) -> int:

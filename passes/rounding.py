@@ -64,13 +64,15 @@ def beta_at(step: int, cfg: RoundingConfig) -> float | None:
 
 
 def distillation_loss(zf: list[Tensor], zq: list[Tensor], weights: Tensor, normalize: bool = True) -> Tensor:
-    """(1/n) sum_z lambda_z * ||Z_f - Z_q||^2, per sample; relative to ||Z_f||^2 when `normalize`."""
+    """(1/n) sum_z lambda_z * ||Z_f - Z_q||^2, per sample; relative to ||Z_f||^2 when `normalize`.
+
+    `weights` [n], or [m, n] for m weightings of the same distances at once (then m losses)."""
     terms = []
     for a, b in zip(zf, zq):
         a, b = a.float(), b.float()
         err = (a - b).square().flatten(1).sum(1).mean()
         terms.append(err / a.square().flatten(1).sum(1).mean().clamp_min(1e-12) if normalize else err)
-    return (weights * torch.stack(terms)).mean()
+    return (weights * torch.stack(terms)).mean(-1)
 
 
 def rounding_regularizer(layers: list[QuantWeight], beta: float) -> Tensor:

@@ -266,3 +266,19 @@ def test_quantize_with_output_error_weight_thresholds(tmp_path, image_dirs, caps
         assert reports[error]["settings"]["weight_error"] == error
     thresholds = [{lr["node"]: lr["w_threshold"] for lr in r["layers"] if lr["w_threshold"]} for r in reports.values()]
     assert thresholds[0].keys() == thresholds[1].keys() and thresholds[0] != thresholds[1]
+
+
+def test_quantize_selects_among_sensitivity_measures(tmp_path, image_dirs, capsys):
+    calib, _ = image_dirs
+    out = tmp_path / "selected"
+    args = ["quantize", "--model", "mobilenet_v3_small", "--random-weights", "--quiet", "--calib", str(calib)]
+    args += ["--no-eval", "--batch-size", "2", "--mp-images", "2", "--avg-bits", "4", "--mp-loss-weights"]
+    args += ["output,mean", "--mp-check-images", "2", "--out", str(out)]
+    code, stdout, _ = run(args, capsys)
+    assert code == 0 and "kept (agreement with float on 2 calib images" in stdout
+    mixed = json.loads((out / "report.json").read_text())["mixed_precision"]
+    assert set(mixed["agreement"]) == {"output", "mean"} and mixed["selected"] in mixed["agreement"]
+    assert mixed["bits"] == mixed["candidates"][mixed["selected"]]["bits"]
+    with pytest.raises(SystemExit):
+        main(["quantize", "--out", "x", "--avg-bits", "4", "--mp-loss-weights", "lfh,hessian"])
+    assert "unknown measure(s) ['hessian']" in capsys.readouterr().err

@@ -13,7 +13,7 @@ import fxq
 from fxq.config import LFHConfig, LossWeights, MixedPrecisionConfig, PTQConfig
 from fxq.errors import ConfigError
 from fxq.ilp import Budget, solve_allocation
-from fxq.meta import gq, q
+from fxq.meta import copy_graph, gq, q
 from fxq.modules import ActQuant, QuantWeight
 from fxq.qmath import WeightError, fake_quant, scale_for, weight_thresholds
 from fxq.taps import interest_nodes, with_taps
@@ -339,3 +339,34 @@ def test_fewer_activation_bits_are_more_sensitive(tiny_net):
 def test_an_infeasible_activation_budget_names_the_smallest_one(tiny_net):
     with pytest.raises(ConfigError, match=r"activation bytes per image \(3.0 bits/value\) budget .* is infeasible"):
         fxq.quantize(tiny_net, CALIB, _act_mp_config(3.0))
+
+
+def test_the_allocation_with_the_best_label_free_agreement_is_kept(tiny_net):
+    gm, cfg = _analyzed(tiny_net, avg_bits=3.0, select_from=("output", "mean"), check_images=8)
+    mixed = gq(gm).mixed_precision
+    assert list(mixed["candidates"]) == ["lfh", "output", "mean"]
+    scores = mixed["agreement"]
+    assert mixed["selected"] == max(scores, key=scores.__getitem__) and mixed["check_images"] == 8
+    chosen = mixed["candidates"][mixed["selected"]]["bits"]
+    assert {n.name: q(n).bits for n in mp.weight_layers(gm)} == chosen and mixed["bits"] == chosen
+    # the recorded score is the agreement of that allocation's RTN model, rebuilt here through the public API
+    x = torch.cat(CALIB)[-8:]
+    qgm, _ = fxq.quantize_analyzed(copy_graph(gm), CALIB, cfg)
+    with torch.no_grad():
+        same = (qgm(x).argmax(1) == tiny_net(x).argmax(1)).float().mean() * 100
+    assert scores[mixed["selected"]] == pytest.approx(float(same))
+    # every measure's sensitivities come from the same re-runs as a single-measure analysis
+    alone, _ = _analyzed(tiny_net, avg_bits=3.0, loss_weights="output")
+    for a, b in zip(mp.weight_layers(gm), mp.weight_layers(alone)):
+        assert q(a).bit_sensitivity_by["output"] == pytest.approx(q(b).bit_sensitivity, rel=1e-5)
+        assert q(a).bit_sensitivity_by["lfh"] == q(a).bit_sensitivity
+
+
+def test_select_from_settings():
+    cfg = MixedPrecisionConfig(avg_bits=4, select_from="output")
+    assert cfg.select_from == (LossWeights.OUTPUT,) and cfg.measures == (LossWeights.LFH, LossWeights.OUTPUT)
+    assert MixedPrecisionConfig(avg_bits=4, select_from=("lfh", "mean", "mean")).select_from == (LossWeights.MEAN,)
+    with pytest.raises(ConfigError, match="select_from must hold measures from"):
+        MixedPrecisionConfig(avg_bits=4, select_from=("hessian",))
+    with pytest.raises(ConfigError, match="check_images must be >= 1"):
+        MixedPrecisionConfig(avg_bits=4, check_images=0)

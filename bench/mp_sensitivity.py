@@ -19,7 +19,7 @@ import json
 import time
 from pathlib import Path
 
-import torch
+from fxq.passes.select_allocation import top1, top1_agreement
 
 from fxq.config import LFHConfig, MixedPrecisionConfig, PTQConfig
 from fxq.data import batches, default_data_dir, load_images
@@ -32,11 +32,6 @@ from fxq.targets import INT8
 
 CIFAR = default_data_dir() / "cifar10"
 IMAGENET = default_data_dir() / "imagenet"
-
-
-def top1(model, x: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return torch.cat([model(b) for b in x.split(50)]).argmax(1)
 
 
 def main() -> None:
@@ -80,7 +75,7 @@ def main() -> None:
             gm = run_passes(copy_graph(analyzed), allocation_passes(c, xs))
             qgm, report = quantize_analyzed(gm, xs, c, lm.name)
             row = evaluate(qgm, val.x, val.y, progress=False)
-            row["agree_calib"] = float((top1(qgm, held) == float_top1).float().mean() * 100)
+            row["agree_calib"] = top1_agreement(qgm, held, float_top1)
             bits = list(report.mixed_precision["bits"].values())
             row["layers_at"] = {b: bits.count(b) for b in (2, 4, 8)}
             row["avg_bits"] = report.mixed_precision["avg_bits"]

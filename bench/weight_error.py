@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import time
 
-import torch
+from fxq.passes.select_allocation import top1, top1_agreement
 
 from fxq.config import LFHConfig, MixedPrecisionConfig, PTQConfig
 from fxq.data import batches, default_data_dir, load_images
@@ -22,11 +22,6 @@ from fxq.models import load_model
 from fxq.pipeline import allocation_passes, analyze, quantize, quantize_analyzed, run_passes
 from fxq.report import write_json_atomic
 from fxq.targets import INT8
-
-
-def top1(model, x: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return torch.cat([model(b) for b in x.split(50)]).argmax(1)
 
 
 def main() -> None:
@@ -47,7 +42,7 @@ def main() -> None:
 
     def record(name: str, qgm, **extra) -> None:
         r = evaluate(qgm, val.x, val.y, progress=False)
-        agree = float((top1(qgm, held) == float_top1).float().mean() * 100)
+        agree = top1_agreement(qgm, held, float_top1)
         rows[name] = {
             "top1": r["top1"],
             "correct1": r["correct1"],

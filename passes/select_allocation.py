@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 from fxq.passes.mixed_precision import apply_plan
-from torch import Tensor
+from torch import Tensor, nn
 from torch.fx import GraphModule
 
 from fxq.data import batch_inputs
@@ -20,7 +20,7 @@ from fxq.meta import copy_graph, gq
 from fxq.ops import device_of, set_eval_
 from fxq.passbase import FxqPass, PassResult
 
-__all__ = ["SelectAllocation", "last_images", "top1_agreement"]
+__all__ = ["SelectAllocation", "last_images", "top1", "top1_agreement"]
 
 
 def last_images(batches: Iterable, n: int) -> Tensor:
@@ -30,13 +30,14 @@ def last_images(batches: Iterable, n: int) -> Tensor:
 
 
 @torch.no_grad()
-def top1(model: GraphModule, x: Tensor, batch_size: int = 50) -> Tensor:
+def top1(model: nn.Module, x: Tensor, batch_size: int = 50) -> Tensor:
+    """Class indices of `model`'s largest output on x, in eval mode."""
     set_eval_(model)
     dev = device_of(model)
     return torch.cat([model(b.to(dev)).float().argmax(1).cpu() for b in x.split(batch_size)])
 
 
-def top1_agreement(model: GraphModule, x: Tensor, reference: Tensor) -> float:
+def top1_agreement(model: nn.Module, x: Tensor, reference: Tensor) -> float:
     """Percent of inputs where `model`'s top-1 equals `reference` (class indices)."""
     return float((top1(model, x) == reference).float().mean() * 100)
 

@@ -2,8 +2,8 @@
 one whose RTN model agrees most often with the float model's top-1 on held-out calibration images.
 
 No single measure wins everywhere (on Lite0 the output alone chose better widths, on ResNet-20 at 3 bits/weight
-the LFH-weighted interest tensors did), but a label-free check of the quantized model picked the better one in
-every case measured (bench/RESULTS.md). The check costs one RTN quantization per candidate.
+the LFH-weighted interest tensors did); this label-free check of the quantized models kept the better one in 4
+of the 5 cases measured (bench/RESULTS.md). The check costs one RTN quantization per candidate.
 """
 
 from __future__ import annotations

@@ -60,12 +60,11 @@ def _channel_dims(x: Tensor, layer: nn.Module) -> list[int]:
     return [d for d in range(x.dim()) if d != dim]
 
 
-def _output_with(layer: nn.Module, x: Tensor, wq: Tensor, bias_correction: bool) -> Tensor:
-    """The layer's output on x with weight wq and, with bias correction, its bias corrected for x's means."""
+def _output_with(layer: nn.Module, x: Tensor, wq: Tensor, x_mean: Tensor | None) -> Tensor:
+    """The layer's output on x with weight wq and, given x's channel means, its bias corrected for them."""
     w = layer.weight.detach()
     bias = layer.bias.detach() if layer.bias is not None else torch.zeros(w.shape[0], device=w.device)
-    if bias_correction:
-        x_mean = x.float().mean(_channel_dims(x, layer))
+    if x_mean is not None:
         bias = bias - mean_output_shift(layer, (wq - w).float(), x_mean).to(bias.dtype)
     return layer_forward(layer, x, wq, bias)
 
@@ -211,7 +210,8 @@ class Sensitivity(FxqPass):
         x = run.float_env[node.args[0]]
         if node not in self._weights_q:  # the threshold search once per layer and width, not once per batch
             self._weights_q[node] = self._quantized_weights(layer, x, q(node).wspec, options)
-        outs = [_output_with(layer, x, wq, self.bias_correction) for wq in self._weights_q[node]]
+        x_mean = x.float().mean(_channel_dims(x, layer)) if self.bias_correction else None  # once for all widths
+        outs = [_output_with(layer, x, wq, x_mean) for wq in self._weights_q[node]]
         below = run.below(node)
         if stack:
             try:

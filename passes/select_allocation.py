@@ -8,6 +8,7 @@ of the 5 cases measured (bench/RESULTS.md). The check costs one RTN quantization
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Iterable
 
 import torch
@@ -24,9 +25,17 @@ __all__ = ["SelectAllocation", "last_images", "top1", "top1_agreement"]
 
 
 def last_images(batches: Iterable, n: int) -> Tensor:
-    """The last n inputs of `batches`."""
-    xs = [batch_inputs(b) for b in batches]
-    return torch.cat(xs)[-n:]
+    """The last n inputs of `batches`, holding only the batches that can still reach into them."""
+    tail: deque[Tensor] = deque()
+    have = 0
+    for b in batches:
+        tail.append(batch_inputs(b))
+        have += len(tail[-1])
+        while have - len(tail[0]) >= n:
+            have -= len(tail.popleft())
+    if not tail:
+        raise ValueError("last_images: no batches given; pass the calibration batches")
+    return torch.cat(list(tail))[-n:]
 
 
 @torch.no_grad()

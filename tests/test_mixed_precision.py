@@ -110,6 +110,11 @@ def _weight_as_quantize_makes_it(layer, x, spec, cfg) -> torch.Tensor:
     return fake_quant(w, scale_for(weight_thresholds(w, spec, cfg.weight_grid, importance), spec), spec)
 
 
+def _channel_means(layer, x) -> torch.Tensor:
+    """Per-input-channel means of x (TinyNet: NCHW convs and (N, C) linears)."""
+    return x.float().mean([0, 2, 3] if x.dim() == 4 else [0])
+
+
 @pytest.mark.parametrize("weight_error", list(WeightError))
 def test_sensitivity_equals_a_direct_run_with_one_layer_quantized(tiny_net, weight_error):
     # one batch: same statistics as below
@@ -126,7 +131,7 @@ def test_sensitivity_equals_a_direct_run_with_one_layer_quantized(tiny_net, weig
 
             def quantized(m, args, out, spec=spec):  # a whole-graph run with only this layer quantized
                 wq = _weight_as_quantize_makes_it(m, args[0], spec, cfg)
-                return mp._output_with(m, args[0], wq, bias_correction=True)
+                return mp._output_with(m, args[0], wq, _channel_means(m, args[0]))
 
             handle = layer.register_forward_hook(quantized)
             with torch.no_grad():
@@ -276,7 +281,7 @@ def test_output_sensitivity_is_the_outputs_relative_error(tiny_net):
 
         def quantized(m, args, out, spec=spec):
             wq = _weight_as_quantize_makes_it(m, args[0], spec, cfg)
-            return mp._output_with(m, args[0], wq, bias_correction=True)
+            return mp._output_with(m, args[0], wq, _channel_means(m, args[0]))
 
         handle = layer.register_forward_hook(quantized)
         with torch.no_grad():
@@ -370,3 +375,13 @@ def test_select_from_settings():
         MixedPrecisionConfig(avg_bits=4, select_from=("hessian",))
     with pytest.raises(ConfigError, match="check_images must be >= 1"):
         MixedPrecisionConfig(avg_bits=4, check_images=0)
+
+
+@pytest.mark.parametrize("n", [1, 5, 7, 12, 40])
+def test_last_images_are_the_tail_of_uneven_batches(n):
+    from fxq.passes.select_allocation import last_images
+
+    batches = [torch.full((k, 1), float(i)) for i, k in enumerate([3, 4, 2, 5])]
+    assert torch.equal(last_images(iter(batches), n), torch.cat(batches)[-n:])
+    with pytest.raises(ValueError, match="no batches given"):
+        last_images([], 4)

@@ -5,7 +5,8 @@
 Rows: float; RTN W4A8 and W3A8; EPTQ W4A8 at MCT's short CPU setting (300 steps, batch 8, 480 images,
 10 probes: MCT ends at 61.38 there); EPTQ W4A8 and W3A8 at --iterations; plain-mean distillation W3A8 (the
 ablation); EPTQ W4A8 at MCT's GPU setting (1008 steps, batch 32, 500 images; MCT: 79.54) with CUDA, or on a
-CPU when --only selects it (about 30 min on 2 cores).
+CPU when --only selects it (about 30 min on 2 cores). `--sweep 0,25,100` adds EPTQ W4A8 rows at those schedule
+lengths (each a whole schedule: warm-up and annealing scale with it), to check that no length ends below RTN.
 Every row calibrates on the same images with the same quantizer settings and is evaluated on the
 same val images. Each finished row is written to --json at once and skipped when the script runs again with
 the same settings, so an interrupted run resumes where it stopped.
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import time
 from pathlib import Path
@@ -48,8 +50,10 @@ def rows(args) -> dict[str, PTQConfig]:
     n, b = args.iterations, args.batch_size
     gpu_row = "EPTQ W4A8 (MCT GPU setting: 1008 steps, batch 32, 500 images)"
     gpu = {gpu_row: cfg(4, Method.EPTQ, probes=(10, 100), iterations=1008, batch_size=32, images=500)}
+    sweep = {f"EPTQ W4A8 ({k} steps, batch {b})": cfg(4, Method.EPTQ, iterations=k) for k in args.sweep}
     return {
-        **(gpu if torch.cuda.is_available() or (args.only and args.only in gpu_row) else {}),
+        **(gpu if torch.cuda.is_available() or (args.only and re.search(args.only, gpu_row)) else {}),
+        **sweep,
         "RTN W4A8": cfg(4),
         "RTN W3A8": cfg(3),
         "EPTQ W4A8 (MCT CPU setting: 300 steps, batch 8, 480 images)": cfg(
@@ -89,6 +93,10 @@ def step_bound(model, qgm, x: torch.Tensor, repeat: int = 5) -> float:
     return statistics.median(times[1:])
 
 
+def _int_list(text: str) -> list[int]:
+    return [int(t) for t in text.split(",") if t.strip()]
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     data = default_data_dir() / "imagenet"
@@ -96,7 +104,8 @@ def main() -> None:
     p.add_argument("--val", default=str(data / "val"))
     p.add_argument("--iterations", type=int, default=1500)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--only", default=None, help="run only rows whose name contains this")
+    p.add_argument("--only", default=None, help="run only rows whose name matches this regular expression")
+    p.add_argument("--sweep", type=_int_list, default=[], help="extra EPTQ W4A8 schedule lengths, e.g. 0,25,100")
     p.add_argument("--json", default="bench/rounding_cpu.json")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args()
@@ -115,7 +124,7 @@ def main() -> None:
         done["rows"]["float"] = evaluate(lm.model, val.x, val.y, progress=False)
         write_json_atomic(str(path), done)
     for name, cfg in rows(args).items():
-        if name in done["rows"] or (args.only and args.only not in name):
+        if name in done["rows"] or (args.only and not re.search(args.only, name)):
             continue
         t0 = time.perf_counter()
         qgm, report = fxq.quantize(lm.model, batches(calib.x, 32), cfg)

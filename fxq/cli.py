@@ -147,10 +147,11 @@ def _mp_args(p: argparse.ArgumentParser) -> None:
     m.add_argument(
         "--mp-loss-weights",
         type=_measures,
-        default=(LossWeights.LFH.value,),
-        help="sensitivity: lfh (LFH-weighted interest tensors, the default), mean (their plain mean, MCT's AVG) or "
-        "output (the model output alone); a list such as lfh,output solves the ILP under each and keeps the "
-        "allocation whose RTN model agrees most with the float model on held-out calibration images",
+        default=None,
+        help="sensitivity: lfh (LFH-weighted interest tensors), mean (their plain mean, MCT's AVG) or output (the "
+        "model output alone); a list such as lfh,output solves the ILP under each and keeps the allocation whose "
+        "RTN model agrees most with the float model on held-out calibration images. Default: lfh,output for a "
+        "model returning class scores, else lfh; one measure alone turns the choice off",
     )
     m.add_argument("--mp-check-images", type=int, default=256, help="held-out images for that agreement check")
 
@@ -177,15 +178,10 @@ def _mixed_precision(args, **budget) -> MixedPrecisionConfig | None:
     options = {"bit_options": args.bit_options} if args.bit_options else {}
     if args.act_bit_options:
         options["act_bit_options"] = args.act_bit_options
-    measure, *others = args.mp_loss_weights
-    return MixedPrecisionConfig(
-        **given,
-        **options,
-        images=args.mp_images,
-        loss_weights=measure,
-        select_from=tuple(others),
-        check_images=args.mp_check_images,
-    )
+    if args.mp_loss_weights:
+        measure, *others = args.mp_loss_weights
+        options.update(loss_weights=measure, select_from=tuple(others))
+    return MixedPrecisionConfig(**given, **options, images=args.mp_images, check_images=args.mp_check_images)
 
 
 def _schedule(args) -> tuple[str, RoundingConfig, LFHConfig]:

@@ -149,16 +149,18 @@ class MixedPrecisionConfig:
     stack_candidates: bool | None = None  # a layer's widths in one pass along the batch; None: on CUDA only
     loss_weights: LossWeights = LossWeights.LFH  # how the interest tensors' distances add up (mean: MCT's AVG)
     # further measures to solve the ILP under; the allocation whose RTN model agrees most often with the float
-    # model's top-1 on the last `check_images` calibration images (no labels) is kept
-    select_from: tuple[LossWeights, ...] = ()
+    # model's top-1 on the last `check_images` calibration images (no labels) is kept. None (the default): the
+    # output measure where the model returns class scores (one tensor, a class dim), else none; () turns it off
+    select_from: tuple[LossWeights, ...] | None = None
     check_images: int = 256
     act_bit_options: tuple[int, ...] | None = None
     act_avg_bits: float | None = None
 
     @property
     def measures(self) -> tuple[LossWeights, ...]:
-        """loss_weights, then the other measures the allocation is selected from."""
-        return (self.loss_weights, *self.select_from)
+        """loss_weights, then the other measures the allocation is selected from (the automatic choice of
+        select_from=None is made on the graph, by the Sensitivity pass)."""
+        return (self.loss_weights, *(self.select_from or ()))
 
     def __post_init__(self):
         budgets = (self.weight_memory, self.avg_bits, self.bops, self.latency, self.act_avg_bits)
@@ -186,6 +188,8 @@ class MixedPrecisionConfig:
                 f"{self.check_images}"
             )
         _coerce_enums_(self, loss_weights=LossWeights)
+        if self.select_from is None:
+            return
         given = (self.select_from,) if isinstance(self.select_from, (str, LossWeights)) else self.select_from
         try:
             measures = tuple(LossWeights(m) for m in given)

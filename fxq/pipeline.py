@@ -155,17 +155,20 @@ def allocation_passes(cfg: PTQConfig, batches: list) -> list[PassBase]:
     allocations of each measure. A sweep over budgets reruns only these on copies of one analyzed graph."""
     mp = cfg.mixed_precision
     passes: list[PassBase] = [MixedPrecision(mp, cfg.target.act_bits)]
-    if mp.select_from:
-        passes.append(SelectAllocation(batches, lambda g: run_passes(g, _rtn_passes(cfg, batches)), mp.check_images))
+    if mp.select_from is None or mp.select_from:  # a no-op when only one measure was weighed
+        passes.append(
+            SelectAllocation(
+                batches,
+                calibrate=lambda g: run_passes(g, [_observe(cfg), Calibrate(batches, progress=False)]),
+                convert=lambda g: run_passes(g, [*convert_passes(cfg), *finish_passes(cfg)]),
+                check_images=mp.check_images,
+            )
+        )
     return passes
 
 
 def _calibrate_and_convert(cfg: PTQConfig, batches: list, progress: bool) -> list[PassBase]:
     return [_observe(cfg), Calibrate(batches, progress), *convert_passes(cfg)]
-
-
-def _rtn_passes(cfg: PTQConfig, batches: list) -> list[PassBase]:
-    return [*_calibrate_and_convert(cfg, batches, progress=False), *finish_passes(cfg)]
 
 
 def analyze(model: nn.Module, calib_data: Iterable, config: PTQConfig) -> GraphModule:

@@ -34,7 +34,14 @@ from fxq.passbase import FxqPass, PassResult
 from fxq.qmath import ActThreshold, QSpec, WeightError, fake_quant, scale_for
 from fxq.taps import interest_nodes
 
-__all__ = ["Sensitivity", "MixedPrecision", "apply_plan", "weight_layers", "activation_sites"]
+__all__ = [
+    "Sensitivity",
+    "MixedPrecision",
+    "apply_plan",
+    "weight_layers",
+    "activation_sites",
+    "sensitivity_measures",
+]
 
 
 def weight_layers(gm: GraphModule) -> list[Node]:
@@ -160,7 +167,7 @@ class Sensitivity(FxqPass):
         layers = weight_layers(gm)
         acts = activation_sites(gm) if act_options else []
         z = interest_nodes(gm)
-        measures = self.cfg.measures
+        measures = sensitivity_measures(gm, self.cfg)
         totals = {n: np.zeros((len(options), len(measures))) for n in layers}
         act_totals = {n: np.zeros((len(act_options), len(measures))) for n in acts}
         x_all = _first_images(self.batches, self.cfg.images).to(device_of(gm))
@@ -173,6 +180,11 @@ class Sensitivity(FxqPass):
             run = _Downstream(gm, x)
             out_is_tensor = isinstance(run.out, Tensor)
             taps = ([None] if out_is_tensor else []) + z
+            if not taps:
+                raise GraphCheckFailed(
+                    "sensitivity: nothing to measure: the model returns no single tensor and has no interest "
+                    "points (linear-op outputs); return the tensor to quantize for, or set bits per layer by hand"
+                )
             # one row per measure: every measure weighs the same re-runs
             weights = torch.stack([interest_weights(gm, m, out_is_tensor) for m in measures]).to(x.device)
             zf = [run.out if t is None else run.float_env[t] for t in taps]
@@ -201,6 +213,7 @@ class Sensitivity(FxqPass):
             q(node).bit_sensitivity = by[measures[0].value]
             q(node).bit_sensitivity_by = by if len(measures) > 1 else None
             q(node).macs = _macs(gm.get_submodule(node.target), run.float_env[node])
+        gq(gm).mixed_precision["measures"] = [m.value for m in measures]
         gq(gm).mixed_precision["sensitivity_images"] = len(x_all)
         gq(gm).mixed_precision["stacked_layers"] = stacked // len(chunks)
         return PassResult(gm, modified=False)
@@ -262,6 +275,24 @@ class Sensitivity(FxqPass):
         return distillation_loss(zf, zq, weights).cpu().numpy()
 
 
+def returns_class_scores(gm: GraphModule) -> bool:
+    """Whether the graph returns one float tensor with a class dim (N, C, ...), C >= 2: the output the
+    output measure and a top-1 agreement check make sense on (from the shapes PropagateShapes recorded)."""
+    out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    meta = out.meta.get("tensor_meta") if isinstance(out, Node) else None
+    shape = getattr(meta, "shape", None)
+    return shape is not None and len(shape) >= 2 and shape[1] >= 2 and meta.dtype.is_floating_point
+
+
+def sensitivity_measures(gm: GraphModule, cfg: MixedPrecisionConfig) -> tuple[LossWeights, ...]:
+    """The measures to weigh the sensitivities under: cfg's, or with select_from=None the configured one plus
+    the output measure where the model returns class scores (chosen among by SelectAllocation)."""
+    if cfg.select_from is not None:
+        return cfg.measures
+    auto = (LossWeights.OUTPUT,) if returns_class_scores(gm) else ()
+    return tuple(dict.fromkeys((cfg.loss_weights, *auto)))
+
+
 def _first_images(batches, n: int) -> Tensor:
     """The first n inputs of `batches`, without concatenating the batches past them."""
     xs, have = [], 0
@@ -293,7 +324,7 @@ class MixedPrecision(FxqPass):
             raise GraphCheckFailed(f"mixed precision: no sensitivities on {missing[:3]}; run Sensitivity first")
 
     def call(self, gm: GraphModule) -> PassResult:
-        measures = [m.value for m in self.cfg.measures]
+        measures = gq(gm).mixed_precision["measures"]  # as Sensitivity weighed them
         plans = {m: self._plan(gm, m if len(measures) > 1 else None) for m in measures}
         apply_plan(gm, plans[measures[0]])
         if len(plans) > 1:  # SelectAllocation picks among them

@@ -53,10 +53,20 @@ def top1_agreement(model: nn.Module, x: Tensor, reference: Tensor) -> float:
 
 class SelectAllocation(FxqPass):
     """Apply the candidate allocation (NodeQ.bits, activation widths) whose RTN model agrees best with the float
-    graph on the last `check_images` calibration images; ties keep the first measure (the configured one)."""
+    graph on the last `check_images` calibration images; ties keep the first measure (the configured one).
 
-    def __init__(self, batches: Iterable, quantize_rtn: Callable[[GraphModule], GraphModule], check_images: int):
-        self.batches, self.quantize_rtn, self.check_images = batches, quantize_rtn, check_images
+    `calibrate` inserts and runs the observers on a copy of the float graph, once: what they record does not
+    depend on the widths, which only `convert` (threshold fitting) reads, once per candidate.
+    """
+
+    def __init__(
+        self,
+        batches: Iterable,
+        calibrate: Callable[[GraphModule], GraphModule],
+        convert: Callable[[GraphModule], GraphModule],
+        check_images: int,
+    ):
+        self.batches, self.calibrate, self.convert, self.check_images = batches, calibrate, convert, check_images
 
     def call(self, gm: GraphModule) -> PassResult:
         candidates = gq(gm).mixed_precision.get("candidates")
@@ -64,11 +74,12 @@ class SelectAllocation(FxqPass):
             return PassResult(gm, modified=False)
         x = last_images(self.batches, self.check_images)
         reference = top1(gm, x)
+        calibrated = self.calibrate(copy_graph(gm))
         scores = {}
         for measure, plan in candidates.items():
-            trial = copy_graph(gm)
+            trial = copy_graph(calibrated)
             apply_plan(trial, plan)
-            scores[measure] = top1_agreement(self.quantize_rtn(trial), x, reference)
+            scores[measure] = top1_agreement(self.convert(trial), x, reference)
         best = max(scores, key=scores.__getitem__)  # dict order: the configured measure first, so it wins ties
         apply_plan(gm, candidates[best])
         gq(gm).mixed_precision.update(selected=best, agreement=scores, check_images=len(x))

@@ -295,14 +295,27 @@ def test_output_sensitivity_needs_a_single_tensor_output():
     class TwoHeads(nn.Module):
         def __init__(self):
             super().__init__()
-            self.conv = nn.Conv2d(3, 4, 3)
+            self.conv, self.head = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 1)
 
         def forward(self, x):
-            y = self.conv(x)
+            y = self.head(self.conv(x))
             return y, y.mean()
 
     with pytest.raises(fxq.GraphCheckFailed, match="does not return one tensor; use 'lfh' or 'mean'"):
         _analyzed(TwoHeads().eval(), loss_weights="output")
+    # the default adds the output measure only where the model returns class scores: here the mean alone
+    gm, _ = _analyzed(TwoHeads().eval(), loss_weights="mean")
+    assert gq(gm).mixed_precision["measures"] == ["mean"] and "candidates" not in gq(gm).mixed_precision
+
+
+def test_by_default_the_output_measure_is_a_candidate_for_a_classifier(tiny_net):
+    gm, _ = _analyzed(tiny_net, avg_bits=3.0, check_images=8)
+    mixed = gq(gm).mixed_precision
+    assert mixed["measures"] == ["lfh", "output"] and list(mixed["candidates"]) == ["lfh", "output"]
+    assert mixed["selected"] in mixed["candidates"]
+    off, _ = _analyzed(tiny_net, avg_bits=3.0, select_from=())
+    assert gq(off).mixed_precision["measures"] == ["lfh"] and "selected" not in gq(off).mixed_precision
+    assert [q(n).bit_sensitivity for n in mp.weight_layers(off)] == [q(n).bit_sensitivity for n in mp.weight_layers(gm)]
 
 
 def _act_mp_config(act_avg_bits: float) -> PTQConfig:
@@ -371,6 +384,8 @@ def test_select_from_settings():
     cfg = MixedPrecisionConfig(avg_bits=4, select_from="output")
     assert cfg.select_from == (LossWeights.OUTPUT,) and cfg.measures == (LossWeights.LFH, LossWeights.OUTPUT)
     assert MixedPrecisionConfig(avg_bits=4, select_from=("lfh", "mean", "mean")).select_from == (LossWeights.MEAN,)
+    assert MixedPrecisionConfig(avg_bits=4).select_from is None  # automatic: decided on the graph
+    assert MixedPrecisionConfig(avg_bits=4).measures == (LossWeights.LFH,)
     with pytest.raises(ConfigError, match="select_from must hold measures from"):
         MixedPrecisionConfig(avg_bits=4, select_from=("hessian",))
     with pytest.raises(ConfigError, match="check_images must be >= 1"):

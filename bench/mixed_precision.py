@@ -43,7 +43,11 @@ def main() -> None:
     p.add_argument("--budgets", default="3,4", help="average bits per weight")
     p.add_argument("--iterations", type=int, default=800)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--mp-loss-weights", default="lfh", help="sensitivity measure: lfh, mean or output")
+    p.add_argument(
+        "--mp-loss-weights",
+        default="auto",
+        help="sensitivity measure(s): auto (fxq's default: lfh and output, the better kept), or a list as in the CLI",
+    )
     p.add_argument("--json", default="bench/mixed_precision_cpu.json")
     args = p.parse_args()
 
@@ -56,11 +60,16 @@ def main() -> None:
     xs = batches(calib.x, 32)
     budgets = [float(b) for b in args.budgets.split(",")]
 
+    measures = {}
+    if args.mp_loss_weights != "auto":
+        first, *others = args.mp_loss_weights.split(",")
+        measures = {"loss_weights": first, "select_from": tuple(others)}
+
     def cfg(avg: float, method: Method) -> PTQConfig:
         return PTQConfig(
             target=INT8.with_bits(4),
             method=method,
-            mixed_precision=MixedPrecisionConfig(avg_bits=avg, loss_weights=args.mp_loss_weights),
+            mixed_precision=MixedPrecisionConfig(avg_bits=avg, **measures),
             rounding=RoundingConfig(iterations=args.iterations, batch_size=args.batch_size),
             lfh=LFHConfig(min_probes=10, max_probes=32),
             progress=False,
@@ -86,11 +95,15 @@ def main() -> None:
                 continue
             c = cfg(avg, method)
             t1 = time.perf_counter()
+            t_alloc = time.perf_counter()
             gm = run_passes(copy_graph(analyzed), allocation_passes(c, xs))
+            allocation_seconds = time.perf_counter() - t_alloc
             qgm, report = quantize_analyzed(gm, xs, c, lm.name)
             row = {**evaluate(qgm, val.x, val.y, progress=False), "quantize_seconds": time.perf_counter() - t1}
             m = report.mixed_precision
-            row["mixed_precision"] = {k: m[k] for k in ("avg_bits", "weight_bytes", "solve_seconds", "bits")}
+            keys = ("avg_bits", "weight_bytes", "solve_seconds", "bits", "measures", "selected", "agreement")
+            row["mixed_precision"] = {k: m[k] for k in keys if k in m}
+            row["allocation_seconds"] = allocation_seconds  # ILP per measure + the label-free choice
             row["bit_counts"] = {b: list(m["bits"].values()).count(b) for b in m["options"]}
             if report.rounding:
                 row["rounding"] = {k: v for k, v in report.rounding.items() if k != "history"}

@@ -135,7 +135,7 @@ def main() -> None:
             bound = step_bound(lm.model, qgm, calib.x[: r["batch_size"]].to(device_of(qgm)))
             row["rounding"] = {k: v for k, v in r.items() if k != "history"}
             row["rounding"]["bound_seconds"] = bound
-            row["rounding"]["step_over_bound"] = r["seconds_per_step"] / bound
+            row["rounding"]["step_over_bound"] = r["seconds_per_step"] / bound if r["seconds_per_step"] else None
             row["loss_history"] = r["history"]
         done["rows"][name] = row
         write_json_atomic(str(path), done)

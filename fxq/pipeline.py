@@ -151,8 +151,9 @@ def analysis_passes(cfg: PTQConfig, batches: list) -> list[PassBase]:
 
 
 def allocation_passes(cfg: PTQConfig, batches: list) -> list[PassBase]:
-    """From measured sensitivities to widths: the ILP, then (with `select_from`) the label-free choice among the
-    allocations of each measure. A sweep over budgets reruns only these on copies of one analyzed graph."""
+    """From measured sensitivities to widths: the ILP, then, where Sensitivity weighed several measures (by
+    default LFH and output for a classifier), the label-free choice among their allocations. A sweep over
+    budgets reruns only these on copies of one analyzed graph."""
     mp = cfg.mixed_precision
     passes: list[PassBase] = [MixedPrecision(mp, cfg.target.act_bits)]
     if mp.select_from is None or mp.select_from:  # a no-op when only one measure was weighed

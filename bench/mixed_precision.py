@@ -48,6 +48,7 @@ def main() -> None:
         default="auto",
         help="sensitivity measure(s): auto (fxq's default: lfh and output, the better kept), or a list as in the CLI",
     )
+    p.add_argument("--seed", type=int, default=0, help="the rounding's seed (batch order, probes)")
     p.add_argument("--json", default="bench/mixed_precision_cpu.json")
     args = p.parse_args()
 
@@ -70,7 +71,7 @@ def main() -> None:
             target=INT8.with_bits(4),
             method=method,
             mixed_precision=MixedPrecisionConfig(avg_bits=avg, **measures),
-            rounding=RoundingConfig(iterations=args.iterations, batch_size=args.batch_size),
+            rounding=RoundingConfig(iterations=args.iterations, batch_size=args.batch_size, seed=args.seed),
             lfh=LFHConfig(min_probes=10, max_probes=32),
             progress=False,
         )
@@ -89,7 +90,9 @@ def main() -> None:
     for avg in budgets:
         for method in (Method.RTN, Method.EPTQ):
             name = f"MP avg {avg:g} bits {method.value}" + (
-                f" ({args.iterations} steps, batch {args.batch_size})" if method is Method.EPTQ else ""
+                f" ({args.iterations} steps, batch {args.batch_size}" + (f", seed {args.seed})" if args.seed else ")")
+                if method is Method.EPTQ
+                else ""
             )
             if name in done["rows"]:
                 continue

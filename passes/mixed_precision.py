@@ -324,7 +324,8 @@ class MixedPrecision(FxqPass):
             raise GraphCheckFailed(f"mixed precision: no sensitivities on {missing[:3]}; run Sensitivity first")
 
     def call(self, gm: GraphModule) -> PassResult:
-        measures = gq(gm).mixed_precision["measures"]  # as Sensitivity weighed them
+        # as Sensitivity weighed them; sensitivities set by other means count as the configured measure's
+        measures = gq(gm).mixed_precision.get("measures") or [self.cfg.loss_weights.value]
         plans = {m: self._plan(gm, m if len(measures) > 1 else None) for m in measures}
         apply_plan(gm, plans[measures[0]])
         if len(plans) > 1:  # SelectAllocation picks among them

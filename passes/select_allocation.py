@@ -3,7 +3,8 @@ one whose RTN model agrees most often with the float model's top-1 on held-out c
 
 No single measure wins everywhere (on Lite0 the output alone chose better widths, on ResNet-20 at 3 bits/weight
 the LFH-weighted interest tensors did); this label-free check of the quantized models kept the better one in 4
-of the 5 cases measured (bench/RESULTS.md). The check costs one RTN quantization per candidate.
+of the 5 cases measured, and never a worse one than the LFH measure alone (bench/RESULTS.md). The check costs
+one calibration, then one threshold fit and one pass over the check images per candidate.
 """
 
 from __future__ import annotations

@@ -160,16 +160,20 @@ def allocation_passes(cfg: PTQConfig, batches: list) -> list[PassBase]:
         passes.append(
             SelectAllocation(
                 batches,
-                calibrate=lambda g: run_passes(g, [_observe(cfg), Calibrate(batches, progress=False)]),
-                convert=lambda g: run_passes(g, [*convert_passes(cfg), *finish_passes(cfg)]),
+                calibrate=lambda g: run_passes(g, _calibrate_passes(cfg, batches, progress=False)),
+                convert=lambda g: convert(g, cfg),
                 check_images=mp.check_images,
             )
         )
     return passes
 
 
+def _calibrate_passes(cfg: PTQConfig, batches: list, progress: bool) -> list[PassBase]:
+    return [_observe(cfg), Calibrate(batches, progress)]
+
+
 def _calibrate_and_convert(cfg: PTQConfig, batches: list, progress: bool) -> list[PassBase]:
-    return [_observe(cfg), Calibrate(batches, progress), *convert_passes(cfg)]
+    return [*_calibrate_passes(cfg, batches, progress), *convert_passes(cfg)]
 
 
 def analyze(model: nn.Module, calib_data: Iterable, config: PTQConfig) -> GraphModule:

@@ -188,16 +188,16 @@ class Sensitivity(FxqPass):
             # one row per measure: every measure weighs the same re-runs
             weights = torch.stack([interest_weights(gm, m, out_is_tensor) for m in measures]).to(x.device)
             zf = [run.out if t is None else run.float_env[t] for t in taps]
-            out_node = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+            tapped = [_returned(gm) if t is None else t for t in taps]  # the nodes whose values are compared
             used = weights.gt(0).any(0).tolist()
-            self._keep = {out_node if t is None else t for t, u in zip(taps, used) if u}
+            self._keep = {n for n, u in zip(tapped, used) if u}
             for node in layers:
-                d, ok = self._layer(gm, run, node, options, taps, zf, weights, stack)
+                d, ok = self._layer(gm, run, node, options, tapped, zf, weights, stack)
                 totals[node] += d * x.shape[0]
                 stacked += ok
                 bar.update()
             for node in acts:
-                act_totals[node] += self._activation(run, node, act_options, taps, zf, weights) * x.shape[0]
+                act_totals[node] += self._activation(run, node, act_options, tapped, zf, weights) * x.shape[0]
                 bar.update()
         bar.close()
 
@@ -218,7 +218,7 @@ class Sensitivity(FxqPass):
         gq(gm).mixed_precision["stacked_layers"] = stacked // len(chunks)
         return PassResult(gm, modified=False)
 
-    def _layer(self, gm, run: _Downstream, node: Node, options, taps, zf, weights, stack) -> tuple[np.ndarray, bool]:
+    def _layer(self, gm, run: _Downstream, node: Node, options, tapped, zf, weights, stack) -> tuple[np.ndarray, bool]:
         layer = gm.get_submodule(node.target)
         x = run.float_env[node.args[0]]
         if node not in self._weights_q:  # the threshold search once per layer and width, not once per batch
@@ -229,13 +229,13 @@ class Sensitivity(FxqPass):
         if stack:
             try:
                 changed = run.rerun(node, torch.cat(outs), below, len(options), self._keep)
-                per = [self._distances(changed, run, taps, zf, weights, len(options), i) for i in range(len(options))]
+                per = [self._distances(changed, tapped, zf, weights, len(options), i) for i in range(len(options))]
                 return np.array(per), True
             except RuntimeError:  # the graph does not broadcast over stacked candidates: one pass each
                 pass
         per = []
         for out in outs:
-            per.append(self._distances(run.rerun(node, out, below, 1, self._keep), run, taps, zf, weights, 1, 0))
+            per.append(self._distances(run.rerun(node, out, below, 1, self._keep), tapped, zf, weights, 1, 0))
         return np.array(per), False
 
     def _quantized_weights(self, layer: nn.Module, x: Tensor, spec: QSpec, options) -> list[Tensor]:
@@ -251,7 +251,7 @@ class Sensitivity(FxqPass):
             out.append(fake_quant(w, scale_for(fit_weight(layer, s, self.n_grid, energy), s), s))
         return out
 
-    def _activation(self, run: _Downstream, node: Node, options, taps, zf, weights) -> np.ndarray:
+    def _activation(self, run: _Downstream, node: Node, options, tapped, zf, weights) -> np.ndarray:
         value = run.float_env[node]
         if node not in self._acts_q:  # thresholds from the first batch, then kept
             self._acts_q[node] = [
@@ -261,24 +261,28 @@ class Sensitivity(FxqPass):
         per = []
         for quantizer in self._acts_q[node]:
             changed = run.rerun(node, quantizer(value), below, 1, self._keep)
-            per.append(self._distances(changed, run, taps, zf, weights, 1, 0))
+            per.append(self._distances(changed, tapped, zf, weights, 1, 0))
         return np.array(per)
 
     @staticmethod
-    def _distances(changed, run: _Downstream, taps, zf, weights, copies: int, i: int) -> np.ndarray:
+    def _distances(changed, tapped: list[Node], zf, weights, copies: int, i: int) -> np.ndarray:
         """The weighted distance under each measure (one per row of `weights`)."""
-        out_node = next(n for n in run.module.graph.nodes if n.op == "output").args[0]
         zq = []
-        for t, f in zip(taps, zf):
-            v = changed.get(out_node if t is None else t)
+        for t, f in zip(tapped, zf):
+            v = changed.get(t)
             zq.append(f if v is None else v.chunk(copies)[i] if copies > 1 else v)
         return distillation_loss(zf, zq, weights).cpu().numpy()
+
+
+def _returned(gm: GraphModule):
+    """What the graph returns: the output node's argument (a Node, or a tuple/dict of them)."""
+    return next(n for n in gm.graph.nodes if n.op == "output").args[0]
 
 
 def returns_class_scores(gm: GraphModule) -> bool:
     """Whether the graph returns one float tensor with a class dim (N, C, ...), C >= 2: the output the
     output measure and a top-1 agreement check make sense on (from the shapes PropagateShapes recorded)."""
-    out = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    out = _returned(gm)
     meta = out.meta.get("tensor_meta") if isinstance(out, Node) else None
     shape = getattr(meta, "shape", None)
     return shape is not None and len(shape) >= 2 and shape[1] >= 2 and meta.dtype.is_floating_point

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fxq.config import LFHConfig, Method, MixedPrecisionConfig, PTQConfig, RoundingConfig
+from fxq.config import LFHConfig, Method, MixedPrecisionConfig, PTQConfig, RoundingConfig, measure_fields
 from fxq.data import batches, default_data_dir, load_images
 from fxq.evaluate import evaluate
 from fxq.ilp import Budget, solve_allocation
@@ -61,10 +61,7 @@ def main() -> None:
     xs = batches(calib.x, 32)
     budgets = [float(b) for b in args.budgets.split(",")]
 
-    measures = {}
-    if args.mp_loss_weights != "auto":
-        first, *others = args.mp_loss_weights.split(",")
-        measures = {"loss_weights": first, "select_from": tuple(others)}
+    measures = measure_fields(args.mp_loss_weights)
 
     def cfg(avg: float, method: Method) -> PTQConfig:
         return PTQConfig(

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from fxq.passes.select_allocation import top1, top1_agreement
 
-from fxq.config import LFHConfig, MixedPrecisionConfig, PTQConfig
+from fxq.config import LFHConfig, MixedPrecisionConfig, PTQConfig, measure_fields
 from fxq.data import batches, default_data_dir, load_images
 from fxq.evaluate import evaluate
 from fxq.meta import copy_graph, gq
@@ -57,8 +57,8 @@ def main() -> None:
     done = json.loads(path.read_text()) if path.is_file() else {"model": args.model, "rows": {}}
 
     def cfg(measure: str, avg: float) -> PTQConfig:
-        first, *others = measure.split("+")  # "lfh+output": solve under both, keep the better-agreeing allocation
-        mixed = MixedPrecisionConfig(avg_bits=avg, images=args.images, loss_weights=first, select_from=tuple(others))
+        # "lfh+output": solve under both, keep the better-agreeing allocation
+        mixed = MixedPrecisionConfig(avg_bits=avg, images=args.images, **measure_fields(measure))
         lfh = LFHConfig(min_probes=10, max_probes=32)
         return PTQConfig(target=INT8.with_bits(4), mixed_precision=mixed, lfh=lfh, progress=False)
 

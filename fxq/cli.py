@@ -22,6 +22,7 @@ from fxq.config import (
     PTQConfig,
     RoundingConfig,
     WeightError,
+    measure_fields,
 )
 from fxq.data import ImageSet, Preprocess, batches, default_data_dir, load_images
 from fxq.errors import ConfigError, FxqError, ModelError
@@ -156,13 +157,11 @@ def _mp_args(p: argparse.ArgumentParser) -> None:
     m.add_argument("--mp-check-images", type=int, default=256, help="held-out images for that agreement check")
 
 
-def _measures(text: str) -> tuple[str, ...]:
-    known = [w.value for w in LossWeights]
-    measures = tuple(t.strip() for t in text.split(",") if t.strip())
-    bad = [m for m in measures if m not in known]
-    if bad or not measures:
-        raise argparse.ArgumentTypeError(f"unknown measure(s) {bad} in {text!r}; choose from {known}")
-    return measures
+def _measures(text: str) -> dict:
+    try:
+        return measure_fields(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _mixed_precision(args, **budget) -> MixedPrecisionConfig | None:
@@ -178,9 +177,7 @@ def _mixed_precision(args, **budget) -> MixedPrecisionConfig | None:
     options = {"bit_options": args.bit_options} if args.bit_options else {}
     if args.act_bit_options:
         options["act_bit_options"] = args.act_bit_options
-    if args.mp_loss_weights:
-        measure, *others = args.mp_loss_weights
-        options.update(loss_weights=measure, select_from=tuple(others))
+    options.update(args.mp_loss_weights or {})
     return MixedPrecisionConfig(**given, **options, images=args.mp_images, check_images=args.mp_check_images)
 
 

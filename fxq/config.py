@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -19,6 +20,7 @@ __all__ = [
     "RoundingConfig",
     "LossWeights",
     "MixedPrecisionConfig",
+    "measure_fields",
 ]
 
 
@@ -198,6 +200,23 @@ class MixedPrecisionConfig:
                 f"select_from must hold measures from {[w.value for w in LossWeights]}, got {self.select_from!r}"
             ) from None
         object.__setattr__(self, "select_from", tuple(m for m in dict.fromkeys(measures) if m != self.loss_weights))
+
+
+def measure_fields(text: str | None) -> dict:
+    """The MixedPrecisionConfig fields a written measure list asks for, so the CLI and the benches read it alike.
+
+    "lfh,output" (or "lfh+output") -> loss_weights=lfh, select_from=(output,): solve the ILP under each and keep
+    the better-agreeing allocation. One measure alone turns the choice off; None or "auto" -> {} (the default).
+    """
+    if text is None or text.strip() == "auto":
+        return {}
+    known = [w.value for w in LossWeights]
+    names = [t.strip() for t in re.split(r"[,+]", text) if t.strip()]
+    bad = [n for n in names if n not in known]
+    if bad or not names:
+        raise ConfigError(f"unknown measure(s) {bad} in {text!r}: write e.g. lfh or lfh,output; choose from {known}")
+    first, *others = names
+    return {"loss_weights": LossWeights(first), "select_from": tuple(LossWeights(n) for n in others)}
 
 
 @dataclass(frozen=True)

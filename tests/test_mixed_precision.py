@@ -10,7 +10,7 @@ from fxq.passes.rounding import distillation_loss, interest_weights
 from torch import nn
 
 import fxq
-from fxq.config import LFHConfig, LossWeights, MixedPrecisionConfig, PTQConfig
+from fxq.config import LFHConfig, LossWeights, MixedPrecisionConfig, PTQConfig, measure_fields
 from fxq.errors import ConfigError
 from fxq.ilp import Budget, solve_allocation
 from fxq.meta import copy_graph, gq, q
@@ -390,6 +390,18 @@ def test_select_from_settings():
         MixedPrecisionConfig(avg_bits=4, select_from=("hessian",))
     with pytest.raises(ConfigError, match="check_images must be >= 1"):
         MixedPrecisionConfig(avg_bits=4, check_images=0)
+
+
+def test_measure_fields_read_a_written_list():
+    assert measure_fields("auto") == {} and measure_fields(None) == {}
+    both = MixedPrecisionConfig(avg_bits=4, **measure_fields("output, lfh"))
+    assert both.measures == (LossWeights.OUTPUT, LossWeights.LFH)
+    assert measure_fields("lfh+mean") == measure_fields("lfh,mean")
+    assert MixedPrecisionConfig(avg_bits=4, **measure_fields("mean")).select_from == ()  # one measure: no choice
+    assert measure_fields("lfh,") == measure_fields("lfh")  # a trailing comma is harmless
+    for bad in ("hessian", "lfh,hessian", " , "):
+        with pytest.raises(ConfigError, match="unknown measure"):
+            measure_fields(bad)
 
 
 @pytest.mark.parametrize("n", [1, 5, 7, 12, 40])

@@ -48,6 +48,7 @@ def main() -> None:
         default="auto",
         help="sensitivity measure(s): auto (fxq's default: lfh and output, the better kept), or a list as in the CLI",
     )
+    p.add_argument("--methods", default="rtn,eptq", help="which rows per budget: rtn, eptq or both")
     p.add_argument("--seed", type=int, default=0, help="the rounding's seed (batch order, probes)")
     p.add_argument("--json", default="bench/mixed_precision_cpu.json")
     args = p.parse_args()
@@ -80,12 +81,13 @@ def main() -> None:
         "seconds": time.perf_counter() - t0,
         "lfh_seconds": stages.get("LFH"),
         "sensitivity_seconds": stages.get("Sensitivity"),
+        "calibrate_seconds": stages.get("Calibrate"),  # once, shared by every budget's choice and final convert
         "sensitivity_images": gq(analyzed).mixed_precision.get("sensitivity_images"),
         "stacked_layers": gq(analyzed).mixed_precision.get("stacked_layers"),
     }
     write_json_atomic(str(path), done)
     for avg in budgets:
-        for method in (Method.RTN, Method.EPTQ):
+        for method in [Method(m) for m in args.methods.split(",")]:
             name = f"MP avg {avg:g} bits {method.value}" + (
                 f" ({args.iterations} steps, batch {args.batch_size}" + (f", seed {args.seed})" if args.seed else ")")
                 if method is Method.EPTQ

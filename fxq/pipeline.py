@@ -26,7 +26,7 @@ from fxq.passes.interest_points import InterestPoints
 from fxq.passes.lfh import LFH
 from fxq.passes.mixed_precision import MixedPrecision, Sensitivity
 from fxq.passes.normalize import Normalize
-from fxq.passes.observe import Calibrate, Observe
+from fxq.passes.observe import Calibrate, Observe, float_graph, is_calibrated
 from fxq.passes.quantize import Quantize
 from fxq.passes.quantize_bias import QuantizeBias
 from fxq.passes.rounding import Rounding, float_teacher
@@ -67,9 +67,13 @@ def prepare_passes(cfg: PTQConfig, example_inputs: tuple) -> list[PassBase]:
     return [*float_passes(cfg, example_inputs), _observe(cfg)]
 
 
+def _input_stats(cfg: PTQConfig) -> bool:
+    """Whether the convert needs each weighted layer's input statistics (bias correction, output-error thresholds)."""
+    return cfg.bias_correction or cfg.weight_error is WeightError.OUTPUT
+
+
 def _observe(cfg: PTQConfig) -> PassBase:
-    stats = cfg.bias_correction or cfg.weight_error is WeightError.OUTPUT
-    return Observe(input_stats=stats)  # observers on quantized activations (+ layer input statistics)
+    return Observe(input_stats=_input_stats(cfg))  # observers on quantized activations (+ layer input statistics)
 
 
 def convert_passes(cfg: PTQConfig) -> list[PassBase]:
@@ -134,7 +138,8 @@ def convert(gm: GraphModule, config: PTQConfig = PTQConfig()) -> GraphModule:
 
 
 def analysis_passes(cfg: PTQConfig, batches: list) -> list[PassBase]:
-    """On the float graph: the LFH when the rounding or mixed precision needs it, then the bit allocation."""
+    """On the float graph: the LFH when the rounding or mixed precision needs it, then the sensitivities, the
+    calibration and the bit allocation."""
     mp, eptq = cfg.mixed_precision, cfg.method is Method.EPTQ
     needs_lfh = (mp is not None and LossWeights.LFH in mp.measures) or (
         eptq and cfg.rounding.loss_weights is LossWeights.LFH
@@ -146,25 +151,20 @@ def analysis_passes(cfg: PTQConfig, batches: list) -> list[PassBase]:
                 batches, mp, cfg.weight_grid, cfg.progress, cfg.act_threshold, cfg.weight_error, cfg.bias_correction
             )
         )
-        passes += allocation_passes(cfg, batches)
+        # calibrated here, once: the observers do not depend on the widths, so the allocation's check, every
+        # budget of a sweep and the final convert all use this one calibration
+        passes += [*_calibrate_passes(cfg, batches, cfg.progress), *allocation_passes(cfg, batches)]
     return passes
 
 
 def allocation_passes(cfg: PTQConfig, batches: list) -> list[PassBase]:
-    """From measured sensitivities to widths: the ILP, then, where Sensitivity weighed several measures (by
-    default LFH and output for a classifier), the label-free choice among their allocations. A sweep over
-    budgets reruns only these on copies of one analyzed graph."""
+    """From measured sensitivities to widths, on the calibrated graph: the ILP, then, where Sensitivity weighed
+    several measures (by default LFH and output for a classifier), the label-free choice among their
+    allocations. A sweep over budgets reruns only these on copies of one analyzed graph."""
     mp = cfg.mixed_precision
     passes: list[PassBase] = [MixedPrecision(mp, cfg.target.act_bits)]
     if mp.select_from is None or mp.select_from:  # a no-op when only one measure was weighed
-        passes.append(
-            SelectAllocation(
-                batches,
-                calibrate=lambda g: run_passes(g, _calibrate_passes(cfg, batches, progress=False)),
-                convert=lambda g: convert(g, cfg),
-                check_images=mp.check_images,
-            )
-        )
+        passes.append(SelectAllocation(batches, convert=lambda g: convert(g, cfg), check_images=mp.check_images))
     return passes
 
 
@@ -177,16 +177,24 @@ def _calibrate_and_convert(cfg: PTQConfig, batches: list, progress: bool) -> lis
 
 
 def analyze(model: nn.Module, calib_data: Iterable, config: PTQConfig) -> GraphModule:
-    """The float graph with what the analysis passes learned (LFH, sensitivities, chosen bits) in node.meta."""
+    """The float graph with what the analysis passes learned (LFH, sensitivities, chosen bits) in node.meta;
+    with mixed precision it also holds the calibrated observers (they pass values through unchanged)."""
     batches = calib_data if hasattr(calib_data, "__len__") else list(calib_data)
     gm, example_inputs = _traced(model, (_first_batch(batches),), config)
     return run_passes(gm, [*float_passes(config, example_inputs), *analysis_passes(config, batches)])
 
 
 def quantize_analyzed(gm: GraphModule, calib_data: Iterable, config: PTQConfig, name: str = "model") -> Quantized:
-    """Calibrate, convert and (EPTQ) optimize the rounding of a float graph from `analyze`; `gm` is consumed."""
+    """Calibrate, convert and (EPTQ) optimize the rounding of a float graph from `analyze`; `gm` is consumed.
+
+    A graph `analyze` calibrated (as it does for mixed precision) keeps that calibration, so give the same
+    `calib_data`; it is calibrated again only if `config` needs layer-input statistics it lacks."""
     batches = calib_data if hasattr(calib_data, "__len__") else list(calib_data)
-    passes = _calibrate_and_convert(config, batches, config.progress)
+    if is_calibrated(gm, input_stats=_input_stats(config)):
+        passes = convert_passes(config)
+    else:
+        gm = float_graph(gm) if gq(gm).calib_images else gm
+        passes = _calibrate_and_convert(config, batches, config.progress)
     if config.method is Method.EPTQ:
         images = torch.cat([batch_inputs(b) for b in batches])
         passes.append(Rounding(float_teacher(gm), images, config.rounding, config.progress))

@@ -18,6 +18,7 @@ import math
 import time
 
 import torch
+from fxq.passes.observe import float_graph
 from torch import Tensor, nn
 from torch.fx import GraphModule
 from tqdm.auto import tqdm
@@ -25,7 +26,7 @@ from tqdm.auto import tqdm
 from fxq.checkpoint import load_checkpoint, save_checkpoint
 from fxq.config import LossWeights, RoundingConfig
 from fxq.errors import ConfigError, GraphCheckFailed
-from fxq.meta import copy_graph, gq, q
+from fxq.meta import gq, q
 from fxq.modules import ActQuant, QuantWeight
 from fxq.ops import device_of, set_eval_
 from fxq.passbase import FxqPass, PassResult
@@ -37,8 +38,8 @@ CHECKPOINT = "rounding.pt"
 
 
 def float_teacher(gm: GraphModule) -> GraphModule:
-    """A frozen copy of the float graph, with its own node state."""
-    teacher = copy_graph(gm)
+    """A frozen copy of the float graph (observers taken out, if gm was calibrated), with its own node state."""
+    teacher = float_graph(gm)
     for p in teacher.parameters():
         p.requires_grad_(False)
     return set_eval_(teacher)

@@ -4,7 +4,7 @@ one whose RTN model agrees most often with the float model's top-1 on held-out c
 No single measure wins everywhere (on Lite0 the output alone chose better widths, on ResNet-20 at 3 bits/weight
 the LFH-weighted interest tensors did); this label-free check of the quantized models kept the better one in 4
 of the 5 cases measured, and never a worse one than the LFH measure alone (bench/RESULTS.md). The check costs
-one calibration, then one threshold fit and one pass over the check images per candidate.
+one threshold fit and one pass over the check images per candidate, on the calibration the final model uses.
 """
 
 from __future__ import annotations
@@ -14,10 +14,12 @@ from collections.abc import Callable, Iterable
 
 import torch
 from fxq.passes.mixed_precision import apply_plan
+from fxq.passes.observe import float_graph, is_calibrated
 from torch import Tensor, nn
 from torch.fx import GraphModule
 
 from fxq.data import batch_inputs
+from fxq.errors import GraphCheckFailed
 from fxq.meta import copy_graph, gq
 from fxq.ops import device_of, set_eval_
 from fxq.passbase import FxqPass, PassResult
@@ -56,29 +58,27 @@ class SelectAllocation(FxqPass):
     """Apply the candidate allocation (NodeQ.bits, activation widths) whose RTN model agrees best with the float
     graph on the last `check_images` calibration images; ties keep the first measure (the configured one).
 
-    `calibrate` inserts and runs the observers on a copy of the float graph, once: what they record does not
-    depend on the widths, which only `convert` (threshold fitting) reads, once per candidate.
+    Runs on a calibrated graph (Observe, Calibrate): what the observers record does not depend on the widths,
+    so one calibration serves every candidate, every budget of a sweep and the final convert; `convert` (the
+    threshold fit, which does read the widths) runs once per candidate, on a copy.
     """
 
-    def __init__(
-        self,
-        batches: Iterable,
-        calibrate: Callable[[GraphModule], GraphModule],
-        convert: Callable[[GraphModule], GraphModule],
-        check_images: int,
-    ):
-        self.batches, self.calibrate, self.convert, self.check_images = batches, calibrate, convert, check_images
+    def __init__(self, batches: Iterable, convert: Callable[[GraphModule], GraphModule], check_images: int):
+        self.batches, self.convert, self.check_images = batches, convert, check_images
+
+    def requires(self, gm: GraphModule) -> None:
+        if gq(gm).mixed_precision.get("candidates") and not is_calibrated(gm):
+            raise GraphCheckFailed("select allocation: the graph is not calibrated; run Observe and Calibrate first")
 
     def call(self, gm: GraphModule) -> PassResult:
         candidates = gq(gm).mixed_precision.get("candidates")
         if not candidates:
             return PassResult(gm, modified=False)
         x = last_images(self.batches, self.check_images)
-        reference = top1(gm, x)
-        calibrated = self.calibrate(copy_graph(gm))
+        reference = top1(float_graph(gm), x)  # observers out: the check images must not join the calibration
         scores = {}
         for measure, plan in candidates.items():
-            trial = copy_graph(calibrated)
+            trial = copy_graph(gm)
             apply_plan(trial, plan)
             scores[measure] = top1_agreement(self.convert(trial), x, reference)
         best = max(scores, key=scores.__getitem__)  # dict order: the configured measure first, so it wins ties

@@ -1,20 +1,23 @@
 """Mixed precision: the ILP against brute force, budgets, errors, and sensitivities against a direct re-run."""
 
+import dataclasses
 import itertools
 
 import numpy as np
 import pytest
 import torch
 from fxq.passes import mixed_precision as mp
+from fxq.passes.observe import Calibrate, float_graph, is_calibrated
 from fxq.passes.rounding import distillation_loss, interest_weights
 from torch import nn
 
 import fxq
 from fxq.config import LFHConfig, LossWeights, MixedPrecisionConfig, PTQConfig, measure_fields
-from fxq.errors import ConfigError
+from fxq.errors import ConfigError, GraphCheckFailed
 from fxq.ilp import Budget, solve_allocation
 from fxq.meta import copy_graph, gq, q
 from fxq.modules import ActQuant, QuantWeight
+from fxq.pipeline import allocation_passes, run_passes
 from fxq.qmath import WeightError, fake_quant, scale_for, weight_thresholds
 from fxq.taps import interest_nodes, with_taps
 from fxq.targets import INT8
@@ -378,6 +381,47 @@ def test_the_allocation_with_the_best_label_free_agreement_is_kept(tiny_net):
     for a, b in zip(mp.weight_layers(gm), mp.weight_layers(alone)):
         assert q(a).bit_sensitivity_by["output"] == pytest.approx(q(b).bit_sensitivity, rel=1e-5)
         assert q(a).bit_sensitivity_by["lfh"] == q(a).bit_sensitivity
+
+
+def test_one_calibration_serves_the_choice_and_the_final_model(tiny_net, monkeypatch):
+    runs = []
+    calibrate = Calibrate.call
+    monkeypatch.setattr(Calibrate, "call", lambda self, gm: runs.append(1) or calibrate(self, gm))
+    cfg = PTQConfig(
+        target=INT8.with_bits(4),
+        mixed_precision=MixedPrecisionConfig(avg_bits=3.0, images=8, batch_size=4, check_images=8),
+        lfh=LFH,
+        progress=False,
+    )
+    _, report = fxq.quantize(tiny_net, CALIB, cfg)
+    assert report.mixed_precision["selected"] in ("lfh", "output") and len(runs) == 1
+    assert report.calib_images == sum(len(x) for x in CALIB)  # counted once, not once per use
+
+
+def test_a_convert_needing_layer_input_statistics_calibrates_again(tiny_net, monkeypatch):
+    runs = []
+    calibrate = Calibrate.call
+    monkeypatch.setattr(Calibrate, "call", lambda self, gm: runs.append(1) or calibrate(self, gm))
+    mixed = MixedPrecisionConfig(avg_bits=3.0, images=8, batch_size=4, select_from=())
+    plain = PTQConfig(target=INT8.with_bits(4), mixed_precision=mixed, lfh=LFH, bias_correction=False, progress=False)
+    gm = fxq.analyze(tiny_net, CALIB, plain)
+    assert is_calibrated(gm) and not is_calibrated(gm, input_stats=True) and len(runs) == 1
+    corrected = dataclasses.replace(plain, bias_correction=True)
+    qgm, report = fxq.quantize_analyzed(copy_graph(gm), CALIB, corrected)
+    assert len(runs) == 2 and report.calib_images == sum(len(x) for x in CALIB)
+    fresh, _ = fxq.quantize_analyzed(float_graph(gm), CALIB, corrected)  # same widths, calibrated from scratch
+    x = torch.cat(CALIB)
+    with torch.no_grad():
+        assert torch.equal(qgm(x), fresh(x))
+        assert not torch.equal(qgm(x), fxq.quantize_analyzed(copy_graph(gm), CALIB, plain)[0](x))
+
+
+def test_the_choice_needs_a_calibrated_graph(tiny_net):
+    gm, cfg = _analyzed(tiny_net, avg_bits=3.0, select_from=("output",), check_images=8)
+    plain = float_graph(gm)  # same sensitivities and candidates, observers out
+    assert gq(plain).mixed_precision["candidates"]
+    with pytest.raises(GraphCheckFailed, match="not calibrated; run Observe and Calibrate first"):
+        run_passes(plain, allocation_passes(cfg, CALIB))
 
 
 def test_select_from_settings():

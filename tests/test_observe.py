@@ -1,5 +1,5 @@
 import torch
-from fxq.passes.observe import Calibrate
+from fxq.passes.observe import Calibrate, float_graph, is_calibrated
 from torch import nn
 
 import fxq
@@ -29,6 +29,23 @@ def test_observer_ranges_match_the_float_activations(tiny_net):
     inp = obs["x"]
     assert (float(inp.lo), float(inp.hi)) == (float(torch.cat(xs).min()), float(torch.cat(xs).max()))
     assert relu_obs.sample().numel() == sum(min(4096, x.shape[0] * 8 * 144) for x in xs)
+
+
+def test_float_graph_takes_the_observers_out_and_leaves_their_record_alone(tiny_net):
+    xs = [seeded(3, 3, 12, 12, seed=s) for s in range(2)]
+    gm = prepare(tiny_net, (xs[0],))
+    assert not is_calibrated(gm)
+    gm = run_passes(gm, [Calibrate(xs, progress=False)])
+    assert is_calibrated(gm)
+    relu = _observers(gm, ActObserver)["stem_2"]
+    before = (relu.batches, float(relu.hi))
+    plain = float_graph(gm)
+    assert not any(q(n).kind is OpKind.OBSERVER for n in plain.graph.nodes) and not is_calibrated(plain)
+    x = seeded(2, 3, 12, 12, seed=9) * 5  # beyond the calibrated range: an observer that saw it would widen
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), tiny_net(x), rtol=1e-5, atol=1e-5)
+    assert (relu.batches, float(relu.hi)) == before
+    assert len(list(plain.modules())) < len(list(gm.modules()))  # the observer modules went with their nodes
 
 
 def test_channel_stats_observer_matches_input_statistics(tiny_net):

@@ -301,7 +301,7 @@ def cmd_pareto(args) -> None:
     xs = batches(calib.x, args.batch_size)
     rows = [{"kind": "float", "label": "float", **evaluate(lm.model, val.x, val.y, progress=False)}]
     first = next(iter(sweep.values()))
-    analyzed = analyze(lm.model, xs, first)  # LFH and sensitivities once, for every budget
+    analyzed = analyze(lm.model, xs, first)  # LFH, sensitivities and calibration once, for every budget
     for avg, cfg in sweep.items():
         gm = run_passes(copy_graph(analyzed), allocation_passes(cfg, xs))
         qgm, rep = quantize_analyzed(gm, xs, cfg, lm.name)

@@ -105,7 +105,9 @@ class RoundingConfig:
     checkpoint_dir: str | None = None
     resume: bool = False
     teacher_cache: str = "auto"  # float interest tensors of every image kept (fp16) or recomputed: auto|on|off
-    amp: bool = True  # bf16 autocast for the student on CUDA (ignored on CPU)
+    # bf16 autocast of the student and teacher forwards: None, on CUDA only; True, on the CPU too (slower there,
+    # but it lets the CPU tests run the GPU's numerics path); False, off
+    amp: bool | None = None
     compile: bool = False  # torch.compile the student and teacher graphs (slower on CPU: 0.71 vs 0.48 s/step)
     channels_last: bool = True  # NHWC during the optimization for 4-D images (CPU Lite0 fwd+bwd: 1.65x faster)
     seed: int = 0

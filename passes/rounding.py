@@ -45,6 +45,11 @@ def float_teacher(gm: GraphModule) -> GraphModule:
     return set_eval_(teacher)
 
 
+def bf16_autocast(device: torch.device, amp: bool | None) -> torch.autocast:
+    """RoundingConfig.amp on `device`: None autocasts on CUDA only, True everywhere, False nowhere."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" if amp is None else amp)
+
+
 def batch_indices(n: int, batch: int, step: int, seed: int) -> Tensor:
     """The images of step `step`: epochs of seeded permutations, a pure function of its arguments."""
     per_epoch = max(n // batch, 1)
@@ -215,7 +220,7 @@ class Rounding(FxqPass):
 
     def _losses(self, student, targets: _TeacherTargets, idx: Tensor, x: Tensor, weights: Tensor) -> Tensor:
         zf = targets(idx, x)
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=self.cfg.amp and x.device.type == "cuda"):
+        with bf16_autocast(x.device, self.cfg.amp):
             zq = _flat(student(x), targets.out_is_tensor)
         return distillation_loss(zf, zq, weights, self.cfg.normalize_loss)
 
@@ -339,8 +344,7 @@ class _TeacherTargets:
 
     @torch.no_grad()
     def _forward(self, x: Tensor) -> list[Tensor]:
-        amp = self.amp and x.device.type == "cuda"
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=amp):
+        with bf16_autocast(x.device, self.amp):
             return _flat(self.teacher(x), self.out_is_tensor)
 
     def __call__(self, idx: Tensor, x: Tensor) -> list[Tensor]:

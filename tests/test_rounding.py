@@ -43,8 +43,7 @@ def test_soft_weight_at_init_equals_the_float_weight_inside_the_grid():
     torch.testing.assert_close(qw.quantized_weight()[inside], w[inside], rtol=0, atol=1e-5)
 
 
-def test_hardened_weights_lie_on_their_integer_grid(tiny_net):
-    qgm, report = _eptq(tiny_net, iterations=20)
+def _assert_on_grid(qgm) -> None:
     layers = _quant_layers(qgm)
     assert len(layers) == 4
     for qw in layers.values():
@@ -54,7 +53,35 @@ def test_hardened_weights_lie_on_their_integer_grid(tiny_net):
         assert codes.min() >= qw.spec.qmin and codes.max() <= qw.spec.qmax
         assert qw.rounding is None and qw.w_floor is None
         torch.testing.assert_close(qw.quantized_weight(), w, rtol=0, atol=0)  # RTN of the result is itself
+
+
+@pytest.mark.slow
+def test_compiled_student_and_teacher_train_the_same_run(tiny_net):
+    """compile=True (torch.compile of both graphs, meant for the GPU) on the CPU: the losses of the eager run."""
+    qgm, compiled = _eptq(tiny_net, iterations=8, compile=True)
+    _, eager = _eptq(tiny_net, iterations=8)
+    a = [loss for _, loss in compiled.rounding["history"]]
+    b = [loss for _, loss in eager.rounding["history"]]
+    assert len(a) == 8 and a == pytest.approx(b, rel=1e-3)
+    _assert_on_grid(qgm)
+
+
+def test_hardened_weights_lie_on_their_integer_grid(tiny_net):
+    qgm, report = _eptq(tiny_net, iterations=20)
+    _assert_on_grid(qgm)
     assert report.rounding["iterations"] == 20 and len(report.rounding["history"]) > 0
+
+
+def test_bf16_autocast_the_gpu_default_runs_on_the_cpu_and_tracks_fp32(tiny_net):
+    """amp=True forces the autocast path CUDA takes by default: the same run up to bf16 rounding."""
+    qgm, amp = _eptq(tiny_net, iterations=20, amp=True)
+    _, fp32 = _eptq(tiny_net, iterations=20, amp=False)
+    a = [loss for _, loss in amp.rounding["history"]]
+    b = [loss for _, loss in fp32.rounding["history"]]
+    assert a != b, "amp=True did not autocast on the CPU"  # identical runs otherwise: the same seed and batches
+    assert a == pytest.approx(b, rel=0.1)
+    _assert_on_grid(qgm)
+    assert not torch.is_autocast_enabled("cpu")  # left as it was
 
 
 def test_zero_learning_rates_reproduce_rtn_exactly(tiny_net):

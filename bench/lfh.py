@@ -18,16 +18,20 @@ import torch
 import fxq
 from fxq.data import default_data_dir, load_images
 from fxq.models import load_model
+from fxq.ops import pick_device
 
 
 def bound(model, x: torch.Tensor, probes: int) -> float:
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
     model.zero_grad(set_to_none=True)
     out = model(x)
     (out * torch.randn_like(out)).sum().backward()  # warm-up
+    sync()
     t0 = time.perf_counter()
     for _ in range(probes):
         out = model(x)
         (out * torch.randn_like(out)).sum().backward()
+    sync()
     model.zero_grad(set_to_none=True)
     return time.perf_counter() - t0
 
@@ -51,7 +55,9 @@ def main() -> None:
     args = p.parse_args()
 
     lm = load_model(args.model)
-    x = load_images(args.calib, lm.preprocess, args.images, progress=False).x
+    device = pick_device()
+    lm.model.to(device)
+    x = load_images(args.calib, lm.preprocess, args.images, progress=False).x.to(device)
     t_bound = bound(lm.model, x, args.probes)
     runs = {}
     for seed in [int(s) for s in args.seeds.split(",")]:
@@ -79,6 +85,7 @@ def main() -> None:
         "probes": args.probes,
         "probes_per_pass": args.probes_per_pass,
         "threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "bound_s": t_bound,
         "lfh_s": best,
         "ratio_to_bound": best / t_bound,

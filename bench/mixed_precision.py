@@ -23,6 +23,7 @@ from fxq.evaluate import evaluate
 from fxq.ilp import Budget, solve_allocation
 from fxq.meta import copy_graph, gq
 from fxq.models import load_model
+from fxq.ops import pick_device
 from fxq.pipeline import allocation_passes, analyze, quantize_analyzed, run_passes
 from fxq.report import write_json_atomic
 from fxq.targets import INT8
@@ -57,6 +58,7 @@ def main() -> None:
     done = json.loads(path.read_text()) if path.is_file() else {"rows": {}}
     done["ilp_1000x3_seconds"] = ilp_seconds()
     lm = load_model("efficientnet_lite0")
+    lm.model.to(pick_device())  # the GPU when there is one
     calib = load_images(args.calib, lm.preprocess, progress=False)
     val = load_images(args.val, lm.preprocess, labeled=True, progress=False)
     xs = batches(calib.x, 32)

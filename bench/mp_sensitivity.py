@@ -26,6 +26,7 @@ from fxq.data import batches, default_data_dir, load_images
 from fxq.evaluate import evaluate
 from fxq.meta import copy_graph, gq
 from fxq.models import load_model
+from fxq.ops import pick_device
 from fxq.pipeline import allocation_passes, analyze, quantize_analyzed, run_passes
 from fxq.report import write_json_atomic
 from fxq.targets import INT8
@@ -46,6 +47,7 @@ def main() -> None:
     args = p.parse_args()
 
     lm = load_model(args.model)
+    lm.model.to(pick_device())  # the GPU when there is one
     cifar = args.model.startswith("cifar")
     calib_path = args.calib or str(CIFAR / "cifar10_train_calib1000_jpeg.npz" if cifar else IMAGENET / "calib")
     val_path = args.val or str(CIFAR / "cifar10_test10k_jpeg.npz" if cifar else IMAGENET / "val")

@@ -31,7 +31,7 @@ from fxq.frontend import Frontend
 from fxq.latency import BACKENDS
 from fxq.meta import without_graph_state
 from fxq.models import DEFAULT_MODEL, LoadedModel, load_model
-from fxq.ops import set_eval_
+from fxq.ops import pick_device, set_eval_
 from fxq.pipeline import label_free_hessian, quantize
 from fxq.report import Report, write_json_atomic
 from fxq.targets import INT8
@@ -82,6 +82,10 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"model name (default {DEFAULT_MODEL}) or torchvision name")
     p.add_argument("--weights", default=None, help="state-dict file for the model")
     p.add_argument("--random-weights", action="store_true", help="torchvision model with random weights (speed runs)")
+
+
+def _device_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (the GPU when there is one)")
 
 
 def _quant_args(p: argparse.ArgumentParser) -> None:
@@ -183,7 +187,8 @@ def _mixed_precision(args, **budget) -> MixedPrecisionConfig | None:
 
 def _schedule(args) -> tuple[str, RoundingConfig, LFHConfig]:
     """The rounding and LFH settings the flags ask for; 'auto' is full on a GPU, short on a CPU."""
-    name = args.schedule if args.schedule != "auto" else ("full" if torch.cuda.is_available() else "short")
+    on_gpu = pick_device(args.device).type == "cuda"
+    name = args.schedule if args.schedule != "auto" else ("full" if on_gpu else "short")
     overrides = {
         k: v
         for k, v in {
@@ -227,8 +232,15 @@ def _say_schedule(args, methods) -> None:
         )
 
 
-def _load(args) -> tuple[LoadedModel, ImageSet, ImageSet | None]:
+def _model(args) -> LoadedModel:
+    """The model the flags name, on the device they name (the passes and the data follow its parameters)."""
     lm = load_model(args.model, args.weights, args.random_weights)
+    lm.model.to(pick_device(args.device))
+    return lm
+
+
+def _load(args) -> tuple[LoadedModel, ImageSet, ImageSet | None]:
+    lm = _model(args)
     show = not args.quiet
     calib = load_images(args.calib, lm.preprocess, args.num_calib, progress=show)
     val = (
@@ -345,6 +357,7 @@ def cmd_eval(args) -> None:
     else:
         lm = load_model(args.model, args.weights, args.random_weights)
         model, pre, name = lm.model, lm.preprocess, lm.name
+    model.to(pick_device(args.device))
     val = load_images(args.val, pre, args.num_val, labeled=True, progress=not args.quiet)
     print(_accuracy_line(name, evaluate(model, val.x, val.y, progress=not args.quiet)))
 
@@ -400,7 +413,7 @@ def cmd_lfh(args) -> None:
         probes_per_pass=args.probes_per_pass,
         seed=args.seed,
     )
-    lm = load_model(args.model, args.weights, args.random_weights)
+    lm = _model(args)
     images = load_images(args.calib, lm.preprocess, cfg.images, progress=not args.quiet)
     ptq = PTQConfig(frontend=args.frontend, progress=not args.quiet)
     _, report = label_free_hessian(lm.model, [images.x], cfg, ptq)
@@ -467,7 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True)
 
     qp = sub.add_parser("quantize", help="quantize a model, evaluate it, write model.pt + report.json")
-    _model_args(qp), _data_args(qp), _quant_args(qp)
+    _model_args(qp), _device_arg(qp), _data_args(qp), _quant_args(qp)
     qp.add_argument("--weight-bits", type=int, default=8)
     qp.add_argument("--out", required=True, help="output folder")
     qp.add_argument("--no-eval", action="store_true", help="skip the float/quantized evaluation")
@@ -477,13 +490,14 @@ def build_parser() -> argparse.ArgumentParser:
     ep.add_argument("--model", default=DEFAULT_MODEL, help="a folder written by `fxq quantize`, or a model name")
     ep.add_argument("--weights", default=None)
     ep.add_argument("--random-weights", action="store_true")
+    _device_arg(ep)
     ep.add_argument("--val", default=str(default_data_dir() / "imagenet" / "val"))
     ep.add_argument("--num-val", type=int, default=None)
     ep.add_argument("--quiet", action="store_true")
     ep.set_defaults(fn=cmd_eval)
 
     cp = sub.add_parser("compare", help="float vs quantized at several weight widths (the README's main job)")
-    _model_args(cp), _data_args(cp), _quant_args(cp)
+    _model_args(cp), _device_arg(cp), _data_args(cp), _quant_args(cp)
     cp.add_argument(
         "--runs",
         type=_runs,
@@ -494,14 +508,14 @@ def build_parser() -> argparse.ArgumentParser:
     cp.set_defaults(fn=cmd_compare)
 
     pp = sub.add_parser("pareto", help="mixed precision over a sweep of budgets: table, JSON, PNG (top-1 vs size)")
-    _model_args(pp), _data_args(pp), _quant_args(pp)
+    _model_args(pp), _device_arg(pp), _data_args(pp), _quant_args(pp)
     pp.add_argument("--avg-bits-list", type=_floats, default=[2.5, 3.0, 3.5, 4.0, 5.0, 6.0])
     pp.add_argument("--uniform", type=_ints, default=(2, 4, 8), help="uniform widths to plot for reference")
     pp.add_argument("--out", default="runs/pareto")
     pp.set_defaults(fn=cmd_pareto)
 
     lp = sub.add_parser("lfh", help="label-free Hessian trace of every interest tensor (table, JSON, PNG)")
-    _model_args(lp), _data_args(lp)
+    _model_args(lp), _device_arg(lp), _data_args(lp)
     lp.add_argument("--frontend", default=Frontend.FX.value, choices=[f.value for f in Frontend])
     lp.add_argument("--min-probes", type=int, default=10)
     lp.add_argument("--max-probes", type=int, default=100)
@@ -538,7 +552,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"comma-separated, from {','.join(BACKENDS)} (default: all; inductor-int8 where torchao is installed)",
     )
     bp.add_argument("--out", default=None, help="also write the rows as JSON")
-    bp.set_defaults(fn=cmd_bench, num_calib=32)
+    bp.set_defaults(fn=cmd_bench, num_calib=32, device="cpu")  # the backends it times are CPU ones
     return p
 
 

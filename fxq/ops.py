@@ -10,11 +10,13 @@ from torch import nn
 from torch.fx import GraphModule, Node
 from torch.fx.passes.shape_prop import TensorMetadata
 
+from fxq.errors import ConfigError
 from fxq.meta import OpKind
 
 __all__ = [
     "set_eval_",
     "device_of",
+    "pick_device",
     "kind_of",
     "module_of",
     "fetch_attr",
@@ -231,6 +233,20 @@ def set_eval_(module: nn.Module) -> nn.Module:
 def device_of(module: nn.Module) -> torch.device:
     """Where a module's parameters live (CPU for a parameter-free module)."""
     return next((p.device for p in module.parameters()), torch.device("cpu"))
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """Where to run: "auto" is the GPU when one is visible, else the CPU; a CUDA device that is not there is a
+    clear error, not a crash deep in the first pass."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {name!r}; give cpu, cuda, cuda:N or auto") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r}: no CUDA device is visible here; use cpu or auto")
+    return device
 
 
 def fetch_attr(gm: torch.nn.Module, target: str):

@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from fxq.cli import load_quantized, main
 from tests.conftest import write_images
@@ -65,6 +66,12 @@ def test_quantize_then_eval_round_trip(tmp_path, image_dirs, capsys):
         (["eval", "--model", "/tmp"], "'/tmp' holds no model.pt"),
         (["quantize", "--out", "x", "--method", "eptq", "--resume"], "resume needs checkpoint_dir"),
         (["bench", "--backends", "eager,tensorrt"], r"unknown backend\(s\) \['tensorrt'\] in --backends"),
+        (["quantize", "--out", "x", "--device", "tpu9"], "unknown device 'tpu9'; give cpu, cuda, cuda:N or auto"),
+        pytest.param(
+            ["quantize", "--out", "x", "--device", "cuda"],
+            "device 'cuda': no CUDA device is visible here; use cpu or auto",
+            marks=pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is visible"),
+        ),
     ],
 )
 def test_bad_input_gives_a_clear_error(args, message, capsys):
@@ -202,6 +209,21 @@ def test_eptq_quantize_reports_its_schedule(tmp_path, image_dirs, capsys):
     assert report["method"] == "eptq" and report["rounding"]["iterations"] == 3
     assert report["rounding"]["kept"] in ("eptq", "rtn")
     assert all(lr["lfh_weight"] is not None for lr in report["layers"] if lr["interest"])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_eptq_quantize_runs_on_the_gpu_with_the_full_schedule_by_default(tmp_path, image_dirs, capsys):
+    calib, val = image_dirs
+    out = tmp_path / "gpu"
+    args = ["quantize", "--model", "mobilenet_v3_small", "--random-weights", "--quiet", "--calib", str(calib)]
+    args += ["--val", str(val), "--weight-bits", "4", "--method", "eptq", "--iterations", "3", "--rounding-batch"]
+    args += ["2", "--lfh-probes", "2", "--batch-size", "2", "--out", str(out)]
+    code, stdout, _ = run(args, capsys)
+    assert code == 0 and "EPTQ schedule: full: 3 iterations" in stdout  # auto: the GPU's schedule
+    report = json.loads((out / "report.json").read_text())
+    assert report["rounding"]["iterations"] == 3 and report["accuracy"]["quantized"]["images"] == 6
+    code, stdout, _ = run(["eval", "--model", str(out), "--val", str(val), "--quiet", "--device", "cpu"], capsys)
+    assert code == 0 and "on 6 images" in stdout  # the model saved from the GPU loads and runs on the CPU
 
 
 def test_compare_refuses_a_malformed_run(capsys):

@@ -1,6 +1,6 @@
 """Mixed-precision RTN on Lite0 (4 and 3 bits/weight) with any fxq source tree, to time two commits side by side.
 
-    git worktree add /tmp/old 13543cd && ln -s ../passes /tmp/old/fxq/passes && ln -s ../kernels /tmp/old/fxq/kernels
+    git worktree add /tmp/old 166f964 && ln -s ../passes /tmp/old/fxq/passes && ln -s ../kernels /tmp/old/fxq/kernels
     python bench/mp_ab.py /tmp/old bench/mp_ab_cpu_s7_before.json     # the tree before the change
     python bench/mp_ab.py . bench/mp_ab_cpu_s7_after.json              # this one
 

@@ -1,6 +1,6 @@
 #!/bin/bash
 # One lent-GPU session, every step time-boxed; results land in $OUT (JSON + logs). Prepare with bench/gpu_prepare.sh.
-#   1. the CUDA tests (the fused LFH kernel against its reference, the LFH pass with the kernel)
+#   1. the CUDA tests (the fused LFH kernel against its reference, the LFH pass with the kernel, EPTQ from the CLI)
 #   2. bench/lfh_kernel.py: fused kernel vs reference reduction over Lite0-like gradient lists (fp32, bf16)
 #   3. bench/lfh.py: LFH of Lite0 (32 images, 100 probes) against its bound, probes per pass 1 and 8
 #   4. bench/lfh_memory.py: the LFH's memory peak against one training step of the same batch
@@ -14,8 +14,12 @@ export PYTHONPATH=$site FXQ_DATA=$PWD/.gpu/data PYTHONUNBUFFERED=1 FXQ_CACHE=$(m
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/gpu.txt"
 cd "$(mktemp -d)"  # import the installed fxq, not the source tree
 src=$OLDPWD
-FXQ_LFH_KERNEL=cuda timeout 240 python3 -m pytest -q -p no:cacheprovider "$src/tests/test_lfh_kernel.py" \
-  "$src/tests/test_lfh.py" -m "not slow" 2>&1 | tail -15 | tee "$out/tests.log"
+# a copy of the tests: run from $src/tests, pytest would put $src on sys.path and import its fxq/, which lacks
+# fxq.passes and fxq.kernels (package-dir mappings that only the installed package has)
+cp -r "$src/tests" "$src/pyproject.toml" .
+FXQ_LFH_KERNEL=cuda timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_lfh_kernel.py tests/test_lfh.py \
+  tests/test_cli.py::test_eptq_quantize_runs_on_the_gpu_with_the_full_schedule_by_default -m "not slow" 2>&1 \
+  | tail -15 | tee "$out/tests.log"
 for dt in float32 bfloat16; do
   timeout 60 python3 "$src/bench/lfh_kernel.py" --dtype $dt --json "$out/lfh_kernel_$dt.json" 2>&1 | tail -3
 done

@@ -18,6 +18,8 @@ import torch
 from fxq.kernels.lfh_cuda import fused_update_for
 from fxq.kernels.lfh_reduce import RunningStats, fused_update_reference_
 
+from fxq.ops import pick_device
+
 SHAPES = [(16, 112), (24, 56), (24, 56), (40, 28), (40, 28), (80, 14), (80, 14), (80, 14), (112, 14), (112, 14)]
 SHAPES += [(112, 14), (192, 7), (192, 7), (192, 7), (192, 7), (320, 7), (1000, 1)]
 
@@ -51,7 +53,7 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=20)
     p.add_argument("--json", default=None)
     args = p.parse_args()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = pick_device().type
     gs = grads(args.tensors, args.batch, getattr(torch, args.dtype), device)
     rows = torch.arange(len(gs))
     fused = fused_update_for(device)

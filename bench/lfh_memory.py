@@ -27,8 +27,9 @@ def phase(kind: str, images: int, probes: int) -> dict:
     import fxq
     from fxq.data import default_data_dir, load_images
     from fxq.models import load_model
+    from fxq.ops import pick_device
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = pick_device().type
     lm = load_model("efficientnet_lite0")
     model = lm.model.to(device)
     x = load_images(default_data_dir() / "imagenet" / "calib", lm.preprocess, images, progress=False).x.to(device)

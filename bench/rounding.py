@@ -32,7 +32,7 @@ from fxq.config import LFHConfig, Method, PTQConfig, RoundingConfig
 from fxq.data import batches, default_data_dir, load_images
 from fxq.evaluate import evaluate
 from fxq.models import load_model
-from fxq.ops import device_of
+from fxq.ops import device_of, pick_device
 from fxq.report import write_json_atomic
 from fxq.targets import INT8
 
@@ -111,7 +111,7 @@ def main() -> None:
     args = p.parse_args()
 
     lm = load_model("efficientnet_lite0")
-    lm.model.to("cuda" if torch.cuda.is_available() else "cpu")
+    lm.model.to(pick_device())
     calib = load_images(args.calib, lm.preprocess, progress=False)
     val = load_images(args.val, lm.preprocess, labeled=True, progress=False)
     path = Path(args.json)

@@ -18,7 +18,7 @@ import fxq
 from fxq.config import LFHConfig, Method, PTQConfig, RoundingConfig
 from fxq.data import batches, default_data_dir, load_images
 from fxq.models import load_model
-from fxq.ops import device_of
+from fxq.ops import device_of, pick_device
 from fxq.pipeline import analyze, quantize_analyzed
 
 try:
@@ -34,7 +34,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--json", default=None)
     args = p.parse_args()
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = pick_device().type
     lm = load_model("efficientnet_lite0")
     lm.model.to(device)
     calib = load_images(default_data_dir() / "imagenet" / "calib", lm.preprocess, args.images, progress=False)

@@ -383,10 +383,16 @@ def test_the_allocation_with_the_best_label_free_agreement_is_kept(tiny_net):
         assert q(a).bit_sensitivity_by["lfh"] == q(a).bit_sensitivity
 
 
-def test_one_calibration_serves_the_choice_and_the_final_model(tiny_net, monkeypatch):
+@pytest.fixture
+def calibrations(monkeypatch) -> list:
+    """One entry per Calibrate pass run while the test lasts."""
     runs = []
     calibrate = Calibrate.call
     monkeypatch.setattr(Calibrate, "call", lambda self, gm: runs.append(1) or calibrate(self, gm))
+    return runs
+
+
+def test_one_calibration_serves_the_choice_and_the_final_model(tiny_net, calibrations):
     cfg = PTQConfig(
         target=INT8.with_bits(4),
         mixed_precision=MixedPrecisionConfig(avg_bits=3.0, images=8, batch_size=4, check_images=8),
@@ -394,21 +400,18 @@ def test_one_calibration_serves_the_choice_and_the_final_model(tiny_net, monkeyp
         progress=False,
     )
     _, report = fxq.quantize(tiny_net, CALIB, cfg)
-    assert report.mixed_precision["selected"] in ("lfh", "output") and len(runs) == 1
+    assert report.mixed_precision["selected"] in ("lfh", "output") and len(calibrations) == 1
     assert report.calib_images == sum(len(x) for x in CALIB)  # counted once, not once per use
 
 
-def test_a_convert_needing_layer_input_statistics_calibrates_again(tiny_net, monkeypatch):
-    runs = []
-    calibrate = Calibrate.call
-    monkeypatch.setattr(Calibrate, "call", lambda self, gm: runs.append(1) or calibrate(self, gm))
+def test_a_convert_needing_layer_input_statistics_calibrates_again(tiny_net, calibrations):
     mixed = MixedPrecisionConfig(avg_bits=3.0, images=8, batch_size=4, select_from=())
     plain = PTQConfig(target=INT8.with_bits(4), mixed_precision=mixed, lfh=LFH, bias_correction=False, progress=False)
     gm = fxq.analyze(tiny_net, CALIB, plain)
-    assert is_calibrated(gm) and not is_calibrated(gm, input_stats=True) and len(runs) == 1
+    assert is_calibrated(gm) and not is_calibrated(gm, input_stats=True) and len(calibrations) == 1
     corrected = dataclasses.replace(plain, bias_correction=True)
     qgm, report = fxq.quantize_analyzed(copy_graph(gm), CALIB, corrected)
-    assert len(runs) == 2 and report.calib_images == sum(len(x) for x in CALIB)
+    assert len(calibrations) == 2 and report.calib_images == sum(len(x) for x in CALIB)
     fresh, _ = fxq.quantize_analyzed(float_graph(gm), CALIB, corrected)  # same widths, calibrated from scratch
     x = torch.cat(CALIB)
     with torch.no_grad():

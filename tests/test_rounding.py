@@ -28,6 +28,10 @@ def _eptq(model, bits=3, **rounding):
     return fxq.quantize(model, CALIB, cfg)
 
 
+def _losses(report) -> list[float]:
+    return [loss for _, loss in report.rounding["history"]]
+
+
 def _quant_layers(gm):
     return {n: m for n, m in gm.named_modules() if isinstance(m, QuantWeight)}
 
@@ -60,8 +64,7 @@ def test_compiled_student_and_teacher_train_the_same_run(tiny_net):
     """compile=True (torch.compile of both graphs, meant for the GPU) on the CPU: the losses of the eager run."""
     qgm, compiled = _eptq(tiny_net, iterations=8, compile=True)
     _, eager = _eptq(tiny_net, iterations=8)
-    a = [loss for _, loss in compiled.rounding["history"]]
-    b = [loss for _, loss in eager.rounding["history"]]
+    a, b = _losses(compiled), _losses(eager)
     assert len(a) == 8 and a == pytest.approx(b, rel=1e-3)
     _assert_on_grid(qgm)
 
@@ -76,8 +79,7 @@ def test_bf16_autocast_the_gpu_default_runs_on_the_cpu_and_tracks_fp32(tiny_net)
     """amp=True forces the autocast path CUDA takes by default: the same run up to bf16 rounding."""
     qgm, amp = _eptq(tiny_net, iterations=20, amp=True)
     _, fp32 = _eptq(tiny_net, iterations=20, amp=False)
-    a = [loss for _, loss in amp.rounding["history"]]
-    b = [loss for _, loss in fp32.rounding["history"]]
+    a, b = _losses(amp), _losses(fp32)
     assert a != b, "amp=True did not autocast on the CPU"  # identical runs otherwise: the same seed and batches
     assert a == pytest.approx(b, rel=0.1)
     _assert_on_grid(qgm)
@@ -96,7 +98,7 @@ def test_zero_learning_rates_reproduce_rtn_exactly(tiny_net):
 
 def test_the_distillation_loss_falls(tiny_net):
     _, report = _eptq(tiny_net, bits=2, iterations=150, warmup=0.9, lr_rounding=5e-2)
-    losses = [loss for _, loss in report.rounding["history"]]
+    losses = _losses(report)
     assert len(losses) >= 20
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < 0.8 * first, (first, last)
@@ -168,8 +170,7 @@ def test_teacher_cache_matches_recomputing_the_teacher(tiny_net):
     _, cached = _eptq(tiny_net, iterations=12, teacher_cache="on")
     _, recomputed = _eptq(tiny_net, iterations=12, teacher_cache="off")
     assert cached.rounding["teacher_cache"] and not recomputed.rounding["teacher_cache"]
-    a = [loss for _, loss in cached.rounding["history"]]
-    b = [loss for _, loss in recomputed.rounding["history"]]
+    a, b = _losses(cached), _losses(recomputed)
     assert a == pytest.approx(b, rel=2e-2)  # fp16 targets: the same run up to their rounding
 
 

@@ -4,16 +4,11 @@
 #   2. bench/lfh_kernel.py: fused kernel vs reference reduction over Lite0-like gradient lists (fp32, bf16)
 #   3. bench/lfh.py: LFH of Lite0 (32 images, 100 probes) against its bound, probes per pass 1 and 8
 #   4. bench/lfh_memory.py: the LFH's memory peak against one training step of the same batch
-#   5. bench/rounding_step.py: time per rounding step at batch 32 against its bound, teacher cache on and off
+#   5. bench/rounding_step.py: time per rounding step at batch 32 against its bound: teacher cache on and off, bf16
+#      autocast on and off, eager and torch.compile
 #   6. EPTQ W4A8 at MCT's GPU setting (1008 steps, batch 32, first 500 calib images) with top-1 on 650 val
 set -o pipefail
-out=${OUT:-$(mktemp -d)}; site=$(mktemp -d)
-python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" .gpu/wheels/*.whl || exit 3
-python3 -m pip install -q --no-deps --no-build-isolation --no-compile --target "$site" . || exit 3
-export PYTHONPATH=$site FXQ_DATA=$PWD/.gpu/data PYTHONUNBUFFERED=1 FXQ_CACHE=$(mktemp -d)
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/gpu.txt"
-cd "$(mktemp -d)"  # import the installed fxq, not the source tree
-src=$OLDPWD
+source bench/gpu_env.sh  # sets $out and $src, and leaves us in an empty folder
 # a copy of the tests: run from $src/tests, pytest would put $src on sys.path and import its fxq/, which lacks
 # fxq.passes and fxq.kernels (package-dir mappings that only the installed package has)
 cp -r "$src/tests" "$src/pyproject.toml" .
@@ -28,7 +23,9 @@ for ppp in 1 8; do
     --json "$out/lfh_gpu_ppp$ppp.json" 2>&1 | tail -4 | tee -a "$out/lfh.log"
 done
 timeout 60 python3 "$src/bench/lfh_memory.py" --json "$out/lfh_memory_gpu.json" 2>&1 | tail -3
-timeout 120 python3 "$src/bench/rounding_step.py" --batch-sizes 32 --steps 50 --json "$out/rounding_step_gpu.json" 2>&1 \
-  | tail -3 | tee -a "$out/rounding.log"
+timeout 150 python3 "$src/bench/rounding_step.py" --batch-sizes 32 --steps 50 --cache on,off --amp auto,off \
+  --json "$out/rounding_step_gpu.json" 2>&1 | tail -3 | tee -a "$out/rounding.log"
+timeout 150 python3 "$src/bench/rounding_step.py" --batch-sizes 32 --steps 100 --cache on --amp auto,off --compile on \
+  --json "$out/rounding_step_gpu_compiled.json" 2>&1 | tail -3 | tee -a "$out/rounding.log"
 timeout 240 python3 "$src/bench/rounding.py" --only "MCT GPU" --json "$out/rounding_gpu.json" --quiet 2>&1 | tail -5 \
-  | tee "$out/rounding.log"
+  | tee -a "$out/rounding.log"

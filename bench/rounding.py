@@ -1,12 +1,15 @@
-"""EPTQ rounding on EfficientNet-Lite0: the issue's accuracy table and the time per step against its bound.
+"""EPTQ rounding on EfficientNet-Lite0 (or a CIFAR-10 ResNet): the issue's accuracy table and the time per step
+against its bound.
 
     python bench/rounding.py --iterations 1500 --batch-size 8 --json bench/rounding_cpu.json
+    python bench/rounding.py --model cifar10_resnet20 --iterations 20000 --batch-size 32 --bits 4,3,2 --ablation 3,2
 
 Rows: float; RTN W4A8 and W3A8; EPTQ W4A8 at MCT's short CPU setting (300 steps, batch 8, 480 images,
 10 probes: MCT ends at 61.38 there); EPTQ W4A8 and W3A8 at --iterations; plain-mean distillation W3A8 (the
 ablation); EPTQ W4A8 at MCT's GPU setting (1008 steps, batch 32, 500 images; MCT: 79.54) with CUDA, or on a
 CPU when --only selects it (about 30 min on 2 cores). `--sweep 0,25,100` adds EPTQ W4A8 rows at those schedule
 lengths (each a whole schedule: warm-up and annealing scale with it), to check that no length ends below RTN.
+`--bits` and `--ablation` pick the widths of those rows (default 4,3 and 3); the MCT rows are Lite0's alone.
 Every row calibrates on the same images with the same quantizer settings and is evaluated on the
 same val images. Each finished row is written to --json at once and skipped when the script runs again with
 the same settings, so an interrupted run resumes where it stopped.
@@ -29,9 +32,9 @@ from fxq.passes.rounding import use_fused_act_quant_
 
 import fxq
 from fxq.config import LFHConfig, Method, PTQConfig, RoundingConfig
-from fxq.data import batches, default_data_dir, load_images
+from fxq.data import batches, load_images
 from fxq.evaluate import evaluate
-from fxq.models import load_model
+from fxq.models import DEFAULT_MODEL, default_image_sets, load_model
 from fxq.ops import device_of, pick_device
 from fxq.report import write_json_atomic
 from fxq.targets import INT8
@@ -42,26 +45,32 @@ def rows(args) -> dict[str, PTQConfig]:
         return PTQConfig(
             target=INT8.with_bits(bits),
             method=method,
-            rounding=RoundingConfig(**{"iterations": args.iterations, "batch_size": args.batch_size, **rounding}),
+            rounding=RoundingConfig(
+                **{"iterations": args.iterations, "batch_size": args.batch_size, **args.step_settings, **rounding}
+            ),
             lfh=LFHConfig(min_probes=probes[0], max_probes=probes[1]),
             progress=not args.quiet,
         )
 
     n, b = args.iterations, args.batch_size
-    gpu_row = "EPTQ W4A8 (MCT GPU setting: 1008 steps, batch 32, 500 images)"
-    gpu = {gpu_row: cfg(4, Method.EPTQ, probes=(10, 100), iterations=1008, batch_size=32, images=500)}
+    mct = {}  # MCT's anchors are Lite0's
+    if args.model == DEFAULT_MODEL:
+        gpu_row = "EPTQ W4A8 (MCT GPU setting: 1008 steps, batch 32, 500 images)"
+        if torch.cuda.is_available() or (args.only and re.search(args.only, gpu_row)):
+            mct[gpu_row] = cfg(4, Method.EPTQ, probes=(10, 100), iterations=1008, batch_size=32, images=500)
+        mct["EPTQ W4A8 (MCT CPU setting: 300 steps, batch 8, 480 images)"] = cfg(
+            4, Method.EPTQ, probes=(10, 10), iterations=300, batch_size=8, images=480
+        )
     sweep = {f"EPTQ W4A8 ({k} steps, batch {b})": cfg(4, Method.EPTQ, iterations=k) for k in args.sweep}
     return {
-        **(gpu if torch.cuda.is_available() or (args.only and re.search(args.only, gpu_row)) else {}),
+        **{k: v for k, v in mct.items() if "GPU" in k},
         **sweep,
-        "RTN W4A8": cfg(4),
-        "RTN W3A8": cfg(3),
-        "EPTQ W4A8 (MCT CPU setting: 300 steps, batch 8, 480 images)": cfg(
-            4, Method.EPTQ, probes=(10, 10), iterations=300, batch_size=8, images=480
-        ),
-        f"EPTQ W4A8 ({n} steps, batch {b})": cfg(4, Method.EPTQ),
-        f"EPTQ W3A8 ({n} steps, batch {b})": cfg(3, Method.EPTQ),
-        f"plain-mean W3A8 ({n} steps, batch {b})": cfg(3, Method.EPTQ, loss_weights="mean"),
+        **{f"RTN W{w}A8": cfg(w) for w in args.bits},
+        **{k: v for k, v in mct.items() if "CPU" in k},
+        **{f"EPTQ W{w}A8 ({n} steps, batch {b})": cfg(w, Method.EPTQ) for w in args.bits},
+        **{
+            f"plain-mean W{w}A8 ({n} steps, batch {b})": cfg(w, Method.EPTQ, loss_weights="mean") for w in args.ablation
+        },
     }
 
 
@@ -99,26 +108,36 @@ def _int_list(text: str) -> list[int]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    data = default_data_dir() / "imagenet"
-    p.add_argument("--calib", default=str(data / "calib"))
-    p.add_argument("--val", default=str(data / "val"))
+    p.add_argument("--model", default=DEFAULT_MODEL, help="efficientnet_lite0 or a CIFAR-10 ResNet (cifar10_resnet20)")
+    p.add_argument("--calib", default=None, help="default: the model's shared calibration set")
+    p.add_argument("--val", default=None, help="default: the model's shared labeled set")
+    p.add_argument("--bits", type=_int_list, default=[4, 3], help="weight widths of the RTN and EPTQ rows")
+    p.add_argument("--ablation", type=_int_list, default=[3], help="weight widths of the plain-mean rows")
     p.add_argument("--iterations", type=int, default=1500)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--only", default=None, help="run only rows whose name matches this regular expression")
     p.add_argument("--sweep", type=_int_list, default=[], help="extra EPTQ W4A8 schedule lengths, e.g. 0,25,100")
+    p.add_argument("--amp", choices=["auto", "on", "off"], default="auto", help="bf16 autocast (auto: on CUDA only)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the student and teacher")
     p.add_argument("--json", default="bench/rounding_cpu.json")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args()
+    args.step_settings = {"amp": {"auto": None, "on": True, "off": False}[args.amp], "compile": args.compile}
 
-    lm = load_model("efficientnet_lite0")
+    lm = load_model(args.model)
     lm.model.to(pick_device())
-    calib = load_images(args.calib, lm.preprocess, progress=False)
-    val = load_images(args.val, lm.preprocess, labeled=True, progress=False)
+    default_calib, default_val = default_image_sets(args.model)
+    calib = load_images(args.calib or default_calib, lm.preprocess, progress=False)
+    val = load_images(args.val or default_val, lm.preprocess, labeled=True, progress=False)
     path = Path(args.json)
     done = json.loads(path.read_text()) if path.is_file() else {}
     setting = {"threads": torch.get_num_threads(), "calib_images": len(calib), "val_images": len(val)}
     setting["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-    if {"device": "cpu", **done.get("setting", {})} != setting:  # rows name their schedule; new machine/data: afresh
+    setting["model"] = args.model
+    if args.amp != "auto" or args.compile:  # rows of other step settings are other rows
+        setting.update(amp=args.amp, compile=args.compile)
+    prev = {"device": "cpu", "model": DEFAULT_MODEL, **done.get("setting", {})}  # files from before these keys
+    if prev != setting:  # rows name their schedule; new machine/data/model: afresh
         done = {"setting": setting, "rows": {}}
     if "float" not in done["rows"]:
         done["rows"]["float"] = evaluate(lm.model, val.x, val.y, progress=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -24,13 +25,13 @@ from fxq.config import (
     WeightError,
     measure_fields,
 )
-from fxq.data import ImageSet, Preprocess, batches, default_data_dir, load_images
+from fxq.data import ImageSet, Preprocess, batches, load_images
 from fxq.errors import ConfigError, FxqError, ModelError
 from fxq.evaluate import evaluate
 from fxq.frontend import Frontend
 from fxq.latency import BACKENDS
 from fxq.meta import without_graph_state
-from fxq.models import DEFAULT_MODEL, LoadedModel, load_model
+from fxq.models import DEFAULT_MODEL, LoadedModel, default_image_sets, load_model
 from fxq.ops import pick_device, set_eval_
 from fxq.pipeline import label_free_hessian, quantize
 from fxq.report import Report, write_json_atomic
@@ -54,24 +55,43 @@ def save_quantized(out: str | os.PathLike, model: torch.nn.Module, report: Repor
 
 def load_quantized(folder: str | os.PathLike) -> tuple[torch.nn.Module, Preprocess]:
     """Load what `fxq quantize --out DIR` wrote. The file is a pickle: load only folders you trust."""
-    import json
-
     folder = Path(folder)
     if not (folder / MODEL_FILE).is_file():
         raise ModelError(f"'{folder}' holds no {MODEL_FILE}; give a folder written by `fxq quantize --out`")
     model = torch.load(folder / MODEL_FILE, map_location="cpu", weights_only=False)
-    pre = Preprocess()
-    if (folder / REPORT_FILE).is_file():
-        p = json.loads((folder / REPORT_FILE).read_text()).get("preprocess")
-        if p:
-            pre = Preprocess(p["resize"], p["crop"], tuple(p["mean"]), tuple(p["std"]))
+    p = _saved_report(folder).get("preprocess")
+    pre = Preprocess(p["resize"], p["crop"], tuple(p["mean"]), tuple(p["std"])) if p else Preprocess()
     return set_eval_(model), pre
 
 
+def _saved_report(folder: Path) -> dict:
+    """The report.json `fxq quantize --out` wrote beside model.pt, or {} when there is none."""
+    path = folder / REPORT_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _fill_image_sets(args) -> None:
+    """--calib/--val left out: the shared sets of the model named (of a quantized folder: the model its report
+    names), so that a CIFAR-10 model is not calibrated and scored on ImageNet images."""
+    missing = [k for k in ("calib", "val") if k in vars(args) and vars(args)[k] is None]
+    if not missing:
+        return
+    name = args.model
+    if Path(name).is_dir():
+        name = _saved_report(Path(name)).get("model") or DEFAULT_MODEL
+    sets = dict(zip(("calib", "val"), default_image_sets(name)))
+    for k in missing:
+        setattr(args, k, str(sets[k]))
+
+
+_SHARED_SETS = "default: the shared set for the model, ImageNet's or CIFAR-10's"
+
+
 def _data_args(p: argparse.ArgumentParser) -> None:
-    data = default_data_dir() / "imagenet"
-    p.add_argument("--calib", default=str(data / "calib"), help="calibration image folder (labels unused)")
-    p.add_argument("--val", default=str(data / "val"), help="labeled evaluation folder (with labels.tsv)")
+    p.add_argument(
+        "--calib", default=None, help=f"calibration images, a folder or .npz; labels unused ({_SHARED_SETS})"
+    )
+    p.add_argument("--val", default=None, help=f"labeled images: a folder with labels.tsv, or .npz ({_SHARED_SETS})")
     p.add_argument("--num-calib", type=int, default=None, help="use the first N calibration images (default all)")
     p.add_argument("--num-val", type=int, default=None, help="evaluate on the first N val images (default all)")
     p.add_argument("--batch-size", type=int, default=32)
@@ -491,7 +511,7 @@ def build_parser() -> argparse.ArgumentParser:
     ep.add_argument("--weights", default=None)
     ep.add_argument("--random-weights", action="store_true")
     _device_arg(ep)
-    ep.add_argument("--val", default=str(default_data_dir() / "imagenet" / "val"))
+    ep.add_argument("--val", default=None, help=f"labeled images ({_SHARED_SETS})")
     ep.add_argument("--num-val", type=int, default=None)
     ep.add_argument("--quiet", action="store_true")
     ep.set_defaults(fn=cmd_eval)
@@ -559,6 +579,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        _fill_image_sets(args)
         args.fn(args)
     except FxqError as e:
         print(f"fxq: error: {e}", file=sys.stderr)

@@ -8,9 +8,21 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from fxq.errors import DataError
 from fxq.ops import device_of, set_eval_
 
 __all__ = ["evaluate"]
+
+
+def _check_labels(y: Tensor, classes: int) -> None:
+    """Labels the model cannot output mean the wrong image set (ImageNet's for a CIFAR-10 model, say): say so
+    instead of scoring near 0."""
+    top = int(y.max()) if y.numel() else -1
+    if top >= classes or (y.numel() and int(y.min()) < 0):
+        raise DataError(
+            f"the labels run from {int(y.min())} to {top} but the model has {classes} outputs: the labeled set "
+            f"does not belong to this model; give its own set (--val)"
+        )
 
 
 @torch.no_grad()
@@ -27,6 +39,7 @@ def evaluate(
         list(zip(x.split(batch_size), y.split(batch_size))), desc=desc, unit="batch", disable=not progress
     ):
         out = model(xb.to(device)).float().cpu()
+        _check_labels(yb, out.shape[1])
         # quantized logits tie often (8-bit output grid): top-1 is argmax, ties to the lowest class index,
         # a rule every backend can reproduce (topk's order among ties is unspecified)
         top5 = out.topk(min(5, out.shape[1]), dim=1).indices

@@ -22,6 +22,7 @@ __all__ = [
     "load_state_dict_file",
     "known_models",
     "cifar_weights_path",
+    "default_image_sets",
     "DEFAULT_MODEL",
     "CIFAR_MODELS",
     "CIFAR_PREPROCESS",
@@ -58,6 +59,17 @@ def cifar_weights_path(name: str) -> Path:
     if name not in CIFAR_MODELS:
         raise ModelError(f"{name!r} is not a CIFAR model; use one of {list(CIFAR_MODELS)}")
     return default_data_dir() / "cifar10" / "models" / CIFAR_MODELS[name][1]
+
+
+def default_image_sets(name: str) -> tuple[Path, Path]:
+    """(calibration set, labeled val set) a model name is evaluated on by default: the shared CIFAR-10 .npz files
+    for the CIFAR ResNets, the shared ImageNet folders otherwise. A CIFAR model fed ImageNet images would
+    quietly score near 0, so the CLI and the bench scripts take their defaults from here."""
+    root = default_data_dir()
+    if name in CIFAR_MODELS:
+        c = root / "cifar10"
+        return c / "cifar10_train_calib1000_jpeg.npz", c / "cifar10_test10k_jpeg.npz"
+    return root / "imagenet" / "calib", root / "imagenet" / "val"
 
 
 def _cifar10_resnet(name: str, weights: str | os.PathLike | None, random_weights: bool) -> nn.Module:

@@ -114,7 +114,8 @@ ZETA, GAMMA = 1.1, -0.1  # AdaRound's stretch of the sigmoid, so h(V) reaches ex
 
 def rectified_sigmoid(v: Tensor) -> Tensor:
     """AdaRound's h(V) = clip(sigmoid(V) * (zeta - gamma) + gamma, 0, 1)."""
-    return torch.clamp(torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0, 1)
+    # hardtanh is clamp(., 0, 1) with a one-kernel backward (clamp's takes five)
+    return F.hardtanh(torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
 
 
 def inverse_rectified_sigmoid(h: Tensor) -> Tensor:
@@ -133,19 +134,26 @@ def layer_forward(layer: nn.Module, x: Tensor, w: Tensor, b: Tensor | None) -> T
 def mean_output_shift(layer: nn.Module, dw: Tensor, x_mean: Tensor) -> Tensor:
     """E[y'] - E[y] per output channel when `layer`'s weight moves by dw and its input has channel means x_mean
     (padding ignored): what bias correction subtracts."""
+    return (dw * input_mean_map(layer, x_mean)).flatten(1).sum(1)
+
+
+def input_mean_map(layer: nn.Module, x_mean: Tensor) -> Tensor:
+    """E[x] of the input each weight multiplies, broadcastable to the weight: (1, Cin) for linear,
+    (Cout, Cin/g, 1, ...) for conv (each output channel sees its group's inputs; padding ignored)."""
     if isinstance(layer, nn.Linear):
-        return dw @ x_mean
+        return x_mean.reshape(1, -1)
+    w = layer.weight
     g = layer.groups
-    per_in = dw.flatten(2).sum(2)  # (Cout, Cin/g)
-    x = x_mean.view(g, -1).repeat_interleave(dw.shape[0] // g, dim=0)  # (Cout, Cin/g): each row its group's inputs
-    return (per_in * x).sum(1)
+    x = x_mean.view(g, -1).repeat_interleave(w.shape[0] // g, dim=0)  # (Cout, Cin/g)
+    return x.reshape(*x.shape, *([1] * (w.dim() - 2)))
 
 
 class QuantWeight(nn.Module):
     """A conv or linear layer whose weight is fake-quantized per output channel on every call.
 
     Holds the float layer unchanged so later passes (rounding, mixed precision) can re-derive the grid.
-    During the rounding optimization it also holds AdaRound state: the weight is s * clamp(floor(w/s) + h(V)),
+    During the rounding optimization it also holds AdaRound state: the weight is s * clamp(floor(w/s) + h(V))
+    (on the grid [qmin, qmax]),
     trainable through V; `harden_()` then writes the chosen grid values into the layer's weight, after
     which plain round-to-nearest reproduces them exactly.
 
@@ -160,9 +168,14 @@ class QuantWeight(nn.Module):
         self.register_buffer("scale", scale_for(threshold.detach().float(), spec))
         self.register_parameter("rounding", None)  # V, while soft rounding is on
         self.register_parameter("scale_factor", None)  # a trainable multiplier of the step, when asked for
-        self.register_buffer("w_floor", None)
+        self.register_buffer("w_floor", None)  # floor(w/s) clipped to the grid, while soft rounding is on
+        self.register_buffer("w_free", None)  # 1 where h(V) can move the code (floor and floor + 1 on the grid)
         self.register_buffer("input_mean", None)  # E[x] per input channel, when bias correction is on
         self.register_buffer("float_bias", None)
+        # input_mean_map, kept while soft rounding with bias correction: the live correction then costs a
+        # subtract, a multiply and a sum per step
+        self.register_buffer("shift_map", None)
+        self.last_soft_targets: Tensor | None = None  # h(V) of the last forward with gradients (the step's)
 
     @property
     def fxq_kind(self) -> OpKind:
@@ -211,8 +224,14 @@ class QuantWeight(nn.Module):
                 self.layer.bias.copy_(self.float_bias)
         w = self.layer.weight.detach()
         ws = w / self.scale_like(w)
-        self.w_floor = torch.floor(ws)
-        self.rounding = nn.Parameter(inverse_rectified_sigmoid(ws - self.w_floor))
+        floor = torch.floor(ws)
+        self.rounding = nn.Parameter(inverse_rectified_sigmoid(ws - floor))
+        # clamp(floor + h, qmin, qmax) = clamp(floor) + free * h for h in [0, 1]: no clamp (and its five-kernel
+        # backward) per layer per step
+        self.w_floor = torch.clamp(floor, self.spec.qmin, self.spec.qmax)
+        self.w_free = ((floor >= self.spec.qmin) & (floor < self.spec.qmax)).to(w.dtype)
+        if self.input_mean is not None:
+            self.shift_map = input_mean_map(self.layer, self.input_mean.to(w.device)).to(w.dtype)
         return self.rounding
 
     def soft_targets(self) -> Tensor:
@@ -224,7 +243,7 @@ class QuantWeight(nn.Module):
             w = self.layer.weight.detach()
             return torch.clamp(torch.round(w / self.scale_like(w)), self.spec.qmin, self.spec.qmax)
         up = (self.rounding.detach() >= 0).to(self.w_floor.dtype)  # h(V) >= 0.5 exactly when V >= 0
-        return torch.clamp(self.w_floor + up, self.spec.qmin, self.spec.qmax)
+        return self.w_floor + self.w_free * up
 
     @torch.no_grad()
     def harden_(self) -> None:
@@ -240,21 +259,29 @@ class QuantWeight(nn.Module):
             self.float_bias = self.layer.bias.detach().clone()  # the trained bias, before correction
             self.layer.bias.copy_(self.float_bias - shift)
         self.layer.weight.copy_(hard)
-        self.rounding, self.w_floor = None, None
+        self.end_soft_rounding_()
         self.input_mean = self.float_bias = None  # the weight is its own grid now: nothing left to correct
+
+    def end_soft_rounding_(self) -> None:
+        """Drop V and what soft rounding derived from the float weight (harden_ first to keep the result)."""
+        self.rounding = self.w_floor = self.w_free = self.scale_factor = self.shift_map = None
+        self.last_soft_targets = None
 
     def quantized_weight(self) -> Tensor:
         w = self.layer.weight
         if self.rounding is not None:
-            codes = torch.clamp(self.w_floor + self.soft_targets(), self.spec.qmin, self.spec.qmax)
+            h = self.soft_targets()
+            if torch.is_grad_enabled():  # this step's regulariser reads it instead of running the sigmoid again
+                self.last_soft_targets = h
+            codes = torch.addcmul(self.w_floor, self.w_free, h)
             step = self.scale_like(w) if self.scale_factor is None else self.scale_like(w) * self.scale_like_factor(w)
             return codes * step
         return fake_quant(w, self.scale.to(w.dtype), self.spec).to(w.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         w, b = self.quantized_weight(), self.layer.bias
-        if self.rounding is not None and self.input_mean is not None:
-            b = b - self.bias_shift(w)  # live bias correction of the soft weights
+        if self.rounding is not None and self.shift_map is not None:  # live bias correction of the soft weights
+            b = b - ((w - self.layer.weight.detach()) * self.shift_map).flatten(1).sum(1)  # b - E[x] (W_q - W)
         return layer_forward(self.layer, x, w, b)
 
     def extra_repr(self) -> str:

@@ -1,4 +1,5 @@
 import io
+import json
 
 import numpy as np
 import pytest
@@ -201,3 +202,34 @@ def test_resnet20_float_top1_on_real_images():
     acc = evaluate(lm.model, val.x[::5], val.y[::5], batch_size=200, progress=False)
     assert acc["images"] == 2000
     assert abs(acc["top1"] - 81.03) < 2
+
+
+def test_evaluate_refuses_labels_the_model_cannot_output():
+    # ImageNet labels (up to 999) scored against a 10-class model would quietly give ~0 %
+    model = load_model("cifar10_resnet20", random_weights=True).model
+    x, y = seeded(4, 3, 32, 32), torch.tensor([3, 7, 999, 1])
+    with pytest.raises(DataError, match=r"from 1 to 999 but the model has 10 outputs.*--val"):
+        evaluate(model, x, y, progress=False)
+    assert evaluate(model, x, y.clamp(max=9), progress=False)["images"] == 4
+
+
+@needs_cifar
+def test_cli_takes_the_cifar_sets_for_a_cifar_model(tmp_path, capsys):
+    from fxq.cli import _fill_image_sets, build_parser, main
+
+    out = tmp_path / "r20"
+    args = ["quantize", "--model", "cifar10_resnet20", "--num-calib", "64", "--num-val", "100"]
+    assert main([*args, "--quiet", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["calib_images"] == 64 and report["accuracy"]["float"]["images"] == 100
+    lm = load_model("cifar10_resnet20")
+    val = load_images(TEST_SET, lm.preprocess, 100, labeled=True, progress=False)
+    assert report["accuracy"]["float"]["correct1"] == evaluate(lm.model, val.x, val.y, progress=False)["correct1"]
+    # a quantized folder's report names its model; the default model is Lite0
+    for argv, expect in ((["eval", "--model", str(out)], TEST_SET), (["lfh"], default_data_dir() / "imagenet" / "val")):
+        ns = build_parser().parse_args(argv)
+        _fill_image_sets(ns)
+        assert ns.val == str(expect)
+    ns = build_parser().parse_args(["quantize", "--model", "cifar10_resnet32", "--calib", "mine", "--out", "o"])
+    _fill_image_sets(ns)
+    assert (ns.calib, ns.val) == ("mine", str(TEST_SET))  # what the user gives stays

@@ -23,12 +23,10 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import statistics
 import time
 from pathlib import Path
 
 import torch
-from fxq.passes.rounding import use_fused_act_quant_
 
 import fxq
 from fxq.config import LFHConfig, Method, PTQConfig, RoundingConfig
@@ -38,6 +36,11 @@ from fxq.models import DEFAULT_MODEL, default_image_sets, load_model
 from fxq.ops import device_of, pick_device
 from fxq.report import write_json_atomic
 from fxq.targets import INT8
+
+try:
+    from step_bound import step_bound  # run as a script from bench/
+except ImportError:  # pragma: no cover
+    from bench.step_bound import step_bound
 
 
 def rows(args) -> dict[str, PTQConfig]:
@@ -72,34 +75,6 @@ def rows(args) -> dict[str, PTQConfig]:
             f"plain-mean W{w}A8 ({n} steps, batch {b})": cfg(w, Method.EPTQ, loss_weights="mean") for w in args.ablation
         },
     }
-
-
-def _sync(x: torch.Tensor) -> None:
-    if x.device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def step_bound(model, qgm, x: torch.Tensor, repeat: int = 5) -> float:
-    """Median seconds of teacher forward + student forward + backward on batch x (with the rounding's kernels)."""
-    use_fused_act_quant_(qgm, True)
-    params = [p for p in qgm.parameters()]
-    flags = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(p.dim() == 1)  # biases: a backward through the whole graph, as in the rounding step
-    times = []
-    for _ in range(repeat + 1):
-        _sync(x)
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            model(x)
-        qgm(x).square().mean().backward()
-        _sync(x)
-        times.append(time.perf_counter() - t0)
-    for p, f in zip(params, flags):
-        p.requires_grad_(f)
-        p.grad = None
-    use_fused_act_quant_(qgm, False)
-    return statistics.median(times[1:])
 
 
 def _int_list(text: str) -> list[int]:

@@ -5,22 +5,17 @@
 At batch 32 on an H100, Lite0's step is short enough that launching kernels, not running them, can set its
 time. Every aten operator dispatched below autograd (forward, backward, optimizer) is at least one launch, so
 the count per step against the count of the bound (teacher forward + student forward + backward,
-`bench/rounding.py`'s `step_bound`) says how far from the bound a launch-bound GPU step can be, measured here
+`bench/step_bound.py`) says how far from the bound a launch-bound GPU step can be, measured here
 without a GPU. A step's count is the difference between a run of `--steps` + 2 steps and one of 2 steps, so
 set-up, calibration and the LFH cancel. `--tree DIR` counts an older commit's worktree the same way.
 """
 
-# ruff: noqa: E402  (fxq is imported after choosing which tree it comes from)
 from __future__ import annotations
 
 import argparse
-import sys
 from collections import Counter
-from pathlib import Path
 
-if "--tree" in sys.argv:  # another source tree (a worktree of an older commit): import it, not the installed fxq
-    sys.path.insert(0, str(Path(sys.argv[sys.argv.index("--tree") + 1]).resolve()))
-    sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in repr(f)]
+import source_tree  # noqa: F401  (--tree DIR: import fxq from DIR)
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
@@ -34,9 +29,9 @@ from fxq.pipeline import analyze, quantize_analyzed
 from fxq.report import write_json_atomic
 
 try:
-    from rounding import step_bound  # run as a script from bench/
+    from step_bound import step_bound  # run as a script from bench/
 except ImportError:  # pragma: no cover
-    from bench.rounding import step_bound
+    from bench.step_bound import step_bound
 
 
 class OpCounter(TorchDispatchMode):

@@ -2,9 +2,10 @@
 
     python bench/rounding_step.py [--batch-sizes 8,32] [--steps 20] [--json FILE]
     python bench/rounding_step.py --batch-sizes 32 --cache on --amp auto,off --compile off,on   # on a GPU
+    python bench/rounding_step.py --tree /tmp/old ...                   # an older commit's worktree, same script
 
 The bound is one teacher forward (no grad) + one student forward and backward of the same batch with fxq's own
-graphs (bench/rounding.py's `step_bound`). The rounding runs `--steps` steps with the regulariser on (warm-up 0)
+graphs (`bench/step_bound.py`). The rounding runs `--steps` steps with the regulariser on (warm-up 0)
 so every step pays for it. Each setting gives seconds per step over all `--steps` and after the first (which
 compiles and warms up); the ratio to the bound uses the latter.
 """
@@ -15,6 +16,7 @@ import argparse
 import itertools
 import json
 
+import source_tree  # noqa: F401  (--tree DIR: import fxq from DIR)
 import torch
 
 import fxq
@@ -25,9 +27,9 @@ from fxq.ops import device_of, pick_device
 from fxq.pipeline import analyze, quantize_analyzed
 
 try:
-    from rounding import step_bound  # run as a script from bench/
+    from step_bound import step_bound  # run as a script from bench/
 except ImportError:  # pragma: no cover
-    from bench.rounding import step_bound
+    from bench.step_bound import step_bound
 
 
 AMP = {"auto": None, "on": True, "off": False}
@@ -46,6 +48,7 @@ def main() -> None:
     p.add_argument("--amp", type=_words, default=["auto"], help="bf16 autocast settings to time: auto,on,off")
     p.add_argument("--compile", type=_words, default=["off"], help="torch.compile settings to time: off,on")
     p.add_argument("--json", default=None)
+    p.add_argument("--tree", default=None, help="time another source tree (see bench/source_tree.py)")
     args = p.parse_args()
     device = pick_device().type
     lm = load_model("efficientnet_lite0")
@@ -74,7 +77,8 @@ def main() -> None:
                 + ("_compiled" if comp == "on" else "")
             )
             out[f"{name}_s"] = report.rounding["seconds_per_step"]
-            timed[name] = out[f"{name}_after_first_s"] = report.rounding["seconds_per_step_after_first"]
+            after_first = report.rounding.get("seconds_per_step_after_first")  # older trees lack it
+            timed[name] = out[f"{name}_after_first_s"] = after_first or report.rounding["seconds_per_step"]
         bound = step_bound(lm.model, qgm, calib.x[:b].to(device_of(qgm)))
         out[f"batch{b}_bound_s"] = bound
         for name, seconds in timed.items():

@@ -61,6 +61,9 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--json", default=None)
+    p.add_argument(
+        "--cache", default="on", choices=["on", "off"], help="teacher cache, the same in both runs so set-up cancels"
+    )
     p.add_argument("--tree", default=None, help="count another source tree's step (fxq/passes linked to ../passes)")
     args = p.parse_args()
     lm = load_model("efficientnet_lite0")
@@ -68,7 +71,9 @@ def main() -> None:
     xs = batches(calib.x, 8)
 
     def config(steps: int) -> PTQConfig:
-        rc = RoundingConfig(iterations=steps, batch_size=args.batch_size, warmup=0.0, keep_best=False)
+        rc = RoundingConfig(
+            iterations=steps, batch_size=args.batch_size, warmup=0.0, keep_best=False, teacher_cache=args.cache
+        )
         lfh = LFHConfig(images=2, min_probes=1, max_probes=1)
         return PTQConfig(target=fxq.INT8.with_bits(4), method=Method.EPTQ, rounding=rc, lfh=lfh, progress=False)
 
@@ -84,8 +89,8 @@ def main() -> None:
         "step_ops": sum(per_step.values()),
         "bound_ops": bound_ops,
         "step_over_bound": sum(per_step.values()) / bound_ops,
-        "step_top": dict(sorted(per_step.items(), key=lambda kv: -kv[1])[:25]),
-        "bound_top": {k: v / 2 for k, v in sorted(bound.items(), key=lambda kv: -kv[1])[:25]},
+        "step_top": dict(sorted(per_step.items(), key=lambda kv: -kv[1])[:60]),
+        "bound_top": {k: v / 2 for k, v in sorted(bound.items(), key=lambda kv: -kv[1])[:60]},
     }
     print(f"ops per step {out['step_ops']:.0f}, per bound {bound_ops:.0f}: {out['step_over_bound']:.2f}x")
     for k, v in out["step_top"].items():

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fxq.errors import ConfigError
 from fxq.meta import OpKind
 from fxq.qmath import QSpec, fake_quant, scale_for
+
+if TYPE_CHECKING:
+    from fxq.soft_rounding import SoftRounding
 
 __all__ = ["ActObserver", "ChannelStatsObserver", "ActQuant", "QuantWeight", "TraceableMHA", "layer_forward"]
 
@@ -152,10 +158,9 @@ class QuantWeight(nn.Module):
     """A conv or linear layer whose weight is fake-quantized per output channel on every call.
 
     Holds the float layer unchanged so later passes (rounding, mixed precision) can re-derive the grid.
-    During the rounding optimization it also holds AdaRound state: the weight is s * clamp(floor(w/s) + h(V))
-    (on the grid [qmin, qmax]),
-    trainable through V; `harden_()` then writes the chosen grid values into the layer's weight, after
-    which plain round-to-nearest reproduces them exactly.
+    During the rounding optimization (`fxq.soft_rounding.SoftRounding`) its forward uses the soft weight and
+    bias held in `live`; hardening then writes grid values into the layer's weight, after which plain
+    round-to-nearest reproduces them exactly.
 
     With bias correction it keeps the layer's input channel means and float bias: the corrected bias is always
     float bias - E[x] (W_q - W), for RTN weights, for the soft weights while they train, and for the hard ones.
@@ -166,16 +171,10 @@ class QuantWeight(nn.Module):
         self.layer = layer
         self.spec = spec
         self.register_buffer("scale", scale_for(threshold.detach().float(), spec))
-        self.register_parameter("rounding", None)  # V, while soft rounding is on
-        self.register_parameter("scale_factor", None)  # a trainable multiplier of the step, when asked for
-        self.register_buffer("w_floor", None)  # floor(w/s) clipped to the grid, while soft rounding is on
-        self.register_buffer("w_free", None)  # 1 where h(V) can move the code (floor and floor + 1 on the grid)
         self.register_buffer("input_mean", None)  # E[x] per input channel, when bias correction is on
         self.register_buffer("float_bias", None)
-        # input_mean_map, kept while soft rounding with bias correction: the live correction then costs a
-        # subtract, a multiply and a sum per step
-        self.register_buffer("shift_map", None)
-        self.last_soft_targets: Tensor | None = None  # h(V) of the last forward with gradients (the step's)
+        self.soft_rounding: SoftRounding | None = None  # the soft rounding this layer is part of, while it runs
+        self.live: tuple[Tensor, Tensor] | None = None  # its soft weight and bias for the next forward
 
     @property
     def fxq_kind(self) -> OpKind:
@@ -184,9 +183,6 @@ class QuantWeight(nn.Module):
     def scale_like(self, w: Tensor) -> Tensor:
         """The per-channel step, shaped to broadcast against `w`."""
         return self.scale.to(w.dtype).reshape(-1, *([1] * (w.dim() - 1)))
-
-    def scale_like_factor(self, w: Tensor) -> Tensor:
-        return self.scale_factor.to(w.dtype).reshape(-1, *([1] * (w.dim() - 1)))
 
     def bias_shift(self, w_q: Tensor) -> Tensor | None:
         """E[x] (W_q - W): the mean output shift that quantizing the weight to w_q causes (None: no correction)."""
@@ -211,78 +207,38 @@ class QuantWeight(nn.Module):
             layer.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device), requires_grad=False)
         return layer.bias
 
-    def start_soft_rounding_(self, train_scale: bool = False) -> nn.Parameter:
-        """Attach V, initialised so that h(V) = w/s - floor(w/s) (the soft weight is the float weight).
-
-        A corrected bias goes back to its float value: it becomes the trainable part, and forward subtracts
-        the correction of the current soft weights. With `train_scale` the step gets a trainable per-channel
-        factor (1 at the start); the integer codes stay relative to the grid it scales."""
-        if train_scale:
-            self.scale_factor = nn.Parameter(torch.ones_like(self.scale))
-        if self.float_bias is not None:
-            with torch.no_grad():
-                self.layer.bias.copy_(self.float_bias)
-        w = self.layer.weight.detach()
-        ws = w / self.scale_like(w)
-        floor = torch.floor(ws)
-        self.rounding = nn.Parameter(inverse_rectified_sigmoid(ws - floor))
-        # clamp(floor + h, qmin, qmax) = clamp(floor) + free * h for h in [0, 1]: no clamp (and its five-kernel
-        # backward) per layer per step
-        self.w_floor = torch.clamp(floor, self.spec.qmin, self.spec.qmax)
-        self.w_free = ((floor >= self.spec.qmin) & (floor < self.spec.qmax)).to(w.dtype)
-        if self.input_mean is not None:
-            self.shift_map = input_mean_map(self.layer, self.input_mean.to(w.device)).to(w.dtype)
-        return self.rounding
-
-    def soft_targets(self) -> Tensor:
-        return rectified_sigmoid(self.rounding)
-
     def hard_codes(self) -> Tensor:
-        """Integer codes of the current rounding: floor(w/s) + 1[h(V) >= 0.5], clipped to the grid."""
-        if self.rounding is None:
-            w = self.layer.weight.detach()
-            return torch.clamp(torch.round(w / self.scale_like(w)), self.spec.qmin, self.spec.qmax)
-        up = (self.rounding.detach() >= 0).to(self.w_floor.dtype)  # h(V) >= 0.5 exactly when V >= 0
-        return self.w_floor + self.w_free * up
+        """Integer codes of the weight: round-to-nearest, or the current choice of a running soft rounding."""
+        if self.soft_rounding is not None:
+            return self.soft_rounding.hard_codes()[self.soft_rounding.layers.index(self)]
+        w = self.layer.weight.detach()
+        return torch.clamp(torch.round(w / self.scale_like(w)), self.spec.qmin, self.spec.qmax)
 
     @torch.no_grad()
-    def harden_(self) -> None:
-        """End soft rounding: the weight becomes s * codes, the bias is corrected for them, V is dropped."""
+    def harden_to_(self, codes: Tensor, bias: Tensor, scale_factor: Tensor | None = None) -> None:
+        """The weight becomes codes * step (the step times `scale_factor` when given), the bias `bias` corrected
+        for that weight when bias correction is on; the weight is then its own grid: nothing is left to correct."""
         w = self.layer.weight
-        codes = self.hard_codes()
-        if self.scale_factor is not None:
-            self.scale.mul_(self.scale_factor.detach())
-            self.scale_factor = None
+        if scale_factor is not None:
+            self.scale.mul_(scale_factor.to(self.scale))
         hard = (codes * self.scale_like(w)).to(w.dtype)
         shift = self.bias_shift(hard)
-        if shift is not None:
-            self.float_bias = self.layer.bias.detach().clone()  # the trained bias, before correction
-            self.layer.bias.copy_(self.float_bias - shift)
-        self.layer.weight.copy_(hard)
-        self.end_soft_rounding_()
-        self.input_mean = self.float_bias = None  # the weight is its own grid now: nothing left to correct
-
-    def end_soft_rounding_(self) -> None:
-        """Drop V and what soft rounding derived from the float weight (harden_ first to keep the result)."""
-        self.rounding = self.w_floor = self.w_free = self.scale_factor = self.shift_map = None
-        self.last_soft_targets = None
+        self.ensure_bias().copy_(bias if shift is None else bias - shift)
+        w.copy_(hard)
+        self.input_mean = self.float_bias = None
 
     def quantized_weight(self) -> Tensor:
+        if self.live is not None:
+            return self.live[0]
         w = self.layer.weight
-        if self.rounding is not None:
-            h = self.soft_targets()
-            if torch.is_grad_enabled():  # this step's regulariser reads it instead of running the sigmoid again
-                self.last_soft_targets = h
-            codes = torch.addcmul(self.w_floor, self.w_free, h)
-            step = self.scale_like(w) if self.scale_factor is None else self.scale_like(w) * self.scale_like_factor(w)
-            return codes * step
         return fake_quant(w, self.scale.to(w.dtype), self.spec).to(w.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        w, b = self.quantized_weight(), self.layer.bias
-        if self.rounding is not None and self.shift_map is not None:  # live bias correction of the soft weights
-            b = b - ((w - self.layer.weight.detach()) * self.shift_map).flatten(1).sum(1)  # b - E[x] (W_q - W)
-        return layer_forward(self.layer, x, w, b)
+        if self.live is not None:
+            return layer_forward(self.layer, x, *self.live)
+        if self.soft_rounding is not None:
+            raise ConfigError("QuantWeight: soft rounding is on but has no weights yet; call its refresh() first")
+        return layer_forward(self.layer, x, self.quantized_weight(), self.layer.bias)
 
     def extra_repr(self) -> str:
         return f"bits={self.spec.bits}, per_channel={self.spec.per_channel}"

@@ -73,7 +73,7 @@ class DequantWeight(nn.Module):
             raise UnsupportedOp(
                 "int8 lowering: per-tensor weight quantizers are not supported; use per-channel weights"
             )
-        if qw.rounding is not None:
+        if qw.soft_rounding is not None:
             raise ConfigError("int8 lowering: the rounding optimization is still running on this layer (harden it)")
         self.layer = qw.layer
         self.register_buffer("codes", qw.hard_codes().to(torch.int8))

@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 from fxq.passes.quantize import fit_activation, fit_weight, input_energy
-from fxq.passes.rounding import distillation_loss, interest_weights
+from fxq.passes.rounding import interest_weights
 from torch import Tensor, nn
 from torch.fx import GraphModule, Interpreter, Node
 from torch.fx.node import map_arg
@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from fxq.config import LossWeights, MixedPrecisionConfig
 from fxq.data import batch_inputs
+from fxq.distillation import distillation_loss
 from fxq.errors import ConfigError, GraphCheckFailed
 from fxq.ilp import Budget, solve_allocation
 from fxq.meta import gq, q

@@ -43,7 +43,7 @@ class QuantizeBias(FxqPass):
         limit = 2 ** (self.bits - 1) - 1
         for node in gm.graph.nodes:
             qw = gm.get_submodule(node.target) if node.op == "call_module" else None
-            if not isinstance(qw, QuantWeight) or qw.layer.bias is None or qw.rounding is not None:
+            if not isinstance(qw, QuantWeight) or qw.layer.bias is None or qw.soft_rounding is not None:
                 continue
             x = node.args[0]
             source = grid_source(gm, x, ActQuant) if isinstance(x, Node) else None

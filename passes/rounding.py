@@ -1,7 +1,9 @@
 """Rounding: EPTQ's rounding optimization, one knowledge distillation over the whole network (METHOD.md s. 3).
 
 Every weight quantizer gets AdaRound variables V (soft weight s * clamp(floor(w/s) + h(V))), every
-quantized layer's bias is trainable, activations stay quantized. The loss compares the quantized graph's
+quantized layer's bias is trainable, activations stay quantized. All layers' V and biases are flat tensors
+(fxq.soft_rounding) and the interest tensors travel packed (fxq.distillation), so a step's extra kernels
+beyond the forward and backward number a few dozen, not some twenty per layer. The loss compares the quantized graph's
 interest tensors with the float graph's on unlabeled images, weighted by the LFH (lambda_z), plus the
 rounding regulariser lambda_reg * sum(1 - |2h - 1|^beta) with beta annealed 20 -> 2 after a warm-up with
 the regulariser off. At the end every weight is rounded hard onto its grid.
@@ -25,14 +27,16 @@ from tqdm.auto import tqdm
 
 from fxq.checkpoint import load_checkpoint, save_checkpoint
 from fxq.config import LossWeights, RoundingConfig
+from fxq.distillation import column_lengths, pack, packed_loss
 from fxq.errors import ConfigError, GraphCheckFailed
 from fxq.meta import gq, q
 from fxq.modules import ActQuant, QuantWeight
 from fxq.ops import device_of, set_eval_
 from fxq.passbase import FxqPass, PassResult
+from fxq.soft_rounding import SoftRounding
 from fxq.taps import interest_nodes, quantized_value, with_taps
 
-__all__ = ["Rounding", "float_teacher", "batch_indices", "distillation_loss", "beta_at", "interest_weights"]
+__all__ = ["Rounding", "float_teacher", "batch_indices", "beta_at", "interest_weights"]
 
 CHECKPOINT = "rounding.pt"
 
@@ -67,37 +71,6 @@ def beta_at(step: int, cfg: RoundingConfig) -> float | None:
         return None
     frac = (step - start) / max(cfg.iterations - start, 1)
     return cfg.beta[0] + (cfg.beta[1] - cfg.beta[0]) * frac
-
-
-def distillation_loss(zf: list[Tensor], zq: list[Tensor], weights: Tensor, normalize: bool = True) -> Tensor:
-    """(1/n) sum_z lambda_z * ||Z_f - Z_q||^2, per sample; relative to ||Z_f||^2 when `normalize`.
-
-    `weights` [n], or [m, n] for m weightings of the same distances at once (then m losses)."""
-    zf, zq = [a.float() for a in zf], [b.float() for b in zq]
-    # multi-tensor ops: a few kernel launches for all n tensors instead of ~20 per tensor (forward and backward)
-    err = _sample_energy(torch._foreach_sub(zf, zq))
-    if normalize:
-        err = err / _sample_energy(zf).clamp_min(1e-12)
-    return (weights * err).mean(-1)
-
-
-def _sample_energy(tensors: list[Tensor]) -> Tensor:
-    """||t||^2 / len(t) of each tensor: its per-sample squared norm averaged over the batch, stacked."""
-    norms = torch._foreach_norm(tensors)
-    return torch.stack(torch._foreach_div(torch._foreach_mul(norms, norms), [float(len(t)) for t in tensors]))
-
-
-def rounding_regularizer(layers: list[QuantWeight], beta: float) -> Tensor:
-    """sum over every weight of 1 - |2h(V) - 1|^beta: zero only when each h is exactly 0 or 1.
-
-    Call it after the step's forward: it reuses the h(V) that forward computed with gradients."""
-    h = torch.cat([_step_soft_targets(qw).flatten() for qw in layers])  # one expression over all layers
-    return (1 - (2 * h - 1).abs().pow(beta)).sum()
-
-
-def _step_soft_targets(qw: QuantWeight) -> Tensor:
-    h = qw.last_soft_targets
-    return qw.soft_targets() if h is None or not h.requires_grad else h
 
 
 def interest_weights(gm: GraphModule, kind: LossWeights, with_output: bool) -> Tensor:
@@ -157,20 +130,18 @@ class Rounding(FxqPass):
         for p in trainable:
             p.requires_grad_(False)
         rtn = [(qw.quantized_weight().detach().clone(), qw.ensure_bias().detach().clone()) for qw in layers]
+        soft = None
         try:  # everything set up from here on is undone in `finally`
             use_fused_act_quant_(gm, True)
             if nhwc:  # before V is made from the weights, so V and its gradients are NHWC too
                 gm.to(memory_format=torch.channels_last)
                 self.teacher.to(memory_format=torch.channels_last)
-            rounding = [qw.start_soft_rounding_(cfg.train_scale) for qw in layers]
-            biases = [qw.ensure_bias() for qw in layers]
-            for b in biases:
-                b.requires_grad_(cfg.train_bias)
-            scales = [qw.scale_factor for qw in layers if qw.scale_factor is not None]
-            opt_v = torch.optim.RAdam(rounding, lr=cfg.lr_rounding, foreach=True)  # one op per update, not per layer
-            groups = [{"params": biases, "lr": cfg.lr_bias}] + (
-                [{"params": scales, "lr": cfg.lr_scale}] if scales else []
-            )
+            soft = SoftRounding(layers, cfg.train_scale)
+            soft.bias.requires_grad_(cfg.train_bias)
+            opt_v = torch.optim.RAdam([soft.v], lr=cfg.lr_rounding)
+            groups = [{"params": [soft.bias], "lr": cfg.lr_bias}]
+            if soft.scale_factor is not None:
+                groups.append({"params": [soft.scale_factor], "lr": cfg.lr_scale})
             opt_b = torch.optim.SGD(groups, foreach=True)
             with torch.no_grad():
                 out_is_tensor = isinstance(teacher(images[:1].to(device))[0], Tensor)
@@ -178,15 +149,14 @@ class Rounding(FxqPass):
             t0 = time.perf_counter()
             targets = _TeacherTargets(teacher, images, cfg, out_is_tensor)
             cache_seconds = time.perf_counter() - t0
-            stats = self._optimize(gm, layers, student, targets, images, weights, opt_v, opt_b)
+            stats = self._optimize(soft, student, targets, images, weights, opt_v, opt_b)
             stats.update(teacher_cache=targets.cache is not None, teacher_cache_seconds=cache_seconds)
-            for qw in layers:
-                qw.harden_()
+            soft.harden_()
             if cfg.keep_best:
                 stats.update(self._keep_best(layers, rtn, student, targets, images, weights))
         finally:
-            for qw in layers:
-                qw.end_soft_rounding_()
+            if soft is not None:
+                soft.close()
             for p, flag in trainable.items():
                 p.requires_grad_(flag)
             use_fused_act_quant_(gm, False)
@@ -230,21 +200,22 @@ class Rounding(FxqPass):
             "seed": c.seed,
             "loss_weights": c.loss_weights.value,
             "train_scale": c.train_scale,
+            "state": "flat",  # SoftRounding's flat V, biases and factors (earlier checkpoints held them per layer)
         }
 
     def _losses(self, student, targets: _TeacherTargets, idx: Tensor, x: Tensor, weights: Tensor) -> Tensor:
         zf = targets(idx, x)
         with bf16_autocast(x.device, self.cfg.amp):
-            zq = _flat(student(x), targets.out_is_tensor)
-        return distillation_loss(zf, zq, weights, self.cfg.normalize_loss)
+            zq = targets.pack(student(x))
+        return packed_loss(zf, zq, targets.lengths, weights, self.cfg.normalize_loss)
 
-    def _optimize(self, gm, layers, student, targets, images, weights, opt_v, opt_b) -> dict:
-        cfg, device = self.cfg, device_of(gm)
-        fingerprint, start = self._fingerprint(layers), 0
+    def _optimize(self, soft: SoftRounding, student, targets, images, weights, opt_v, opt_b) -> dict:
+        cfg, device = self.cfg, soft.v.device
+        fingerprint, start = self._fingerprint(soft.layers), 0
         history: list[tuple[int, float]] = []
         if cfg.resume:
             state = load_checkpoint(cfg.checkpoint_dir, CHECKPOINT, fingerprint)
-            _restore_trained(layers, state["layers"])
+            soft.load_state_dict(state["soft"])
             opt_v.load_state_dict(state["opt_v"])
             opt_b.load_state_dict(state["opt_b"])
             start, history = state["step"], state["history"]
@@ -261,9 +232,10 @@ class Rounding(FxqPass):
         for step in bar:
             idx = batch_indices(len(images), cfg.batch_size, step, cfg.seed)
             x = _as_model_wants(images[idx.to(images.device)].to(device, non_blocking=True), cfg)
+            soft.refresh()
             loss = self._losses(student, targets, idx, x, weights)
             beta = beta_at(step, cfg)
-            total = loss if beta is None or cfg.reg == 0 else loss + cfg.reg * rounding_regularizer(layers, beta)
+            total = loss if beta is None or cfg.reg == 0 else loss + cfg.reg * soft.regularizer(beta)
             opt_v.zero_grad(set_to_none=True)
             opt_b.zero_grad(set_to_none=True)
             total.backward()
@@ -283,7 +255,7 @@ class Rounding(FxqPass):
                     {
                         "fingerprint": fingerprint,
                         "step": step + 1,
-                        "layers": _trained(layers),
+                        "soft": soft.state_dict(),
                         "opt_v": opt_v.state_dict(),
                         "opt_b": opt_b.state_dict(),
                         "history": history,
@@ -338,7 +310,8 @@ def _as_model_wants(x: Tensor, cfg: RoundingConfig) -> Tensor:
 
 
 class _TeacherTargets:
-    """The float graph's interest tensors for a batch: looked up in an fp16 cache of every image, or recomputed.
+    """The float graph's interest tensors for a batch, packed (fxq.distillation.pack): rows of an fp16 cache of
+    every image, or recomputed. `pack` packs the student's the same way.
 
     The cache costs one float pass over the images and saves the teacher forward of every step; `auto` keeps it
     when the schedule sees each image at least once and it fits (8 GiB on CPU, 30 % of free GPU memory).
@@ -346,11 +319,19 @@ class _TeacherTargets:
 
     def __init__(self, teacher: GraphModule, images: Tensor, cfg: RoundingConfig, out_is_tensor: bool):
         self.teacher, self.out_is_tensor, self.amp = teacher, out_is_tensor, cfg.amp
-        self.cache: list[Tensor] | None = None
+        self.nhwc = cfg.channels_last and images.dim() == 4
+        self.cache: Tensor | None = None
+        probe = images[:2]
+        tensors = self._forward(probe)
+        if not_batched := [i for i, t in enumerate(tensors) if t.dim() == 0 or len(t) != len(probe)]:
+            raise GraphCheckFailed(
+                f"rounding: loss tensors {not_batched[:3]} (0 is the output) do not have the batch as their first "
+                f"dimension; the rounding compares tensors per image: return batch-first tensors"
+            )
+        self.lengths = column_lengths(tensors).to(images.device)
         if cfg.teacher_cache == "off":
             return
-        per_image = sum(t[0].numel() * 2 for t in self._forward(images[:1]))
-        need = per_image * len(images)
+        need = int(self.lengths.sum()) * 2 * len(images)
         on_gpu = images.device.type == "cuda"
         room = 0.3 * torch.cuda.mem_get_info(images.device)[0] if on_gpu else 8 * 2**30
         if cfg.teacher_cache == "on" and need > room:
@@ -359,35 +340,24 @@ class _TeacherTargets:
                 f"allowed; use teacher_cache='off' (recompute) or fewer images"
             )
         if need <= room and (cfg.teacher_cache == "on" or cfg.iterations * cfg.batch_size >= len(images)):
-            parts = [[t.half() for t in self._forward(_as_model_wants(x, cfg))] for x in images.split(32)]
-            self.cache = [torch.cat(ts) for ts in zip(*parts)]
+            self.cache = torch.empty(len(images), int(self.lengths.sum()), dtype=torch.float16, device=images.device)
+            for start in range(0, len(images), 32):
+                x = _as_model_wants(images[start : start + 32], cfg)
+                self.cache[start : start + len(x)].copy_(pack(self._forward(x), self.nhwc))
+
+    def pack(self, out: tuple) -> Tensor:
+        """A tapped graph's outputs (output, z_1, ..., z_n) packed as the loss reads them."""
+        return pack(_flat(out, self.out_is_tensor), self.nhwc)
 
     @torch.no_grad()
     def _forward(self, x: Tensor) -> list[Tensor]:
         with bf16_autocast(x.device, self.amp):
             return _flat(self.teacher(x), self.out_is_tensor)
 
-    def __call__(self, idx: Tensor, x: Tensor) -> list[Tensor]:
+    def __call__(self, idx: Tensor, x: Tensor) -> Tensor:
         if self.cache is None:
-            return self._forward(x)
-        return [c[idx.to(c.device)].to(x.device) for c in self.cache]
-
-
-def _trained(layers: list[QuantWeight]) -> list[dict[str, Tensor]]:
-    """What the optimization changes in each layer, on the CPU (checkpoints)."""
-    out = []
-    for qw in layers:
-        state = {"rounding": qw.rounding, "bias": qw.ensure_bias(), "scale_factor": qw.scale_factor}
-        out.append({k: v.detach().cpu() for k, v in state.items() if v is not None})
-    return out
-
-
-@torch.no_grad()
-def _restore_trained(layers: list[QuantWeight], states: list[dict[str, Tensor]]) -> None:
-    for qw, state in zip(layers, states):
-        targets = {"rounding": qw.rounding, "bias": qw.ensure_bias(), "scale_factor": qw.scale_factor}
-        for name, value in state.items():
-            targets[name].copy_(value)
+            return pack(self._forward(x), self.nhwc)
+        return self.cache[idx.to(self.cache.device)].to(x.device)
 
 
 def _flat(out, out_is_tensor: bool) -> list[Tensor]:

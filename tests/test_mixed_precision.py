@@ -8,11 +8,12 @@ import pytest
 import torch
 from fxq.passes import mixed_precision as mp
 from fxq.passes.observe import Calibrate, float_graph, is_calibrated
-from fxq.passes.rounding import distillation_loss, interest_weights
+from fxq.passes.rounding import interest_weights
 from torch import nn
 
 import fxq
 from fxq.config import LFHConfig, LossWeights, MixedPrecisionConfig, PTQConfig, measure_fields
+from fxq.distillation import distillation_loss
 from fxq.errors import ConfigError, GraphCheckFailed
 from fxq.ilp import Budget, solve_allocation
 from fxq.meta import copy_graph, gq, q

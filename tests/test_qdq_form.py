@@ -12,6 +12,7 @@ from fxq.compile_backend import backend
 from fxq.errors import ConfigError, UnsupportedOp
 from fxq.modules import QuantWeight
 from fxq.qdq_form import DequantWeight, QDQActivation, compile_int8, int8_inductor_available, to_qdq_form
+from fxq.soft_rounding import SoftRounding
 from tests.conftest import seeded
 
 needs_int8_inductor = pytest.mark.skipif(
@@ -92,7 +93,7 @@ def test_form_refuses_what_it_cannot_express(tiny_net):
     with pytest.raises(UnsupportedOp, match="per-tensor weight"):
         to_qdq_form(qgm)
     qgm = _quantized(tiny_net)
-    next(m for m in qgm.modules() if isinstance(m, QuantWeight)).start_soft_rounding_()
+    SoftRounding([next(m for m in qgm.modules() if isinstance(m, QuantWeight))])
     with pytest.raises(ConfigError, match="harden"):
         to_qdq_form(qgm)
 

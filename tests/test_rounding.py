@@ -10,7 +10,6 @@ import fxq
 from fxq.config import LFHConfig, LossWeights, Method, PTQConfig, RoundingConfig
 from fxq.errors import ConfigError
 from fxq.modules import QuantWeight, layer_forward, mean_output_shift
-from fxq.qmath import QSpec, weight_thresholds
 from fxq.targets import INT8
 from tests.conftest import seeded
 
@@ -36,17 +35,6 @@ def _quant_layers(gm):
     return {n: m for n, m in gm.named_modules() if isinstance(m, QuantWeight)}
 
 
-def test_soft_weight_at_init_equals_the_float_weight_inside_the_grid():
-    layer = nn.Conv2d(4, 6, 3)
-    spec = QSpec(4, signed=True, per_channel=True)
-    qw = QuantWeight(layer, spec, weight_thresholds(layer.weight.detach(), spec))
-    qw.start_soft_rounding_()
-    w = layer.weight.detach()
-    inside = (w / qw.scale_like(w)).abs() < spec.qmax - 0.01  # clipped weights cannot equal their float value
-    assert inside.float().mean() > 0.5
-    torch.testing.assert_close(qw.quantized_weight()[inside], w[inside], rtol=0, atol=1e-5)
-
-
 def _assert_on_grid(qgm) -> None:
     layers = _quant_layers(qgm)
     assert len(layers) == 4
@@ -55,7 +43,7 @@ def _assert_on_grid(qgm) -> None:
         codes = (w / qw.scale_like(w)).round()
         assert torch.equal(codes * qw.scale_like(w), w), "weights off the grid"
         assert codes.min() >= qw.spec.qmin and codes.max() <= qw.spec.qmax
-        assert qw.rounding is None and qw.w_floor is None and qw.w_free is None and qw.shift_map is None
+        assert qw.soft_rounding is None and qw.live is None
         torch.testing.assert_close(qw.quantized_weight(), w, rtol=0, atol=0)  # RTN of the result is itself
 
 
@@ -182,9 +170,8 @@ def test_trainable_weight_steps_move_and_stay_consistent(tiny_net, tmp_path):
         moved |= not torch.equal(a.scale, b.scale)
         w = b.layer.weight.detach()
         assert torch.equal((w / b.scale_like(w)).round() * b.scale_like(w), w)  # on the trained grid
-        assert b.scale_factor is None
     assert moved
-    assert "scale_factor" in torch.load(tmp_path / "rounding.pt", weights_only=False)["layers"][0]
+    assert "scale_factor" in torch.load(tmp_path / "rounding.pt", weights_only=False)["soft"]
 
 
 def test_the_optimized_model_exports_and_trains_with_the_fused_kernel_only_inside(tiny_net, monkeypatch):
@@ -220,78 +207,3 @@ def test_mean_output_shift_is_the_output_change_of_a_constant_input(layer):
     moved = layer_forward(layer, x, w + dw, b) - layer_forward(layer, x, w, b)
     shift = mean_output_shift(layer, dw, x_mean)
     torch.testing.assert_close(moved, shift.reshape(1, -1, *([1] * (moved.dim() - 2))).expand_as(moved))
-
-
-def test_soft_weights_equal_the_clamped_adaround_form_and_its_gradient():
-    # w = s * clamp(floor(w/s) + h(V), qmin, qmax), with clipped weights and V on both sides of 0; fxq computes
-    # it as clamp(floor) + free * h (no clamp per step): the same values, codes and gradients
-    layer = nn.Conv2d(8, 6, 3)
-    spec = QSpec(3, signed=True, per_channel=True)
-    qw = QuantWeight(layer, spec, 0.5 * layer.weight.detach().abs().amax((1, 2, 3)))  # half the range: clipping
-    qw.start_soft_rounding_()
-    with torch.no_grad():
-        qw.rounding.copy_(seeded(*qw.rounding.shape, seed=3) * 4)
-    w = layer.weight.detach()
-    floor = torch.floor(w / qw.scale_like(w))
-    assert (floor >= spec.qmax).any() and (floor < spec.qmin - 1).any()
-    ref_v = qw.rounding.detach().clone().requires_grad_()
-    h = torch.clamp(torch.sigmoid(ref_v) * 1.2 - 0.1, 0, 1)
-    ref = torch.clamp(floor + h, spec.qmin, spec.qmax) * qw.scale_like(w)
-    soft = qw.quantized_weight()
-    torch.testing.assert_close(soft, ref, rtol=0, atol=0)
-    g = seeded(*w.shape, seed=4)
-    (soft * g).sum().backward()
-    (ref * g).sum().backward()
-    torch.testing.assert_close(qw.rounding.grad, ref_v.grad)
-    up = (qw.rounding.detach() >= 0).float()
-    assert torch.equal(qw.hard_codes(), torch.clamp(floor + up, spec.qmin, spec.qmax))
-
-
-def test_live_bias_correction_of_the_soft_weights():
-    layer = nn.Conv2d(4, 6, 3)
-    spec = QSpec(4, signed=True, per_channel=True)
-    qw = QuantWeight(layer, spec, weight_thresholds(layer.weight.detach(), spec))
-    x_mean = seeded(4, seed=5)
-    qw.correct_bias_(x_mean)
-    qw.start_soft_rounding_()
-    with torch.no_grad():
-        qw.rounding.add_(seeded(*qw.rounding.shape, seed=6))
-    x = seeded(2, 4, 7, 7, seed=7)
-    w_soft, w = qw.quantized_weight(), layer.weight.detach()
-    expect = layer_forward(layer, x, w_soft, layer.bias - mean_output_shift(layer, w_soft - w, x_mean))
-    torch.testing.assert_close(qw(x), expect, rtol=1e-5, atol=1e-5)
-
-
-def test_the_regulariser_reuses_the_forwards_soft_targets_with_the_same_gradient():
-    layers = [QuantWeight(nn.Linear(5, 4), QSpec(4, per_channel=True), torch.ones(4)) for _ in range(2)]
-    for qw in layers:
-        qw.start_soft_rounding_()
-    fresh = rounding_pass.rounding_regularizer(layers, 8.0)  # no forward yet: computed from V
-    grads_fresh = torch.autograd.grad(fresh, [qw.rounding for qw in layers])
-    with torch.no_grad():
-        layers[0](torch.ones(1, 5))  # no gradients: nothing kept
-    assert layers[0].last_soft_targets is None
-    for qw in layers:
-        qw(torch.ones(1, 5))
-    assert all(qw.last_soft_targets is not None for qw in layers)
-    reused = rounding_pass.rounding_regularizer(layers, 8.0)
-    torch.testing.assert_close(reused, fresh)
-    for a, b in zip(torch.autograd.grad(reused, [qw.rounding for qw in layers]), grads_fresh):
-        torch.testing.assert_close(a, b)
-    layers[0].end_soft_rounding_()
-    assert layers[0].last_soft_targets is None and layers[0].rounding is None
-
-
-def test_distillation_loss_is_the_mean_weighted_per_sample_squared_error():
-    zf = [seeded(4, 3, 5, 5, seed=1), seeded(4, 7, seed=2), seeded(2, 4, 6, seed=3)]  # the last: batch 2
-    zq = [z + 0.1 * seeded(*z.shape, seed=9) for z in zf]
-    w = torch.tensor([[1.0, 2.0, 0.5], [0.0, 1.0, 0.0]])
-
-    def per_sample(a):
-        return a.square().flatten(1).sum(1).mean()
-
-    for normalize in (True, False):
-        terms = torch.stack([per_sample(a - b) / (per_sample(a) if normalize else 1) for a, b in zip(zf, zq)])
-        got = rounding_pass.distillation_loss(zf, zq, w, normalize)
-        torch.testing.assert_close(got, (w * terms).mean(-1))
-        torch.testing.assert_close(rounding_pass.distillation_loss(zf, zq, w[0], normalize), got[0])

@@ -26,6 +26,7 @@ import re
 import time
 from pathlib import Path
 
+import source_tree  # noqa: F401  (--tree DIR: import fxq from DIR)
 import torch
 
 import fxq
@@ -51,7 +52,7 @@ def rows(args) -> dict[str, PTQConfig]:
             rounding=RoundingConfig(
                 **{"iterations": args.iterations, "batch_size": args.batch_size, **args.step_settings, **rounding}
             ),
-            lfh=LFHConfig(min_probes=probes[0], max_probes=probes[1]),
+            lfh=LFHConfig(min_probes=probes[0], max_probes=probes[1], seed=args.seed),
             progress=not args.quiet,
         )
 
@@ -96,8 +97,14 @@ def main() -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the student and teacher")
     p.add_argument("--json", default="bench/rounding_cpu.json")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--seed", type=int, default=0, help="seed of the LFH probes and the rounding's batches")
+    p.add_argument("--tree", default=None, help="run another source tree (see bench/source_tree.py)")
     args = p.parse_args()
-    args.step_settings = {"amp": {"auto": None, "on": True, "off": False}[args.amp], "compile": args.compile}
+    args.step_settings = {
+        "amp": {"auto": None, "on": True, "off": False}[args.amp],
+        "compile": args.compile,
+        "seed": args.seed,
+    }
 
     lm = load_model(args.model)
     lm.model.to(pick_device())
@@ -111,6 +118,8 @@ def main() -> None:
     setting["model"] = args.model
     if args.amp != "auto" or args.compile:  # rows of other step settings are other rows
         setting.update(amp=args.amp, compile=args.compile)
+    if args.seed:
+        setting["seed"] = args.seed
     prev = {"device": "cpu", "model": DEFAULT_MODEL, **done.get("setting", {})}  # files from before these keys
     if prev != setting:  # rows name their schedule; new machine/data/model: afresh
         done = {"setting": setting, "rows": {}}

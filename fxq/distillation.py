@@ -30,7 +30,7 @@ def packed_loss(zf: Tensor, zq: Tensor, lengths: Tensor, weights: Tensor, normal
     teacher `zf` and student `zq` ([B, D], columns split by `lengths`).
 
     `weights` [n], or [m, n] for m weightings of the same distances at once (then m losses)."""
-    return _loss(zf.float(), zq.float(), lengths, len(zf), weights, normalize)
+    return _loss(zf, zq, lengths, len(zf), weights, normalize)
 
 
 def distillation_loss(zf: list[Tensor], zq: list[Tensor], weights: Tensor, normalize: bool = True) -> Tensor:
@@ -46,7 +46,9 @@ def distillation_loss(zf: list[Tensor], zq: list[Tensor], weights: Tensor, norma
 
 
 def _loss(zf: Tensor, zq: Tensor, lengths: Tensor, samples: Tensor | int, weights: Tensor, normalize: bool) -> Tensor:
-    err = _sample_energy(zf - zq, lengths, samples)
+    # student minus teacher, in fp32 (an fp16 cache or bf16 targets convert inside the subtraction): its
+    # gradient reaches the student without a negation pass
+    err = _sample_energy(zq.float() - zf, lengths, samples)
     if normalize:
         err = err / _sample_energy(zf, lengths, samples).clamp_min(1e-12)
     return (weights.to(err.device) * err).mean(-1)
@@ -60,6 +62,7 @@ def _rows(t: Tensor, nhwc: bool) -> Tensor:
 
 def _sample_energy(z: Tensor, lengths: Tensor, samples: Tensor | int) -> Tensor:
     """Each packed tensor's squared norm over the batch, divided by its number of samples."""
-    # segment sums over contiguous columns: one kernel, no atomics (unsafe: lengths are ours, no host check)
-    sums = torch.segment_reduce(z.square().sum(0), "sum", lengths=lengths.to(z.device), unsafe=True)
-    return sums / samples
+    # column norms over the batch read z once and write nothing of its size (z.square().sum(0) writes a copy);
+    # then segment sums over contiguous columns: one kernel, no atomics (unsafe: our lengths, no host check)
+    columns = torch.linalg.vector_norm(z, dim=0, dtype=torch.float32)
+    return torch.segment_reduce(columns.square(), "sum", lengths=lengths.to(z.device), unsafe=True) / samples

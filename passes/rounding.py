@@ -147,7 +147,8 @@ class Rounding(FxqPass):
                 out_is_tensor = isinstance(teacher(images[:1].to(device))[0], Tensor)
             weights = interest_weights(gm, cfg.loss_weights, out_is_tensor).to(device)
             t0 = time.perf_counter()
-            targets = _TeacherTargets(teacher, images, cfg, out_is_tensor)
+            names = ["output"] * out_is_tensor + [n.name for n in interest_nodes(gm)]
+            targets = _TeacherTargets(teacher, images, cfg, out_is_tensor, names)
             cache_seconds = time.perf_counter() - t0
             stats = self._optimize(soft, student, targets, images, weights, opt_v, opt_b)
             stats.update(teacher_cache=targets.cache is not None, teacher_cache_seconds=cache_seconds)
@@ -317,18 +318,22 @@ class _TeacherTargets:
     when the schedule sees each image at least once and it fits (8 GiB on CPU, 30 % of free GPU memory).
     """
 
-    def __init__(self, teacher: GraphModule, images: Tensor, cfg: RoundingConfig, out_is_tensor: bool):
+    def __init__(
+        self, teacher: GraphModule, images: Tensor, cfg: RoundingConfig, out_is_tensor: bool, names: list[str]
+    ):
         self.teacher, self.out_is_tensor, self.amp = teacher, out_is_tensor, cfg.amp
         self.nhwc = cfg.channels_last and images.dim() == 4
         self.cache: Tensor | None = None
-        probe = images[:2]
-        tensors = self._forward(probe)
-        if not_batched := [i for i, t in enumerate(tensors) if t.dim() == 0 or len(t) != len(probe)]:
+        # every tensor batch-first, or packing and the cache would mix images: a first dimension that follows the
+        # batch from 1 to 2 images is the batch
+        probes = {k: self._forward(images[:k]) for k in sorted({1, min(2, len(images))})}
+        bad = [n for i, n in enumerate(names) if any(ts[i].dim() == 0 or len(ts[i]) != k for k, ts in probes.items())]
+        if bad:
             raise GraphCheckFailed(
-                f"rounding: loss tensors {not_batched[:3]} (0 is the output) do not have the batch as their first "
-                f"dimension; the rounding compares tensors per image: return batch-first tensors"
+                f"rounding: tensors {bad[:3]} do not have the batch as their first dimension, and the loss compares "
+                f"them image by image; make the model batch-first (e.g. nn.MultiheadAttention(batch_first=True))"
             )
-        self.lengths = column_lengths(tensors).to(images.device)
+        self.lengths = column_lengths(probes[max(probes)]).to(images.device)
         if cfg.teacher_cache == "off":
             return
         need = int(self.lengths.sum()) * 2 * len(images)

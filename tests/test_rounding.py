@@ -8,7 +8,7 @@ from torch import nn
 
 import fxq
 from fxq.config import LFHConfig, LossWeights, Method, PTQConfig, RoundingConfig
-from fxq.errors import ConfigError
+from fxq.errors import ConfigError, GraphCheckFailed
 from fxq.modules import QuantWeight, layer_forward, mean_output_shift
 from fxq.targets import INT8
 from tests.conftest import seeded
@@ -207,3 +207,22 @@ def test_mean_output_shift_is_the_output_change_of_a_constant_input(layer):
     moved = layer_forward(layer, x, w + dw, b) - layer_forward(layer, x, w, b)
     shift = mean_output_shift(layer, dw, x_mean)
     torch.testing.assert_close(moved, shift.reshape(1, -1, *([1] * (moved.dim() - 2))).expand_as(moved))
+
+
+class _SeqFirst(nn.Module):
+    """A linear layer applied sequence-first: its output, an interest tensor, has the sequence as dimension 0."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.head = nn.Linear(6, 5), nn.Linear(5, 3)
+
+    def forward(self, x):  # (batch, seq, 6)
+        return self.head(self.embed(x.transpose(0, 1)).mean(0))
+
+
+def test_a_tensor_without_the_batch_first_is_refused_by_name():
+    calib = [seeded(8, 4, 6, seed=i) for i in range(2)]
+    rc = RoundingConfig(iterations=2, batch_size=4, loss_weights="mean", keep_best=False)
+    cfg = PTQConfig(target=INT8.with_bits(4), method=Method.EPTQ, rounding=rc, progress=False)
+    with pytest.raises(GraphCheckFailed, match=r"\['embed'\] do not have the batch as their first dimension"):
+        fxq.quantize(_SeqFirst().eval(), calib, cfg)

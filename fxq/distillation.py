@@ -1,9 +1,11 @@
-"""The distillation loss: lambda-weighted squared errors of the interest tensors, packed into one matrix.
+"""The distillation loss: lambda-weighted squared errors of the interest tensors, in one packed matrix.
 
-A batch's interest tensors travel packed as one [B, D] matrix whose columns hold each tensor's per-sample
-values in turn. One copy packs the student's, the teacher's come packed from its cache, and the loss over
-all n tensors takes a handful of kernels, forward and backward, instead of several per tensor: on a GPU at
-batch 32 those launches, not the arithmetic, set a small model's step time.
+A batch's interest tensors are compared packed, as one [B, D] matrix whose columns hold each tensor's
+per-sample values in turn. The teacher's come packed from its cache; the student's are packed, subtracted
+and reduced by one hand-written autograd function, so the loss over all n tensors takes a handful of
+kernels, forward and backward, instead of several per tensor (on a GPU at batch 32 those launches, not the
+arithmetic, set a small model's step time). A `Workspace` keeps the packed matrix between steps: on a CPU a
+fresh buffer of that size each step costs more in page faults than the arithmetic on it.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["pack", "column_lengths", "packed_loss", "distillation_loss"]
+__all__ = ["pack", "column_lengths", "row_energies", "packed_loss", "distillation_loss", "Workspace"]
 
 
 def pack(tensors: list[Tensor], nhwc: bool = False) -> Tensor:
@@ -25,33 +27,109 @@ def column_lengths(tensors: list[Tensor]) -> Tensor:
     return torch.tensor([t[0].numel() for t in tensors], dtype=torch.int64)
 
 
-def packed_loss(zf: Tensor, zq: Tensor, lengths: Tensor, weights: Tensor, normalize: bool = True) -> Tensor:
-    """(1/n) sum_z lambda_z * ||Z_f - Z_q||^2 per sample, relative to ||Z_f||^2 when `normalize`, for packed
-    teacher `zf` and student `zq` ([B, D], columns split by `lengths`).
+def row_energies(z: Tensor, lengths: Tensor) -> Tensor:
+    """||t||^2 of each packed tensor t in each row of z, [B, n] in fp32."""
+    return torch.stack([block.float().square().sum(1) for block in z.split(lengths.tolist(), dim=1)], dim=1)
 
-    `weights` [n], or [m, n] for m weightings of the same distances at once (then m losses)."""
-    return _loss(zf, zq, lengths, len(zf), weights, normalize)
+
+class Workspace:
+    """The fp32 matrix the student's tensors are packed into, kept from one step to the next."""
+
+    def __init__(self):
+        self._buffer: Tensor | None = None
+
+    def get(self, rows: int, columns: int, device: torch.device) -> Tensor:
+        b = self._buffer
+        if b is None or b.shape != (rows, columns) or b.device != device:
+            self._buffer = b = torch.empty(rows, columns, device=device)
+        return b
+
+
+def packed_loss(
+    zf: Tensor,
+    zq: list[Tensor],
+    lengths: Tensor,
+    weights: Tensor,
+    normalize: bool = True,
+    zf_energy: Tensor | None = None,
+    nhwc: bool = False,
+    workspace: Workspace | None = None,
+) -> Tensor:
+    """(1/n) sum_z lambda_z * ||Z_f - Z_q||^2 per sample, relative to ||Z_f||^2 when `normalize`: the packed
+    teacher `zf` ([B, D], columns split by `lengths`) against the student's tensors `zq` (packed as `pack(zq,
+    nhwc)` would), differentiable in `zq`.
+
+    `weights` [n], or [m, n] for m weightings of the same distances at once (then m losses). `zf_energy` [n]:
+    the teacher's ||Z_f||^2 per sample when known already (`row_energies` of a cache's rows, averaged)."""
+    columns = _PackedSquaredError.apply(zf, _Rows(nhwc, batched=True), workspace, *zq)
+    return _loss(columns, zf, lengths, len(zf), weights, normalize, zf_energy)
 
 
 def distillation_loss(zf: list[Tensor], zq: list[Tensor], weights: Tensor, normalize: bool = True) -> Tensor:
     """`packed_loss` of tensor lists. Tensors whose first dimension is not a common batch size count per
     sample all the same: ||t||^2 / len(t)."""
     if len({len(t) for t in zf}) == 1:
-        return packed_loss(pack(zf), pack(zq), column_lengths(zf), weights, normalize)
+        return packed_loss(pack(zf), zq, column_lengths(zf), weights, normalize)
     # one row of everything; each tensor's squared norm then divides by its own first dimension
-    flat_f, flat_q = (torch.cat([t.reshape(1, -1) for t in ts], dim=1).float() for ts in (zf, zq))
+    flat = torch.cat([t.reshape(1, -1) for t in zf], dim=1)
     lengths = torch.tensor([t.numel() for t in zf], dtype=torch.int64)
-    samples = torch.tensor([float(len(t)) for t in zf], device=flat_f.device)
-    return _loss(flat_f, flat_q, lengths, samples, weights, normalize)
+    samples = torch.tensor([float(len(t)) for t in zf], device=flat.device)
+    columns = _PackedSquaredError.apply(flat, _Rows(False, batched=False), None, *zq)
+    return _loss(columns, flat, lengths, samples, weights, normalize)
 
 
-def _loss(zf: Tensor, zq: Tensor, lengths: Tensor, samples: Tensor | int, weights: Tensor, normalize: bool) -> Tensor:
-    # student minus teacher, in fp32 (an fp16 cache or bf16 targets convert inside the subtraction): its
-    # gradient reaches the student without a negation pass
-    err = _sample_energy(zq.float() - zf, lengths, samples)
+def _loss(columns, zf, lengths, samples, weights, normalize, zf_energy=None) -> Tensor:
+    err = _segment_sums(columns, lengths) / samples
     if normalize:
-        err = err / _sample_energy(zf, lengths, samples).clamp_min(1e-12)
+        if zf_energy is None:
+            f = zf.float()
+            zf_energy = _segment_sums(torch.linalg.vecdot(f, f, dim=0), lengths) / samples
+        err = err / zf_energy.clamp_min(1e-12)
     return (weights.to(err.device) * err).mean(-1)
+
+
+class _Rows:
+    """How a tensor lies in the packed matrix, and back: per sample (batched; channels-last with `nhwc`) or
+    whole, as one row."""
+
+    def __init__(self, nhwc: bool, batched: bool):
+        self.nhwc, self.batched = nhwc, batched
+
+    def __call__(self, t: Tensor) -> Tensor:
+        return _rows(t, self.nhwc) if self.batched else t.reshape(1, -1)
+
+    def back(self, block: Tensor, shape: torch.Size) -> Tensor:
+        """A [rows, columns] block of the packed matrix as a view of that tensor's `shape`."""
+        if not self.batched:
+            return block.view(shape)
+        if self.nhwc and len(shape) == 4:
+            return block.unflatten(1, (shape[2], shape[3], shape[1])).permute(0, 3, 1, 2)
+        return block.unflatten(1, shape[1:])
+
+
+class _PackedSquaredError(torch.autograd.Function):
+    """sum_b (Z_q - Z_f)[b, d]^2 for every column d of the packed matrices, in fp32, differentiable in the
+    student's tensors. Forward: one copy packs them (into the workspace when given), one pass subtracts in
+    place, one reduces; backward: one pass, whose blocks are the tensors' gradients (views)."""
+
+    @staticmethod
+    def forward(ctx, zf: Tensor, rows: _Rows, workspace: Workspace | None, *zq: Tensor) -> Tensor:
+        blocks = [rows(t) for t in zq]
+        shape = (len(zf), sum(b.shape[1] for b in blocks))
+        d = workspace.get(*shape, zf.device) if workspace is not None else torch.empty(shape, device=zf.device)
+        torch.cat(blocks, dim=1, out=d)
+        d.sub_(zf)  # an fp16 cache or bf16 targets convert inside the subtraction
+        ctx.save_for_backward(d)  # its version guards against a second forward overwriting the workspace
+        ctx.rows, ctx.widths, ctx.tensors = rows, [b.shape[1] for b in blocks], [(t.shape, t.dtype) for t in zq]
+        return torch.linalg.vecdot(d, d, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (d,) = ctx.saved_tensors
+        g = d.mul_(2 * grad)  # d is not needed after this: its memory becomes the gradient
+        blocks = g.split(ctx.widths, dim=1)
+        grads = [ctx.rows.back(b, shape).to(dtype) for b, (shape, dtype) in zip(blocks, ctx.tensors)]
+        return None, None, None, *grads
 
 
 def _rows(t: Tensor, nhwc: bool) -> Tensor:
@@ -60,9 +138,6 @@ def _rows(t: Tensor, nhwc: bool) -> Tensor:
     return t.reshape(len(t), -1)
 
 
-def _sample_energy(z: Tensor, lengths: Tensor, samples: Tensor | int) -> Tensor:
-    """Each packed tensor's squared norm over the batch, divided by its number of samples."""
-    # column norms over the batch read z once and write nothing of its size (z.square().sum(0) writes a copy);
-    # then segment sums over contiguous columns: one kernel, no atomics (unsafe: our lengths, no host check)
-    columns = torch.linalg.vector_norm(z, dim=0, dtype=torch.float32)
-    return torch.segment_reduce(columns.square(), "sum", lengths=lengths.to(z.device), unsafe=True) / samples
+def _segment_sums(columns: Tensor, lengths: Tensor) -> Tensor:
+    """Sums over runs of contiguous columns: one kernel, no atomics (unsafe: our lengths, no host check)."""
+    return torch.segment_reduce(columns, "sum", lengths=lengths.to(columns.device), unsafe=True)

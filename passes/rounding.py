@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from fxq.checkpoint import load_checkpoint, save_checkpoint
 from fxq.config import LossWeights, RoundingConfig
-from fxq.distillation import column_lengths, pack, packed_loss
+from fxq.distillation import Workspace, column_lengths, pack, packed_loss, row_energies
 from fxq.errors import ConfigError, GraphCheckFailed
 from fxq.meta import gq, q
 from fxq.modules import ActQuant, QuantWeight
@@ -205,10 +205,13 @@ class Rounding(FxqPass):
         }
 
     def _losses(self, student, targets: _TeacherTargets, idx: Tensor, x: Tensor, weights: Tensor) -> Tensor:
-        zf = targets(idx, x)
+        zf, zf_energy = targets(idx, x)
         with bf16_autocast(x.device, self.cfg.amp):
-            zq = targets.pack(student(x))
-        return packed_loss(zf, zq, targets.lengths, weights, self.cfg.normalize_loss)
+            zq = _flat(student(x), targets.out_is_tensor)
+        cfg = self.cfg
+        return packed_loss(
+            zf, zq, targets.lengths, weights, cfg.normalize_loss, zf_energy, targets.nhwc, targets.workspace
+        )
 
     def _optimize(self, soft: SoftRounding, student, targets, images, weights, opt_v, opt_b) -> dict:
         cfg, device = self.cfg, soft.v.device
@@ -312,7 +315,7 @@ def _as_model_wants(x: Tensor, cfg: RoundingConfig) -> Tensor:
 
 class _TeacherTargets:
     """The float graph's interest tensors for a batch, packed (fxq.distillation.pack): rows of an fp16 cache of
-    every image, or recomputed. `pack` packs the student's the same way.
+    every image, or recomputed. `workspace` is where the loss packs the student's, reused every step.
 
     The cache costs one float pass over the images and saves the teacher forward of every step; `auto` keeps it
     when the schedule sees each image at least once and it fits (8 GiB on CPU, 30 % of free GPU memory).
@@ -324,6 +327,8 @@ class _TeacherTargets:
         self.teacher, self.out_is_tensor, self.amp = teacher, out_is_tensor, cfg.amp
         self.nhwc = cfg.channels_last and images.dim() == 4
         self.cache: Tensor | None = None
+        self.energy: Tensor | None = None  # with the cache: ||Z_f||^2 of every tensor for every image, [N, n]
+        self.workspace = Workspace()
         # every tensor batch-first, or packing and the cache would mix images: a first dimension that follows the
         # batch from 1 to 2 images is the batch
         probes = {k: self._forward(images[:k]) for k in sorted({1, min(2, len(images))})}
@@ -346,23 +351,24 @@ class _TeacherTargets:
             )
         if need <= room and (cfg.teacher_cache == "on" or cfg.iterations * cfg.batch_size >= len(images)):
             self.cache = torch.empty(len(images), int(self.lengths.sum()), dtype=torch.float16, device=images.device)
+            self.energy = torch.empty(len(images), len(self.lengths), device=images.device)
             for start in range(0, len(images), 32):
                 x = _as_model_wants(images[start : start + 32], cfg)
-                self.cache[start : start + len(x)].copy_(pack(self._forward(x), self.nhwc))
-
-    def pack(self, out: tuple) -> Tensor:
-        """A tapped graph's outputs (output, z_1, ..., z_n) packed as the loss reads them."""
-        return pack(_flat(out, self.out_is_tensor), self.nhwc)
+                z = pack(self._forward(x), self.nhwc)
+                self.cache[start : start + len(x)].copy_(z)
+                self.energy[start : start + len(x)] = row_energies(z, self.lengths)
 
     @torch.no_grad()
     def _forward(self, x: Tensor) -> list[Tensor]:
         with bf16_autocast(x.device, self.amp):
             return _flat(self.teacher(x), self.out_is_tensor)
 
-    def __call__(self, idx: Tensor, x: Tensor) -> Tensor:
+    def __call__(self, idx: Tensor, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """Batch `idx` (images `x`): the packed targets and, from the cache, their energies per sample."""
         if self.cache is None:
-            return pack(self._forward(x), self.nhwc)
-        return self.cache[idx.to(self.cache.device)].to(x.device)
+            return pack(self._forward(x), self.nhwc), None
+        idx = idx.to(self.cache.device)
+        return self.cache[idx].to(x.device), self.energy[idx].mean(0).to(x.device)
 
 
 def _flat(out, out_is_tensor: bool) -> list[Tensor]:

@@ -1,8 +1,9 @@
 """The packed distillation loss against the per-tensor formula."""
 
+import pytest
 import torch
 
-from fxq.distillation import column_lengths, distillation_loss, pack, packed_loss
+from fxq.distillation import Workspace, column_lengths, distillation_loss, pack, packed_loss, row_energies
 from tests.conftest import seeded
 
 
@@ -18,10 +19,16 @@ def test_distillation_loss_is_the_mean_weighted_per_sample_squared_error():
         f, q = zf[:batch] if batch == 3 else zf, zq[:batch] if batch == 3 else zq
         f, q = (zf[:2] + [zf[0] * 2], zq[:2] + [zq[0] * 2]) if batch == 3 else (f, q)
         for normalize in (True, False):
-            terms = torch.stack([_per_sample(a - b) / (_per_sample(a) if normalize else 1) for a, b in zip(f, q)])
+            q = [z.detach().clone().requires_grad_() for z in q]
+            r = [z.detach().clone().requires_grad_() for z in q]
+            terms = torch.stack([_per_sample(a - b) / (_per_sample(a) if normalize else 1) for a, b in zip(f, r)])
             got = distillation_loss(f, q, w, normalize)
             torch.testing.assert_close(got, (w * terms).mean(-1))
             torch.testing.assert_close(distillation_loss(f, q, w[0], normalize), got[0])
+            got[0].backward()
+            (w[0] * terms).mean().backward()
+            for a, b in zip(q, r):  # the hand-written backward against autograd's of the formula
+                torch.testing.assert_close(a.grad, b.grad)
 
 
 def test_packing_channels_last_reads_memory_order_and_keeps_the_loss():
@@ -34,10 +41,33 @@ def test_packing_channels_last_reads_memory_order_and_keeps_the_loss():
     w = torch.tensor([1.0, 3.0])
     lengths = column_lengths(zf)
     want = distillation_loss(zf, zq, w)
-    torch.testing.assert_close(packed_loss(pack(zf, nhwc=True), packed, lengths, w), want)
-    q = [z.clone().requires_grad_() for z in nhwc]
-    packed_loss(pack(zf, nhwc=True), pack(q, nhwc=True), lengths, w).backward()
-    r = [z.clone().requires_grad_() for z in zq]
-    distillation_loss(zf, r, w).backward()
-    for a, b in zip(q, r):
-        torch.testing.assert_close(a.grad, b.grad)
+    workspace = Workspace()
+    for _ in range(2):  # the second step reuses the first's buffer
+        q = [z.clone().requires_grad_() for z in nhwc]
+        loss = packed_loss(pack(zf, nhwc=True), q, lengths, w, nhwc=True, workspace=workspace)
+        torch.testing.assert_close(loss, want)
+        loss.backward()
+        r = [z.clone().requires_grad_() for z in zq]
+        distillation_loss(zf, r, w).backward()
+        for a, b in zip(q, r):
+            torch.testing.assert_close(a.grad, b.grad)
+    first = packed_loss(pack(zf, nhwc=True), q, lengths, w, nhwc=True, workspace=workspace)
+    packed_loss(pack(zf, nhwc=True), q, lengths, w, nhwc=True, workspace=workspace)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):  # its buffer was reused
+        first.backward()
+
+
+def test_cached_energies_and_low_precision_inputs_give_the_fp32_loss():
+    zf = [seeded(4, 3, 5, 5, seed=1), seeded(4, 7, seed=2)]
+    zq = [z + 0.1 * seeded(*z.shape, seed=9) for z in zf]
+    w, lengths, pf = torch.tensor([1.0, 2.0]), column_lengths(zf), pack(zf)
+    want = distillation_loss(zf, zq, w)
+    energy = row_energies(pf, lengths)
+    assert energy.shape == (4, 2)
+    torch.testing.assert_close(energy[:, 1], zf[1].square().sum(1))
+    torch.testing.assert_close(packed_loss(pf, zq, lengths, w, zf_energy=energy.mean(0)), want)
+    q = [z.bfloat16().requires_grad_() for z in zq]  # an autocast student against an fp16 cache
+    loss = packed_loss(pf.half(), q, lengths, w)
+    assert loss.dtype == torch.float32 and abs(float(loss.detach()) / float(want) - 1) < 0.02
+    loss.backward()
+    assert all(t.grad.dtype == torch.bfloat16 and t.grad.shape == t.shape for t in q)

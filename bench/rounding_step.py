@@ -1,8 +1,9 @@
-"""Time per rounding step on EfficientNet-Lite0 against its bound, teacher cached vs recomputed, same run.
+"""Time per rounding step on EfficientNet-Lite0 (or --model) against its bound, teacher cached vs recomputed.
 
     python bench/rounding_step.py [--batch-sizes 8,32] [--steps 20] [--json FILE]
     python bench/rounding_step.py --batch-sizes 32 --cache on --amp auto,off --compile off,on   # on a GPU
     python bench/rounding_step.py --tree /tmp/old ...                   # an older commit's worktree, same script
+    python bench/rounding_step.py --model cifar10_resnet20 --bits 2 --batch-sizes 32 --steps 300 --cache on
 
 The bound is one teacher forward (no grad) + one student forward and backward of the same batch with fxq's own
 graphs (`bench/step_bound.py`). The rounding runs `--steps` steps with the regulariser on (warm-up 0)
@@ -21,8 +22,8 @@ import torch
 
 import fxq
 from fxq.config import LFHConfig, Method, PTQConfig, RoundingConfig
-from fxq.data import batches, default_data_dir, load_images
-from fxq.models import load_model
+from fxq.data import batches, load_images
+from fxq.models import DEFAULT_MODEL, default_image_sets, load_model
 from fxq.ops import device_of, pick_device
 from fxq.pipeline import analyze, quantize_analyzed
 
@@ -41,6 +42,8 @@ def _words(text: str) -> list[str]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=DEFAULT_MODEL, help="efficientnet_lite0 or a CIFAR-10 ResNet (cifar10_resnet20)")
+    p.add_argument("--bits", type=int, default=4, help="weight width")
     p.add_argument("--images", type=int, default=256)
     p.add_argument("--batch-sizes", default="8,32")
     p.add_argument("--steps", type=int, default=20)
@@ -51,9 +54,9 @@ def main() -> None:
     p.add_argument("--tree", default=None, help="time another source tree (see bench/source_tree.py)")
     args = p.parse_args()
     device = pick_device().type
-    lm = load_model("efficientnet_lite0")
+    lm = load_model(args.model)
     lm.model.to(device)
-    calib = load_images(default_data_dir() / "imagenet" / "calib", lm.preprocess, args.images, progress=False)
+    calib = load_images(default_image_sets(args.model)[0], lm.preprocess, args.images, progress=False)
     xs = batches(calib.x, 32)
     out = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "threads": torch.get_num_threads()}
     lfh = LFHConfig(min_probes=2, max_probes=2)
@@ -69,7 +72,7 @@ def main() -> None:
                 amp=AMP[amp],
                 compile=comp == "on",
             )
-            cfg = PTQConfig(target=fxq.INT8.with_bits(4), method=Method.EPTQ, rounding=rc, lfh=lfh, progress=False)
+            cfg = PTQConfig(target=fxq.INT8.with_bits(args.bits), method=Method.EPTQ, rounding=rc, lfh=lfh, progress=False)
             qgm, report = quantize_analyzed(analyze(lm.model, xs, cfg), xs, cfg)
             name = (
                 f"batch{b}_cache_{cache}"

@@ -72,7 +72,9 @@ def main() -> None:
                 amp=AMP[amp],
                 compile=comp == "on",
             )
-            cfg = PTQConfig(target=fxq.INT8.with_bits(args.bits), method=Method.EPTQ, rounding=rc, lfh=lfh, progress=False)
+            cfg = PTQConfig(
+                target=fxq.INT8.with_bits(args.bits), method=Method.EPTQ, rounding=rc, lfh=lfh, progress=False
+            )
             qgm, report = quantize_analyzed(analyze(lm.model, xs, cfg), xs, cfg)
             name = (
                 f"batch{b}_cache_{cache}"

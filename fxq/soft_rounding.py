@@ -46,8 +46,7 @@ class SoftRounding:
         self._orders = [memory_order(qw.layer.weight) for qw in layers]
         parts = [_layer_state(qw, order) for qw, order in zip(layers, self._orders)]
         v, self.floor, self.free, self.step, self.weight, mean_map = (torch.cat(p) for p in zip(*parts))
-        self.corrected = any(qw.input_mean is not None for qw in layers)
-        self.mean_map = mean_map if self.corrected else None
+        self.mean_map = mean_map if any(qw.input_mean is not None for qw in layers) else None
         self.sizes = [qw.layer.weight.numel() for qw in layers]
         self.channels = [qw.layer.weight.shape[0] for qw in layers]
         # weights per output channel, as segment lengths: each channel's weights are contiguous in the flat form

@@ -143,13 +143,10 @@ class Rounding(FxqPass):
             if soft.scale_factor is not None:
                 groups.append({"params": [soft.scale_factor], "lr": cfg.lr_scale})
             opt_b = torch.optim.SGD(groups, foreach=True)
-            with torch.no_grad():
-                out_is_tensor = isinstance(teacher(images[:1].to(device))[0], Tensor)
-            weights = interest_weights(gm, cfg.loss_weights, out_is_tensor).to(device)
             t0 = time.perf_counter()
-            names = ["output"] * out_is_tensor + [n.name for n in interest_nodes(gm)]
-            targets = _TeacherTargets(teacher, images, cfg, out_is_tensor, names)
+            targets = _TeacherTargets(teacher, images, cfg, [n.name for n in interest_nodes(gm)])
             cache_seconds = time.perf_counter() - t0
+            weights = interest_weights(gm, cfg.loss_weights, targets.out_is_tensor).to(device)
             stats = self._optimize(soft, student, targets, images, weights, opt_v, opt_b)
             stats.update(teacher_cache=targets.cache is not None, teacher_cache_seconds=cache_seconds)
             soft.harden_()
@@ -321,17 +318,19 @@ class _TeacherTargets:
     when the schedule sees each image at least once and it fits (8 GiB on CPU, 30 % of free GPU memory).
     """
 
-    def __init__(
-        self, teacher: GraphModule, images: Tensor, cfg: RoundingConfig, out_is_tensor: bool, names: list[str]
-    ):
-        self.teacher, self.out_is_tensor, self.amp = teacher, out_is_tensor, cfg.amp
+    def __init__(self, teacher: GraphModule, images: Tensor, cfg: RoundingConfig, interest_names: list[str]):
+        self.teacher, self.amp = teacher, cfg.amp
         self.nhwc = cfg.channels_last and images.dim() == 4
         self.cache: Tensor | None = None
         self.energy: Tensor | None = None  # with the cache: ||Z_f||^2 of every tensor for every image, [N, n]
         self.workspace = Workspace()
         # every tensor batch-first, or packing and the cache would mix images: a first dimension that follows the
         # batch from 1 to 2 images is the batch
-        probes = {k: self._forward(images[:k]) for k in sorted({1, min(2, len(images))})}
+        with torch.no_grad(), bf16_autocast(images.device, self.amp):
+            outputs = {k: teacher(images[:k]) for k in sorted({1, min(2, len(images))})}
+        self.out_is_tensor = isinstance(outputs[1][0], Tensor)  # the model output joins the loss when one tensor
+        names = ["output"] * self.out_is_tensor + interest_names
+        probes = {k: _flat(out, self.out_is_tensor) for k, out in outputs.items()}
         bad = [n for i, n in enumerate(names) if any(ts[i].dim() == 0 or len(ts[i]) != k for k, ts in probes.items())]
         if bad:
             raise GraphCheckFailed(

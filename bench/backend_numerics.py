@@ -16,11 +16,10 @@ import tempfile
 import torch
 
 import fxq
+from fxq.backends.inductor import compile_int8, to_qdq_form
+from fxq.backends.onnx import export_onnx, ort_session
 from fxq.data import batches, default_data_dir, load_images
-from fxq.latency import ort_session
 from fxq.models import load_model
-from fxq.onnx_export import export_onnx
-from fxq.qdq_form import compile_int8, to_qdq_form
 
 
 def lowered_logits(backend: str, qgm, images: torch.Tensor, tmp: str) -> torch.Tensor:

@@ -4,6 +4,7 @@ import fxq
 qgm, report = fxq.quantize(model, calib_batches, fxq.PTQConfig(target=fxq.INT8.with_bits(weight_bits=4)))
 """
 
+from fxq.backends.inductor import compile_int8, package_int8, to_qdq_form
 from fxq.compile_backend import backend
 from fxq.config import (
     ActThreshold,
@@ -19,7 +20,6 @@ from fxq.config import (
 from fxq.errors import ConfigError, DataError, FxqError, GraphCheckFailed, ModelError, TraceFailed, UnsupportedOp
 from fxq.frontend import Frontend, trace
 from fxq.pipeline import Quantized, analyze, convert, label_free_hessian, prepare, quantize, quantize_analyzed
-from fxq.qdq_form import compile_int8, package_int8, to_qdq_form
 from fxq.qmath import QSpec
 from fxq.report import Report
 from fxq.targets import INT8, W248A8, Target

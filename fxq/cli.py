@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from fxq.backends.check import CheckLimits
+from fxq.backends.latency import BACKENDS
 from fxq.config import (
     ActThreshold,
     LFHConfig,
@@ -29,13 +31,12 @@ from fxq.data import ImageSet, Preprocess, batches, load_images
 from fxq.errors import ConfigError, FxqError, ModelError
 from fxq.evaluate import evaluate
 from fxq.frontend import Frontend
-from fxq.latency import BACKENDS
 from fxq.meta import without_graph_state
 from fxq.models import DEFAULT_MODEL, LoadedModel, default_image_sets, load_model
 from fxq.ops import pick_device, set_eval_
 from fxq.pipeline import label_free_hessian, quantize
 from fxq.report import Report, write_json_atomic
-from fxq.targets import INT8
+from fxq.targets import INT8, ISA, cpu_description, isa_named
 
 __all__ = ["main", "save_quantized", "load_quantized"]
 
@@ -104,12 +105,24 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--random-weights", action="store_true", help="torchvision model with random weights (speed runs)")
 
 
+def _target_arg(p: argparse.ArgumentParser, default: str | None = "host") -> None:
+    p.add_argument(
+        "--target",
+        default=default,
+        choices=["host", *(i.value for i in ISA)],
+        help="the integer dot product of the device the model is for: host (this machine's, detected), x86-vnni, "
+        "x86-avx2 (x86 without VNNI: 8-bit weights of layers that sum over channels take a 7-bit grid, which its "
+        "u8 x s8 kernels compute exactly), arm64 or generic" + ("" if default else " (default: the model's own)"),
+    )
+
+
 def _device_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (the GPU when there is one)")
 
 
 def _quant_args(p: argparse.ArgumentParser) -> None:
     _mp_args(p)
+    _target_arg(p)
     p.add_argument("--act-bits", type=int, default=8)
     p.add_argument("--method", default=Method.RTN.value, choices=[m.value for m in Method])
     p.add_argument("--act-threshold", default=ActThreshold.MSE.value, choices=[a.value for a in ActThreshold])
@@ -229,7 +242,7 @@ def _config(args, weight_bits: int, method: str | None = None, mixed: MixedPreci
     _, rounding, lfh = _schedule(args)
     return PTQConfig(
         mixed_precision=mixed or _mixed_precision(args),
-        target=INT8.with_bits(weight_bits, args.act_bits),
+        target=INT8.with_bits(weight_bits, args.act_bits).for_isa(args.target),
         method=method or args.method,
         act_threshold=args.act_threshold,
         weight_error=args.weight_error,
@@ -451,29 +464,31 @@ def cmd_lfh(args) -> None:
 
 def cmd_export(args) -> None:
     """A folder written by `fxq quantize` -> ONNX QDQ (ONNX Runtime), a torch.export program (.pt2, fake-quant),
-    or an AOTInductor package with x86 integer kernels (aoti-int8, .pt2)."""
+    or an AOTInductor package with x86 integer kernels (aoti-int8, .pt2). The integer formats run next to the
+    reference on calibration images first; the check and the artifact's sizes go to OUT.json."""
+    from fxq.backends.artifact import export_artifact
+
     model, pre = load_quantized(args.model)
+    saved = _saved_report(Path(args.model))
+    target = isa_named(args.target) if args.target else ISA(saved["isa"]) if saved.get("isa") else None
     example = torch.randn(2, 3, pre.crop, pre.crop)  # batch 2: torch.export would specialise a batch of 1
-    if args.format == "onnx":
-        from fxq.onnx_export import export_onnx
-
-        export_onnx(model, (example,), args.out)
-    elif args.format == "aoti-int8":
-        from fxq.qdq_form import package_int8
-
-        package_int8(model, (example,), args.out)
-    else:
-        ep = torch.export.export(model, (example,), dynamic_shapes=({0: torch.export.Dim.AUTO},), strict=False)
-        tmp = f"{args.out}.tmp.pt2"  # torch.export.save wants the .pt2 suffix
-        torch.export.save(ep, tmp)
-        os.replace(tmp, args.out)
-    print(f"wrote {args.out}")
+    check_inputs = None
+    if args.format != "pt2":
+        check_inputs = load_images(args.calib, pre, args.check_images, progress=not args.quiet).x
+    limits = CheckLimits(images=args.check_images)
+    summary = export_artifact(
+        model, example, args.out, args.format, target, args.weight_storage, check_inputs, limits, args.force, saved
+    )
+    if summary.get("check"):
+        print(summary["check_line"])
+    print(summary["size_line"])
+    print(f"wrote {args.out} and {args.out}.json")
 
 
 def cmd_bench(args) -> None:
     """Float vs quantized latency per backend at each batch size, timed in the same run."""
-    from fxq.latency import backend_latencies
-    from fxq.qdq_form import int8_inductor_available
+    from fxq.backends.inductor import int8_inductor_available
+    from fxq.backends.latency import backend_latencies
 
     unknown = set(args.backends or []) - set(BACKENDS)
     if unknown:
@@ -484,7 +499,11 @@ def cmd_bench(args) -> None:
     calib = load_images(args.calib, lm.preprocess, args.num_calib, progress=not args.quiet)
     qgm, _ = quantize(lm.model, batches(calib.x, args.batch_size), cfg)
     rows = backend_latencies(lm.model, qgm, lm.preprocess.crop, args.batch_sizes, args.iters, backends)
-    print(f"{lm.name} W{args.weight_bits}A{args.act_bits}, {torch.get_num_threads()} threads, median of {args.iters}")
+    isa = cfg.target.isa
+    print(
+        f"{lm.name} W{args.weight_bits}A{args.act_bits} for {isa.value} ({isa.form}); this CPU: {cpu_description()}, "
+        f"{torch.get_num_threads()} threads, median of {args.iters}"
+    )
     print(f"{'backend':<30} {'batch':>5} {'float ms':>10} {'int8 ms':>10} {'speed-up':>9} {'vs eager fp32':>14}")
     for r in rows:
         print(
@@ -492,7 +511,16 @@ def cmd_bench(args) -> None:
             f"{r['eager_fp32_ms'] / r['int8_ms']:13.2f}x"
         )
     if args.out:
-        write_json_atomic(args.out, {"model": lm.name, "threads": torch.get_num_threads(), "rows": rows})
+        write_json_atomic(
+            args.out,
+            {
+                "model": lm.name,
+                "isa": isa.value,
+                "cpu": cpu_description(),
+                "threads": torch.get_num_threads(),
+                "rows": rows,
+            },
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -557,7 +585,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="onnx: QDQ for ONNX Runtime; pt2: torch.export of the fake-quant graph; aoti-int8: AOTInductor "
         "package with oneDNN integer kernels (x86 CPU, needs torchao), load with torch._inductor.aoti_load_package",
     )
-    xp.add_argument("--out", required=True, help="output file")
+    xp.add_argument("--out", required=True, help="output file (its report goes to OUT.json)")
+    _target_arg(xp, default=None)
+    xp.add_argument(
+        "--weight-storage",
+        choices=["packed", "int8"],
+        default="packed",
+        help="onnx: weights of 4 bits or fewer as INT4 (packed: half the bytes; ONNX Runtime's CPU runs them "
+        "dequantized) or every weight as int8 (ONNX Runtime's integer kernels run every layer)",
+    )
+    xp.add_argument("--calib", default=None, help=f"images the export is checked on ({_SHARED_SETS})")
+    xp.add_argument("--check-images", type=int, default=64, help="how many of them (default 64)")
+    xp.add_argument("--force", action="store_true", help="write the export even when its check fails")
+    xp.add_argument("--quiet", action="store_true")
     xp.set_defaults(fn=cmd_export)
 
     bp = sub.add_parser("bench", help="float vs quantized latency per backend (eager, ONNX Runtime, Inductor)")

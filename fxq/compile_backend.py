@@ -20,12 +20,12 @@ import torch
 from torch import nn
 from torch.fx import GraphModule
 
+from fxq.backends.inductor import freezing, register_int8_patterns, to_qdq_form
 from fxq.config import PTQConfig
 from fxq.errors import UnsupportedOp
 from fxq.meta import gq
 from fxq.passes.observe import Calibrate
 from fxq.pipeline import convert_passes, prepare_passes, run_passes
-from fxq.qdq_form import freezing, register_int8_patterns, to_qdq_form
 
 __all__ = ["backend"]
 
@@ -54,7 +54,7 @@ def backend(
     """A torch.compile backend that quantizes the captured graph with `config`, calibrating on `calib_data`.
 
     inductor=False returns the fake-quant graph as is (the numeric reference); int8=True lowers it to integer
-    kernels (Q/DQ form, Inductor with freezing, torchao's x86 patterns; see fxq.qdq_form)."""
+    kernels (Q/DQ form, Inductor with freezing, torchao's x86 patterns; see fxq.backends.inductor)."""
     if int8:
         register_int8_patterns()
     batches = calib_data if hasattr(calib_data, "__len__") else list(calib_data)

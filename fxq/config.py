@@ -9,7 +9,7 @@ from enum import Enum
 from fxq.errors import ConfigError
 from fxq.frontend import Frontend
 from fxq.qmath import ActThreshold, WeightError
-from fxq.targets import INT8, Target
+from fxq.targets import INT8, Target, host_isa
 
 __all__ = [
     "Method",
@@ -246,5 +246,7 @@ class PTQConfig:
         _coerce_enums_(self, method=Method, act_threshold=ActThreshold, weight_error=WeightError, frontend=Frontend)
         if not isinstance(self.target, Target):
             raise ConfigError(f"target must be an fxq.targets.Target, got {type(self.target).__name__}")
+        if self.target.isa is None:  # this machine's integer kernels, so that its backends compute the reference
+            object.__setattr__(self, "target", self.target.for_isa(host_isa()))
         if self.weight_grid < 2:
             raise ConfigError(f"weight_grid must be >= 2, got {self.weight_grid}")

@@ -8,6 +8,7 @@ __all__ = [
     "DataError",
     "ModelError",
     "GraphCheckFailed",
+    "ExportMismatch",
 ]
 
 
@@ -37,3 +38,7 @@ class ModelError(FxqError):
 
 class GraphCheckFailed(FxqError):
     """A pass's requires()/ensures() check found the graph in a state it cannot accept."""
+
+
+class ExportMismatch(FxqError):
+    """An exported model computes something other than the reference on the check images."""

@@ -19,6 +19,7 @@ __all__ = [
     "pick_device",
     "kind_of",
     "module_of",
+    "is_depthwise",
     "fetch_attr",
     "is_float_tensor",
     "is_nonnegative",
@@ -254,6 +255,12 @@ def fetch_attr(gm: torch.nn.Module, target: str):
     for part in target.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+def is_depthwise(layer: nn.Module) -> bool:
+    """A convolution whose every output channel reads one input channel: its integer kernels sum no products
+    across channels."""
+    return isinstance(layer, nn.modules.conv._ConvNd) and layer.groups > 1 and layer.in_channels == layer.groups
 
 
 def module_of(gm: GraphModule, node: Node) -> nn.Module | None:

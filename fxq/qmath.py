@@ -8,7 +8,7 @@ when unsigned. The threshold itself is therefore just outside the largest repres
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 
 import torch
@@ -35,32 +35,47 @@ _TINY = 1e-8
 
 @dataclass(frozen=True)
 class QSpec:
-    """How one tensor is quantized: bits, signedness, per output channel or per tensor, PoT thresholds."""
+    """How one tensor is quantized: bits, signedness, per output channel or per tensor, PoT thresholds.
+
+    `bits` is the width the value is stored in; `max_grid_bits` caps the grid it takes within that width, for
+    devices whose kernels compute exactly only on a narrower one (fxq.targets.ISA): an 8-bit weight on a 7-bit
+    grid uses codes [-64, 63] and step t / 64.
+    """
 
     bits: int
     signed: bool = True
     per_channel: bool = False
     pot: bool = False
+    max_grid_bits: int = MAX_BITS
 
     def __post_init__(self):
         if not isinstance(self.bits, int) or not MIN_BITS <= self.bits <= MAX_BITS:
             raise ConfigError(f"bits must be an integer in [{MIN_BITS}, {MAX_BITS}], got {self.bits!r}")
+        if not isinstance(self.max_grid_bits, int) or not MIN_BITS <= self.max_grid_bits <= MAX_BITS:
+            raise ConfigError(
+                f"max_grid_bits must be an integer in [{MIN_BITS}, {MAX_BITS}], got {self.max_grid_bits!r}"
+            )
+
+    @property
+    def grid_bits(self) -> int:
+        """The width of the integer grid: `bits`, or less where the device caps it."""
+        return min(self.bits, self.max_grid_bits)
 
     @property
     def qmin(self) -> int:
-        return -(2 ** (self.bits - 1)) if self.signed else 0
+        return -(2 ** (self.grid_bits - 1)) if self.signed else 0
 
     @property
     def qmax(self) -> int:
-        return 2 ** (self.bits - 1) - 1 if self.signed else 2**self.bits - 1
+        return 2 ** (self.grid_bits - 1) - 1 if self.signed else 2**self.grid_bits - 1
 
     @property
     def levels_per_threshold(self) -> int:
         """t / s: how many steps fit in one threshold."""
-        return 2 ** (self.bits - 1) if self.signed else 2**self.bits
+        return 2 ** (self.grid_bits - 1) if self.signed else 2**self.grid_bits
 
     def with_bits(self, bits: int) -> QSpec:
-        return QSpec(bits, self.signed, self.per_channel, self.pot)
+        return replace(self, bits=bits)
 
 
 class ActThreshold(Enum):
@@ -122,7 +137,7 @@ def _candidates(t_max: Tensor, spec: QSpec, n: int) -> Tensor:
         top = _pot(t_max)
         return torch.stack([top / 2**k for k in range(6)])
     # low bit-widths clip much harder at their optimum (2 bits: around 0.3-0.5 of the max)
-    lo = 0.15 if spec.bits <= 3 else 0.3
+    lo = 0.15 if spec.grid_bits <= 3 else 0.3
     fracs = torch.linspace(lo, 1.0, n, device=t_max.device, dtype=t_max.dtype)
     return fracs.view(-1, *([1] * t_max.dim())) * t_max
 

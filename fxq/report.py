@@ -24,6 +24,7 @@ class LayerReport:
     kind: str
     module: str | None = None
     weight_bits: int | None = None
+    weight_grid_bits: int | None = None  # the grid within those bits (narrower where the target's ISA caps it)
     weight_shape: list[int] | None = None
     bias_bits: int | None = None  # integer bias width (None: float bias)
     w_threshold: dict[str, float] | None = None  # min / mean / max over output channels
@@ -41,6 +42,8 @@ class LayerReport:
 class Report:
     model: str
     target: str
+    isa: str | None
+    integer_form: str | None
     method: str
     frontend: str | None
     calib_images: int
@@ -62,7 +65,7 @@ class Report:
                 (
                     lr.node,
                     lr.kind,
-                    str(lr.weight_bits or ""),
+                    _weight_bits(lr),
                     wt,
                     ab,
                     ar,
@@ -78,6 +81,14 @@ class Report:
 
     def write_json(self, path: str) -> None:
         write_json_atomic(path, self.to_dict())
+
+
+def _weight_bits(lr: LayerReport) -> str:
+    """'8', or '8 (7)' for an 8-bit weight on a 7-bit grid."""
+    if not lr.weight_bits:
+        return ""
+    grid = lr.weight_grid_bits
+    return f"{lr.weight_bits}" if grid in (None, lr.weight_bits) else f"{lr.weight_bits} ({grid})"
 
 
 def write_json_atomic(path: str, obj) -> None:
@@ -110,6 +121,7 @@ def _layer(node) -> LayerReport | None:
         lr.module = str(node.target)
     if m.wspec is not None:
         lr.weight_bits, lr.bias_bits = m.wspec.bits, m.bias_bits
+        lr.weight_grid_bits = m.wspec.grid_bits
         if m.w_threshold is not None:
             t = m.w_threshold.float()
             lr.w_threshold = {"min": float(t.min()), "mean": float(t.mean()), "max": float(t.max())}
@@ -129,7 +141,9 @@ def build_report(gm: GraphModule, cfg: PTQConfig, model_name: str) -> Report:
             lr.weight_shape = list(getattr(mod, "layer", mod).weight.shape)
     return Report(
         model=model_name,
-        target=cfg.target.name,
+        target=cfg.target.label,
+        isa=cfg.target.isa.value if cfg.target.isa else None,
+        integer_form=cfg.target.isa.form if cfg.target.isa else None,
         method=cfg.method.value,
         frontend=g.frontend,
         calib_images=g.calib_images,

@@ -12,7 +12,7 @@ from torch.fx import GraphModule, Node
 
 from fxq.errors import GraphCheckFailed
 from fxq.meta import OpKind, gq, q
-from fxq.ops import WEIGHTED_MODULES, is_float_tensor, is_nonnegative, kind_of, module_of
+from fxq.ops import WEIGHTED_MODULES, is_depthwise, is_float_tensor, is_nonnegative, kind_of, module_of
 from fxq.passbase import FxqPass, PassResult
 from fxq.qmath import QSpec
 from fxq.targets import Target
@@ -45,8 +45,9 @@ class Annotate(FxqPass):
         for node in gm.graph.nodes:
             m = q(node)
             m.kind = kind_of(gm, node)
-            if m.kind in (OpKind.CONV, OpKind.LINEAR) and isinstance(module_of(gm, node), WEIGHTED_MODULES):
-                m.wspec = QSpec(t.weight_bits, signed=True, per_channel=t.per_channel, pot=t.pot)
+            layer = module_of(gm, node)
+            if m.kind in (OpKind.CONV, OpKind.LINEAR) and isinstance(layer, WEIGHTED_MODULES):
+                m.wspec = t.weight_spec(t.weight_bits, is_depthwise(layer))
                 m.bits = m.bits or t.weight_bits
         for node in gm.graph.nodes:
             m = q(node)
@@ -55,5 +56,5 @@ class Annotate(FxqPass):
             m.fused_into = _fused_activation(gm, node, t)
             if m.fused_into is None:
                 m.aspec = QSpec(t.act_bits, signed=not is_nonnegative(gm, node), pot=t.pot)
-        gq(gm).target = t.name
+        gq(gm).target = t.label
         return PassResult(gm, modified=True)

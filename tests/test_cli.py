@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from fxq.cli import load_quantized, main
+from fxq.targets import host_isa
 from tests.conftest import write_images
 
 
@@ -146,9 +147,13 @@ def test_export_onnx_and_pt2(tmp_path, image_dirs, capsys):
     ep = torch.export.load(str(tmp_path / "m.pt2"))
     torch.testing.assert_close(ep.module()(x), ref, rtol=1e-4, atol=1e-4)
     pytest.importorskip("onnxruntime")
-    from fxq.latency import ort_session
+    from fxq.backends.onnx import ort_session
 
-    assert main(["export", "--model", str(out), "--format", "onnx", "--out", str(tmp_path / "m.onnx")]) == 0
+    onnx_args = ["export", "--model", str(out), "--format", "onnx", "--out", str(tmp_path / "m.onnx")]
+    assert main([*onnx_args, "--calib", str(calib), "--quiet"]) == 0
+    exported = json.loads((tmp_path / "m.onnx.json").read_text())
+    assert exported["check"]["passed"] and exported["check"]["images"] == 4 and exported["isa"] == host_isa().value
+    assert exported["file_bytes"] == (tmp_path / "m.onnx").stat().st_size and exported["weight_bytes"] > 0
     got = ort_session(str(tmp_path / "m.onnx")).run(None, {"input": x.numpy()})[0]
     ref = ref.numpy()
     # The output is quantized, so compare in output steps; top classes of a random-weight model often tie, so
@@ -157,7 +162,18 @@ def test_export_onnx_and_pt2(tmp_path, image_dirs, capsys):
     assert np.isfinite(got).all()
     assert (np.abs(got - ref) <= 1.01 * step).mean() >= 0.99
     assert (ref[np.arange(len(ref)), got.argmax(1)] >= ref.max(1) - 1.01 * step).all()
-    capsys.readouterr()
+    assert "onnxruntime vs reference on 4 inputs" in capsys.readouterr().out
+
+
+def test_export_refuses_a_target_whose_kernels_cannot_compute_the_model(tmp_path, image_dirs, capsys):
+    calib, _ = image_dirs
+    out = tmp_path / "q"
+    common = ["--model", "resnet18", "--random-weights", "--quiet", "--calib", str(calib), "--batch-size", "2"]
+    assert main(["quantize", *common, "--no-eval", "--target", "generic", "--out", str(out)]) == 0
+    args = ["export", "--model", str(out), "--out", str(tmp_path / "m.onnx"), "--calib", str(calib)]
+    code, _, err = run([*args, "--target", "x86-avx2"], capsys)
+    assert code == 2 and "8-bit weight grids" in err and "quantize it again with --target x86-avx2" in err
+    assert not (tmp_path / "m.onnx").exists() and not (tmp_path / "m.onnx.json").exists()
 
 
 def test_bench_reports_every_backend_and_batch(tmp_path, image_dirs, capsys):

@@ -12,11 +12,12 @@ import fxq
 from fxq.config import LFHConfig, Method, MixedPrecisionConfig, PTQConfig, RoundingConfig
 from fxq.data import batches, load_npz_images
 from fxq.models import load_model
-from fxq.targets import INT8
+from fxq.targets import INT8, ISA
 from tests import golden
 from tests.conftest import seeded
 from tests.test_cifar import CALIB_SET, needs_cifar
 
+GENERIC = INT8.for_isa(ISA.GENERIC)  # full 8-bit grids: the form the golden runs were recorded in
 LFH = LFHConfig(min_probes=2, max_probes=4, images=16, batch_size=8)
 
 
@@ -52,7 +53,7 @@ def _runs(model, calib: list[torch.Tensor], target) -> dict:
 
 def test_tiny_net_golden(tiny_net):
     calib = [seeded(8, 3, 16, 16, seed=i) for i in range(4)]
-    golden.check("tiny_net", _runs(tiny_net, calib, INT8))
+    golden.check("tiny_net", _runs(tiny_net, calib, GENERIC))
 
 
 @pytest.mark.slow
@@ -61,4 +62,4 @@ def test_resnet20_golden():
     lm = load_model("cifar10_resnet20")
     images = load_npz_images(CALIB_SET, lm.preprocess, progress=False)
     calib = batches(images.x[::16], 16)  # every 16th: the set is sorted by class
-    golden.check("resnet20", _runs(lm.model, calib, INT8))
+    golden.check("resnet20", _runs(lm.model, calib, GENERIC))

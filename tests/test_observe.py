@@ -25,7 +25,9 @@ def test_observer_ranges_match_the_float_activations(tiny_net):
     stem = torch.cat([tiny_net.stem(x) for x in xs]).detach()
     relu_obs = obs["stem_2"]
     assert float(relu_obs.lo) == 0.0
-    assert float(relu_obs.hi) == float(stem.max())
+    # the observed graph runs the conv with BN folded in, the float model conv then BN: two float32 kernels whose
+    # results differ by the rounding of a 27-term dot product (~27 * 2^-24 relative); allow 1e-5
+    assert abs(float(relu_obs.hi) - float(stem.max())) <= 1e-5 * float(stem.max())
     inp = obs["x"]
     assert (float(inp.lo), float(inp.hi)) == (float(torch.cat(xs).min()), float(torch.cat(xs).max()))
     assert relu_obs.sample().numel() == sum(min(4096, x.shape[0] * 8 * 144) for x in xs)

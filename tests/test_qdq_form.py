@@ -1,4 +1,4 @@
-"""The PT2E Q/DQ form of an fxq graph and its lowering to integer kernels with Inductor (fxq.qdq_form)."""
+"""The PT2E Q/DQ form of an fxq graph and its lowering to integer kernels with Inductor (fxq.backends.inductor)."""
 
 import dataclasses
 
@@ -8,10 +8,10 @@ from torch import nn
 from torch._dynamo.utils import counters
 
 import fxq
+from fxq.backends.inductor import DequantWeight, QDQActivation, compile_int8, int8_inductor_available, to_qdq_form
 from fxq.compile_backend import backend
 from fxq.errors import ConfigError, UnsupportedOp
 from fxq.modules import QuantWeight
-from fxq.qdq_form import DequantWeight, QDQActivation, compile_int8, int8_inductor_available, to_qdq_form
 from fxq.soft_rounding import SoftRounding
 from tests.conftest import seeded
 
@@ -131,12 +131,43 @@ def test_compile_backend_int8_matches_the_api(tiny_net):
 @needs_int8_inductor
 def test_aot_package_runs_without_fxq_at_any_batch(tmp_path):
     qgm = _quantized(PoolNet())
-    path = fxq.package_int8(qgm, (seeded(1, 3, 16, 16),), tmp_path / "pool.pt2")
+    path = tmp_path / "pool.pt2"
+    fxq.package_int8(qgm, (seeded(1, 3, 16, 16),), path)
     assert not list(tmp_path.glob("*.tmp*"))  # written atomically
-    run = torch._inductor.aoti_load_package(path)
+    run = torch._inductor.aoti_load_package(str(path))
     for batch in (1, 5):
         x = seeded(batch, 3, 16, 16, seed=batch)
         with torch.no_grad():
             out, ref = run(x), qgm(x)
         assert out.shape == ref.shape
         assert (out - ref).abs().max() <= 2 * _output_step(qgm) + 1e-6
+
+
+_AVX2_SCRIPT = """
+import torch
+import fxq
+from fxq.targets import ISA, host_isa
+from tests.test_qdq_form import PoolNet, _quantized, _output_step
+from tests.conftest import seeded
+assert host_isa() is ISA.X86_AVX2, host_isa()
+qgm = _quantized(PoolNet())
+run = fxq.compile_int8(qgm)
+x = seeded(16, 3, 16, 16, seed=5)
+with torch.no_grad():
+    print(float((run(x) - qgm(x)).abs().max() / _output_step(qgm)))
+"""
+
+
+@needs_int8_inductor
+def test_onednn_capped_at_avx2_computes_the_host_form_exactly():
+    """ONEDNN_MAX_CPU_ISA=AVX2 makes oneDNN run the saturating u8 x s8 kernels of CPUs without VNNI (on a VNNI
+    machine too): fxq reads the cap as the host's ISA, quantizes for it, and the integer kernels agree."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "PYTHONPATH": str(Path(__file__).parents[1])}
+    done = subprocess.run([sys.executable, "-c", _AVX2_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert float(done.stdout.strip().splitlines()[-1]) <= 2 + 1e-4

@@ -13,10 +13,10 @@ import torch
 from torch import nn
 from torch.fx import GraphModule
 
-from fxq.onnx_export import export_float_onnx, export_onnx
-from fxq.qdq_form import FrozenCompiled, compile_int8
+from fxq.backends.inductor import FrozenCompiled, compile_int8
+from fxq.backends.onnx import export_float_onnx, export_onnx, ort_session
 
-__all__ = ["time_call", "ort_session", "backend_latencies", "BACKENDS"]
+__all__ = ["time_call", "backend_latencies", "BACKENDS"]
 
 
 def time_call(fn: Callable[[], object], iters: int = 20, warmup: int = 3) -> float:
@@ -29,14 +29,6 @@ def time_call(fn: Callable[[], object], iters: int = 20, warmup: int = 3) -> flo
         fn()
         times.append(time.perf_counter() - t0)
     return float(np.median(times))
-
-
-def ort_session(path: str, threads: int | None = None):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads or torch.get_num_threads()
-    return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
 
 
 BACKENDS = ("eager", "onnx", "inductor", "inductor-int8")

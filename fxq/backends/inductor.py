@@ -8,7 +8,7 @@ integer convolutions and matmuls; the rest (adds, pools, requantization) Inducto
 
     int8 = fxq.compile_int8(quantized.model)   # a torch.compile'd callable; first call compiles
     int8(x)
-    fxq.package_int8(quantized.model, (x,), "model_int8.pt2")   # AOTInductor: load with torch._inductor.aoti_load_package
+    fxq.package_int8(quantized.model, (x,), "model_int8.pt2", check_inputs=calib)   # AOTInductor package
 
 Signed activation grids [-2^(b-1), 2^(b-1) - 1] ship as uint8 with zero point 2^(b-1) (the same values; the x86
 kernels take u8 activations with s8 weights). Weights narrower than 8 bits ship as int8 holding their narrow grid.
@@ -17,16 +17,16 @@ Activation quantizers narrower than 8 bits stay fake-quantized (correct, not int
 
 from __future__ import annotations
 
-import copy
 import os
 
 import torch
 from torch import Tensor, nn
 from torch.fx import GraphModule, Node
 
-from fxq.errors import ConfigError, UnsupportedOp
-from fxq.meta import without_graph_state
-from fxq.modules import ActQuant, QuantWeight, layer_forward
+from fxq.backends.check import CheckLimits, ExportCheck, check_lowered, enforce
+from fxq.backends.lowering import LoweredActivation, LoweredWeight, lowered_copy
+from fxq.errors import ConfigError
+from fxq.modules import layer_forward
 from fxq.ops import grid_source
 
 __all__ = [
@@ -49,11 +49,9 @@ def _decomposed_ops():
 class QDQActivation(nn.Module):
     """An 8-bit ActQuant as quantize -> dequantize on uint8 codes: the same grid, in PT2E's spelling."""
 
-    def __init__(self, aq: ActQuant):
+    def __init__(self, name: str, act: LoweredActivation):
         super().__init__()
-        self.scale = float(aq.scale)
-        self.zero_point = -aq.spec.qmin  # 128 for a signed grid, 0 for an unsigned one
-        self.quant_max = aq.spec.qmax - aq.spec.qmin
+        self.scale, self.zero_point, self.quant_max = act.scale, act.zero_point, act.quant_max
 
     def forward(self, x: Tensor) -> Tensor:
         ops = _decomposed_ops()
@@ -65,20 +63,14 @@ class QDQActivation(nn.Module):
 
 
 class DequantWeight(nn.Module):
-    """A QuantWeight as int8 codes + per-channel steps, dequantized in the graph (folded into the kernel later)."""
+    """A lowered weight as int8 codes + per-channel steps, dequantized in the graph (folded into the kernel later)."""
 
-    def __init__(self, qw: QuantWeight):
+    def __init__(self, name: str, w: LoweredWeight):
         super().__init__()
-        if not qw.spec.per_channel:
-            raise UnsupportedOp(
-                "int8 lowering: per-tensor weight quantizers are not supported; use per-channel weights"
-            )
-        if qw.soft_rounding is not None:
-            raise ConfigError("int8 lowering: the rounding optimization is still running on this layer (harden it)")
-        self.layer = qw.layer
-        self.register_buffer("codes", qw.hard_codes().to(torch.int8))
-        self.register_buffer("scale", qw.scale.detach().float())
-        self.register_buffer("zero_point", torch.zeros(qw.scale.numel(), dtype=torch.int64))
+        self.layer = w.layer
+        self.register_buffer("codes", w.codes)
+        self.register_buffer("scale", w.scale)
+        self.register_buffer("zero_point", torch.zeros(w.scale.numel(), dtype=torch.int64))
 
     def forward(self, x: Tensor) -> Tensor:
         w = _decomposed_ops().dequantize_per_channel.default(
@@ -107,14 +99,9 @@ def _requantize_weighted_inputs_(gm: GraphModule) -> int:
 
 
 def to_qdq_form(qgm: GraphModule) -> GraphModule:
-    """A copy of `qgm` (an fxq fake-quant graph) in PT2E's Q/DQ form. Same numbers up to rounding ties."""
-    with without_graph_state(qgm):
-        gm = copy.deepcopy(qgm)
-    for name, mod in list(gm.named_modules()):
-        if isinstance(mod, ActQuant) and mod.spec.bits == 8:
-            gm.add_submodule(name, QDQActivation(mod))
-        elif isinstance(mod, QuantWeight):
-            gm.add_submodule(name, DequantWeight(mod))
+    """A copy of `qgm` (an fxq fake-quant graph) in PT2E's Q/DQ form. Same numbers up to rounding ties.
+    Activation quantizers narrower than 8 bits stay fake-quantized (correct, not integer)."""
+    gm = lowered_copy(qgm, DequantWeight, lambda name, a: QDQActivation(name, a) if a.bits == 8 else None)
     _requantize_weighted_inputs_(gm)
     gm.graph.lint()
     gm.recompile()
@@ -171,19 +158,37 @@ def compile_int8(qgm: GraphModule, dynamic: bool = False) -> FrozenCompiled:
     return FrozenCompiled(to_qdq_form(qgm), dynamic)
 
 
-def package_int8(qgm: GraphModule, example_inputs: tuple[Tensor, ...], path: str | os.PathLike) -> str:
+def package_int8(
+    qgm: GraphModule,
+    example_inputs: tuple[Tensor, ...],
+    path: str | os.PathLike,
+    check_inputs: Tensor | None = None,
+    limits: CheckLimits = CheckLimits(),
+    force: bool = False,
+) -> ExportCheck:
     """Ahead-of-time: `qgm`'s Q/DQ form through torch.export (dynamic batch) and AOTInductor with the integer
-    patterns, written atomically as a .pt2 package that `torch._inductor.aoti_load_package` runs without fxq."""
+    patterns, as a .pt2 package that `torch._inductor.aoti_load_package` runs without fxq. The package runs next
+    to the reference on `check_inputs` (default: the example inputs) before it is written (atomically); a failed
+    check raises ExportMismatch and writes nothing, unless `force`."""
     register_int8_patterns()
     form = to_qdq_form(qgm)
     (x, *rest) = example_inputs
     if x.shape[0] < 2:  # torch.export specialises a batch of 1
         x = x.expand(2, *x.shape[1:]).contiguous()
     batch = torch.export.Dim("batch", min=1, max=4096)
-    with torch.no_grad():
-        program = torch.export.export(form, (x, *rest), dynamic_shapes=({0: batch}, *([None] * len(rest))))
-        tmp = f"{os.fspath(path)}.tmp.pt2"  # the packager wants the .pt2 suffix
-        with freezing():
-            torch._inductor.aoti_compile_and_package(program, package_path=tmp)
-    os.replace(tmp, path)
-    return os.fspath(path)
+    tmp = f"{os.fspath(path)}.tmp.pt2"  # the packager wants the .pt2 suffix
+    try:
+        with torch.no_grad():
+            program = torch.export.export(form, (x, *rest), dynamic_shapes=({0: batch}, *([None] * len(rest))))
+            with freezing():
+                torch._inductor.aoti_compile_and_package(program, package_path=tmp)
+        run = torch._inductor.aoti_load_package(tmp)
+        inputs = check_inputs if check_inputs is not None else example_inputs[0]
+        check = check_lowered(qgm, run, inputs, "inductor-int8", limits)
+        if not force:
+            enforce(check, limits, "int8 package")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return check

@@ -105,6 +105,7 @@ def test_weights_ship_as_the_modules_own_codes(tiny_net, tmp_path, bits):
                 blob = numpy_helper.to_array(inits[f"{name}.codes_nbits"]).reshape(want.shape[0], -1)
                 got = np.stack([blob & 0x0F, blob >> 4], -1).reshape(want.shape[0], -1)[:, : want.shape[1]]
                 assert np.array_equal(got.astype(np.int64) - 8, want), name
+                assert f"{name}.codes" not in inits  # nothing left of the int8 form it replaced
                 continue
             t = inits[f"{name}.codes_int4" if packed else f"{name}.codes"]
             assert t.data_type == (TensorProto.INT4 if packed else TensorProto.INT8)

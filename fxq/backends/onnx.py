@@ -302,10 +302,10 @@ def _nibbles(values: np.ndarray) -> bytes:
 
 
 def _drop_unused_(model) -> None:
-    """Initializers and Identity nodes nothing reads any more."""
+    """Nodes and initializers nothing reads any more (a weight's DequantizeLinear a MatMulNBits replaced)."""
     while True:
         used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
-        dead = [n for n in model.graph.node if n.op_type == "Identity" and n.output[0] not in used]
+        dead = [n for n in model.graph.node if not any(o in used for o in n.output)]
         for n in dead:
             model.graph.node.remove(n)
         if not dead:

@@ -60,7 +60,10 @@ def main() -> None:
     float_top1 = 100 * float((_logits(lm.model, val.x).argmax(1) == val.y).float().mean())
     print(f"{args.model}: {len(calib)} calibration, {len(val)} val images; CPU {cpu_description()}")
     print(f"float top-1 {float_top1:.2f}")
-    print(f"{'run':<5} {'form':<9} {'backend':<14} {'top-1':>6} {'same top-1':>10} {'file MB':>8}")
+    print(
+        f"{'run':<5} {'form':<9} {'backend':<14} {'top-1':>6} {'same top-1':>10} {'within a step':>13} "
+        f"{'max steps':>9} {'file MB':>8}"
+    )
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for run_name in args.runs.split(","):
@@ -78,19 +81,25 @@ def main() -> None:
                     torch._dynamo.reset()
                     backends["inductor-int8"] = _logits(compile_int8(qgm), val.x)
                 for name, logits in backends.items():
+                    step = fxq.backends.check.output_step(qgm)
+                    picked = logits.argmax(1, keepdim=True)
+                    deficit = (ref.max(1).values - ref.gather(1, picked)[:, 0]) / step
                     row = {
                         "run": run_name,
                         "form": cfg.target.isa.value,
                         "backend": name,
                         "top1": 100 * float((logits.argmax(1) == val.y).float().mean()),
                         "agreement": 100 * float((logits.argmax(1) == ref.argmax(1)).float().mean()),
-                        "max_abs_steps": float((logits - ref).abs().max() / fxq.backends.check.output_step(qgm)),
+                        "agreement_within_a_step": 100 * float((deficit <= 1 + 1e-4).float().mean()),
+                        "max_abs_steps": float((logits - ref).abs().max() / step),
+                        "mean_abs_steps": float((logits - ref).abs().mean() / step),
                         "file_mb": os.path.getsize(path) / 1e6 if name == "onnxruntime" else None,
                     }
                     rows.append(row)
                     mb = f"{row['file_mb']:8.3f}" if row["file_mb"] else ""
                     print(
-                        f"{run_name:<5} {row['form']:<9} {name:<14} {row['top1']:6.2f} {row['agreement']:9.2f}% {mb}",
+                        f"{run_name:<5} {row['form']:<9} {name:<14} {row['top1']:6.2f} {row['agreement']:9.2f}% "
+                        f"{row['agreement_within_a_step']:12.2f}% {row['max_abs_steps']:9.1f} {mb}",
                         flush=True,
                     )
     if args.json:

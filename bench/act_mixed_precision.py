@@ -1,7 +1,7 @@
 """Activation widths chosen by the ILP against uniform activation widths, weights at 8 bits.
 
     python bench/act_mixed_precision.py [--model cifar10_resnet20] [--calib NPZ|DIR] [--val NPZ|DIR]
-        [--json bench/act_mixed_precision_resnet20_cpu.json]
+        [--json FILE]
 
 Defaults: the CIFAR-10 ResNet-20 with its real weights, the 1000 CIFAR calib images, all 10,000 test images.
 Rows: uniform W8A4/5/6/8, then mixed activation widths {4, 6, 8} at an average of 5 and 6 bits per value.
@@ -13,10 +13,10 @@ import argparse
 import time
 
 import fxq
-from fxq.data import batches, default_data_dir, load_images
-from fxq.evaluate import evaluate
-from fxq.models import load_model
-from fxq.report import write_json_atomic
+from fxq.data.evaluate import evaluate
+from fxq.data.images import batches, default_data_dir, load_images
+from fxq.data.models import load_model
+from fxq.io.report import write_json_atomic
 
 
 def main() -> None:

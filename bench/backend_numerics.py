@@ -18,8 +18,8 @@ import torch
 import fxq
 from fxq.backends.inductor import compile_int8, to_qdq_form
 from fxq.backends.onnx import export_onnx, ort_session
-from fxq.data import batches, default_data_dir, load_images
-from fxq.models import load_model
+from fxq.data.images import batches, default_data_dir, load_images
+from fxq.data.models import load_model
 
 
 def lowered_logits(backend: str, qgm, images: torch.Tensor, tmp: str) -> torch.Tensor:

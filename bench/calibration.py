@@ -15,8 +15,8 @@ import time
 import torch
 
 import fxq
-from fxq.data import batches, default_data_dir, load_images
-from fxq.models import load_model
+from fxq.data.images import batches, default_data_dir, load_images
+from fxq.data.models import load_model
 
 
 @torch.no_grad()

@@ -25,8 +25,8 @@ from fxq.backends.check import CheckLimits
 from fxq.backends.inductor import compile_int8, int8_inductor_available
 from fxq.backends.onnx import export_onnx, ort_session
 from fxq.config import MixedPrecisionConfig
-from fxq.data import batches, load_images
-from fxq.models import default_image_sets, load_model
+from fxq.data.images import batches, load_images
+from fxq.data.models import default_image_sets, load_model
 from fxq.targets import INT8, cpu_description
 
 RUNS = {

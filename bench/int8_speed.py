@@ -17,8 +17,8 @@ import torch
 
 import fxq
 from fxq.backends.latency import backend_latencies
-from fxq.data import batches, load_images
-from fxq.models import default_image_sets, load_model
+from fxq.data.images import batches, load_images
+from fxq.data.models import default_image_sets, load_model
 from fxq.targets import INT8, cpu_description
 
 

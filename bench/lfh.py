@@ -16,9 +16,9 @@ import time
 import torch
 
 import fxq
-from fxq.data import default_data_dir, load_images
-from fxq.models import load_model
-from fxq.ops import pick_device
+from fxq.data.images import default_data_dir, load_images
+from fxq.data.models import load_model
+from fxq.ir.ops import pick_device
 
 
 def bound(model, x: torch.Tensor, probes: int) -> float:

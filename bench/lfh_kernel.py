@@ -15,10 +15,10 @@ import statistics
 import time
 
 import torch
+
+from fxq.ir.ops import pick_device
 from fxq.kernels.lfh_cuda import fused_update_for
 from fxq.kernels.lfh_reduce import RunningStats, fused_update_reference_
-
-from fxq.ops import pick_device
 
 SHAPES = [(16, 112), (24, 56), (24, 56), (40, 28), (40, 28), (80, 14), (80, 14), (80, 14), (112, 14), (112, 14)]
 SHAPES += [(112, 14), (192, 7), (192, 7), (192, 7), (192, 7), (320, 7), (1000, 1)]

@@ -1,4 +1,4 @@
-"""Memory peak of the LFH against one training step of the same batch (issue 4's target: at most 1.5x).
+"""Memory peak of the LFH against one training step of the same batch (target: at most 1.5x).
 
     python bench/lfh_memory.py [--images 32] [--probes 2] [--json FILE]
 
@@ -25,9 +25,9 @@ def _rss_mb() -> float:
 
 def phase(kind: str, images: int, probes: int) -> dict:
     import fxq
-    from fxq.data import default_data_dir, load_images
-    from fxq.models import load_model
-    from fxq.ops import pick_device
+    from fxq.data.images import default_data_dir, load_images
+    from fxq.data.models import load_model
+    from fxq.ir.ops import pick_device
 
     device = pick_device().type
     lm = load_model("efficientnet_lite0")

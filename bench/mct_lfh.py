@@ -2,7 +2,7 @@
 
 Run with a virtual environment that has model-compression-toolkit (bench only, never an fxq dependency):
 
-    .bench-venv/bin/python bench/mct_lfh.py --images 32 --probes 10 --json bench/mct_lfh_cpu.json
+    .bench-venv/bin/python bench/mct_lfh.py --images 32 --probes 10 --json FILE
 
 It uses the anchors' helpers (../shared/anchors/mct/common.py: same preprocessing, the same-padding conv
 workaround MCT needs), runs MCT's GPTQ facade with Hessian weights on `--images` calibration images, times

@@ -1,6 +1,6 @@
 """Mixed precision on EfficientNet-Lite0 at the memory of uniform 3-bit and 4-bit weights, RTN and EPTQ.
 
-    python bench/mixed_precision.py --iterations 800 --batch-size 8 --json bench/mixed_precision_cpu.json
+    python bench/mixed_precision.py --iterations 800 --batch-size 8 [--json FILE]
 
 The LFH and the sensitivities are measured once and every budget reuses them (as `fxq pareto` does). Uniform
 rows at the same memory come from bench/rounding.py (same quantizer settings, images and schedule). Also
@@ -18,14 +18,14 @@ from pathlib import Path
 import numpy as np
 
 from fxq.config import LFHConfig, Method, MixedPrecisionConfig, PTQConfig, RoundingConfig, measure_fields
-from fxq.data import batches, default_data_dir, load_images
-from fxq.evaluate import evaluate
-from fxq.ilp import Budget, solve_allocation
-from fxq.meta import copy_graph, gq
-from fxq.models import load_model
-from fxq.ops import pick_device
-from fxq.pipeline import allocation_passes, analyze, quantize_analyzed, run_passes
-from fxq.report import write_json_atomic
+from fxq.data.evaluate import evaluate
+from fxq.data.images import batches, default_data_dir, load_images
+from fxq.data.models import load_model
+from fxq.io.report import write_json_atomic
+from fxq.ir.meta import gq
+from fxq.ir.ops import pick_device
+from fxq.mp.ilp import Budget, solve_allocation
+from fxq.pipeline import allocate, analyze, quantize_analyzed
 from fxq.targets import INT8
 
 
@@ -84,8 +84,8 @@ def main() -> None:
         "lfh_seconds": stages.get("LFH"),
         "sensitivity_seconds": stages.get("Sensitivity"),
         "calibrate_seconds": stages.get("Calibrate"),  # once, shared by every budget's choice and final convert
-        "sensitivity_images": gq(analyzed).mixed_precision.get("sensitivity_images"),
-        "stacked_layers": gq(analyzed).mixed_precision.get("stacked_layers"),
+        "sensitivity_images": gq(analyzed).mixed_precision.sensitivity_images,
+        "stacked_layers": gq(analyzed).mixed_precision.stacked_layers,
     }
     write_json_atomic(str(path), done)
     for avg in budgets:
@@ -99,7 +99,7 @@ def main() -> None:
                 continue
             c = cfg(avg, method)
             t1 = time.perf_counter()
-            gm = run_passes(copy_graph(analyzed), allocation_passes(c, xs))
+            gm = allocate(analyzed, xs, c)
             allocation_seconds = time.perf_counter() - t1
             qgm, report = quantize_analyzed(gm, xs, c, lm.name)
             row = {**evaluate(qgm, val.x, val.y, progress=False), "quantize_seconds": time.perf_counter() - t1}

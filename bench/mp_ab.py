@@ -1,8 +1,8 @@
 """Mixed-precision RTN on Lite0 (4 and 3 bits/weight) with any fxq source tree, to time two commits side by side.
 
     git worktree add /tmp/old 166f964 && ln -s ../passes /tmp/old/fxq/passes && ln -s ../kernels /tmp/old/fxq/kernels
-    python bench/mp_ab.py /tmp/old bench/mp_ab_cpu_s7_before.json     # the tree before the change
-    python bench/mp_ab.py . bench/mp_ab_cpu_s7_after.json              # this one
+    python bench/mp_ab.py /tmp/old before.json     # the tree before the change
+    python bench/mp_ab.py . after.json              # this one
 
 Times the analysis, then per budget the allocation (ILPs + label-free choice) and the rest of the quantization,
 and records top-1 on the 650 val images and the widths, so that the two runs can be checked to agree.
@@ -22,11 +22,11 @@ import torch
 
 import fxq
 from fxq.config import LFHConfig, Method, MixedPrecisionConfig, PTQConfig
-from fxq.data import batches, default_data_dir, load_images
-from fxq.evaluate import evaluate
-from fxq.meta import copy_graph, gq
-from fxq.models import load_model
-from fxq.pipeline import allocation_passes, analyze, quantize_analyzed, run_passes
+from fxq.data.evaluate import evaluate
+from fxq.data.images import batches, default_data_dir, load_images
+from fxq.data.models import load_model
+from fxq.ir.meta import gq
+from fxq.pipeline import allocate, analyze, quantize_analyzed
 from fxq.targets import INT8
 
 
@@ -55,7 +55,7 @@ def main() -> None:
     total = out["analysis_seconds"]
     for avg in (4.0, 3.0):
         t1 = time.perf_counter()
-        gm = run_passes(copy_graph(analyzed), allocation_passes(cfg(avg), xs))
+        gm = allocate(analyzed, xs, cfg(avg))
         t2 = time.perf_counter()
         qgm, rep = quantize_analyzed(gm, xs, cfg(avg))
         t3 = time.perf_counter()

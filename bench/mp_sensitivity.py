@@ -1,7 +1,7 @@
 """Mixed precision by sensitivity measure: LFH-weighted interest tensors, their plain mean, or the output alone.
 
-    python bench/mp_sensitivity.py --json bench/mp_sensitivity_lite0_cpu.json
-    python bench/mp_sensitivity.py --model cifar10_resnet20 --budgets 4,3,2.5 --json bench/mp_sensitivity_resnet20_cpu.json
+    python bench/mp_sensitivity.py [--json FILE]
+    python bench/mp_sensitivity.py --model cifar10_resnet20 --budgets 4,3,2.5 [--json FILE]
 
 A measure "lfh+output" solves the ILP under both and keeps the allocation whose RTN model agrees most with the
 float model on the last 256 calibration images (`MixedPrecisionConfig.select_from`).
@@ -19,16 +19,15 @@ import json
 import time
 from pathlib import Path
 
-from fxq.passes.select_allocation import top1, top1_agreement
-
 from fxq.config import LFHConfig, MixedPrecisionConfig, PTQConfig, measure_fields
-from fxq.data import batches, default_data_dir, load_images
-from fxq.evaluate import evaluate
-from fxq.meta import copy_graph, gq
-from fxq.models import load_model
-from fxq.ops import pick_device
-from fxq.pipeline import allocation_passes, analyze, quantize_analyzed, run_passes
-from fxq.report import write_json_atomic
+from fxq.data.evaluate import evaluate
+from fxq.data.images import batches, default_data_dir, load_images
+from fxq.data.models import load_model
+from fxq.io.report import write_json_atomic
+from fxq.ir.meta import gq
+from fxq.ir.ops import pick_device
+from fxq.mp.select import top1, top1_agreement
+from fxq.pipeline import allocate, analyze, quantize_analyzed
 from fxq.targets import INT8
 
 CIFAR = default_data_dir() / "cifar10"
@@ -74,7 +73,7 @@ def main() -> None:
         analysis = {"seconds": time.perf_counter() - t0, **gq(analyzed).stage_seconds}
         for avg, name in names.items():
             c = cfg(measure, avg)
-            gm = run_passes(copy_graph(analyzed), allocation_passes(c, xs))
+            gm = allocate(analyzed, xs, c)
             qgm, report = quantize_analyzed(gm, xs, c, lm.name)
             row = evaluate(qgm, val.x, val.y, progress=False)
             row["agree_calib"] = top1_agreement(qgm, held, float_top1)

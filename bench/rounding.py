@@ -1,7 +1,7 @@
-"""EPTQ rounding on EfficientNet-Lite0 (or a CIFAR-10 ResNet): the issue's accuracy table and the time per step
+"""EPTQ rounding on EfficientNet-Lite0 (or a CIFAR-10 ResNet): the accuracy table and the time per step
 against its bound.
 
-    python bench/rounding.py --iterations 1500 --batch-size 8 --json bench/rounding_cpu.json
+    python bench/rounding.py --iterations 1500 --batch-size 8 [--json FILE]
     python bench/rounding.py --model cifar10_resnet20 --iterations 20000 --batch-size 32 --bits 4,3,2 --ablation 3,2
 
 Rows: float; RTN W4A8 and W3A8; EPTQ W4A8 at MCT's short CPU setting (300 steps, batch 8, 480 images,
@@ -31,11 +31,11 @@ import torch
 
 import fxq
 from fxq.config import LFHConfig, Method, PTQConfig, RoundingConfig
-from fxq.data import batches, load_images
-from fxq.evaluate import evaluate
-from fxq.models import DEFAULT_MODEL, default_image_sets, load_model
-from fxq.ops import device_of, pick_device
-from fxq.report import write_json_atomic
+from fxq.data.evaluate import evaluate
+from fxq.data.images import batches, load_images
+from fxq.data.models import DEFAULT_MODEL, default_image_sets, load_model
+from fxq.io.report import write_json_atomic
+from fxq.ir.ops import device_of, pick_device
 from fxq.targets import INT8
 
 try:

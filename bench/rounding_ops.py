@@ -22,11 +22,11 @@ from torch.utils._pytree import tree_leaves
 
 import fxq
 from fxq.config import LFHConfig, Method, PTQConfig, RoundingConfig
-from fxq.data import batches, default_data_dir, load_images
-from fxq.meta import copy_graph
-from fxq.models import load_model
+from fxq.data.images import batches, default_data_dir, load_images
+from fxq.data.models import load_model
+from fxq.io.report import write_json_atomic
+from fxq.ir.graph import copy_graph
 from fxq.pipeline import analyze, quantize_analyzed
-from fxq.report import write_json_atomic
 
 try:
     from step_bound import step_bound  # run as a script from bench/

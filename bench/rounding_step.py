@@ -22,9 +22,9 @@ import torch
 
 import fxq
 from fxq.config import LFHConfig, Method, PTQConfig, RoundingConfig
-from fxq.data import batches, load_images
-from fxq.models import DEFAULT_MODEL, default_image_sets, load_model
-from fxq.ops import device_of, pick_device
+from fxq.data.images import batches, load_images
+from fxq.data.models import DEFAULT_MODEL, default_image_sets, load_model
+from fxq.ir.ops import device_of, pick_device
 from fxq.pipeline import analyze, quantize_analyzed
 
 try:

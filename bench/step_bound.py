@@ -8,7 +8,8 @@ import statistics
 import time
 
 import torch
-from fxq.passes.rounding import use_fused_act_quant_
+
+from fxq.eptq.train import use_fused_act_quant_
 
 
 def _sync(x: torch.Tensor) -> None:

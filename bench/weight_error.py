@@ -1,6 +1,6 @@
 """Weight thresholds by the weight's own squared error (mse) or the layer output's (output), on Lite0 RTN.
 
-    python bench/weight_error.py --json bench/weight_error_cpu.json
+    python bench/weight_error.py [--json FILE]
 
 Rows per rule: uniform W4A8 and W3A8, and mixed precision at 4 and 3 bits/weight (one analysis each, as
 `fxq pareto` does). Top-1 on all val images; also the label-free agreement with the float model's top-1 on the
@@ -12,15 +12,13 @@ from __future__ import annotations
 import argparse
 import time
 
-from fxq.passes.select_allocation import top1, top1_agreement
-
 from fxq.config import LFHConfig, MixedPrecisionConfig, PTQConfig
-from fxq.data import batches, default_data_dir, load_images
-from fxq.evaluate import evaluate
-from fxq.meta import copy_graph
-from fxq.models import load_model
-from fxq.pipeline import allocation_passes, analyze, quantize, quantize_analyzed, run_passes
-from fxq.report import write_json_atomic
+from fxq.data.evaluate import evaluate
+from fxq.data.images import batches, default_data_dir, load_images
+from fxq.data.models import load_model
+from fxq.io.report import write_json_atomic
+from fxq.mp.select import top1, top1_agreement
+from fxq.pipeline import allocate, analyze, quantize, quantize_analyzed
 from fxq.targets import INT8
 
 
@@ -69,7 +67,7 @@ def main() -> None:
         analyzed = analyze(lm.model, xs, cfg(4.0))
         for avg in (4.0, 3.0):
             c = cfg(avg)
-            gm = run_passes(copy_graph(analyzed), allocation_passes(c, xs))
+            gm = allocate(analyzed, xs, c)
             qgm, report = quantize_analyzed(gm, xs, c)
             bits = list(report.mixed_precision["bits"].values())
             record(f"{error} MP {avg:g} bits/weight", qgm, layers_at={b: bits.count(b) for b in (2, 4, 8)})

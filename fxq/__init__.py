@@ -2,10 +2,13 @@
 
 import fxq
 qgm, report = fxq.quantize(model, calib_batches, fxq.PTQConfig(target=fxq.INT8.with_bits(weight_bits=4)))
+fxq.save(qgm, "runs/w4", model_name="resnet18")   # no pickle: specs in JSON, tensors read with weights_only
+qgm = fxq.load("runs/w4").model
 """
 
+from fxq.backends.check import CheckLimits, ExportCheck
 from fxq.backends.inductor import compile_int8, package_int8, to_qdq_form
-from fxq.compile_backend import backend
+from fxq.backends.onnx import WeightStorage, export_onnx
 from fxq.config import (
     ActThreshold,
     LFHConfig,
@@ -17,37 +20,69 @@ from fxq.config import (
     RoundingConfig,
     WeightError,
 )
-from fxq.errors import ConfigError, DataError, FxqError, GraphCheckFailed, ModelError, TraceFailed, UnsupportedOp
-from fxq.frontend import Frontend, trace
-from fxq.pipeline import Quantized, analyze, convert, label_free_hessian, prepare, quantize, quantize_analyzed
-from fxq.qmath import QSpec
-from fxq.report import Report
-from fxq.targets import INT8, W248A8, Target
+from fxq.errors import (
+    ConfigError,
+    DataError,
+    ExportMismatch,
+    FxqError,
+    GraphCheckFailed,
+    ModelError,
+    TraceFailed,
+    UnsupportedOp,
+)
+from fxq.frontend.dynamo import backend
+from fxq.frontend.trace import Frontend, trace
+from fxq.io.artifact import Saved, load, save
+from fxq.io.report import Report
+from fxq.pipeline import (
+    Quantized,
+    allocate,
+    analyze,
+    convert,
+    label_free_hessian,
+    passes,
+    prepare,
+    quantize,
+    quantize_analyzed,
+)
+from fxq.quant.qmath import QSpec
+from fxq.targets import INT8, ISA, W248A8, Target, host_isa
 
 __all__ = [
     "quantize",
+    "save",
+    "load",
+    "Saved",
     "backend",
     "compile_int8",
     "package_int8",
     "to_qdq_form",
+    "export_onnx",
+    "WeightStorage",
+    "CheckLimits",
+    "ExportCheck",
     "label_free_hessian",
-    "LFHConfig",
-    "RoundingConfig",
-    "LossWeights",
-    "MixedPrecisionConfig",
     "analyze",
+    "allocate",
     "quantize_analyzed",
-    "Probe",
     "prepare",
     "convert",
+    "passes",
     "trace",
     "Quantized",
     "PTQConfig",
+    "LFHConfig",
+    "RoundingConfig",
+    "MixedPrecisionConfig",
+    "LossWeights",
+    "Probe",
     "Method",
     "ActThreshold",
     "WeightError",
     "Frontend",
     "Target",
+    "ISA",
+    "host_isa",
     "INT8",
     "W248A8",
     "QSpec",
@@ -59,4 +94,5 @@ __all__ = [
     "DataError",
     "ModelError",
     "GraphCheckFailed",
+    "ExportMismatch",
 ]

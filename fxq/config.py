@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from fxq.errors import ConfigError
-from fxq.frontend import Frontend
-from fxq.qmath import ActThreshold, WeightError
+from fxq.frontend.trace import Frontend
+from fxq.quant.qmath import ActThreshold, WeightError
 from fxq.targets import INT8, Target, host_isa
 
 __all__ = [
@@ -47,7 +47,7 @@ class Probe(Enum):
 
 @dataclass(frozen=True)
 class LFHConfig:
-    """Label-Free Hessian estimation (METHOD.md section 1; MCT: min 10, max 100 probes, tolerance 1e-3)."""
+    """Label-Free Hessian estimation (EPTQ, arXiv 2309.11531, Thm 3.1; MCT's defaults: 10 to 100 probes, tolerance 1e-3)."""
 
     min_probes: int = 10
     max_probes: int = 100
@@ -82,7 +82,7 @@ class LossWeights(Enum):
 
 @dataclass(frozen=True)
 class RoundingConfig:
-    """EPTQ rounding optimization (METHOD.md section 3; defaults are MCT's v1 ones unless noted).
+    """EPTQ rounding optimization (arXiv 2309.11531; defaults are MCT's EPTQ v1 ones unless noted).
 
     The full schedule is 20K iterations at batch 32 (the paper's); `RoundingConfig.short()` is the CPU one.
     """
@@ -108,8 +108,8 @@ class RoundingConfig:
     # bf16 autocast of the student and teacher forwards: None, on CUDA only; True, on the CPU too (slower there,
     # but it lets the CPU tests run the GPU's numerics path); False, off
     amp: bool | None = None
-    compile: bool = False  # torch.compile the student and teacher graphs (slower on CPU: 0.71 vs 0.48 s/step)
-    channels_last: bool = True  # NHWC during the optimization for 4-D images (CPU Lite0 fwd+bwd: 1.65x faster)
+    compile: bool = False  # torch.compile the student and teacher graphs (off: slower than eager on the CPU)
+    channels_last: bool = True  # NHWC during the optimization for 4-D images (faster convolutions on the CPU)
     seed: int = 0
 
     def __post_init__(self):
@@ -135,7 +135,7 @@ class RoundingConfig:
 
 @dataclass(frozen=True)
 class MixedPrecisionConfig:
-    """Per-layer weight bit-widths from an ILP (METHOD.md section 4). Give at least one budget.
+    """Per-layer weight bit-widths from an ILP over sensitivities (EPTQ's mixed precision). Give at least one budget.
 
     weight_memory: bytes of quantized weights (numel * bits / 8 summed); avg_bits: the same as bits per weight.
     bops: bit-operations (MACs * weight bits * activation bits). latency: a limit on the summed per-layer

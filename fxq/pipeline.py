@@ -1,10 +1,14 @@
-"""The pipeline, top to bottom in one place, and the public verbs that run it."""
+"""The pipeline, top to bottom in one place: `passes` turns a config into the pass list of any run, and every
+entry point (the verbs below, the torch.compile backend, the CLI, the bench scripts) asks it for the stages it
+runs."""
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from collections.abc import Iterable
+from enum import Enum
 from typing import NamedTuple
 
 import torch
@@ -14,38 +18,60 @@ from torch.fx.passes.infra.pass_base import PassBase
 from torch.fx.passes.infra.pass_manager import PassManager
 
 from fxq.config import LFHConfig, LossWeights, Method, PTQConfig, WeightError
-from fxq.data import batch_inputs
+from fxq.data.images import batch_inputs
 from fxq.debug import CHECK
-from fxq.errors import DataError, FxqError
-from fxq.frontend import trace
-from fxq.meta import gq
-from fxq.ops import device_of, set_eval_
+from fxq.errors import ConfigError, DataError, FxqError
+from fxq.frontend.trace import trace
+from fxq.io.report import Report, build_report
+from fxq.ir.graph import copy_graph, float_graph
+from fxq.ir.meta import gq
+from fxq.ir.ops import device_of, set_eval_
+from fxq.mp.sensitivity import SensitivitySettings
 from fxq.passes.annotate import Annotate
 from fxq.passes.fold_bn import FoldBN
 from fxq.passes.interest_points import InterestPoints
 from fxq.passes.lfh import LFH
 from fxq.passes.mixed_precision import MixedPrecision, Sensitivity
 from fxq.passes.normalize import Normalize
-from fxq.passes.observe import Calibrate, Observe, float_graph, is_calibrated
+from fxq.passes.observe import Calibrate, Observe
 from fxq.passes.quantize import Quantize
 from fxq.passes.quantize_bias import QuantizeBias
-from fxq.passes.rounding import Rounding, float_teacher
+from fxq.passes.rounding import Rounding, SnapshotTeacher
 from fxq.passes.select_allocation import SelectAllocation
 from fxq.passes.shapes import PropagateShapes
-from fxq.report import Report, build_report
+from fxq.quant.convert import ConvertSettings, is_calibrated
 
 __all__ = [
-    "Quantized",
-    "prepare_passes",
-    "analysis_passes",
+    "Stage",
+    "ALL_STAGES",
+    "passes",
     "run_passes",
+    "Quantized",
     "prepare",
     "convert",
     "analyze",
     "quantize_analyzed",
+    "allocate",
     "quantize",
+    "quantize_graph",
     "label_free_hessian",
 ]
+
+
+class Stage(Enum):
+    """The stages of a run, in order; an entry point runs a contiguous part of them."""
+
+    FLOAT = "float"  # one IR form, BN folded, shapes, quantizer specs, interest tensors
+    ANALYSIS = "analysis"  # LFH traces and mixed-precision sensitivities, on the float graph
+    OBSERVE = "observe"  # observers on every quantized activation (and layer-input statistics)
+    CALIBRATE = "calibrate"  # the calibration batches through the observers
+    ALLOCATE = "allocate"  # the bit allocation ILP and the choice among measures
+    CONVERT = "convert"  # observers and layers become fake-quant modules
+    ROUNDING = "rounding"  # EPTQ's rounding optimization
+    FINISH = "finish"  # biases onto the integer grid
+
+
+ALL_STAGES = tuple(Stage)
 
 
 class Quantized(NamedTuple):
@@ -53,37 +79,76 @@ class Quantized(NamedTuple):
     report: Report
 
 
-def float_passes(cfg: PTQConfig, example_inputs: tuple) -> list[PassBase]:
-    return [
-        Normalize(),  # one form for conv/linear/bn whatever the front-end produced
-        FoldBN(),  # before annotate: the folded weights are what gets quantized
-        PropagateShapes(example_inputs),  # annotate needs to know which outputs are float tensors
-        Annotate(cfg.target),  # which ops get which quantizer spec, which fuse with their activation
-        InterestPoints(),  # Z: linear-op outputs not followed by an activation, add, cat
-    ]
-
-
-def prepare_passes(cfg: PTQConfig, example_inputs: tuple) -> list[PassBase]:
-    return [*float_passes(cfg, example_inputs), _observe(cfg)]
-
-
 def _input_stats(cfg: PTQConfig) -> bool:
     """Whether the convert needs each weighted layer's input statistics (bias correction, output-error thresholds)."""
     return cfg.bias_correction or cfg.weight_error is WeightError.OUTPUT
 
 
-def _observe(cfg: PTQConfig) -> PassBase:
-    return Observe(input_stats=_input_stats(cfg))  # observers on quantized activations (+ layer input statistics)
+def _needs_lfh(cfg: PTQConfig) -> bool:
+    mp = cfg.mixed_precision
+    return (mp is not None and LossWeights.LFH in mp.measures) or (
+        cfg.method is Method.EPTQ and cfg.rounding.loss_weights is LossWeights.LFH
+    )
 
 
-def convert_passes(cfg: PTQConfig) -> list[PassBase]:
-    # observers and layers become fake-quant modules
-    return [Quantize(cfg.act_threshold, cfg.weight_grid, cfg.weight_error, cfg.bias_correction)]
+def _settings(cfg: PTQConfig) -> ConvertSettings:
+    return ConvertSettings(cfg.act_threshold, cfg.weight_grid, cfg.weight_error, cfg.bias_correction)
 
 
-def finish_passes(cfg: PTQConfig) -> list[PassBase]:
-    """After the last pass that trains: biases onto the integer grid the target adds them on."""
-    return [] if cfg.target.bias_bits is None else [QuantizeBias(cfg.target.bias_bits)]
+def passes(
+    cfg: PTQConfig,
+    batches: list | None = None,
+    example_inputs: tuple | None = None,
+    stages: Iterable[Stage] = ALL_STAGES,
+    lfh: bool = False,
+) -> list[PassBase]:
+    """The passes of the `stages` of a run of `cfg`, in order, on calibration `batches` (the stages that read
+    data need them) and `example_inputs` (FLOAT needs one batch); `lfh` asks for the LFH whatever cfg needs."""
+    stages = set(stages)
+    mp, eptq = cfg.mixed_precision, cfg.method is Method.EPTQ
+    readers = {
+        Stage.ANALYSIS: lfh or _needs_lfh(cfg) or mp is not None,
+        Stage.CALIBRATE: True,
+        Stage.ALLOCATE: mp is not None,
+        Stage.ROUNDING: eptq,
+    }
+    if batches is None and (missing := [s.value for s, reads in readers.items() if reads and s in stages]):
+        raise ConfigError(f"pipeline: the stages {missing} read calibration data; pass the calibration batches")
+    out: list[PassBase] = []
+    if Stage.FLOAT in stages:
+        out += [
+            Normalize(),  # one form for conv/linear/bn whatever the front-end produced
+            FoldBN(),  # before annotate: the folded weights are what gets quantized
+            PropagateShapes(example_inputs),  # annotate needs to know which outputs are float tensors
+            Annotate(cfg.target),  # which ops get which quantizer spec, which fuse with their activation
+            InterestPoints(),  # Z: linear-op outputs not followed by an activation, add, cat
+        ]
+    if Stage.ANALYSIS in stages:
+        if lfh or _needs_lfh(cfg):  # on the float graph: the loss weights of the rounding and the sensitivities
+            out.append(LFH(batches, cfg.lfh, cfg.progress))
+        if mp is not None:
+            s = SensitivitySettings(cfg.weight_grid, cfg.act_threshold, cfg.weight_error, cfg.bias_correction)
+            out.append(Sensitivity(batches, mp, s, cfg.progress))
+    if Stage.OBSERVE in stages:
+        out.append(Observe(input_stats=_input_stats(cfg)))  # observers on quantized activations (+ layer inputs)
+    if Stage.CALIBRATE in stages:
+        # before the allocation: what the observers record does not depend on the widths, so the allocation's
+        # check, every budget of a sweep and the final convert share this one calibration
+        out.append(Calibrate(batches, cfg.progress))
+    if Stage.ALLOCATE in stages and mp is not None:
+        out.append(MixedPrecision(mp, cfg.target.act_bits))
+        if mp.select_from is None or mp.select_from:  # a no-op when only one measure was weighed
+            out.append(SelectAllocation(batches, _settings(cfg), cfg.target.bias_bits, mp.check_images))
+    if Stage.CONVERT in stages:
+        if eptq:  # the rounding's teacher: the float graph as calibrated, before it is quantized
+            out.append(SnapshotTeacher())
+        out.append(Quantize(_settings(cfg)))
+    if Stage.ROUNDING in stages and eptq:
+        images = torch.cat([batch_inputs(b) for b in batches])
+        out.append(Rounding(images, cfg.rounding, cfg.progress))
+    if Stage.FINISH in stages and cfg.target.bias_bits is not None:
+        out.append(QuantizeBias(cfg.target.bias_bits))  # after the last pass that trains the biases
+    return out
 
 
 def run_passes(gm: GraphModule, passes: list[PassBase]) -> GraphModule:
@@ -96,10 +161,16 @@ def run_passes(gm: GraphModule, passes: list[PassBase]) -> GraphModule:
         raise
 
 
-def _first_batch(batches: Iterable) -> torch.Tensor:
+def _batches(data: Iterable) -> list:
+    batches = data if hasattr(data, "__len__") else list(data)
     for b in batches:
-        return batch_inputs(b)[:2]
+        batch_inputs(b)  # a clear error for what is not a batch
+        return batches
     raise DataError("the calibration data is empty; give at least one batch of images")
+
+
+def _example(batches: list) -> tuple:
+    return (batch_inputs(batches[0])[:2],)
 
 
 def _traced(model: nn.Module, example_inputs: tuple, config: PTQConfig) -> tuple[GraphModule, tuple]:
@@ -112,10 +183,26 @@ def _traced(model: nn.Module, example_inputs: tuple, config: PTQConfig) -> tuple
     return gm, example_inputs
 
 
+def _needs_data_everywhere(config: PTQConfig, verb: str) -> None:
+    if config.method is Method.EPTQ or config.mixed_precision is not None:
+        raise ConfigError(
+            f"fxq.{verb}: prepare/convert run round-to-nearest on the calibration you run between them; EPTQ and "
+            f"mixed precision read the data before and after it, so use fxq.quantize (or fxq.backend for "
+            f"torch.compile)"
+        )
+
+
 def prepare(model: nn.Module, example_inputs: tuple, config: PTQConfig = PTQConfig()) -> GraphModule:
     """Trace a copy of `model` and insert observers; run it on calibration data, then `convert` it."""
+    _needs_data_everywhere(config, "prepare")
     gm, example_inputs = _traced(model, example_inputs, config)
-    return run_passes(gm, prepare_passes(config, example_inputs))
+    return run_passes(gm, passes(config, None, example_inputs, (Stage.FLOAT, Stage.OBSERVE)))
+
+
+def convert(gm: GraphModule, config: PTQConfig = PTQConfig()) -> GraphModule:
+    """Turn a calibrated, observed graph into the fake-quant reference model."""
+    _needs_data_everywhere(config, "convert")
+    return run_passes(gm, passes(config, None, None, (Stage.CONVERT, Stage.FINISH)))
 
 
 def label_free_hessian(
@@ -126,80 +213,48 @@ def label_free_hessian(
     Returns the float, annotated GraphModule (traces in node.meta["fxq"]) and a report whose layers carry
     `lfh`, `lfh_stderr` and `lfh_weight`.
     """
-    batches = images if hasattr(images, "__len__") else list(images)
-    gm, example_inputs = _traced(model, (_first_batch(batches),), config)
-    gm = run_passes(gm, [*float_passes(config, example_inputs), LFH(batches, lfh, config.progress)])
+    batches = _batches(images)
+    config = dataclasses.replace(config, lfh=lfh)
+    gm, example_inputs = _traced(model, _example(batches), config)
+    gm = run_passes(gm, passes(config, batches, example_inputs, (Stage.FLOAT, Stage.ANALYSIS), lfh=True))
     return Quantized(gm, build_report(gm, config, model_name=type(model).__name__))
 
 
-def convert(gm: GraphModule, config: PTQConfig = PTQConfig()) -> GraphModule:
-    """Turn a calibrated, observed graph into the fake-quant reference model."""
-    return run_passes(gm, [*convert_passes(config), *finish_passes(config)])
-
-
-def analysis_passes(cfg: PTQConfig, batches: list) -> list[PassBase]:
-    """On the float graph: the LFH when the rounding or mixed precision needs it, then the sensitivities, the
-    calibration and the bit allocation."""
-    mp, eptq = cfg.mixed_precision, cfg.method is Method.EPTQ
-    needs_lfh = (mp is not None and LossWeights.LFH in mp.measures) or (
-        eptq and cfg.rounding.loss_weights is LossWeights.LFH
-    )
-    passes: list[PassBase] = [LFH(batches, cfg.lfh, cfg.progress)] if needs_lfh else []
-    if mp is not None:
-        passes.append(
-            Sensitivity(
-                batches, mp, cfg.weight_grid, cfg.progress, cfg.act_threshold, cfg.weight_error, cfg.bias_correction
-            )
-        )
-        # calibrated here, once: the observers do not depend on the widths, so the allocation's check, every
-        # budget of a sweep and the final convert all use this one calibration
-        passes += [*_calibrate_passes(cfg, batches, cfg.progress), *allocation_passes(cfg, batches)]
-    return passes
-
-
-def allocation_passes(cfg: PTQConfig, batches: list) -> list[PassBase]:
-    """From measured sensitivities to widths, on the calibrated graph: the ILP, then, where Sensitivity weighed
-    several measures (by default LFH and output for a classifier), the label-free choice among their
-    allocations. A sweep over budgets reruns only these on copies of one analyzed graph."""
-    mp = cfg.mixed_precision
-    passes: list[PassBase] = [MixedPrecision(mp, cfg.target.act_bits)]
-    if mp.select_from is None or mp.select_from:  # a no-op when only one measure was weighed
-        passes.append(SelectAllocation(batches, convert=lambda g: convert(g, cfg), check_images=mp.check_images))
-    return passes
-
-
-def _calibrate_passes(cfg: PTQConfig, batches: list, progress: bool) -> list[PassBase]:
-    return [_observe(cfg), Calibrate(batches, progress)]
-
-
-def _calibrate_and_convert(cfg: PTQConfig, batches: list, progress: bool) -> list[PassBase]:
-    return [*_calibrate_passes(cfg, batches, progress), *convert_passes(cfg)]
+_ANALYSIS = (Stage.FLOAT, Stage.ANALYSIS, Stage.OBSERVE, Stage.CALIBRATE, Stage.ALLOCATE)
+_QUANTIZE = (Stage.CONVERT, Stage.ROUNDING, Stage.FINISH)
 
 
 def analyze(model: nn.Module, calib_data: Iterable, config: PTQConfig) -> GraphModule:
-    """The float graph with what the analysis passes learned (LFH, sensitivities, chosen bits) in node.meta;
-    with mixed precision it also holds the calibrated observers (they pass values through unchanged)."""
-    batches = calib_data if hasattr(calib_data, "__len__") else list(calib_data)
-    gm, example_inputs = _traced(model, (_first_batch(batches),), config)
-    return run_passes(gm, [*float_passes(config, example_inputs), *analysis_passes(config, batches)])
+    """The calibrated float graph with what the analysis learned (LFH, sensitivities, chosen bits) in node.meta;
+    the observers pass values through unchanged."""
+    batches = _batches(calib_data)
+    gm, example_inputs = _traced(model, _example(batches), config)
+    return run_passes(gm, passes(config, batches, example_inputs, _ANALYSIS))
 
 
 def quantize_analyzed(gm: GraphModule, calib_data: Iterable, config: PTQConfig, name: str = "model") -> Quantized:
-    """Calibrate, convert and (EPTQ) optimize the rounding of a float graph from `analyze`; `gm` is consumed.
+    """Convert and (EPTQ) optimize the rounding of a graph from `analyze`; `gm` is consumed.
 
-    A graph `analyze` calibrated (as it does for mixed precision) keeps that calibration, so give the same
-    `calib_data`; it is calibrated again only if `config` needs layer-input statistics it lacks."""
-    batches = calib_data if hasattr(calib_data, "__len__") else list(calib_data)
-    if is_calibrated(gm, input_stats=_input_stats(config)):
-        passes = convert_passes(config)
-    else:
+    Give the same `calib_data` analyze calibrated on; the graph is calibrated again only if `config` needs
+    layer-input statistics it lacks."""
+    batches = _batches(calib_data)
+    stages = _QUANTIZE
+    if not is_calibrated(gm, input_stats=_input_stats(config)):
         gm = float_graph(gm) if gq(gm).calib_images else gm
-        passes = _calibrate_and_convert(config, batches, config.progress)
-    if config.method is Method.EPTQ:
-        images = torch.cat([batch_inputs(b) for b in batches])
-        passes.append(Rounding(float_teacher(gm), images, config.rounding, config.progress))
-    gm = run_passes(gm, [*passes, *finish_passes(config)])
+        stages = (Stage.OBSERVE, Stage.CALIBRATE, *_QUANTIZE)
+    gm = run_passes(gm, passes(config, batches, None, stages))
     return Quantized(gm, build_report(gm, config, model_name=name))
+
+
+def allocate(analyzed: GraphModule, calib_data: Iterable, config: PTQConfig) -> GraphModule:
+    """A copy of a graph from `analyze` with the widths `config`'s budget allocates (a sweep over budgets measures
+    and calibrates once); quantize it with `quantize_analyzed`."""
+    return run_passes(copy_graph(analyzed), passes(config, _batches(calib_data), None, (Stage.ALLOCATE,)))
+
+
+def quantize_graph(gm: GraphModule, calib_data: Iterable, config: PTQConfig, example_inputs: tuple) -> GraphModule:
+    """Every stage of a run on a graph a front-end already made (the torch.compile backend's entry)."""
+    return run_passes(gm, passes(config, _batches(calib_data), example_inputs))
 
 
 def quantize(model: nn.Module, calib_data: Iterable, config: PTQConfig = PTQConfig()) -> Quantized:
@@ -212,6 +267,6 @@ def quantize(model: nn.Module, calib_data: Iterable, config: PTQConfig = PTQConf
     Example:
         qgm, report = fxq.quantize(model, calib_loader, PTQConfig(target=fxq.INT8.with_bits(weight_bits=4)))
     """
-    batches = calib_data if hasattr(calib_data, "__len__") else list(calib_data)
+    batches = _batches(calib_data)
     gm = analyze(model, batches, config)
     return quantize_analyzed(gm, batches, config, type(model).__name__)

@@ -13,7 +13,7 @@ from enum import Enum
 from functools import cache
 
 from fxq.errors import ConfigError
-from fxq.qmath import MAX_BITS, MIN_BITS, QSpec
+from fxq.quant.qmath import MAX_BITS, MIN_BITS, QSpec
 
 __all__ = ["ISA", "Target", "INT8", "W248A8", "host_isa", "isa_named", "cpu_description"]
 

@@ -18,10 +18,10 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
-from fxq.kernels.lfh_reduce import FusedUpdate, RunningStats
 from torch import Tensor
 
 from fxq.errors import ConfigError
+from fxq.kernels.lfh_reduce import FusedUpdate, RunningStats
 
 __all__ = ["SOURCE", "MODE_ENV", "KernelUnavailable", "mode", "build_directory", "load", "fused_update_for"]
 
@@ -107,17 +107,9 @@ def load() -> ModuleType | None:
     return None
 
 
-def _call(
-    ext: ModuleType,
-    grads: list[Tensor],
-    rows: Tensor,
-    stats: RunningStats,
-    moved: Tensor,
-    converged: Tensor,
-    min_count: int,
-    rel_tol: float,
-) -> None:
-    ext.fused_update_(grads, rows, stats.count, stats.mean, stats.m2, moved, converged, min_count, rel_tol)
+def _call(ext: ModuleType, grads: list[Tensor], rows: Tensor, stats: RunningStats, *flags_and_limits) -> None:
+    """FusedUpdate's signature over the extension, which takes the statistics as three tensors."""
+    ext.fused_update_(grads, rows, stats.count, stats.mean, stats.m2, *flags_and_limits)
 
 
 def fused_update_for(device: torch.device | str) -> FusedUpdate | None:

@@ -11,10 +11,10 @@ from __future__ import annotations
 from torch.fx import GraphModule, Node
 
 from fxq.errors import GraphCheckFailed
-from fxq.meta import OpKind, gq, q
-from fxq.ops import WEIGHTED_MODULES, is_depthwise, is_float_tensor, is_nonnegative, kind_of, module_of
-from fxq.passbase import FxqPass, PassResult
-from fxq.qmath import QSpec
+from fxq.ir.meta import OpKind, gq, q
+from fxq.ir.ops import WEIGHTED_MODULES, is_depthwise, is_float_tensor, is_nonnegative, kind_of, module_of
+from fxq.ir.passbase import FxqPass, PassResult
+from fxq.quant.qmath import QSpec
 from fxq.targets import Target
 
 __all__ = ["Annotate"]
@@ -47,8 +47,7 @@ class Annotate(FxqPass):
             m.kind = kind_of(gm, node)
             layer = module_of(gm, node)
             if m.kind in (OpKind.CONV, OpKind.LINEAR) and isinstance(layer, WEIGHTED_MODULES):
-                m.wspec = t.weight_spec(t.weight_bits, is_depthwise(layer))
-                m.bits = m.bits or t.weight_bits
+                m.wspec = m.wspec or t.weight_spec(t.weight_bits, is_depthwise(layer))
         for node in gm.graph.nodes:
             m = q(node)
             if node.op in ("output", "get_attr") or m.kind in _NO_OUTPUT_QUANT or not is_float_tensor(node):
@@ -56,5 +55,5 @@ class Annotate(FxqPass):
             m.fused_into = _fused_activation(gm, node, t)
             if m.fused_into is None:
                 m.aspec = QSpec(t.act_bits, signed=not is_nonnegative(gm, node), pot=t.pot)
-        gq(gm).target = t.label
+        gq(gm).target = t
         return PassResult(gm, modified=True)

@@ -7,7 +7,7 @@ from torch.fx import GraphModule, Node
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
 from fxq.errors import GraphCheckFailed
-from fxq.passbase import FxqPass, PassResult
+from fxq.ir.passbase import FxqPass, PassResult
 
 __all__ = ["FoldBN"]
 

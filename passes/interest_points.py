@@ -1,4 +1,4 @@
-"""InterestPoints: mark the tensors Z of the EPTQ loss and the LFH (METHOD.md section 1).
+"""InterestPoints: mark the tensors Z of the EPTQ loss and the LFH (arXiv 2309.11531).
 
 Z = outputs of linear ops (conv, linear, matmul) not followed by an activation, and outputs of add and
 cat. "Followed by" looks through ops that only move values (view, dropout, ...). The model output is the
@@ -13,8 +13,8 @@ from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
 
 from fxq.errors import GraphCheckFailed
-from fxq.meta import OpKind, gq, q
-from fxq.passbase import FxqPass, PassResult
+from fxq.ir.meta import OpKind, gq, q
+from fxq.ir.passbase import FxqPass, PassResult
 
 __all__ = ["InterestPoints"]
 
@@ -49,7 +49,7 @@ def _model_outputs(gm: GraphModule) -> set[Node]:
 
 
 class InterestPoints(FxqPass):
-    """Set NodeQ.interest and list Z in gm.meta["fxq"].interest (graph order)."""
+    """Set NodeQ.interest on every interest tensor (fxq.ir.taps.interest_nodes lists them in graph order)."""
 
     def requires(self, gm: GraphModule) -> None:
         if any(q(n).kind is None for n in gm.graph.nodes):
@@ -67,5 +67,5 @@ class InterestPoints(FxqPass):
                 continue
             q(node).interest = True
             z.append(node)
-        gq(gm).interest = z
+        gq(gm).interest_marked = True
         return PassResult(gm, modified=bool(z))

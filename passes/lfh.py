@@ -1,64 +1,22 @@
-"""LFH: the Label-Free Hessian trace of every interest tensor (METHOD.md section 1, EPTQ Thm 3.1).
-
-Tr(H_z) ∝ E_x ||J_z f(x)||_F^2, estimated with Hutchinson probes on the model output: for v ~ N(0, I) (or
-Rademacher), E_v ||J_z^T v||^2 = ||J_z||_F^2, and one backward of (f(x)·v).sum() yields J_z^T v for every
-interest tensor and every sample at once (samples do not interact in eval mode). Only activation gradients
-are needed: parameters are frozen during the backward. Each gradient goes from its backward hook to an
-LFHReducer (kernels/lfh_reduce.py): per-sample squared norms folded into running statistics, on CUDA by one
-fused kernel launch per batch of gradients, so memory grows with the number of interest tensors (plus a
-capped flush buffer, LFHConfig.flush_mib), not with their size.
-Weights: lambda = log10(t) - min(log10(t)) as in the paper (MCT v1 normalises differently).
-"""
+"""LFH: the Label-Free Hessian trace of every interest tensor (the estimator is fxq.eptq.lfh)."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
 
 import torch
-from fxq.kernels.lfh_reduce import LFHReducer, RunningStats
 from torch import Tensor
-from torch.fx import GraphModule, Interpreter, Node
-from tqdm.auto import tqdm
+from torch.fx import GraphModule
 
-from fxq.config import LFHConfig, Probe
-from fxq.data import batch_inputs
-from fxq.errors import GraphCheckFailed, UnsupportedOp
-from fxq.meta import OpKind, gq, q
-from fxq.ops import device_of, set_eval_
-from fxq.passbase import FxqPass, PassResult
+from fxq.config import LFHConfig
+from fxq.data.images import batch_inputs
+from fxq.eptq.lfh import lfh_traces
+from fxq.errors import GraphCheckFailed
+from fxq.ir.meta import OpKind, gq, q
+from fxq.ir.passbase import FxqPass, PassResult
+from fxq.ir.taps import interest_nodes
 
-__all__ = ["LFH", "log_normalize"]
-
-
-class _Tap(Interpreter):
-    """Runs the graph and hooks each interest tensor's gradient: interest tensor i's goes to row i of `reducer`."""
-
-    def __init__(self, gm: GraphModule, z: list[Node], reducer: LFHReducer):
-        super().__init__(gm)
-        self.index = {n: i for i, n in enumerate(z)}
-        self.reducer = reducer
-
-    def run_node(self, n: Node):
-        out = super().run_node(n)
-        i = self.index.get(n)
-        if i is not None:
-            if not isinstance(out, Tensor) or not out.requires_grad:
-                raise UnsupportedOp(f"lfh: interest tensor {n.format_node()} is not a differentiable tensor")
-            out.register_hook(lambda g, i=i: self.reducer.add(i, g))  # add returns None: g is not replaced
-        return out
-
-
-def _probe(shape: torch.Size, kind: Probe, gen: torch.Generator, device: torch.device) -> Tensor:
-    if kind is Probe.RADEMACHER:
-        return (torch.randint(0, 2, shape, generator=gen) * 2 - 1).float().to(device)
-    return torch.randn(shape, generator=gen).to(device)
-
-
-def log_normalize(traces: Tensor) -> Tensor:
-    """lambda_z = log10(t_z) - min_z log10(t_z); a zero trace (dead tensor) counts as the smallest positive one."""
-    logs = torch.log10(traces.clamp_min(traces[traces > 0].min() if (traces > 0).any() else 1e-30))
-    return logs - logs.min()
+__all__ = ["LFH"]
 
 
 class LFH(FxqPass):
@@ -70,67 +28,20 @@ class LFH(FxqPass):
         self.progress = progress
 
     def requires(self, gm: GraphModule) -> None:
-        if "InterestPoints" not in gq(gm).stage_seconds:
+        if not gq(gm).interest_marked:
             raise GraphCheckFailed("lfh: no interest tensors marked; run InterestPoints first")
         if any(q(n).kind in (OpKind.OBSERVER, OpKind.ACT_QUANT) for n in gm.graph.nodes):
             raise GraphCheckFailed("lfh: the graph already holds observers or quantizers; run LFH on the float graph")
 
     def call(self, gm: GraphModule) -> PassResult:
-        z = gq(gm).interest
+        z = interest_nodes(gm)
         if not z:  # e.g. a single layer: the output is the only tensor, and it needs no trace
             return PassResult(gm, modified=False)
-        images = self._images()
-        device = device_of(gm)
-        set_eval_(gm)
-        frozen = [p for p in gm.parameters() if p.requires_grad]
-        for p in frozen:  # activation gradients only: no weight-gradient work in the backward
-            p.requires_grad_(False)
-        gen = torch.Generator().manual_seed(self.cfg.seed)
-        means, variances, weights = [], [], []
-        try:
-            for x in tqdm(images.split(self.cfg.batch_size), desc="lfh", unit="batch", disable=not self.progress):
-                stats, probes = self._batch(gm, z, x.to(device), gen)
-                means.append(stats.mean)
-                variances.append(stats.variance() / stats.count)
-                weights.append(x.shape[0])
-                gq(gm).lfh_probes.append(probes)
-        finally:
-            for p in frozen:
-                p.requires_grad_(True)
-        w = torch.tensor(weights, dtype=torch.float64, device=means[0].device) / sum(weights)
-        trace = (torch.stack(means) * w[:, None]).sum(0)  # mean over images
-        stderr = ((torch.stack(variances) * w[:, None].square()).sum(0)).sqrt()
-        lam = log_normalize(trace)
-        for i, node in enumerate(z):
-            q(node).lfh, q(node).lfh_stderr, q(node).lfh_weight = float(trace[i]), float(stderr[i]), float(lam[i])
-        return PassResult(gm, modified=False)
-
-    def _images(self) -> Tensor:
         xs = [batch_inputs(b) for b in self.batches]
         if not xs:
             raise GraphCheckFailed("lfh: no images given; pass at least one batch of representative images")
-        return torch.cat(xs)[: self.cfg.images]
-
-    def _batch(self, gm: GraphModule, z: list[Node], x: Tensor, gen: torch.Generator) -> tuple[RunningStats, int]:
-        """Probe one image batch until every trace's running mean settles (or max_probes)."""
-        cfg, p = self.cfg, self.cfg.probes_per_pass
-        xr = x.repeat(p, *([1] * (x.dim() - 1))).requires_grad_(True)  # p probes share one backward
-        # count >= min_probes * B  <=>  done >= min_probes: the device-side flags follow the same rule
-        reducer = LFHReducer(
-            len(z), xr.shape[0], x.device, cfg.min_probes * x.shape[0], cfg.rel_tol, cfg.flush_mib << 20
-        )
-        done = 0
-        while done < cfg.max_probes:
-            out = _Tap(gm, z, reducer).run(xr)
-            if not isinstance(out, Tensor):
-                raise UnsupportedOp("lfh: the model output must be one tensor (the probe point)")
-            v = _probe(out.shape, cfg.probe, gen, out.device)
-            torch.autograd.grad((out * v).sum(), xr)  # the hooks do the work; the input gradient is dropped
-            reducer.finish()  # a tensor the output does not depend on has trace 0
-            done += p
-            if done >= cfg.min_probes and reducer.converged():  # one host sync per probe, none before min_probes
-                break
-        stats = reducer.stats
-        if not math.isfinite(float(stats.mean.sum())):
-            raise GraphCheckFailed("lfh: NaN/inf in the Hessian traces; check the input images and model weights")
-        return stats, done
+        t = lfh_traces(gm, z, torch.cat(xs)[: self.cfg.images], self.cfg, self.progress)
+        for i, node in enumerate(z):
+            q(node).lfh, q(node).lfh_stderr, q(node).lfh_weight = t.trace[i], t.stderr[i], t.weight[i]
+        gq(gm).lfh_probes.extend(t.probes)
+        return PassResult(gm, modified=False)

@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx import GraphModule, Node
 
-from fxq.meta import OpKind
-from fxq.ops import fetch_attr, kind_of
-from fxq.passbase import FxqPass, PassResult
+from fxq.ir.meta import OpKind
+from fxq.ir.ops import fetch_attr, kind_of
+from fxq.ir.passbase import FxqPass, PassResult
 
 __all__ = ["Normalize"]
 

@@ -8,19 +8,14 @@ import torch
 from torch.fx import GraphModule, Node
 from tqdm.auto import tqdm
 
-from fxq.data import batch_inputs
+from fxq.data.images import batch_inputs
 from fxq.errors import DataError, GraphCheckFailed
-from fxq.meta import OpKind, copy_graph, gq, q
-from fxq.modules import ActObserver, ChannelStatsObserver
-from fxq.ops import device_of, set_eval_
-from fxq.passbase import FxqPass, PassResult
+from fxq.ir.meta import OpKind, gq, q
+from fxq.ir.ops import act_module_name, device_of, set_eval_
+from fxq.ir.passbase import FxqPass, PassResult
+from fxq.quant.modules import ActObserver, ChannelStatsObserver
 
-__all__ = ["Observe", "Calibrate", "act_module_name", "is_calibrated", "float_graph"]
-
-
-def act_module_name(node: Node) -> str:
-    """Observers and the quantizers that replace them share one module name per observed node."""
-    return f"fxq_act_{node.name}"
+__all__ = ["Observe", "Calibrate"]
 
 
 def _insert_after(gm: GraphModule, node: Node, name: str) -> Node:
@@ -90,23 +85,3 @@ class Calibrate(FxqPass):
             raise DataError("calibrate: the calibration data yielded no batches; give at least one image")
         gq(gm).calib_images += images
         return PassResult(gm, modified=False)
-
-
-def is_calibrated(gm: GraphModule, input_stats: bool = False) -> bool:
-    """Whether gm holds observers that Calibrate has run (with `input_stats`: layer-input statistics among them).
-    What they record does not depend on the widths, so a graph calibrated once serves every bit allocation
-    (and the final convert) that follows."""
-    kinds = {type(gm.get_submodule(n.target)) for n in gm.graph.nodes if q(n).kind is OpKind.OBSERVER}
-    return gq(gm).calib_images > 0 and bool(kinds) and (not input_stats or ChannelStatsObserver in kinds)
-
-
-def float_graph(gm: GraphModule) -> GraphModule:
-    """A copy of gm with its observers taken out: the float model they watch, whose forwards leave them be."""
-    out = copy_graph(gm)
-    for node in [n for n in out.graph.nodes if q(n).kind is OpKind.OBSERVER]:
-        node.replace_all_uses_with(node.args[0])
-        out.graph.erase_node(node)
-        out.delete_submodule(node.target)
-    out.recompile()
-    gq(out).calib_images = 0
-    return out

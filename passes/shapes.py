@@ -7,7 +7,7 @@ from torch.fx import GraphModule
 from torch.fx.passes.shape_prop import ShapeProp
 
 from fxq.errors import GraphCheckFailed
-from fxq.passbase import FxqPass, PassResult
+from fxq.ir.passbase import FxqPass, PassResult
 
 __all__ = ["PropagateShapes"]
 

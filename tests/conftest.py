@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from fxq.data import default_data_dir
+from fxq.data.images import default_data_dir
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 

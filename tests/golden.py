@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from fxq.modules import ActQuant, QuantWeight
+from fxq.quant.modules import ActQuant, QuantWeight
 
 GOLDEN_DIR = Path(__file__).parent / "golden"
 WRITE = os.environ.get("FXQ_WRITE_GOLDEN") == "1"

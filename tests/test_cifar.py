@@ -9,11 +9,19 @@ from torch import fx
 from torchvision.transforms import functional as TF
 
 import fxq
-from fxq.cifar import cifar_resnet
-from fxq.data import IMAGENET_MEAN, IMAGENET_STD, Preprocess, batches, default_data_dir, load_images, load_npz_images
+from fxq.data.cifar import cifar_resnet
+from fxq.data.evaluate import evaluate
+from fxq.data.images import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Preprocess,
+    batches,
+    default_data_dir,
+    load_images,
+    load_npz_images,
+)
+from fxq.data.models import CIFAR_MODELS, CIFAR_PREPROCESS, cifar_weights_path, known_models, load_model
 from fxq.errors import DataError, ModelError
-from fxq.evaluate import evaluate
-from fxq.models import CIFAR_MODELS, CIFAR_PREPROCESS, cifar_weights_path, known_models, load_model
 from tests.conftest import seeded, sqnr_db
 
 CIFAR10 = default_data_dir() / "cifar10"
@@ -215,7 +223,9 @@ def test_evaluate_refuses_labels_the_model_cannot_output():
 
 @needs_cifar
 def test_cli_takes_the_cifar_sets_for_a_cifar_model(tmp_path, capsys):
-    from fxq.cli import _fill_image_sets, build_parser, main
+    from fxq.cli.commands import main
+    from fxq.cli.options import fill_image_sets
+    from fxq.cli.parser import build_parser
 
     out = tmp_path / "r20"
     args = ["quantize", "--model", "cifar10_resnet20", "--num-calib", "64", "--num-val", "100"]
@@ -228,8 +238,8 @@ def test_cli_takes_the_cifar_sets_for_a_cifar_model(tmp_path, capsys):
     # a quantized folder's report names its model; the default model is Lite0
     for argv, expect in ((["eval", "--model", str(out)], TEST_SET), (["lfh"], default_data_dir() / "imagenet" / "val")):
         ns = build_parser().parse_args(argv)
-        _fill_image_sets(ns)
+        fill_image_sets(ns)
         assert ns.val == str(expect)
     ns = build_parser().parse_args(["quantize", "--model", "cifar10_resnet32", "--calib", "mine", "--out", "o"])
-    _fill_image_sets(ns)
+    fill_image_sets(ns)
     assert (ns.calib, ns.val) == ("mine", str(TEST_SET))  # what the user gives stays

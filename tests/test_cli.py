@@ -3,7 +3,8 @@ import json
 import pytest
 import torch
 
-from fxq.cli import load_quantized, main
+import fxq
+from fxq.cli import main
 from fxq.targets import host_isa
 from tests.conftest import write_images
 
@@ -52,8 +53,8 @@ def test_quantize_then_eval_round_trip(tmp_path, image_dirs, capsys):
     assert code == 0
     saved_top1 = report["accuracy"]["quantized"]["top1"]
     assert f"top-1 {saved_top1:6.2f}" in stdout  # the reloaded model scores what the run reported
-    model, pre = load_quantized(out)
-    assert pre.crop == 224 and not model.training
+    saved = fxq.load(out)
+    assert saved.preprocess.crop == 224 and not saved.model.training and saved.model_name == "mobilenet_v3_small"
 
 
 @pytest.mark.parametrize(
@@ -64,7 +65,7 @@ def test_quantize_then_eval_round_trip(tmp_path, image_dirs, capsys):
         (["quantize", "--out", "x", "--model", "resnet1"], "unknown model 'resnet1'"),
         (["quantize", "--out", "x", "--model", "resnet18"], "give its weights with --weights FILE"),
         (["quantize", "--out", "x", "--calib", "/no/such/folder"], "image folder '/no/such/folder' does not exist"),
-        (["eval", "--model", "/tmp"], "'/tmp' holds no model.pt"),
+        (["eval", "--model", "/tmp"], "'/tmp' holds no model.json; give a folder written by fxq.save"),
         (["quantize", "--out", "x", "--method", "eptq", "--resume"], "resume needs checkpoint_dir"),
         (["bench", "--backends", "eager,tensorrt"], r"unknown backend\(s\) \['tensorrt'\] in --backends"),
         (["quantize", "--out", "x", "--device", "tpu9"], "unknown device 'tpu9'; give cpu, cuda, cuda:N or auto"),
@@ -139,7 +140,7 @@ def test_export_onnx_and_pt2(tmp_path, image_dirs, capsys):
         )
         == 0
     )
-    model, _ = load_quantized(out)
+    model = fxq.load(out).model
     x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = model(x)

@@ -2,7 +2,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fxq.data import Preprocess, load_images, read_labels
+from fxq.data.images import Preprocess, load_images, read_labels
 from fxq.errors import DataError
 from tests.conftest import write_images
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fxq.distillation import Workspace, column_lengths, distillation_loss, pack, packed_loss, row_energies
+from fxq.eptq.distillation import Workspace, column_lengths, distillation_loss, pack, packed_loss, row_energies
 from tests.conftest import seeded
 
 

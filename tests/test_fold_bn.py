@@ -1,11 +1,11 @@
 import pytest
 import torch
-from fxq.passes.fold_bn import FoldBN
-from fxq.passes.normalize import Normalize
 from torch import nn
 
 from fxq.errors import GraphCheckFailed
-from fxq.frontend import trace
+from fxq.frontend.trace import trace
+from fxq.passes.fold_bn import FoldBN
+from fxq.passes.normalize import Normalize
 from fxq.pipeline import run_passes
 from tests.conftest import randomize_bn_, seeded
 

@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 import fxq
-from fxq.frontend import trace
+from fxq.frontend.trace import trace
 from tests.conftest import seeded
 
 

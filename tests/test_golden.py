@@ -10,8 +10,8 @@ import torch
 
 import fxq
 from fxq.config import LFHConfig, Method, MixedPrecisionConfig, PTQConfig, RoundingConfig
-from fxq.data import batches, load_npz_images
-from fxq.models import load_model
+from fxq.data.images import batches, load_npz_images
+from fxq.data.models import load_model
 from fxq.targets import INT8, ISA
 from tests import golden
 from tests.conftest import seeded

@@ -1,19 +1,19 @@
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+from fxq.frontend.trace import trace
+from fxq.ir.taps import interest_nodes
 from fxq.passes.annotate import Annotate
 from fxq.passes.interest_points import InterestPoints
 from fxq.passes.shapes import PropagateShapes
-from torch import nn
-
-from fxq.frontend import trace
-from fxq.meta import gq
 from fxq.pipeline import run_passes
 from fxq.targets import INT8
 
 
 def interest(model, *shape):
     gm = run_passes(trace(model), [PropagateShapes((torch.randn(*shape),)), Annotate(INT8), InterestPoints()])
-    return [n.name for n in gq(gm).interest]
+    return [n.name for n in interest_nodes(gm)]
 
 
 class Block(nn.Module):

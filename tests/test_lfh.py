@@ -1,12 +1,14 @@
 import pytest
 import torch
-from fxq.kernels.lfh_reduce import RunningStats, sumsq_per_sample, welford_update_
-from fxq.passes.lfh import LFH, log_normalize
 from torch import nn
 from torch.fx import Interpreter
 
 import fxq
-from fxq.meta import gq, q
+from fxq.eptq.lfh import log_normalize
+from fxq.ir.meta import gq, q
+from fxq.ir.taps import interest_nodes
+from fxq.kernels.lfh_reduce import RunningStats, sumsq_per_sample, welford_update_
+from fxq.passes.lfh import LFH
 from tests.conftest import TinyNet, randomize_bn_, seeded
 
 
@@ -23,7 +25,7 @@ class MLP(nn.Module):
 
 def exact_traces(gm, x) -> dict[str, float]:
     """E_x ||J_z f(x)||_F^2 exactly: one backward per output coordinate (one-hot probes)."""
-    z_nodes = gq(gm).interest
+    z_nodes = interest_nodes(gm)
     captured = {}
 
     class Capture(Interpreter):
@@ -129,6 +131,6 @@ def test_bad_lfh_config():
 
 def test_traces_and_weights_land_on_the_graph(tiny_net):
     gm, est = lfh_of(tiny_net, seeded(4, 3, 12, 12), min_probes=5, max_probes=5)
-    for node in gq(gm).interest:
+    for node in interest_nodes(gm):
         assert q(node).lfh > 0 and q(node).lfh_weight >= 0
     assert min(lr.lfh_weight for lr in est.values()) == 0.0

@@ -10,17 +10,18 @@ import warnings
 
 import pytest
 import torch
+
+import fxq
+from fxq.ir.meta import gq, q
+from fxq.ir.taps import interest_nodes
 from fxq.kernels import lfh_cuda
+from fxq.kernels.lfh import LFHReducer
 from fxq.kernels.lfh_reduce import (
-    LFHReducer,
     RunningStats,
     fused_update_reference_,
     sumsq_per_sample,
     welford_update_,
 )
-
-import fxq
-from fxq.meta import gq, q
 from tests.conftest import seeded
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -131,7 +132,7 @@ def test_reducer_on_cpu_uses_the_reference():
 
 def lfh_of(model, x, **cfg):
     gm, _ = fxq.label_free_hessian(model, [x], fxq.LFHConfig(images=x.shape[0], **cfg), fxq.PTQConfig(progress=False))
-    return [(q(n).lfh, q(n).lfh_stderr) for n in gq(gm).interest], gq(gm).lfh_probes
+    return [(q(n).lfh, q(n).lfh_stderr) for n in interest_nodes(gm)], gq(gm).lfh_probes
 
 
 @pytest.mark.parametrize("cfg", [dict(min_probes=4, max_probes=4, flush_mib=0), dict(min_probes=3, rel_tol=0.05)])

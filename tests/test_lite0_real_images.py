@@ -4,8 +4,8 @@ import pytest
 import torch
 
 import fxq
-from fxq.data import batches, load_images
-from fxq.evaluate import evaluate
+from fxq.data.evaluate import evaluate
+from fxq.data.images import batches, load_images
 from tests.conftest import IMAGENET, needs_imagenet, sqnr_db
 
 pytest.importorskip("efficientnet_lite_pytorch")
@@ -14,7 +14,7 @@ pytestmark = needs_imagenet
 
 @pytest.fixture(scope="module")
 def lite0():
-    from fxq.models import load_model
+    from fxq.data.models import load_model
 
     lm = load_model("efficientnet_lite0")
     calib = load_images(IMAGENET / "calib", lm.preprocess, limit=64, progress=False)

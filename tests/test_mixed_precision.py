@@ -6,26 +6,40 @@ import itertools
 import numpy as np
 import pytest
 import torch
-from fxq.passes import mixed_precision as mp
-from fxq.passes.observe import Calibrate, float_graph, is_calibrated
-from fxq.passes.rounding import interest_weights
 from torch import nn
 
 import fxq
 from fxq.config import LFHConfig, LossWeights, MixedPrecisionConfig, PTQConfig, measure_fields
-from fxq.distillation import distillation_loss
+from fxq.eptq.distillation import distillation_loss
+from fxq.eptq.weights import interest_weights
 from fxq.errors import ConfigError, GraphCheckFailed
-from fxq.ilp import Budget, solve_allocation
-from fxq.meta import copy_graph, gq, q
-from fxq.modules import ActQuant, QuantWeight
-from fxq.pipeline import allocation_passes, run_passes
-from fxq.qmath import WeightError, fake_quant, scale_for, weight_thresholds
-from fxq.taps import interest_nodes, with_taps
+from fxq.ir.downstream import Downstream
+from fxq.ir.graph import copy_graph, float_graph
+from fxq.ir.meta import gq, q
+from fxq.ir.taps import interest_nodes, with_taps
+from fxq.mp import sensitivity as mp
+from fxq.mp.ilp import Budget, solve_allocation
+from fxq.passes.observe import Calibrate
+from fxq.pipeline import Stage, passes, run_passes
+from fxq.quant.convert import is_calibrated
+from fxq.quant.modules import ActQuant, QuantWeight
+from fxq.quant.qmath import WeightError, fake_quant, scale_for, weight_thresholds
 from fxq.targets import INT8
 from tests.conftest import TinyNet, seeded
 
 CALIB = [seeded(8, 3, 16, 16, seed=i) for i in range(2)]
 LFH = LFHConfig(min_probes=2, max_probes=2, images=8, batch_size=8)
+
+
+def sens(node, measure=None) -> dict:
+    """A node's weight sensitivities under `measure` (default: the configured one, weighed first)."""
+    by = q(node).sensitivity
+    return by[measure or next(iter(by))]
+
+
+def act_sens(node) -> dict:
+    by = q(node).act_sensitivity
+    return by[next(iter(by))]
 
 
 def _brute_force(cost, budgets, allowed=None):
@@ -135,20 +149,20 @@ def test_sensitivity_equals_a_direct_run_with_one_layer_quantized(tiny_net, weig
 
             def quantized(m, args, out, spec=spec):  # a whole-graph run with only this layer quantized
                 wq = _weight_as_quantize_makes_it(m, args[0], spec, cfg)
-                return mp._output_with(m, args[0], wq, _channel_means(m, args[0]))
+                return mp.output_with(m, args[0], wq, _channel_means(m, args[0]))
 
             handle = layer.register_forward_hook(quantized)
             with torch.no_grad():
                 zq = list(tapped(x))
             handle.remove()
             expected = float(distillation_loss(zf, zq, weights))
-            assert q(node).bit_sensitivity[bits] == pytest.approx(expected, rel=1e-5, abs=1e-9), (node.name, bits)
+            assert sens(node)[bits] == pytest.approx(expected, rel=1e-5, abs=1e-9), (node.name, bits)
 
 
 def test_a_rerun_keeps_only_what_it_is_asked_for(tiny_net):
     gm, _ = _analyzed(tiny_net, loss_weights="mean")
     x = torch.cat(CALIB)[:4]
-    run = mp._Downstream(gm, x)
+    run = Downstream(gm, x)
     node = mp.weight_layers(gm)[0]
     below = run.below(node)
     value = run.float_env[node] * 1.5
@@ -176,19 +190,19 @@ def test_stacked_candidates_equal_one_pass_each(make):
     model = make().eval()
     gm, _ = _analyzed(model, stack_candidates=True)
     layers = mp.weight_layers(gm)
-    assert gq(gm).mixed_precision["stacked_layers"] == len(layers)  # no layer fell back
-    stacked = {n.name: dict(q(n).bit_sensitivity) for n in layers}
+    assert gq(gm).mixed_precision.stacked_layers == len(layers)  # no layer fell back
+    stacked = {n.name: dict(sens(n)) for n in layers}
     gm2, _ = _analyzed(model, stack_candidates=False)
-    assert gq(gm2).mixed_precision["stacked_layers"] == 0
+    assert gq(gm2).mixed_precision.stacked_layers == 0
     for n in mp.weight_layers(gm2):
-        for bits, value in q(n).bit_sensitivity.items():
+        for bits, value in sens(n).items():
             assert value == pytest.approx(stacked[n.name][bits], rel=1e-4, abs=1e-9)
 
 
 def test_fewer_bits_are_more_sensitive(tiny_net):
     gm, _ = _analyzed(tiny_net, bit_options=(2, 4, 8))
     for n in mp.weight_layers(gm):
-        s = q(n).bit_sensitivity
+        s = sens(n)
         assert s[2] > s[4] > s[8] >= 0, (n.name, s)
 
 
@@ -247,29 +261,33 @@ def test_an_infeasible_memory_budget_fails_before_quantizing(tiny_net):
 
 
 def test_copy_graph_decouples_the_quantization_state(tiny_net):
-    from fxq.meta import copy_graph, gq
+    from fxq.ir.graph import copy_graph
+    from fxq.ir.meta import gq
 
     gm, _ = _analyzed(tiny_net)
     twin = copy_graph(gm)
     a = {n.name: n for n in gm.graph.nodes}
     for n in twin.graph.nodes:
-        assert q(n) is not q(a[n.name]) and q(n).bits == q(a[n.name]).bits
+        assert q(n) is not q(a[n.name]) and q(n).wspec == q(a[n.name]).wspec
         if q(n).fused_into is not None:
             assert q(n).fused_into in set(twin.graph.nodes)
-    assert all(n in set(twin.graph.nodes) for n in gq(twin).interest)
-    q(mp.weight_layers(twin)[0]).bits = 99  # a change to the copy stays in the copy
-    assert q(mp.weight_layers(gm)[0]).bits != 99
+    assert interest_nodes(twin) and all(n in set(twin.graph.nodes) for n in interest_nodes(twin))
+    plan = gq(twin).mixed_precision.plan  # the plans' Nodes are the copy's
+    assert plan is not None and set(plan.weight_bits) == set(mp.weight_layers(twin))
+    before = q(mp.weight_layers(gm)[0]).wspec
+    q(mp.weight_layers(twin)[0]).wspec = before.with_bits(2 if before.bits != 2 else 4)
+    assert q(mp.weight_layers(gm)[0]).wspec == before  # a change to the copy stays in the copy
 
 
 def test_plain_mean_sensitivity_needs_no_lfh(tiny_net):
     gm, _ = _analyzed(tiny_net, loss_weights="mean")
     assert all(q(n).lfh_weight is None for n in interest_nodes(gm))  # the LFH pass did not run
     for n in mp.weight_layers(gm):
-        s = q(n).bit_sensitivity
+        s = sens(n)
         assert s[2] > s[4] > s[8] >= 0
     lfh_gm, _ = _analyzed(tiny_net)
-    mean_scores = [q(n).bit_sensitivity[2] for n in mp.weight_layers(gm)]
-    lfh_scores = [q(n).bit_sensitivity[2] for n in mp.weight_layers(lfh_gm)]
+    mean_scores = [sens(n)[2] for n in mp.weight_layers(gm)]
+    lfh_scores = [sens(n)[2] for n in mp.weight_layers(lfh_gm)]
     assert mean_scores != pytest.approx(lfh_scores)  # the weighting is used
 
 
@@ -285,14 +303,14 @@ def test_output_sensitivity_is_the_outputs_relative_error(tiny_net):
 
         def quantized(m, args, out, spec=spec):
             wq = _weight_as_quantize_makes_it(m, args[0], spec, cfg)
-            return mp._output_with(m, args[0], wq, _channel_means(m, args[0]))
+            return mp.output_with(m, args[0], wq, _channel_means(m, args[0]))
 
         handle = layer.register_forward_hook(quantized)
         with torch.no_grad():
             out = gm(x)
         handle.remove()
         expected = float((out - ref).square().sum(1).mean() / ref.square().sum(1).mean())
-        assert q(node).bit_sensitivity[2] == pytest.approx(expected, rel=1e-5), node.name
+        assert sens(node)[2] == pytest.approx(expected, rel=1e-5), node.name
 
 
 def test_output_sensitivity_needs_a_single_tensor_output():
@@ -309,17 +327,17 @@ def test_output_sensitivity_needs_a_single_tensor_output():
         _analyzed(TwoHeads().eval(), loss_weights="output")
     # the default adds the output measure only where the model returns class scores: here the mean alone
     gm, _ = _analyzed(TwoHeads().eval(), loss_weights="mean")
-    assert gq(gm).mixed_precision["measures"] == ["mean"] and "candidates" not in gq(gm).mixed_precision
+    assert gq(gm).mixed_precision.measures == ["mean"] and not gq(gm).mixed_precision.candidates
 
 
 def test_by_default_the_output_measure_is_a_candidate_for_a_classifier(tiny_net):
     gm, _ = _analyzed(tiny_net, avg_bits=3.0, check_images=8)
     mixed = gq(gm).mixed_precision
-    assert mixed["measures"] == ["lfh", "output"] and list(mixed["candidates"]) == ["lfh", "output"]
-    assert mixed["selected"] in mixed["candidates"]
+    assert mixed.measures == ["lfh", "output"] and list(mixed.candidates) == ["lfh", "output"]
+    assert mixed.selected in mixed.candidates
     off, _ = _analyzed(tiny_net, avg_bits=3.0, select_from=())
-    assert gq(off).mixed_precision["measures"] == ["lfh"] and "selected" not in gq(off).mixed_precision
-    assert [q(n).bit_sensitivity for n in mp.weight_layers(off)] == [q(n).bit_sensitivity for n in mp.weight_layers(gm)]
+    assert gq(off).mixed_precision.measures == ["lfh"] and gq(off).mixed_precision.selected is None
+    assert [sens(n) for n in mp.weight_layers(off)] == [sens(n) for n in mp.weight_layers(gm)]
 
 
 def _act_mp_config(act_avg_bits: float) -> PTQConfig:
@@ -354,7 +372,7 @@ def test_fewer_activation_bits_are_more_sensitive(tiny_net):
     sites = mp.activation_sites(gm)
     assert len(sites) >= 5
     for n in sites:
-        s = q(n).act_bit_sensitivity
+        s = act_sens(n)
         assert s[4] > s[8] >= 0, (n.name, s)
 
 
@@ -366,22 +384,22 @@ def test_an_infeasible_activation_budget_names_the_smallest_one(tiny_net):
 def test_the_allocation_with_the_best_label_free_agreement_is_kept(tiny_net):
     gm, cfg = _analyzed(tiny_net, avg_bits=3.0, select_from=("output", "mean"), check_images=8)
     mixed = gq(gm).mixed_precision
-    assert list(mixed["candidates"]) == ["lfh", "output", "mean"]
-    scores = mixed["agreement"]
-    assert mixed["selected"] == max(scores, key=scores.__getitem__) and mixed["check_images"] == 8
-    chosen = mixed["candidates"][mixed["selected"]]["bits"]
-    assert {n.name: q(n).bits for n in mp.weight_layers(gm)} == chosen and mixed["bits"] == chosen
+    assert list(mixed.candidates) == ["lfh", "output", "mean"]
+    scores = mixed.agreement
+    assert mixed.selected == max(scores, key=scores.__getitem__) and mixed.check_images == 8
+    chosen = mixed.candidates[mixed.selected].weight_bits
+    assert {n: q(n).wspec.bits for n in mp.weight_layers(gm)} == chosen and mixed.plan.weight_bits == chosen
     # the recorded score is the agreement of that allocation's RTN model, rebuilt here through the public API
     x = torch.cat(CALIB)[-8:]
     qgm, _ = fxq.quantize_analyzed(copy_graph(gm), CALIB, cfg)
     with torch.no_grad():
         same = (qgm(x).argmax(1) == tiny_net(x).argmax(1)).float().mean() * 100
-    assert scores[mixed["selected"]] == pytest.approx(float(same))
+    assert scores[mixed.selected] == pytest.approx(float(same))
     # every measure's sensitivities come from the same re-runs as a single-measure analysis
     alone, _ = _analyzed(tiny_net, avg_bits=3.0, loss_weights="output")
     for a, b in zip(mp.weight_layers(gm), mp.weight_layers(alone)):
-        assert q(a).bit_sensitivity_by["output"] == pytest.approx(q(b).bit_sensitivity, rel=1e-5)
-        assert q(a).bit_sensitivity_by["lfh"] == q(a).bit_sensitivity
+        assert sens(a, "output") == pytest.approx(sens(b), rel=1e-5)
+        assert sens(a, "lfh") == sens(a)
 
 
 @pytest.fixture
@@ -423,9 +441,9 @@ def test_a_convert_needing_layer_input_statistics_calibrates_again(tiny_net, cal
 def test_the_choice_needs_a_calibrated_graph(tiny_net):
     gm, cfg = _analyzed(tiny_net, avg_bits=3.0, select_from=("output",), check_images=8)
     plain = float_graph(gm)  # same sensitivities and candidates, observers out
-    assert gq(plain).mixed_precision["candidates"]
+    assert gq(plain).mixed_precision.candidates
     with pytest.raises(GraphCheckFailed, match="not calibrated; run Observe and Calibrate first"):
-        run_passes(plain, allocation_passes(cfg, CALIB))
+        run_passes(plain, passes(cfg, CALIB, stages=(Stage.ALLOCATE,)))
 
 
 def test_select_from_settings():
@@ -454,9 +472,9 @@ def test_measure_fields_read_a_written_list():
 
 @pytest.mark.parametrize("n", [1, 5, 7, 12, 40])
 def test_last_images_are_the_tail_of_uneven_batches(n):
-    from fxq.passes.select_allocation import last_images
+    from fxq.mp.select import last_images
 
     batches = [torch.full((k, 1), float(i)) for i, k in enumerate([3, 4, 2, 5])]
     assert torch.equal(last_images(iter(batches), n), torch.cat(batches)[-n:])
-    with pytest.raises(ValueError, match="no batches given"):
+    with pytest.raises(fxq.DataError, match="no batches given"):
         last_images([], 4)

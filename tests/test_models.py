@@ -2,8 +2,8 @@ import pytest
 import torch
 import torchvision
 
+from fxq.data.models import LITE_PREPROCESS, load_model, load_state_dict_file
 from fxq.errors import ModelError
-from fxq.models import LITE_PREPROCESS, load_model, load_state_dict_file
 
 
 def test_unknown_model_name():

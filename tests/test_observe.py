@@ -1,11 +1,13 @@
 import torch
-from fxq.passes.observe import Calibrate, float_graph, is_calibrated
 from torch import nn
 
 import fxq
-from fxq.meta import OpKind, q
-from fxq.modules import ActObserver, ChannelStatsObserver
+from fxq.ir.graph import float_graph
+from fxq.ir.meta import OpKind, q
+from fxq.passes.observe import Calibrate
 from fxq.pipeline import prepare, run_passes
+from fxq.quant.convert import is_calibrated
+from fxq.quant.modules import ActObserver, ChannelStatsObserver
 from tests.conftest import seeded
 
 

@@ -18,7 +18,7 @@ from fxq.backends import check as check_module  # noqa: E402
 from fxq.backends.check import CheckLimits  # noqa: E402
 from fxq.backends.onnx import WeightStorage, export_onnx, ort_session  # noqa: E402
 from fxq.errors import ExportMismatch  # noqa: E402
-from fxq.modules import QuantWeight  # noqa: E402
+from fxq.quant.modules import QuantWeight  # noqa: E402
 
 
 def _quantized(model, bits=8, target=INT8, shape=(8, 3, 16, 16)):

@@ -3,8 +3,8 @@ import torch
 from torch import nn
 
 import fxq
-from fxq.meta import OpKind
-from fxq.modules import ActQuant, QuantWeight
+from fxq.ir.meta import OpKind
+from fxq.quant.modules import ActQuant, QuantWeight
 from fxq.targets import INT8
 from tests.conftest import seeded, sqnr_db
 
@@ -117,7 +117,7 @@ def test_frontends_agree(tiny_net):
 
 def test_quantized_model_kinds_are_kept(tiny_net):
     qgm, _ = fxq.quantize(tiny_net, _calib(1), fxq.PTQConfig(progress=False))
-    from fxq.ops import kind_of
+    from fxq.ir.ops import kind_of
 
     kinds = {n.name: kind_of(qgm, n) for n in qgm.graph.nodes}
     assert kinds["head"] is OpKind.LINEAR and kinds["stem_0"] is OpKind.CONV

@@ -9,10 +9,10 @@ from torch._dynamo.utils import counters
 
 import fxq
 from fxq.backends.inductor import DequantWeight, QDQActivation, compile_int8, int8_inductor_available, to_qdq_form
-from fxq.compile_backend import backend
+from fxq.eptq.soft_rounding import SoftRounding
 from fxq.errors import ConfigError, UnsupportedOp
-from fxq.modules import QuantWeight
-from fxq.soft_rounding import SoftRounding
+from fxq.frontend.dynamo import backend
+from fxq.quant.modules import QuantWeight
 from tests.conftest import seeded
 
 needs_int8_inductor = pytest.mark.skipif(
@@ -46,7 +46,7 @@ def _quantized(model, weight_bits=8, **kw):
 
 
 def _output_step(qgm) -> float:
-    last = [m for m in qgm.modules() if isinstance(m, fxq.modules.ActQuant)][-1]
+    last = [m for m in qgm.modules() if isinstance(m, fxq.quant.modules.ActQuant)][-1]
     return float(last.scale)
 
 

@@ -2,7 +2,15 @@ import pytest
 import torch
 
 from fxq.errors import ConfigError
-from fxq.qmath import ActThreshold, QSpec, activation_threshold, fake_quant, quantize_int, scale_for, weight_thresholds
+from fxq.quant.qmath import (
+    ActThreshold,
+    QSpec,
+    activation_threshold,
+    fake_quant,
+    quantize_int,
+    scale_for,
+    weight_thresholds,
+)
 from tests.conftest import seeded
 
 

@@ -1,11 +1,11 @@
 import pytest
 import torch
-from fxq.passes import quantize_bias
 from torch import nn
 
 import fxq
-from fxq.modules import ActQuant, QuantWeight
-from fxq.ops import grid_source
+from fxq.ir.ops import grid_source
+from fxq.quant import bias as quantize_bias
+from fxq.quant.modules import ActQuant, QuantWeight
 from fxq.targets import INT8
 from tests.conftest import seeded
 

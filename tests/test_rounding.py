@@ -2,14 +2,14 @@
 
 import pytest
 import torch
-from fxq.passes import rounding as rounding_pass
-from fxq.passes.rounding import batch_indices, beta_at
 from torch import nn
 
 import fxq
 from fxq.config import LFHConfig, LossWeights, Method, PTQConfig, RoundingConfig
+from fxq.eptq import train as rounding_train
+from fxq.eptq.schedule import batch_indices, beta_at
 from fxq.errors import ConfigError, GraphCheckFailed
-from fxq.modules import QuantWeight, layer_forward, mean_output_shift
+from fxq.quant.modules import QuantWeight, layer_forward, mean_output_shift
 from fxq.targets import INT8
 from tests.conftest import seeded
 
@@ -43,7 +43,7 @@ def _assert_on_grid(qgm) -> None:
         codes = (w / qw.scale_like(w)).round()
         assert torch.equal(codes * qw.scale_like(w), w), "weights off the grid"
         assert codes.min() >= qw.spec.qmin and codes.max() <= qw.spec.qmax
-        assert qw.soft_rounding is None and qw.live is None
+        assert qw.soft_codes is None and qw.live is None
         torch.testing.assert_close(qw.quantized_weight(), w, rtol=0, atol=0)  # RTN of the result is itself
 
 
@@ -110,17 +110,17 @@ def test_resume_after_an_interrupt_gives_the_same_model(tiny_net, tmp_path, monk
     settings = {"iterations": 24, "checkpoint_every": 8}
     straight, _ = _eptq(tiny_net, checkpoint_dir=str(tmp_path / "a"), **settings)
 
-    real = rounding_pass.batch_indices
+    real = rounding_train.batch_indices
 
     def interrupt_at_step_13(n, batch, step, seed):
         if step == 13:
             raise KeyboardInterrupt
         return real(n, batch, step, seed)
 
-    monkeypatch.setattr(rounding_pass, "batch_indices", interrupt_at_step_13)
+    monkeypatch.setattr(rounding_train, "batch_indices", interrupt_at_step_13)
     with pytest.raises(KeyboardInterrupt):
         _eptq(tiny_net, checkpoint_dir=str(tmp_path / "b"), **settings)
-    monkeypatch.setattr(rounding_pass, "batch_indices", real)
+    monkeypatch.setattr(rounding_train, "batch_indices", real)
     assert torch.load(tmp_path / "b" / "rounding.pt", weights_only=False)["step"] == 8
     resumed, report = _eptq(tiny_net, checkpoint_dir=str(tmp_path / "b"), resume=True, **settings)
     assert report.rounding["resumed_at"] == 8

@@ -5,10 +5,10 @@ import pytest
 import torch
 from torch import nn
 
+from fxq.eptq.soft_rounding import SoftRounding, rectified_sigmoid
 from fxq.errors import ConfigError
-from fxq.modules import QuantWeight, layer_forward, mean_output_shift, rectified_sigmoid
-from fxq.qmath import QSpec, weight_thresholds
-from fxq.soft_rounding import SoftRounding
+from fxq.quant.modules import QuantWeight, layer_forward, mean_output_shift
+from fxq.quant.qmath import QSpec, weight_thresholds
 from tests.conftest import seeded
 
 
@@ -154,7 +154,7 @@ def test_harden_writes_codes_and_corrected_bias_and_close_leaves_layers_alone():
     soft.close()
     for qw, (w, b) in zip(layers, before):  # closed without hardening: untouched
         assert torch.equal(qw.layer.weight, w) and torch.equal(qw.layer.bias, b)
-        assert qw.soft_rounding is None and qw.live is None
+        assert qw.soft_codes is None and qw.live is None
     soft = SoftRounding(layers)
     with torch.no_grad():
         soft.v.add_(seeded(len(soft.v), seed=4))
@@ -169,7 +169,7 @@ def test_harden_writes_codes_and_corrected_bias_and_close_leaves_layers_alone():
         assert torch.equal(w, c * qw.scale_like(w)) and torch.equal(qw.hard_codes(), c)
         shift = 0 if mean is None else mean_output_shift(qw.layer, w - w_float, mean)
         torch.testing.assert_close(qw.layer.bias.detach(), b - shift)
-        assert qw.soft_rounding is None and qw.live is None and qw.input_mean is None
+        assert qw.soft_codes is None and qw.live is None and qw.input_mean is None
 
 
 def test_state_round_trip_and_refusals():

@@ -6,7 +6,7 @@ from torch import nn
 
 import fxq
 from fxq.errors import ConfigError
-from fxq.modules import QuantWeight
+from fxq.quant.modules import QuantWeight
 from fxq.targets import INT8, ISA, host_isa, isa_named
 from tests.conftest import seeded
 

@@ -6,9 +6,8 @@ import torch
 from torch import nn
 
 import fxq
-from fxq.meta import q
-from fxq.modules import QuantWeight
-from fxq.qmath import QSpec, fake_quant, input_importance, scale_for, weight_thresholds
+from fxq.quant.modules import QuantWeight
+from fxq.quant.qmath import QSpec, fake_quant, input_importance, scale_for, weight_thresholds
 from tests.conftest import seeded
 
 W4 = QSpec(4, signed=True, per_channel=True)
@@ -71,10 +70,9 @@ def test_quantize_uses_the_observed_input_variance(tiny_net):
     energy = feats[0].var(0, unbiased=False)
     w = tiny_net.head.weight.detach()
     expected = weight_thresholds(w, head.spec, 64, input_importance(w.shape, 1, energy))
-    node = next(n for n in qgm.graph.nodes if n.target == "head")
-    torch.testing.assert_close(q(node).w_threshold, expected, rtol=1e-4, atol=1e-6)
-    plain_node = next(n for n in plain.graph.nodes if n.target == "head")
-    assert not torch.equal(q(plain_node).w_threshold, q(node).w_threshold)
+    threshold = head.scale * head.spec.levels_per_threshold  # the module owns its step
+    torch.testing.assert_close(threshold, expected, rtol=1e-4, atol=1e-6)
+    assert not torch.equal(plain.get_submodule("head").scale, head.scale)
 
 
 def test_weight_error_is_validated():

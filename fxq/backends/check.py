@@ -17,8 +17,8 @@ from torch.fx import GraphModule, Node
 
 from fxq.backends.lowering import max_dense_grid_bits
 from fxq.errors import ConfigError, DataError, ExportMismatch
-from fxq.modules import ActQuant
-from fxq.ops import grid_source
+from fxq.ir.ops import grid_source
+from fxq.quant.modules import ActQuant
 from fxq.targets import host_isa
 
 __all__ = ["CheckLimits", "ExportCheck", "check_lowered", "compare_outputs", "enforce", "output_step"]

@@ -26,8 +26,8 @@ from torch.fx import GraphModule, Node
 from fxq.backends.check import CheckLimits, ExportCheck, check_lowered, enforce
 from fxq.backends.lowering import LoweredActivation, LoweredWeight, lowered_copy
 from fxq.errors import ConfigError
-from fxq.modules import layer_forward
-from fxq.ops import grid_source
+from fxq.ir.ops import grid_source
+from fxq.quant.modules import layer_forward
 
 __all__ = [
     "to_qdq_form",

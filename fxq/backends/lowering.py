@@ -17,9 +17,10 @@ from torch import Tensor, nn
 from torch.fx import GraphModule, Node
 
 from fxq.errors import ConfigError, UnsupportedOp
-from fxq.meta import q, without_graph_state
-from fxq.modules import ActQuant, QuantWeight
-from fxq.ops import grid_source, is_depthwise
+from fxq.ir.graph import without_graph_state
+from fxq.ir.meta import q
+from fxq.ir.ops import grid_source, is_depthwise
+from fxq.quant.modules import ActQuant, QuantWeight
 
 __all__ = [
     "LoweredWeight",
@@ -62,7 +63,7 @@ def lower_weight(name: str, qw: QuantWeight, input_scale: Tensor | None = None) 
         raise UnsupportedOp(
             f"lowering: per-tensor weight quantizer at '{name}' is not supported; quantize with a per-channel target"
         )
-    if qw.soft_rounding is not None:
+    if qw.soft_codes is not None:
         raise ConfigError(f"lowering: the rounding optimization is still running on '{name}' (harden it first)")
     scale = qw.scale.detach().float()
     bias = qw.layer.bias

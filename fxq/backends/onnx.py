@@ -28,9 +28,9 @@ from torch.fx import GraphModule
 from fxq.backends.check import CheckLimits, ExportCheck, check_lowered, enforce
 from fxq.backends.lowering import LoweredActivation, LoweredWeight, lowered_copy
 from fxq.errors import ConfigError
-from fxq.meta import gq
-from fxq.modules import layer_forward
-from fxq.ops import device_of
+from fxq.ir.meta import gq
+from fxq.ir.ops import device_of
+from fxq.quant.modules import layer_forward
 from fxq.targets import ISA
 
 __all__ = ["WeightStorage", "export_onnx", "onnx_model", "export_float_onnx", "ort_session", "OPSET", "PACKED_OPSET"]
@@ -134,8 +134,8 @@ def onnx_model(
     model = onnx.load_from_string(buf.getvalue())
     if storage is WeightStorage.PACKED and any(b <= 4 for b in widths.values()):
         model = _pack_narrow_weights(model, {f"{n}.codes": b for n, b in widths.items() if b <= 4})
-    target = gq(qgm).target or ""
-    isa = isa or (ISA(target.rsplit("/", 1)[-1]) if "/" in target else None)
+    target = gq(qgm).target
+    isa = isa or (target.isa if target is not None else None)
     meta = {
         "fxq.isa": isa.value if isa else "",
         "fxq.integer_form": isa.form if isa else "",
@@ -184,7 +184,7 @@ def export_onnx(
 
 def _pack_narrow_weights(model, narrow: dict[str, int]):
     """Weights of <= 4 bits (their initializers named in `narrow`) packed, at opset 21: a linear layer's as one
-    com.microsoft MatMulNBits (4-bit blocks, dequantized inside the matmul: about 10x faster on ONNX Runtime's CPU
+    com.microsoft MatMulNBits (4-bit blocks, dequantized inside the matmul: far faster on ONNX Runtime's CPU
     than a DequantizeLinear feeding a float Gemm), every other one as INT4 with INT4 zero points."""
     from onnx import TensorProto, helper, version_converter
 

@@ -1,0 +1,272 @@
+"""The `fxq` commands: each a thin sequence of API calls, printing through fxq.cli.render."""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from fxq.backends.check import CheckLimits
+from fxq.backends.latency import BACKENDS
+from fxq.cli.options import (
+    fill_image_sets,
+    loaded_model,
+    mixed_precision_config,
+    model_and_images,
+    ptq_config,
+    rounding_schedule,
+)
+from fxq.cli.parser import build_parser
+from fxq.cli.render import accuracy_line, mp_line
+from fxq.config import LFHConfig, Method, PTQConfig
+from fxq.data.evaluate import evaluate
+from fxq.data.images import batches, load_images
+from fxq.data.models import load_model
+from fxq.errors import ConfigError, FxqError
+from fxq.io import artifact
+from fxq.io.report import write_json_atomic
+from fxq.ir.ops import pick_device
+from fxq.pipeline import label_free_hessian, quantize
+from fxq.targets import ISA, cpu_description, isa_named
+
+__all__ = ["main", "COMMANDS"]
+
+
+def _say_schedule(args, methods) -> None:
+    if Method.EPTQ.value in methods:
+        name, r, lfh = rounding_schedule(args)
+        note = " (the CPU one; --schedule full for the paper's 20K x 32)" if name == "short" else ""
+        print(
+            f"EPTQ schedule: {name}{note}: {r.iterations} iterations, batch {r.batch_size}, "
+            f"LFH up to {lfh.max_probes} probes",
+            flush=True,
+        )
+
+
+def cmd_quantize(args) -> None:
+    cfg = ptq_config(args, args.weight_bits)  # bad options fail before any image is read
+    _say_schedule(args, [args.method])
+    lm, calib, val = model_and_images(args)
+    t0 = time.perf_counter()
+    qgm, report = quantize(lm.model, batches(calib.x, args.batch_size), cfg)
+    report.stage_seconds["total_quantize"] = time.perf_counter() - t0
+    report.model = lm.name
+    print(report.table())
+    if report.mixed_precision:
+        print(mp_line(report))
+    if val is not None:
+        report.accuracy["float"] = evaluate(lm.model, val.x, val.y, progress=not args.quiet, desc="eval float")
+        report.accuracy["quantized"] = evaluate(qgm, val.x, val.y, progress=not args.quiet, desc="eval quantized")
+        print(accuracy_line("float", report.accuracy["float"]))
+        print(
+            accuracy_line(
+                f"W{args.weight_bits}A{args.act_bits}", report.accuracy["quantized"], report.accuracy["float"]
+            )
+        )
+    out = artifact.save(qgm, args.out, model_name=lm.name, preprocess=lm.preprocess, report=report)
+    print(f"wrote {out / artifact.MODEL_FILE}, {out / artifact.TENSORS_FILE} and {out / artifact.REPORT_FILE}")
+
+
+def cmd_pareto(args) -> None:
+    """Accuracy against weight memory: mixed precision over a sweep of budgets, uniform widths for reference."""
+    from fxq.io.plots import pareto_plot
+    from fxq.pipeline import allocate, analyze, quantize_analyzed
+
+    sweep = {
+        b: ptq_config(args, max(args.uniform), mixed=mixed_precision_config(args, avg_bits=b))
+        for b in args.avg_bits_list
+    }
+    uniform = {b: ptq_config(args, b, mixed=None) for b in args.uniform}
+    _say_schedule(args, [args.method])
+    lm, calib, val = model_and_images(args)
+    xs = batches(calib.x, args.batch_size)
+    rows = [{"kind": "float", "label": "float", **evaluate(lm.model, val.x, val.y, progress=False)}]
+    first = next(iter(sweep.values()))
+    analyzed = analyze(lm.model, xs, first)  # LFH, sensitivities and calibration once, for every budget
+    for avg, cfg in sweep.items():
+        gm = allocate(analyzed, xs, cfg)
+        qgm, rep = quantize_analyzed(gm, xs, cfg, lm.name)
+        acc = evaluate(qgm, val.x, val.y, progress=False)
+        m = rep.mixed_precision
+        rows.append(
+            {
+                "kind": "mixed",
+                "label": f"MP {avg} b/w",
+                "budget_avg_bits": avg,
+                **acc,
+                "avg_bits": m["avg_bits"],
+                "weight_mb": m["weight_bytes"] / 1e6,
+                "bits": m["bits"],
+            }
+        )
+        print(
+            f"mixed {avg:>4} bits/weight: top-1 {acc['top1']:6.2f}  ({m['avg_bits']:.3f} b/w, {m['weight_bytes'] / 1e6:.3f} MB)"
+        )
+    for b, cfg in uniform.items():
+        qgm, rep = quantize(lm.model, xs, cfg)
+        numel = sum(math.prod(lr.weight_shape) for lr in rep.layers if lr.weight_bits)
+        acc = evaluate(qgm, val.x, val.y, progress=False)
+        rows.append({"kind": "uniform", "label": f"W{b}", "avg_bits": b, "weight_mb": numel * b / 8e6, **acc})
+        print(f"uniform W{b}: top-1 {acc['top1']:6.2f}  ({numel * b / 8e6:.3f} MB)")
+    out = Path(args.out)
+    sens = analyzed.meta["fxq"].stage_seconds.get("Sensitivity", 0.0)
+    write_json_atomic(
+        str(out / "pareto.json"), {"model": lm.name, "method": args.method, "sensitivity_seconds": sens, "rows": rows}
+    )
+    pareto_plot(
+        rows, str(out / "pareto.png"), f"{lm.name} {args.method}: top-1 vs weight memory ({len(val)} val images)"
+    )
+    print(f"wrote {out / 'pareto.json'} and {out / 'pareto.png'}")
+
+
+def cmd_eval(args) -> None:
+    if Path(args.model).is_dir():
+        saved = artifact.load(args.model)
+        model, pre = saved.model, saved.preprocess
+        name = str(args.model)
+    else:
+        lm = load_model(args.model, args.weights, args.random_weights)
+        model, pre, name = lm.model, lm.preprocess, lm.name
+    model.to(pick_device(args.device))
+    val = load_images(args.val, pre, args.num_val, labeled=True, progress=not args.quiet)
+    print(accuracy_line(name, evaluate(model, val.x, val.y, progress=not args.quiet)))
+
+
+def cmd_compare(args) -> None:
+    """The main job: float vs each (method, weight width) run on the same calibration and val images."""
+    configs = {run: ptq_config(args, run[1], run[0]) for run in args.runs}  # bad options fail before any image is read
+    _say_schedule(args, [m for m, _ in args.runs])
+    lm, calib, val = model_and_images(args)
+    results = {"float": evaluate(lm.model, val.x, val.y, progress=not args.quiet, desc="eval float")}
+    reports = {}
+    for method, wb in args.runs:
+        name = f"W{wb}A{args.act_bits} {method}"
+        t0 = time.perf_counter()
+        qgm, rep = quantize(lm.model, batches(calib.x, args.batch_size), configs[(method, wb)])
+        seconds = time.perf_counter() - t0
+        results[name] = {
+            **evaluate(qgm, val.x, val.y, progress=not args.quiet, desc=f"eval {name}"),
+            "quantize_seconds": seconds,
+        }
+        reports[name] = rep.to_dict()
+    print(f"\n{lm.name}: calibration on {len(calib)} images of {args.calib}; top-1 on {len(val)} images of {args.val}")
+    for name, acc in results.items():
+        print(accuracy_line(name, acc, None if name == "float" else results["float"]))
+    write_json_atomic(str(Path(args.out) / "compare.json"), {"model": lm.name, "results": results, "reports": reports})
+    print(f"wrote {Path(args.out) / 'compare.json'}")
+
+
+def cmd_lfh(args) -> None:
+    """Label-free Hessian traces of every interest tensor: table, JSON and a bar chart."""
+    from fxq.io.plots import lfh_bar_chart
+
+    cfg = LFHConfig(
+        min_probes=args.min_probes,
+        max_probes=args.max_probes,
+        rel_tol=args.rel_tol,
+        probe=args.probe,
+        images=args.num_calib or 32,
+        batch_size=args.batch_size,
+        probes_per_pass=args.probes_per_pass,
+        seed=args.seed,
+    )
+    lm = loaded_model(args)
+    images = load_images(args.calib, lm.preprocess, cfg.images, progress=not args.quiet)
+    ptq = PTQConfig(frontend=args.frontend, progress=not args.quiet)
+    _, report = label_free_hessian(lm.model, [images.x], cfg, ptq)
+    report.model = lm.name
+    rows = [lr for lr in report.layers if lr.interest]
+    print(f"{'interest tensor':<32} {'kind':<7} {'LFH trace':>11} {'std err':>10} {'weight':>7}")
+    for lr in rows:
+        print(f"{lr.node:<32} {lr.kind:<7} {lr.lfh:11.4g} {lr.lfh_stderr:10.3g} {lr.lfh_weight:7.3f}")
+    print(f"{len(rows)} interest tensors, {len(images)} images, LFH {report.stage_seconds['LFH']:.1f} s")
+    out = Path(args.out)
+    write_json_atomic(str(out / "lfh.json"), report.to_dict())
+    lfh_bar_chart(report, str(out / "lfh.png"))
+    print(f"wrote {out / 'lfh.json'} and {out / 'lfh.png'}")
+
+
+def cmd_export(args) -> None:
+    """A folder written by `fxq quantize` -> ONNX QDQ (ONNX Runtime), a torch.export program (.pt2, fake-quant),
+    or an AOTInductor package with x86 integer kernels (aoti-int8, .pt2). The integer formats run next to the
+    reference on calibration images first; the check and the artifact's sizes go to OUT.json."""
+    from fxq.backends.export import export_artifact
+
+    loaded = artifact.load(args.model)
+    model, pre, saved = loaded.model, loaded.preprocess, loaded.report
+    target = isa_named(args.target) if args.target else ISA(saved["isa"]) if saved.get("isa") else None
+    example = torch.randn(2, 3, pre.crop, pre.crop)  # batch 2: torch.export would specialise a batch of 1
+    check_inputs = None
+    if args.format != "pt2":
+        check_inputs = load_images(args.calib, pre, args.check_images, progress=not args.quiet).x
+    limits = CheckLimits(images=args.check_images)
+    summary = export_artifact(
+        model, example, args.out, args.format, target, args.weight_storage, check_inputs, limits, args.force, saved
+    )
+    if summary.get("check"):
+        print(summary["check_line"])
+    print(summary["size_line"])
+    print(f"wrote {args.out} and {args.out}.json")
+
+
+def cmd_bench(args) -> None:
+    """Float vs quantized latency per backend at each batch size, timed in the same run."""
+    from fxq.backends.inductor import int8_inductor_available
+    from fxq.backends.latency import backend_latencies
+
+    unknown = set(args.backends or []) - set(BACKENDS)
+    if unknown:
+        raise ConfigError(f"unknown backend(s) {sorted(unknown)} in --backends; choose from {','.join(BACKENDS)}")
+    backends = args.backends or [b for b in BACKENDS if b != "inductor-int8" or int8_inductor_available()]
+    cfg = ptq_config(args, args.weight_bits)
+    lm = load_model(args.model, args.weights, args.random_weights)
+    calib = load_images(args.calib, lm.preprocess, args.num_calib, progress=not args.quiet)
+    qgm, _ = quantize(lm.model, batches(calib.x, args.batch_size), cfg)
+    rows = backend_latencies(lm.model, qgm, lm.preprocess.crop, args.batch_sizes, args.iters, backends)
+    isa = cfg.target.isa
+    print(
+        f"{lm.name} W{args.weight_bits}A{args.act_bits} for {isa.value} ({isa.form}); this CPU: {cpu_description()}, "
+        f"{torch.get_num_threads()} threads, median of {args.iters}"
+    )
+    print(f"{'backend':<30} {'batch':>5} {'float ms':>10} {'int8 ms':>10} {'speed-up':>9} {'vs eager fp32':>14}")
+    for r in rows:
+        print(
+            f"{r['backend']:<30} {r['batch']:>5} {r['float_ms']:10.2f} {r['int8_ms']:10.2f} {r['speedup']:8.2f}x "
+            f"{r['eager_fp32_ms'] / r['int8_ms']:13.2f}x"
+        )
+    if args.out:
+        write_json_atomic(
+            args.out,
+            {
+                "model": lm.name,
+                "isa": isa.value,
+                "cpu": cpu_description(),
+                "threads": torch.get_num_threads(),
+                "rows": rows,
+            },
+        )
+
+
+COMMANDS = {
+    "quantize": cmd_quantize,
+    "eval": cmd_eval,
+    "compare": cmd_compare,
+    "pareto": cmd_pareto,
+    "lfh": cmd_lfh,
+    "export": cmd_export,
+    "bench": cmd_bench,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        fill_image_sets(args)
+        COMMANDS[args.command](args)
+    except FxqError as e:
+        print(f"fxq: error: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,1 @@
+"""Images, batches, models by name and evaluation."""

@@ -1,0 +1,118 @@
+"""The Label-Free Hessian trace of interest tensors (EPTQ, arXiv 2309.11531, Thm 3.1).
+
+Tr(H_z) ∝ E_x ||J_z f(x)||_F^2, estimated with Hutchinson probes on the model output: for v ~ N(0, I) (or
+Rademacher), E_v ||J_z^T v||^2 = ||J_z||_F^2, and one backward of (f(x)·v).sum() yields J_z^T v for every
+interest tensor and every sample at once (samples do not interact in eval mode). Only activation gradients
+are needed: parameters are frozen during the backward. Each gradient goes from its backward hook to an
+LFHReducer (kernels/lfh.py): per-sample squared norms folded into running statistics, on CUDA by one
+fused kernel launch per batch of gradients, so memory grows with the number of interest tensors (plus a
+capped flush buffer, LFHConfig.flush_mib), not with their size.
+Weights: lambda = log10(t) - min(log10(t)) as in the paper (MCT v1 normalises differently).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torch.fx import GraphModule, Interpreter, Node
+from tqdm.auto import tqdm
+
+from fxq.config import LFHConfig, Probe
+from fxq.errors import GraphCheckFailed, UnsupportedOp
+from fxq.ir.ops import device_of, set_eval_
+from fxq.kernels.lfh import LFHReducer
+from fxq.kernels.lfh_reduce import RunningStats
+
+__all__ = ["LFHTraces", "lfh_traces", "log_normalize"]
+
+
+class _Tap(Interpreter):
+    """Runs the graph and hooks each interest tensor's gradient: interest tensor i's goes to row i of `reducer`."""
+
+    def __init__(self, gm: GraphModule, z: list[Node], reducer: LFHReducer):
+        super().__init__(gm)
+        self.index = {n: i for i, n in enumerate(z)}
+        self.reducer = reducer
+
+    def run_node(self, n: Node):
+        out = super().run_node(n)
+        i = self.index.get(n)
+        if i is not None:
+            if not isinstance(out, Tensor) or not out.requires_grad:
+                raise UnsupportedOp(f"lfh: interest tensor {n.format_node()} is not a differentiable tensor")
+            out.register_hook(lambda g, i=i: self.reducer.add(i, g))  # add returns None: g is not replaced
+        return out
+
+
+def _probe(shape: torch.Size, kind: Probe, gen: torch.Generator, device: torch.device) -> Tensor:
+    if kind is Probe.RADEMACHER:
+        return (torch.randint(0, 2, shape, generator=gen) * 2 - 1).float().to(device)
+    return torch.randn(shape, generator=gen).to(device)
+
+
+def log_normalize(traces: Tensor) -> Tensor:
+    """lambda_z = log10(t_z) - min_z log10(t_z); a zero trace (dead tensor) counts as the smallest positive one."""
+    logs = torch.log10(traces.clamp_min(traces[traces > 0].min() if (traces > 0).any() else 1e-30))
+    return logs - logs.min()
+
+
+@dataclass
+class LFHTraces:
+    """Per interest tensor (in the order given): the trace, its standard error, the loss weight lambda."""
+
+    trace: list[float]
+    stderr: list[float]
+    weight: list[float]
+    probes: list[int]  # probes used per image batch
+
+
+@torch.enable_grad()  # backwards of the probes, whatever grad mode the caller is in (torch.compile's may be off)
+def lfh_traces(gm: GraphModule, z: list[Node], images: Tensor, cfg: LFHConfig, progress: bool = True) -> LFHTraces:
+    """The LFH trace of each tensor in `z` on `images`, averaged over images (parameters frozen meanwhile)."""
+    device = device_of(gm)
+    set_eval_(gm)
+    frozen = [p for p in gm.parameters() if p.requires_grad]
+    for p in frozen:  # activation gradients only: no weight-gradient work in the backward
+        p.requires_grad_(False)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    means, variances, weights, probes = [], [], [], []
+    try:
+        for x in tqdm(images.split(cfg.batch_size), desc="lfh", unit="batch", disable=not progress):
+            stats, used = _batch(gm, z, x.to(device), gen, cfg)
+            means.append(stats.mean)
+            variances.append(stats.variance() / stats.count)
+            weights.append(x.shape[0])
+            probes.append(used)
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+    w = torch.tensor(weights, dtype=torch.float64, device=means[0].device) / sum(weights)
+    trace = (torch.stack(means) * w[:, None]).sum(0)  # mean over images
+    stderr = ((torch.stack(variances) * w[:, None].square()).sum(0)).sqrt()
+    return LFHTraces(trace.tolist(), stderr.tolist(), log_normalize(trace).tolist(), probes)
+
+
+def _batch(gm: GraphModule, z: list[Node], x: Tensor, gen: torch.Generator, cfg: LFHConfig) -> tuple[RunningStats, int]:
+    """Probe one image batch until every trace's running mean settles (or max_probes)."""
+    p = cfg.probes_per_pass
+    xr = x.repeat(p, *([1] * (x.dim() - 1))).requires_grad_(True)  # p probes share one backward
+    # count >= min_probes * B  <=>  done >= min_probes: the device-side flags follow the same rule
+    reducer = LFHReducer(len(z), xr.shape[0], x.device, cfg.min_probes * x.shape[0], cfg.rel_tol, cfg.flush_mib << 20)
+    done = 0
+    while done < cfg.max_probes:
+        out = _Tap(gm, z, reducer).run(xr)
+        if not isinstance(out, Tensor):
+            raise UnsupportedOp("lfh: the model output must be one tensor (the probe point)")
+        v = _probe(out.shape, cfg.probe, gen, out.device)
+        torch.autograd.grad((out * v).sum(), xr)  # the hooks do the work; the input gradient is dropped
+        reducer.finish()  # a tensor the output does not depend on has trace 0
+        done += p
+        if done >= cfg.min_probes and reducer.converged():  # one host sync per probe, none before min_probes
+            break
+    stats = reducer.stats
+    if not math.isfinite(float(stats.mean.sum())):
+        raise GraphCheckFailed("lfh: NaN/inf in the Hessian traces; check the input images and model weights")
+    return stats, done

@@ -1,0 +1,178 @@
+"""AdaRound's soft rounding for a whole network at once, its state in flat tensors.
+
+Kept per layer, each step of the rounding optimization spends some twenty small kernels on every quantized
+layer (h(V), the soft weight, its live bias correction, their gradients, the optimizers) beside one
+convolution. On a GPU at batch 32 those launches, not the arithmetic, can set the step time. Here the V,
+the trainable biases and step factors of all layers are one flat tensor each, laid out in the weights'
+memory order: h(V), every soft weight and every bias correction take a handful of kernels for the whole
+network, each layer reads views of the results, and each optimizer updates one tensor.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fxq.errors import ConfigError
+from fxq.quant.modules import QuantWeight, input_mean_map
+
+__all__ = ["SoftRounding", "memory_order", "rectified_sigmoid", "inverse_rectified_sigmoid"]
+
+ZETA, GAMMA = 1.1, -0.1  # AdaRound's stretch of the sigmoid, so h(V) reaches exactly 0 and 1
+
+
+def rectified_sigmoid(v: Tensor) -> Tensor:
+    """AdaRound's h(V) = clip(sigmoid(V) * (zeta - gamma) + gamma, 0, 1)."""
+    # hardtanh is clamp(., 0, 1) with a one-kernel backward (clamp's takes five)
+    return F.hardtanh(torch.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
+
+
+def inverse_rectified_sigmoid(h: Tensor) -> Tensor:
+    """V with h(V) = h for h in (0, 1): the initialisation that makes the soft weight equal the float one."""
+    p = ((h - GAMMA) / (ZETA - GAMMA)).clamp(1e-6, 1 - 1e-6)
+    return torch.log(p / (1 - p))
+
+
+def memory_order(t: Tensor) -> tuple[int, ...]:
+    """t's dimensions from outermost to innermost in memory (ties, from size-1 dimensions, in logical order)."""
+    return tuple(sorted(range(t.dim()), key=lambda d: (-t.stride(d), d)))
+
+
+class SoftRounding:
+    """Soft weights s * clamp(floor(w/s) + h(V), qmin, qmax) for every layer in `layers`, trainable through V.
+
+    V starts where the soft weight equals the float weight. The trainable biases start at the float biases
+    (before any bias correction): a corrected layer's forward subtracts the correction E[x] (W_q - W) of its
+    current soft weight. With `train_scale` each output channel's step gets a trainable factor (1 at first).
+
+    `refresh()` computes all soft weights and biases for the next forward (the layers read them), `harden_()`
+    writes the chosen grid values into the layers, `close()` ends it either way.
+    """
+
+    def __init__(self, layers: Sequence[QuantWeight], train_scale: bool = False):
+        if not layers:
+            raise ConfigError("soft rounding: no quantized layers given")
+        if busy := [i for i, qw in enumerate(layers) if qw.soft_codes is not None]:
+            raise ConfigError(f"soft rounding: layers {busy[:3]} are already soft-rounding; harden or close them")
+        self.layers = list(layers)
+        self._orders = [memory_order(qw.layer.weight) for qw in layers]
+        parts = [_layer_state(qw, order) for qw, order in zip(layers, self._orders)]
+        v, self.floor, self.free, self.step, self.weight, mean_map = (torch.cat(p) for p in zip(*parts))
+        self.mean_map = mean_map if any(qw.input_mean is not None for qw in layers) else None
+        self.sizes = [qw.layer.weight.numel() for qw in layers]
+        self.channels = [qw.layer.weight.shape[0] for qw in layers]
+        # weights per output channel, as segment lengths: each channel's weights are contiguous in the flat form
+        self.per_channel = torch.tensor(
+            [n // c for n, c in zip(self.sizes, self.channels) for _ in range(c)], device=v.device
+        )
+        self.v = v.requires_grad_()
+        self.bias = torch.cat([_float_bias(qw) for qw in layers]).requires_grad_()
+        self.scale_factor = torch.ones(sum(self.channels), device=v.device, requires_grad=True) if train_scale else None
+        self._h: Tensor | None = None
+        self._h_version = -1
+        for i, qw in enumerate(layers):
+            qw.soft_codes = functools.partial(self._codes_of, i)
+
+    def parameters(self) -> list[Tensor]:
+        return [self.v, self.bias] + ([self.scale_factor] if self.scale_factor is not None else [])
+
+    def refresh(self) -> None:
+        """Every layer's soft weight and bias from the current V, biases and factors, for the next forward."""
+        h = rectified_sigmoid(self.v)
+        self._h, self._h_version = h, self.v._version  # the regulariser of this step reads it
+        w = torch.addcmul(self.floor, self.free, h) * self._steps()
+        b = self.bias
+        if self.mean_map is not None:  # b - E[x] (W_q - W), summed per output channel
+            shift = torch.segment_reduce(
+                (w - self.weight) * self.mean_map, "sum", lengths=self.per_channel, unsafe=True
+            )
+            b = b - shift
+        for qw, wl, bl, order in zip(self.layers, w.split(self.sizes), b.split(self.channels), self._orders):
+            qw.live = (_unflatten(wl, qw.layer.weight.shape, order), bl)
+
+    def regularizer(self, beta: float) -> Tensor:
+        """sum over every weight of 1 - |2h(V) - 1|^beta: zero only when each h is exactly 0 or 1. Reuses the
+        h(V) of this step's `refresh` (same V) instead of computing it again."""
+        fresh = self._h is not None and self._h.requires_grad and self._h_version == self.v._version
+        h = self._h if fresh else rectified_sigmoid(self.v)
+        return (1 - (2 * h - 1).abs().pow(beta)).sum()
+
+    @torch.no_grad()
+    def hard_codes(self) -> list[Tensor]:
+        """Each layer's integer codes now: floor(w/s) + 1[h(V) >= 0.5] (h >= 0.5 exactly when V >= 0), clipped."""
+        codes = torch.addcmul(self.floor, self.free, (self.v >= 0).to(self.free.dtype))
+        return [
+            _unflatten(c, qw.layer.weight.shape, order)
+            for qw, c, order in zip(self.layers, codes.split(self.sizes), self._orders)
+        ]
+
+    @torch.no_grad()
+    def _codes_of(self, i: int) -> Tensor:
+        return self.hard_codes()[i]
+
+    def harden_(self) -> None:
+        """End soft rounding: each layer's weight becomes its grid codes times its (trained) step, its bias the
+        trained one (corrected for the hard weight), and the state is dropped."""
+        factors = self.scale_factor.split(self.channels) if self.scale_factor is not None else [None] * len(self.layers)
+        for qw, codes, bias, factor in zip(self.layers, self.hard_codes(), self.bias.split(self.channels), factors):
+            qw.harden_to_(codes, bias, factor)
+        self.close()
+
+    def close(self) -> None:
+        """Detach from the layers (harden_ first to keep the result); their weights and biases are untouched."""
+        for qw in self.layers:
+            qw.soft_codes = qw.live = None
+        self._h = None
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """The trained tensors, on the CPU (checkpoints)."""
+        return {k: v.detach().cpu() for k, v in zip(("v", "bias", "scale_factor"), self.parameters())}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        for name, t in zip(("v", "bias", "scale_factor"), self.parameters()):
+            if state[name].shape != t.shape:
+                raise ConfigError(
+                    f"soft rounding: saved {name} has shape {tuple(state[name].shape)}, not {tuple(t.shape)}"
+                )
+            t.copy_(state[name])
+
+    def _steps(self) -> Tensor:
+        if self.scale_factor is None:
+            return self.step
+        factor = self.scale_factor.repeat_interleave(self.per_channel, output_size=len(self.step))  # no host sync
+        return self.step * factor
+
+
+def _layer_state(qw: QuantWeight, order: tuple[int, ...]) -> tuple[Tensor, ...]:
+    """V at the start, clamped floor, free mask, step, float weight and E[x] map of one layer, flat in memory order."""
+    w = qw.layer.weight.detach()
+    step = qw.scale_like(w).expand_as(w)
+    ws = w / step
+    floor = torch.floor(ws)
+    qmin, qmax = qw.spec.qmin, qw.spec.qmax
+    # clamp(floor + h, qmin, qmax) = clamp(floor) + free * h for h in [0, 1]: no clamp per step
+    free = ((floor >= qmin) & (floor < qmax)).to(w.dtype)
+    mean_map = (
+        input_mean_map(qw.layer, qw.input_mean.to(w.device)).to(w.dtype).expand_as(w)
+        if qw.input_mean is not None
+        else torch.zeros_like(w)
+    )
+    state = (inverse_rectified_sigmoid(ws - floor), torch.clamp(floor, qmin, qmax), free, step, w, mean_map)
+    return tuple(t.permute(order).reshape(-1) for t in state)
+
+
+def _float_bias(qw: QuantWeight) -> Tensor:
+    """The bias before any correction: the trainable part (the forward subtracts the live correction)."""
+    bias = qw.float_bias if qw.float_bias is not None else qw.ensure_bias()
+    return bias.detach().clone().to(qw.layer.weight.dtype)
+
+
+def _unflatten(flat: Tensor, shape: torch.Size, order: tuple[int, ...]) -> Tensor:
+    """The inverse of t.permute(order).reshape(-1): a view with t's shape and strides."""
+    inverse = sorted(range(len(order)), key=order.__getitem__)
+    return flat.view([shape[d] for d in order]).permute(inverse)

@@ -1,0 +1,232 @@
+"""EPTQ's rounding optimization, one knowledge distillation over the whole network (arXiv 2309.11531).
+
+Every weight quantizer gets AdaRound variables V (soft weight s * clamp(floor(w/s) + h(V))), every
+quantized layer's bias is trainable, activations stay quantized. All layers' V and biases are flat tensors
+(fxq.eptq.soft_rounding) and the interest tensors travel packed (fxq.eptq.distillation), so a step's extra
+kernels beyond the forward and backward number a few dozen, not some twenty per layer. The loss compares the
+quantized graph's interest tensors with the float graph's on unlabeled images, weighted by the LFH (lambda_z),
+plus the rounding regulariser lambda_reg * sum(1 - |2h - 1|^beta) with beta annealed 20 -> 2 after a warm-up with
+the regulariser off. At the end every weight is rounded hard onto its grid.
+
+Each tensor's squared error is taken relative to its float energy (as MCT does), so that tensors of very
+different scales weigh by their lambda alone; the model output joins Z with the largest lambda.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import Tensor, nn
+from torch.fx import GraphModule
+from tqdm.auto import tqdm
+
+from fxq.config import RoundingConfig
+from fxq.eptq.distillation import packed_loss
+from fxq.eptq.schedule import batch_indices, beta_at
+from fxq.eptq.soft_rounding import SoftRounding
+from fxq.eptq.teacher import TeacherTargets, as_model_wants, bf16_autocast, flat_outputs
+from fxq.eptq.weights import interest_weights
+from fxq.errors import GraphCheckFailed
+from fxq.io.checkpoint import load_checkpoint, save_checkpoint
+from fxq.ir.ops import device_of, set_eval_
+from fxq.ir.taps import interest_nodes, quantized_value, with_taps
+from fxq.quant.modules import ActQuant, QuantWeight
+
+__all__ = ["RoundingOptimizer", "use_fused_act_quant_", "CHECKPOINT"]
+
+CHECKPOINT = "rounding.pt"
+
+
+class RoundingOptimizer:
+    """Optimize the rounding of every quantized weight (and the biases) of a graph against the float `teacher`."""
+
+    def __init__(self, teacher: GraphModule, images: Tensor, config: RoundingConfig = RoundingConfig(), progress=True):
+        self.teacher = teacher
+        self.images = images if config.images is None else images[: config.images]
+        self.cfg = config
+        self.progress = progress
+
+    @torch.enable_grad()  # it trains, whatever grad mode the caller is in (torch.compile's may be off)
+    def run(self, gm: GraphModule) -> dict:
+        """Optimize, harden (or keep RTN where it distils better) and return the run's statistics."""
+        cfg, device = self.cfg, device_of(gm)
+        set_eval_(gm)
+        layers = [m for m in gm.modules() if isinstance(m, QuantWeight)]
+        nhwc = cfg.channels_last and self.images.dim() == 4
+        student, teacher = self._tapped(gm)
+        images = self.images.to(device) if device.type == "cuda" else self.images
+        trainable = {p: p.requires_grad for p in gm.parameters()}
+        for p in trainable:
+            p.requires_grad_(False)
+        rtn = [(qw.quantized_weight().detach().clone(), qw.ensure_bias().detach().clone()) for qw in layers]
+        soft = None
+        try:  # everything set up from here on is undone in `finally`
+            use_fused_act_quant_(gm, True)
+            if nhwc:  # before V is made from the weights, so V and its gradients are NHWC too
+                gm.to(memory_format=torch.channels_last)
+                self.teacher.to(memory_format=torch.channels_last)
+            soft = SoftRounding(layers, cfg.train_scale)
+            soft.bias.requires_grad_(cfg.train_bias)
+            opt_v = torch.optim.RAdam([soft.v], lr=cfg.lr_rounding)
+            groups = [{"params": [soft.bias], "lr": cfg.lr_bias}]
+            if soft.scale_factor is not None:
+                groups.append({"params": [soft.scale_factor], "lr": cfg.lr_scale})
+            opt_b = torch.optim.SGD(groups, foreach=True)
+            t0 = time.perf_counter()
+            targets = TeacherTargets(teacher, images, cfg, [n.name for n in interest_nodes(gm)])
+            cache_seconds = time.perf_counter() - t0
+            weights = interest_weights(gm, cfg.loss_weights, targets.out_is_tensor).to(device)
+            stats = self._optimize(soft, student, targets, images, weights, opt_v, opt_b)
+            stats.update(teacher_cache=targets.cache is not None, teacher_cache_seconds=cache_seconds)
+            soft.harden_()
+            if cfg.keep_best:
+                stats.update(self._keep_best(layers, rtn, student, targets, images, weights))
+        finally:
+            if soft is not None:
+                soft.close()
+            for p, flag in trainable.items():
+                p.requires_grad_(flag)
+            use_fused_act_quant_(gm, False)
+            if nhwc:
+                gm.to(memory_format=torch.contiguous_format)
+                self.teacher.to(memory_format=torch.contiguous_format)
+        return stats
+
+    def _tapped(self, gm: GraphModule) -> tuple[GraphModule, GraphModule]:
+        z = interest_nodes(gm)
+        by_name = {n.name: n for n in self.teacher.graph.nodes}
+        missing = [n.name for n in z if n.name not in by_name]
+        if missing:
+            raise GraphCheckFailed(f"rounding: the teacher graph lacks interest tensors {missing[:3]}")
+        student = with_taps(gm, [quantized_value(n) for n in z])
+        teacher = with_taps(self.teacher.to(device_of(gm)), [by_name[n.name] for n in z])
+        if self.cfg.compile:
+            student, teacher = torch.compile(student), torch.compile(teacher)
+        return student, teacher
+
+    def _fingerprint(self, layers: list[QuantWeight]) -> dict:
+        c = self.cfg
+        return {
+            "layers": len(layers),
+            "weights": sum(qw.layer.weight.numel() for qw in layers),
+            "bits": [qw.spec.bits for qw in layers],
+            "images": len(self.images),
+            "iterations": c.iterations,
+            "batch_size": c.batch_size,
+            "seed": c.seed,
+            "loss_weights": c.loss_weights.value,
+            "train_scale": c.train_scale,
+            "state": "flat",  # SoftRounding's flat V, biases and factors (earlier checkpoints held them per layer)
+        }
+
+    def _losses(self, student, targets: TeacherTargets, idx: Tensor, x: Tensor, weights: Tensor) -> Tensor:
+        zf, zf_energy = targets(idx, x)
+        with bf16_autocast(x.device, self.cfg.amp):
+            zq = flat_outputs(student(x), targets.out_is_tensor)
+        cfg = self.cfg
+        return packed_loss(
+            zf, zq, targets.lengths, weights, cfg.normalize_loss, zf_energy, targets.nhwc, targets.workspace
+        )
+
+    def _optimize(self, soft: SoftRounding, student, targets, images, weights, opt_v, opt_b) -> dict:
+        cfg, device = self.cfg, soft.v.device
+        fingerprint, start = self._fingerprint(soft.layers), 0
+        history: list[tuple[int, float]] = []
+        if cfg.resume:
+            state = load_checkpoint(cfg.checkpoint_dir, CHECKPOINT, fingerprint)
+            soft.load_state_dict(state["soft"])
+            opt_v.load_state_dict(state["opt_v"])
+            opt_b.load_state_dict(state["opt_b"])
+            start, history = state["step"], state["history"]
+        log_every = max(cfg.iterations // 100, 1)
+        t0 = t1 = time.perf_counter()
+        bar = tqdm(
+            range(start, cfg.iterations),
+            initial=start,
+            total=cfg.iterations,
+            desc="rounding",
+            unit="it",
+            disable=not self.progress,
+        )
+        for step in bar:
+            idx = batch_indices(len(images), cfg.batch_size, step, cfg.seed)
+            x = as_model_wants(images[idx.to(images.device)].to(device, non_blocking=True), cfg)
+            soft.refresh()
+            loss = self._losses(student, targets, idx, x, weights)
+            beta = beta_at(step, cfg)
+            total = loss if beta is None or cfg.reg == 0 else loss + cfg.reg * soft.regularizer(beta)
+            opt_v.zero_grad(set_to_none=True)
+            opt_b.zero_grad(set_to_none=True)
+            total.backward()
+            opt_v.step()
+            opt_b.step()
+            if step % log_every == 0 or step == cfg.iterations - 1:  # the host syncs of the loop (and the next)
+                history.append((step, float(loss.detach())))
+                bar.set_postfix(loss=f"{history[-1][1]:.4g}", beta="warm-up" if beta is None else f"{beta:.1f}")
+            if step == start:  # the first step pays for compiling and warming up: time the rest apart
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                t1 = time.perf_counter()
+            if cfg.checkpoint_dir and ((step + 1) % cfg.checkpoint_every == 0 or step == cfg.iterations - 1):
+                save_checkpoint(
+                    cfg.checkpoint_dir,
+                    CHECKPOINT,
+                    {
+                        "fingerprint": fingerprint,
+                        "step": step + 1,
+                        "soft": soft.state_dict(),
+                        "opt_v": opt_v.state_dict(),
+                        "opt_b": opt_b.state_dict(),
+                        "history": history,
+                    },
+                )
+        bar.close()
+        steps = cfg.iterations - start
+        t_end = time.perf_counter()
+        seconds = t_end - t0
+        return {
+            "iterations": cfg.iterations,
+            "resumed_at": start,
+            "batch_size": cfg.batch_size,
+            "images": len(images),
+            "seconds": seconds,
+            "seconds_per_step": seconds / steps if steps else None,
+            "seconds_per_step_after_first": (t_end - t1) / (steps - 1) if steps > 1 else None,
+            "loss_weights": cfg.loss_weights.value,
+            "history": history,
+        }
+
+    @torch.no_grad()
+    def _keep_best(self, layers, rtn, student, targets, images, weights) -> dict:
+        """Distillation loss of the hard-rounded model vs RTN on fixed calibration images; keep the lower."""
+        x = images[: min(len(images), 128)]
+        device = weights.device
+
+        def loss() -> float:
+            return sum(
+                float(self._losses(student, targets, idx, as_model_wants(x[idx].to(device), self.cfg), weights))
+                for idx in torch.arange(len(x)).split(self.cfg.batch_size)
+            )
+
+        eptq = loss()
+        chosen = [(qw.layer.weight.detach().clone(), qw.ensure_bias().detach().clone()) for qw in layers]
+        _load_weights(layers, rtn)
+        rtn_loss = loss()
+        if eptq <= rtn_loss:
+            _load_weights(layers, chosen)
+        return {"check_loss": eptq, "rtn_check_loss": rtn_loss, "kept": "eptq" if eptq <= rtn_loss else "rtn"}
+
+
+def use_fused_act_quant_(gm: nn.Module, on: bool) -> None:
+    """Activation quantizers on torch's fused training kernel (on) or the traceable formula (off, the default)."""
+    for m in gm.modules():
+        if isinstance(m, ActQuant):
+            m.fused_kernel = on
+
+
+@torch.no_grad()
+def _load_weights(layers: list[QuantWeight], values: list[tuple[Tensor, Tensor]]) -> None:
+    for qw, (w, b) in zip(layers, values):
+        qw.layer.weight.copy_(w)
+        qw.ensure_bias().copy_(b)

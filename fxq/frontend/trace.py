@@ -1,0 +1,132 @@
+"""Front-ends: turn an nn.Module into the one IR every pass sees, a torch.fx GraphModule."""
+
+from __future__ import annotations
+
+import copy
+import os
+import traceback
+from enum import Enum
+from typing import Any
+
+import torch
+from torch import nn
+from torch.fx import GraphModule, Tracer
+
+from fxq.errors import TraceFailed
+from fxq.frontend.mha import TraceableMHA
+from fxq.ir.meta import gq
+
+__all__ = ["Frontend", "trace"]
+
+
+class Frontend(Enum):
+    FX = "fx"  # torch.fx.symbolic_trace: keeps nn modules as call_module nodes
+    EXPORT = "export"  # torch.export: ATen-level graph, handles data-dependent Python better
+
+
+class _PathTracer(Tracer):
+    """symbolic_trace with user leaf modules, remembering which module was being traced when it failed."""
+
+    def __init__(self, leaf_modules: tuple[type | str, ...] = ()):  # no-arg: GraphModule unpickling builds one
+        super().__init__()
+        self._leaf_types = tuple(t for t in leaf_modules if isinstance(t, type))
+        self._leaf_names = {t for t in leaf_modules if isinstance(t, str)}
+        self.failed_in: str | None = None
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, self._leaf_types) or qualname in self._leaf_names or super().is_leaf_module(m, qualname)
+
+    def call_module(self, m, forward, args, kwargs):
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:  # innermost module first
+                self.failed_in = self.path_of_module(m) or "<root>"
+            raise
+
+
+def _user_frame(exc: BaseException) -> str:
+    """file:line of the innermost frame outside torch, i.e. the model source line that failed to trace."""
+    torch_dir = os.path.dirname(torch.__file__)
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(torch_dir)]
+    if not frames:
+        return "<unknown source line>"
+    f = frames[-1]
+    return f"{f.filename}:{f.lineno} ({(f.line or '').strip()})"
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def _expose_attention(model: nn.Module, leaf_modules: tuple) -> nn.Module:
+    """A copy of `model` with each nn.MultiheadAttention (an opaque leaf to symbolic_trace) in traceable form."""
+    found = [
+        n
+        for n, m in model.named_modules()
+        if isinstance(m, nn.MultiheadAttention) and n not in leaf_modules and m.bias_k is None and not m.add_zero_attn
+    ]
+    if not found:
+        return model
+    model = copy.deepcopy(model)
+    for name in found:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, TraceableMHA(model.get_submodule(name)))
+    return model
+
+
+def _trace_fx(model: nn.Module, leaf_modules: tuple, concrete_args: dict[str, Any] | None) -> GraphModule:
+    model = _expose_attention(model, leaf_modules)
+    tracer = _PathTracer(leaf_modules)
+    try:
+        graph = tracer.trace(model, concrete_args=concrete_args)
+    except Exception as e:
+        where = tracer.failed_in or "<root>"
+        cls = type(model.get_submodule(where) if where != "<root>" else model).__name__
+        raise TraceFailed(
+            f"symbolic_trace failed in module '{where}' ({cls}) at {_user_frame(e)}: {_first_line(e)}. "
+            f"Try frontend='export' (--frontend export), or keep '{where}' whole with "
+            f"leaf_modules=('{where}',) (its weights then stay float)."
+        ) from e
+    return GraphModule(tracer.root, graph, type(model).__name__)
+
+
+def _trace_export(model: nn.Module, example_inputs: tuple) -> GraphModule:
+    if not example_inputs:
+        raise TraceFailed("frontend 'export' needs example inputs (a batch of the model's input)")
+    dims = tuple({0: torch.export.Dim.AUTO} if isinstance(x, torch.Tensor) else None for x in example_inputs)
+    try:
+        ep = torch.export.export(model, tuple(example_inputs), dynamic_shapes=dims, strict=False)
+    except Exception as e:
+        raise TraceFailed(
+            f"torch.export failed at {_user_frame(e)}: {_first_line(e)}. "
+            f"Try frontend='fx' (--frontend fx), possibly with leaf_modules for the failing module."
+        ) from e
+    return ep.module()
+
+
+def trace(
+    model: nn.Module,
+    example_inputs: tuple = (),
+    frontend: Frontend | str = Frontend.FX,
+    leaf_modules: tuple[type | str, ...] = (),
+    concrete_args: dict[str, Any] | None = None,
+) -> GraphModule:
+    """Trace `model` (in eval mode) into a GraphModule; the model itself is not changed.
+
+    Example:
+        gm = trace(torchvision.models.resnet18().eval())
+        gm = trace(model, (torch.randn(1, 3, 224, 224),), frontend="export")
+    """
+    if not isinstance(model, nn.Module):
+        raise TraceFailed(f"expected an nn.Module, got {type(model).__name__}")
+    frontend = Frontend(frontend)
+    if isinstance(model, GraphModule):
+        gm = model
+    elif frontend is Frontend.FX:
+        gm = _trace_fx(model, tuple(leaf_modules), concrete_args)
+    else:
+        gm = _trace_export(model, tuple(example_inputs))
+    gq(gm).frontend = frontend.value
+    gq(gm).leaf_modules = tuple(leaf_modules)
+    return gm

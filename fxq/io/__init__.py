@@ -1,0 +1,1 @@
+"""Files: reports, plots, checkpoints, and quantized models saved and loaded without pickle."""

@@ -1,0 +1,1 @@
+"""The IR helpers every pass shares: node.meta records, op tables, graph copies, taps, partial re-execution."""

@@ -1,0 +1,87 @@
+"""Graph copies and views: a deep copy with its own quantization state, the float graph under the observers, and
+reachability over the fx graph (networkx, built once per graph)."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import networkx as nx
+from torch.fx import GraphModule, Node
+
+from fxq.ir.meta import OpKind, gq, q
+
+__all__ = ["without_graph_state", "copy_graph", "float_graph", "dataflow", "downstream", "remap_nodes"]
+
+
+@contextmanager
+def without_graph_state(gm: GraphModule) -> Iterator[GraphModule]:
+    """gm with gm.meta["fxq"] set aside: it holds Nodes, which neither pickle nor deep-copy cleanly."""
+    state = gm.meta.pop("fxq", None)
+    try:
+        yield gm
+    finally:
+        if state is not None:
+            gm.meta["fxq"] = state
+
+
+def remap_nodes(obj, by_name: dict[str, Node]):
+    """`obj` (NodeQ / GraphQ fields: dataclasses, dicts, lists, tuples) with every Node replaced by the node of the
+    same name in `by_name`; everything else copied."""
+    if isinstance(obj, Node):
+        return by_name[obj.name]
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return dataclasses.replace(
+            obj, **{f.name: remap_nodes(getattr(obj, f.name), by_name) for f in dataclasses.fields(obj) if f.init}
+        )
+    if isinstance(obj, dict):
+        return {remap_nodes(k, by_name): remap_nodes(v, by_name) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(remap_nodes(v, by_name) for v in obj)
+    return copy.deepcopy(obj)
+
+
+def copy_graph(gm: GraphModule) -> GraphModule:
+    """A deep copy of `gm` whose quantization state is its own, its Node references pointing into the copy.
+
+    (torch.fx copies node.meta shallowly, so a plain deepcopy would share every NodeQ with the original.)
+    """
+    with without_graph_state(gm):
+        new = copy.deepcopy(gm)
+    by_name = {n.name: n for n in new.graph.nodes}
+    for n in new.graph.nodes:
+        if "fxq" in n.meta:
+            n.meta["fxq"] = remap_nodes(q(n), by_name)
+    if "fxq" in gm.meta:
+        new.meta["fxq"] = remap_nodes(gq(gm), by_name)
+    return new
+
+
+def float_graph(gm: GraphModule) -> GraphModule:
+    """A copy of gm with its observers taken out: the float model they watch, whose forwards leave them be."""
+    out = copy_graph(gm)
+    for node in [n for n in out.graph.nodes if q(n).kind is OpKind.OBSERVER]:
+        node.replace_all_uses_with(node.args[0])
+        out.graph.erase_node(node)
+        out.delete_submodule(node.target)
+    out.recompile()
+    gq(out).calib_images = 0
+    return out
+
+
+def dataflow(gm: GraphModule) -> nx.DiGraph:
+    """The fx graph's data dependencies as a networkx DiGraph of Nodes (input -> user)."""
+    g = nx.DiGraph()
+    g.add_nodes_from(gm.graph.nodes)
+    g.add_edges_from((a, n) for n in gm.graph.nodes for a in n.all_input_nodes)
+    return g
+
+
+def downstream(flow: nx.DiGraph, nodes: list[Node]) -> set[Node]:
+    """Every node whose value depends on one of `nodes` (the output node excluded)."""
+    seen: set[Node] = set()
+    for n in nodes:
+        seen |= nx.descendants(flow, n)
+    return {n for n in seen if n.op != "output"}

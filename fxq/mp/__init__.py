@@ -1,0 +1,1 @@
+"""Mixed precision: sensitivities, budgets, the HiGHS ILP and typed allocation plans."""

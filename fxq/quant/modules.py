@@ -1,0 +1,235 @@
+"""Modules the passes put into the graph: activation observers, activation and weight fake-quantizers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fxq.errors import ConfigError
+from fxq.ir.meta import OpKind
+from fxq.quant.qmath import QSpec, fake_quant, scale_for
+
+__all__ = [
+    "ActObserver",
+    "ChannelStatsObserver",
+    "ActQuant",
+    "QuantWeight",
+    "layer_forward",
+    "mean_output_shift",
+    "input_mean_map",
+]
+
+
+class ActObserver(nn.Module):
+    """Records the exact min/max of a tensor and a random sample of its values, passes it on unchanged.
+
+    The sample (samples_per_batch values per call) feeds the MSE threshold search; a random sample is
+    unbiased where a strided one would alias with the channel or spatial layout.
+    """
+
+    fxq_kind = OpKind.OBSERVER
+
+    def __init__(self, samples_per_batch: int = 4096, seed: int = 0):
+        super().__init__()
+        self.samples_per_batch = samples_per_batch
+        self.register_buffer("lo", torch.tensor(float("inf")))
+        self.register_buffer("hi", torch.tensor(float("-inf")))
+        self.samples: list[Tensor] = []
+        self.batches = 0
+        self._gen = torch.Generator().manual_seed(seed)
+
+    @torch.no_grad()
+    def forward(self, x: Tensor) -> Tensor:
+        self.batches += 1
+        lo, hi = torch.aminmax(x.detach())
+        # stays on x's device: no host sync per observer per batch
+        self.lo = torch.minimum(self.lo.to(lo.device), lo.float())
+        self.hi = torch.maximum(self.hi.to(hi.device), hi.float())
+        flat = x.detach().reshape(-1)
+        idx = torch.randint(flat.numel(), (min(self.samples_per_batch, flat.numel()),), generator=self._gen)
+        self.samples.append(flat[idx.to(flat.device)].float())
+        return x
+
+    @property
+    def observed(self) -> bool:
+        return self.batches > 0
+
+    def sample(self) -> Tensor:
+        return torch.cat(self.samples).cpu() if self.samples else torch.empty(0)
+
+
+class ChannelStatsObserver(nn.Module):
+    """Running per-channel mean and second moment of a layer's input (channel dim 1 for conv, last for
+    linear): bias correction needs E[x] to cancel the mean output shift that weight rounding causes, and the
+    output-error weight threshold (WeightError.OUTPUT) weighs each input channel by its spread."""
+
+    fxq_kind = OpKind.OBSERVER
+
+    def __init__(self, channel_dim: int):
+        super().__init__()
+        self.channel_dim = channel_dim
+        self.register_buffer("total", torch.zeros(0))
+        self.register_buffer("total_sq", torch.zeros(0))
+        self.count = 0
+
+    @torch.no_grad()
+    def forward(self, x: Tensor) -> Tensor:
+        dim = self.channel_dim % x.dim()
+        dims = [d for d in range(x.dim()) if d != dim]
+        xf = x.detach().float()
+        s, s2 = xf.sum(dims), xf.square().sum(dims)
+        first = self.total.numel() == 0
+        self.total = s if first else self.total.to(s.device) + s
+        self.total_sq = s2 if first else self.total_sq.to(s.device) + s2
+        self.count += x.numel() // x.shape[dim]
+        return x
+
+    def mean(self) -> Tensor:
+        return self.total / max(self.count, 1)
+
+    def second_moment(self) -> Tensor:
+        return self.total_sq / max(self.count, 1)
+
+    def variance(self) -> Tensor:
+        return (self.second_moment() - self.mean().square()).clamp_min(0)
+
+
+class ActQuant(nn.Module):
+    """Per-tensor symmetric fake quantization of an activation."""
+
+    fxq_kind = OpKind.ACT_QUANT
+
+    def __init__(self, spec: QSpec, threshold: float):
+        super().__init__()
+        self.spec = spec
+        self.register_buffer("scale", scale_for(torch.tensor(float(threshold)), spec))
+        self.fused_kernel = False  # set by the rounding optimization while it trains
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.fused_kernel and x.requires_grad and x.dtype == torch.float32:
+            # training: torch's fused fake-quantize, one kernel each way where the formula below takes six. It
+            # has no meta kernel (torch.export/compile cannot trace it) and rounds x * (1/s), so a tie may differ
+            zero = self.scale.new_zeros((), dtype=torch.int32)
+            return torch.fake_quantize_per_tensor_affine(x, self.scale, zero, self.spec.qmin, self.spec.qmax)
+        return fake_quant(x, self.scale, self.spec)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.spec.bits}, signed={self.spec.signed}, scale={float(self.scale):.4g}"
+
+
+def layer_forward(layer: nn.Module, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    """A conv or linear layer's op on x with weight w and bias b in place of its own."""
+    if isinstance(layer, nn.Linear):
+        return F.linear(x, w, b)
+    return layer._conv_forward(x, w, b)
+
+
+def mean_output_shift(layer: nn.Module, dw: Tensor, x_mean: Tensor) -> Tensor:
+    """E[y'] - E[y] per output channel when `layer`'s weight moves by dw and its input has channel means x_mean
+    (padding ignored): what bias correction subtracts."""
+    return (dw * input_mean_map(layer, x_mean)).flatten(1).sum(1)
+
+
+def input_mean_map(layer: nn.Module, x_mean: Tensor) -> Tensor:
+    """E[x] of the input each weight multiplies, broadcastable to the weight: (1, Cin) for linear,
+    (Cout, Cin/g, 1, ...) for conv (each output channel sees its group's inputs; padding ignored)."""
+    if isinstance(layer, nn.Linear):
+        return x_mean.reshape(1, -1)
+    w = layer.weight
+    g = layer.groups
+    x = x_mean.view(g, -1).repeat_interleave(w.shape[0] // g, dim=0)  # (Cout, Cin/g)
+    return x.reshape(*x.shape, *([1] * (w.dim() - 2)))
+
+
+class QuantWeight(nn.Module):
+    """A conv or linear layer whose weight is fake-quantized per output channel on every call.
+
+    Holds the float layer unchanged so later passes (rounding, mixed precision) can re-derive the grid.
+    During the rounding optimization (fxq.eptq.soft_rounding) its forward uses the soft weight and
+    bias held in `live`; hardening then writes grid values into the layer's weight, after which plain
+    round-to-nearest reproduces them exactly.
+
+    With bias correction it keeps the layer's input channel means and float bias: the corrected bias is always
+    float bias - E[x] (W_q - W), for RTN weights, for the soft weights while they train, and for the hard ones.
+    """
+
+    def __init__(self, layer: nn.Module, spec: QSpec, threshold: Tensor):
+        super().__init__()
+        self.layer = layer
+        self.spec = spec
+        self.register_buffer("scale", scale_for(threshold.detach().float(), spec))
+        self.register_buffer("input_mean", None)  # E[x] per input channel, when bias correction is on
+        self.register_buffer("float_bias", None)
+        # while a soft rounding (fxq.eptq.soft_rounding) runs on this layer: its current choice of codes
+        self.soft_codes: Callable[[], Tensor] | None = None
+        self.live: tuple[Tensor, Tensor] | None = None  # its soft weight and bias for the next forward
+
+    @property
+    def fxq_kind(self) -> OpKind:
+        return OpKind.LINEAR if isinstance(self.layer, nn.Linear) else OpKind.CONV
+
+    def scale_like(self, w: Tensor) -> Tensor:
+        """The per-channel step, shaped to broadcast against `w`."""
+        return self.scale.to(w.dtype).reshape(-1, *([1] * (w.dim() - 1)))
+
+    def bias_shift(self, w_q: Tensor) -> Tensor | None:
+        """E[x] (W_q - W): the mean output shift that quantizing the weight to w_q causes (None: no correction)."""
+        if self.input_mean is None:
+            return None
+        dw = (w_q - self.layer.weight.detach()).float()
+        return mean_output_shift(self.layer, dw, self.input_mean.to(dw.device)).to(self.layer.weight.dtype)
+
+    @torch.no_grad()
+    def correct_bias_(self, input_mean: Tensor) -> None:
+        """Empirical bias correction (Nagel et al. 2019, MCT's default): b = b_float - E[x] (W_q - W)."""
+        layer = self.layer
+        self.float_bias = self.ensure_bias().detach().clone()
+        self.input_mean = input_mean.detach().float()
+        layer.bias.copy_(self.float_bias - self.bias_shift(self.quantized_weight().detach()))
+
+    def ensure_bias(self) -> nn.Parameter:
+        """The layer's bias, created as zeros when it has none (bias correction and the rounding need one)."""
+        layer = self.layer
+        if layer.bias is None:
+            w = layer.weight
+            layer.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device), requires_grad=False)
+        return layer.bias
+
+    def hard_codes(self) -> Tensor:
+        """Integer codes of the weight: round-to-nearest, or the current choice of a running soft rounding."""
+        if self.soft_codes is not None:
+            return self.soft_codes()
+        w = self.layer.weight.detach()
+        return torch.clamp(torch.round(w / self.scale_like(w)), self.spec.qmin, self.spec.qmax)
+
+    @torch.no_grad()
+    def harden_to_(self, codes: Tensor, bias: Tensor, scale_factor: Tensor | None = None) -> None:
+        """The weight becomes codes * step (the step times `scale_factor` when given), the bias `bias` corrected
+        for that weight when bias correction is on; the weight is then its own grid: nothing is left to correct."""
+        w = self.layer.weight
+        if scale_factor is not None:
+            self.scale.mul_(scale_factor.to(self.scale))
+        hard = (codes * self.scale_like(w)).to(w.dtype)
+        shift = self.bias_shift(hard)
+        self.ensure_bias().copy_(bias if shift is None else bias - shift)
+        w.copy_(hard)
+        self.input_mean = self.float_bias = None
+
+    def quantized_weight(self) -> Tensor:
+        if self.live is not None:
+            return self.live[0]
+        w = self.layer.weight
+        return fake_quant(w, self.scale.to(w.dtype), self.spec).to(w.dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.live is not None:
+            return layer_forward(self.layer, x, *self.live)
+        if self.soft_codes is not None:
+            raise ConfigError("QuantWeight: soft rounding is on but has no weights yet; call its refresh() first")
+        return layer_forward(self.layer, x, self.quantized_weight(), self.layer.bias)
+
+    def extra_repr(self) -> str:
+        return f"bits={self.spec.bits}, per_channel={self.spec.per_channel}"

@@ -15,7 +15,7 @@ $(VENV)/.ready: pyproject.toml constraints.txt
 
 main: $(VENV)/.ready
 	$(VENV)/bin/fxq compare --model efficientnet_lite0 --runs rtn:8,rtn:4,eptq:4 --act-bits 8 \
-		--schedule $(if $(FULL),full,auto)
+		--schedule $(if $(FULL),full,auto) --force
 
 test: $(VENV)/.ready
 	$(PY) -m pytest -q tests

@@ -16,7 +16,7 @@ import fxq
 from fxq.data.evaluate import evaluate
 from fxq.data.images import batches, default_data_dir, load_images
 from fxq.data.models import load_model
-from fxq.io.report import write_json_atomic
+from fxq.io.files import write_json_atomic
 
 
 def main() -> None:

@@ -21,7 +21,7 @@ from fxq.config import LFHConfig, Method, MixedPrecisionConfig, PTQConfig, Round
 from fxq.data.evaluate import evaluate
 from fxq.data.images import batches, default_data_dir, load_images
 from fxq.data.models import load_model
-from fxq.io.report import write_json_atomic
+from fxq.io.files import write_json_atomic
 from fxq.ir.meta import gq
 from fxq.ir.ops import pick_device
 from fxq.mp.ilp import Budget, solve_allocation

@@ -23,7 +23,7 @@ from fxq.config import LFHConfig, MixedPrecisionConfig, PTQConfig, measure_field
 from fxq.data.evaluate import evaluate
 from fxq.data.images import batches, default_data_dir, load_images
 from fxq.data.models import load_model
-from fxq.io.report import write_json_atomic
+from fxq.io.files import write_json_atomic
 from fxq.ir.meta import gq
 from fxq.ir.ops import pick_device
 from fxq.mp.select import top1, top1_agreement

@@ -34,7 +34,7 @@ from fxq.config import LFHConfig, Method, PTQConfig, RoundingConfig
 from fxq.data.evaluate import evaluate
 from fxq.data.images import batches, load_images
 from fxq.data.models import DEFAULT_MODEL, default_image_sets, load_model
-from fxq.io.report import write_json_atomic
+from fxq.io.files import write_json_atomic
 from fxq.ir.ops import device_of, pick_device
 from fxq.targets import INT8
 

@@ -24,7 +24,7 @@ import fxq
 from fxq.config import LFHConfig, Method, PTQConfig, RoundingConfig
 from fxq.data.images import batches, default_data_dir, load_images
 from fxq.data.models import load_model
-from fxq.io.report import write_json_atomic
+from fxq.io.files import write_json_atomic
 from fxq.ir.graph import copy_graph
 from fxq.pipeline import analyze, quantize_analyzed
 

@@ -99,7 +99,7 @@ class RoundingConfig:
     warmup: float = 0.2  # fraction of the iterations with the regulariser off
     loss_weights: LossWeights = LossWeights.LFH
     normalize_loss: bool = True  # each tensor's squared error relative to its float energy (as MCT does)
-    images: int | None = None  # use the first N calibration images (None: all)
+    images: int | None = None  # optimize on N calibration images drawn at random with `seed` (None: all)
     keep_best: bool = True  # fall back to RTN when the optimized rounding distils worse on held-out images
     checkpoint_every: int = 500  # iterations between checkpoints (with checkpoint_dir)
     checkpoint_dir: str | None = None

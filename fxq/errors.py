@@ -1,4 +1,7 @@
-"""Errors fxq raises for bad input. Every message names the cause and a fix."""
+"""Errors fxq raises for bad input, bad files, unwritable outputs and refused resumes. Every message names the
+cause, where it is, and a fix; the command line prints it as one line and exits 2."""
+
+from __future__ import annotations
 
 __all__ = [
     "FxqError",
@@ -9,6 +12,9 @@ __all__ = [
     "ModelError",
     "GraphCheckFailed",
     "ExportMismatch",
+    "OutputError",
+    "CheckpointError",
+    "first_line",
 ]
 
 
@@ -29,11 +35,11 @@ class ConfigError(FxqError, ValueError):
 
 
 class DataError(FxqError):
-    """An image folder is missing, empty or holds an unreadable file."""
+    """An image folder or set is missing, empty, or holds an unreadable file or label."""
 
 
 class ModelError(FxqError):
-    """A model name is unknown or a weights file does not fit the model."""
+    """A model name is unknown, or a weights file or saved folder cannot be read or does not fit the model."""
 
 
 class GraphCheckFailed(FxqError):
@@ -42,3 +48,17 @@ class GraphCheckFailed(FxqError):
 
 class ExportMismatch(FxqError):
     """An exported model computes something other than the reference on the check images."""
+
+
+class OutputError(FxqError):
+    """An output path cannot be written: it is a file, a non-empty folder, read-only, or the disk is full."""
+
+
+class CheckpointError(FxqError):
+    """A checkpoint is missing, damaged, or was written by a run that differs from this one."""
+
+
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message (its class name when the message is empty), for one-line errors."""
+    text = str(e).strip()
+    return (text.splitlines()[0] if text else type(e).__name__)[:limit]

@@ -20,6 +20,7 @@ from torch.fx.passes.infra.pass_manager import PassManager
 from fxq.config import LFHConfig, LossWeights, Method, PTQConfig, WeightError
 from fxq.data.images import batch_inputs
 from fxq.debug import CHECK
+from fxq.eptq.train import check_resumable
 from fxq.errors import ConfigError, DataError, FxqError
 from fxq.frontend.trace import trace
 from fxq.io.report import Report, build_report
@@ -254,6 +255,7 @@ def allocate(analyzed: GraphModule, calib_data: Iterable, config: PTQConfig) -> 
 
 def quantize_graph(gm: GraphModule, calib_data: Iterable, config: PTQConfig, example_inputs: tuple) -> GraphModule:
     """Every stage of a run on a graph a front-end already made (the torch.compile backend's entry)."""
+    _check_before_work(config)
     return run_passes(gm, passes(config, _batches(calib_data), example_inputs))
 
 
@@ -267,6 +269,14 @@ def quantize(model: nn.Module, calib_data: Iterable, config: PTQConfig = PTQConf
     Example:
         qgm, report = fxq.quantize(model, calib_loader, PTQConfig(target=fxq.INT8.with_bits(weight_bits=4)))
     """
+    _check_before_work(config)
     batches = _batches(calib_data)
     gm = analyze(model, batches, config)
     return quantize_analyzed(gm, batches, config, type(model).__name__)
+
+
+def _check_before_work(config: PTQConfig) -> None:
+    """What can be refused before a pass runs: a resume whose checkpoint is missing, damaged or from other
+    settings."""
+    if config.method == Method.EPTQ:
+        check_resumable(config.rounding)

@@ -8,7 +8,7 @@ import torch
 
 import fxq
 from fxq.config import LFHConfig, Method, MixedPrecisionConfig, PTQConfig, RoundingConfig
-from fxq.errors import ConfigError, ModelError
+from fxq.errors import CheckpointError, ModelError, OutputError
 from fxq.io import artifact
 from fxq.io.checkpoint import load_checkpoint, save_checkpoint
 from fxq.ir.meta import q
@@ -99,7 +99,7 @@ def test_a_pickle_payload_is_refused_and_never_runs(tmp_path):
 def test_a_checkpoint_with_a_pickle_payload_is_refused_and_never_runs(tmp_path):
     marker = tmp_path / "pwned"
     torch.save({"fingerprint": {}, "payload": _Payload(str(marker))}, tmp_path / "rounding.pt")
-    with pytest.raises(ConfigError, match="not a checkpoint of plain tensors"):
+    with pytest.raises(CheckpointError, match="not a checkpoint of plain tensors"):
         load_checkpoint(tmp_path, "rounding.pt", {})
     assert not marker.exists()
     save_checkpoint(tmp_path, "ok.pt", {"fingerprint": {"a": 1}, "step": 3, "v": torch.ones(2), "history": [(0, 1.0)]})
@@ -139,7 +139,7 @@ def test_what_cannot_be_rebuilt_is_refused_when_saving(tmp_path):
         fxq.save(qgm, tmp_path / "m")
     (tmp_path / "file").write_text("x")
     qgm, _ = fxq.quantize(_net(), CALIB, CONFIGS["rtn_w8"])
-    with pytest.raises(ModelError, match="is a file; give a folder"):
+    with pytest.raises(OutputError, match="is a file; give a folder"):
         fxq.save(qgm, tmp_path / "file")
     with pytest.raises(ModelError, match="names no model fxq can build; pass the float model"):
         fxq.save(qgm, tmp_path / "m") and fxq.load(tmp_path / "m")

@@ -21,6 +21,7 @@ from fxq.data.images import (
     load_npz_images,
 )
 from fxq.data.models import CIFAR_MODELS, CIFAR_PREPROCESS, cifar_weights_path, known_models, load_model
+from fxq.data.subset import Subset
 from fxq.errors import DataError, ModelError
 from tests.conftest import seeded, sqnr_db
 
@@ -135,7 +136,7 @@ def test_npz_images_decode_with_labels_and_names(tmp_path):
     assert s.x.shape == (5, 3, 32, 32) and s.y.dtype == torch.int64 and s.y.tolist() == [0, 1, 2, 3, 4]
     assert s.files[:2] == ["img/0000.png", "img/0001.png"]
     torch.testing.assert_close(s.x[3], CIFAR_PREPROCESS(Image.fromarray(imgs[3])), rtol=0, atol=0)
-    assert len(load_npz_images(path, CIFAR_PREPROCESS, limit=2, progress=False)) == 2
+    assert len(load_npz_images(path, CIFAR_PREPROCESS, subset=2, progress=False)) == 2
 
 
 def test_load_images_dispatches_npz_files(tmp_path):
@@ -155,7 +156,9 @@ def test_npz_without_labels(tmp_path):
 
 
 def test_missing_npz(tmp_path):
-    with pytest.raises(DataError, match=r"image set '.*nope.npz' does not exist; pass an existing .npz file"):
+    with pytest.raises(
+        DataError, match=r"image set '.*nope.npz' does not exist or is not a file; pass an existing .npz file"
+    ):
         load_images(tmp_path / "nope.npz", Preprocess(), progress=False)
 
 
@@ -195,7 +198,7 @@ def test_shared_cifar_sets_decode(path):
         n, labels = len(z["offsets"]) - 1, z["labels"]
     assert n == (10_000 if path == TEST_SET else 1_000)
     assert labels.min() == 0 and labels.max() == 9 and np.bincount(labels).tolist() == [n // 10] * 10
-    s = load_images(path, CIFAR_PREPROCESS, 16, labeled=True, progress=False)
+    s = load_images(path, CIFAR_PREPROCESS, Subset(16, first=True), labeled=True, progress=False)
     assert s.x.shape == (16, 3, 32, 32) and s.y.shape == (16,) and s.y.tolist() == labels[:16].tolist()
     assert s.files[0] == "airplane/0000.jpg"
 

@@ -12,7 +12,7 @@ def test_loads_images_and_labels(tmp_path):
     s = load_images(folder, Preprocess(resize=36, crop=32), progress=False, labeled=True)
     assert s.x.shape == (5, 3, 32, 32) and s.y.tolist() == [0, 1, 2, 3, 4]
     assert s.files[0] == "img_000.png"
-    assert load_images(folder, Preprocess(resize=36, crop=32), limit=2, progress=False).x.shape[0] == 2
+    assert load_images(folder, Preprocess(resize=36, crop=32), subset=2, progress=False).x.shape[0] == 2
 
 
 def test_preprocess_crops_prescaled_images_without_resampling():

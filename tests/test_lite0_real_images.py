@@ -6,6 +6,7 @@ import torch
 import fxq
 from fxq.data.evaluate import evaluate
 from fxq.data.images import batches, load_images
+from fxq.data.subset import Subset
 from tests.conftest import IMAGENET, needs_imagenet, sqnr_db
 
 pytest.importorskip("efficientnet_lite_pytorch")
@@ -17,8 +18,8 @@ def lite0():
     from fxq.data.models import load_model
 
     lm = load_model("efficientnet_lite0")
-    calib = load_images(IMAGENET / "calib", lm.preprocess, limit=64, progress=False)
-    val = load_images(IMAGENET / "val", lm.preprocess, limit=200, labeled=True, progress=False)
+    calib = load_images(IMAGENET / "calib", lm.preprocess, subset=Subset(64, first=True), progress=False)
+    val = load_images(IMAGENET / "val", lm.preprocess, subset=Subset(200, first=True), labeled=True, progress=False)
     return lm, calib, val
 
 

@@ -8,7 +8,7 @@ import fxq
 from fxq.config import LFHConfig, LossWeights, Method, PTQConfig, RoundingConfig
 from fxq.eptq import train as rounding_train
 from fxq.eptq.schedule import batch_indices, beta_at
-from fxq.errors import ConfigError, GraphCheckFailed
+from fxq.errors import CheckpointError, ConfigError, GraphCheckFailed
 from fxq.quant.modules import QuantWeight, layer_forward, mean_output_shift
 from fxq.targets import INT8
 from tests.conftest import seeded
@@ -131,7 +131,7 @@ def test_resume_after_an_interrupt_gives_the_same_model(tiny_net, tmp_path, monk
 
 def test_resume_refuses_a_checkpoint_of_another_run(tiny_net, tmp_path):
     _eptq(tiny_net, iterations=8, checkpoint_every=4, checkpoint_dir=str(tmp_path))
-    with pytest.raises(ConfigError, match="different run"):
+    with pytest.raises(CheckpointError, match=r"different run \(iterations: checkpoint 8, this run 16\)"):
         _eptq(tiny_net, iterations=16, checkpoint_every=4, checkpoint_dir=str(tmp_path), resume=True)
 
 

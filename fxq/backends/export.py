@@ -12,8 +12,8 @@ from torch.fx import GraphModule
 
 from fxq.backends.check import CheckLimits, ExportCheck
 from fxq.backends.lowering import max_dense_grid_bits
-from fxq.errors import ConfigError
-from fxq.io.report import write_json_atomic
+from fxq.errors import ConfigError, OutputError
+from fxq.io.files import os_error_message, write_json_atomic
 from fxq.quant.modules import QuantWeight
 from fxq.targets import ISA
 
@@ -71,6 +71,10 @@ def export_artifact(
         raise ConfigError(f"unknown export format {fmt!r}; choose from {', '.join(FORMATS)}")
     _check_target(qgm, isa)
     out = os.fspath(out)
+    try:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(os_error_message(e, out)) from None
     check: ExportCheck | None = None
     if fmt == "onnx":
         from fxq.backends.onnx import WeightStorage, export_onnx

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import math
+import signal
 import sys
+import threading
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -18,16 +22,25 @@ from fxq.cli.options import (
     model_and_images,
     ptq_config,
     rounding_schedule,
+    subset,
 )
 from fxq.cli.parser import build_parser
 from fxq.cli.render import accuracy_line, mp_line
 from fxq.config import LFHConfig, Method, PTQConfig
 from fxq.data.evaluate import evaluate
-from fxq.data.images import batches, load_images
+from fxq.data.images import batches, check_image_source, load_images
 from fxq.data.models import load_model
+from fxq.eptq.train import CHECKPOINT, check_resumable
 from fxq.errors import ConfigError, FxqError
 from fxq.io import artifact
-from fxq.io.report import write_json_atomic
+from fxq.io.artifact import saved_model_name
+from fxq.io.files import (
+    check_output_file,
+    check_output_folder,
+    os_error_message,
+    result_folder,
+    write_json_atomic,
+)
 from fxq.ir.ops import pick_device
 from fxq.pipeline import label_free_hessian, quantize
 from fxq.targets import ISA, cpu_description, isa_named
@@ -54,6 +67,7 @@ def cmd_quantize(args) -> None:
     qgm, report = quantize(lm.model, batches(calib.x, args.batch_size), cfg)
     report.stage_seconds["total_quantize"] = time.perf_counter() - t0
     report.model = lm.name
+    report.images = {"calibration": calib.chosen, **({"val": val.chosen} if val is not None else {})}
     print(report.table())
     if report.mixed_precision:
         print(mp_line(report))
@@ -113,12 +127,11 @@ def cmd_pareto(args) -> None:
         print(f"uniform W{b}: top-1 {acc['top1']:6.2f}  ({numel * b / 8e6:.3f} MB)")
     out = Path(args.out)
     sens = analyzed.meta["fxq"].stage_seconds.get("Sensitivity", 0.0)
-    write_json_atomic(
-        str(out / "pareto.json"), {"model": lm.name, "method": args.method, "sensitivity_seconds": sens, "rows": rows}
-    )
-    pareto_plot(
-        rows, str(out / "pareto.png"), f"{lm.name} {args.method}: top-1 vs weight memory ({len(val)} val images)"
-    )
+    summary = {"model": lm.name, "method": args.method, "sensitivity_seconds": sens, "images": _chosen(calib, val)}
+    with result_folder(out) as tmp:
+        (tmp / "pareto.json").write_text(json.dumps({**summary, "rows": rows}, indent=2))
+        title = f"{lm.name} {args.method}: top-1 vs weight memory ({len(val)} val images)"
+        pareto_plot(rows, str(tmp / "pareto.png"), title)
     print(f"wrote {out / 'pareto.json'} and {out / 'pareto.png'}")
 
 
@@ -131,7 +144,7 @@ def cmd_eval(args) -> None:
         lm = load_model(args.model, args.weights, args.random_weights)
         model, pre, name = lm.model, lm.preprocess, lm.name
     model.to(pick_device(args.device))
-    val = load_images(args.val, pre, args.num_val, labeled=True, progress=not args.quiet)
+    val = load_images(args.val, pre, subset(args, args.num_val), labeled=True, progress=not args.quiet)
     print(accuracy_line(name, evaluate(model, val.x, val.y, progress=not args.quiet)))
 
 
@@ -155,7 +168,9 @@ def cmd_compare(args) -> None:
     print(f"\n{lm.name}: calibration on {len(calib)} images of {args.calib}; top-1 on {len(val)} images of {args.val}")
     for name, acc in results.items():
         print(accuracy_line(name, acc, None if name == "float" else results["float"]))
-    write_json_atomic(str(Path(args.out) / "compare.json"), {"model": lm.name, "results": results, "reports": reports})
+    summary = {"model": lm.name, "images": _chosen(calib, val), "results": results, "reports": reports}
+    with result_folder(args.out) as tmp:
+        (tmp / "compare.json").write_text(json.dumps(summary, indent=2))
     print(f"wrote {Path(args.out) / 'compare.json'}")
 
 
@@ -174,7 +189,7 @@ def cmd_lfh(args) -> None:
         seed=args.seed,
     )
     lm = loaded_model(args)
-    images = load_images(args.calib, lm.preprocess, cfg.images, progress=not args.quiet)
+    images = load_images(args.calib, lm.preprocess, subset(args, cfg.images), progress=not args.quiet)
     ptq = PTQConfig(frontend=args.frontend, progress=not args.quiet)
     _, report = label_free_hessian(lm.model, [images.x], cfg, ptq)
     report.model = lm.name
@@ -184,8 +199,10 @@ def cmd_lfh(args) -> None:
         print(f"{lr.node:<32} {lr.kind:<7} {lr.lfh:11.4g} {lr.lfh_stderr:10.3g} {lr.lfh_weight:7.3f}")
     print(f"{len(rows)} interest tensors, {len(images)} images, LFH {report.stage_seconds['LFH']:.1f} s")
     out = Path(args.out)
-    write_json_atomic(str(out / "lfh.json"), report.to_dict())
-    lfh_bar_chart(report, str(out / "lfh.png"))
+    report.images = {"calibration": images.chosen}
+    with result_folder(out) as tmp:
+        (tmp / "lfh.json").write_text(json.dumps(report.to_dict(), indent=2))
+        lfh_bar_chart(report, str(tmp / "lfh.png"))
     print(f"wrote {out / 'lfh.json'} and {out / 'lfh.png'}")
 
 
@@ -201,7 +218,7 @@ def cmd_export(args) -> None:
     example = torch.randn(2, 3, pre.crop, pre.crop)  # batch 2: torch.export would specialise a batch of 1
     check_inputs = None
     if args.format != "pt2":
-        check_inputs = load_images(args.calib, pre, args.check_images, progress=not args.quiet).x
+        check_inputs = load_images(args.calib, pre, subset(args, args.check_images), progress=not args.quiet).x
     limits = CheckLimits(images=args.check_images)
     summary = export_artifact(
         model, example, args.out, args.format, target, args.weight_storage, check_inputs, limits, args.force, saved
@@ -223,7 +240,7 @@ def cmd_bench(args) -> None:
     backends = args.backends or [b for b in BACKENDS if b != "inductor-int8" or int8_inductor_available()]
     cfg = ptq_config(args, args.weight_bits)
     lm = load_model(args.model, args.weights, args.random_weights)
-    calib = load_images(args.calib, lm.preprocess, args.num_calib, progress=not args.quiet)
+    calib = load_images(args.calib, lm.preprocess, subset(args, args.num_calib), progress=not args.quiet)
     qgm, _ = quantize(lm.model, batches(calib.x, args.batch_size), cfg)
     rows = backend_latencies(lm.model, qgm, lm.preprocess.crop, args.batch_sizes, args.iters, backends)
     isa = cfg.target.isa
@@ -261,12 +278,93 @@ COMMANDS = {
 }
 
 
+def _chosen(calib, val) -> dict:
+    return {"calibration": calib.chosen, **({"val": val.chosen} if val is not None else {})}
+
+
+def check_before_work(args) -> None:
+    """Everything that can be refused before a model is built or an image decoded: output paths, input paths,
+    a resume's checkpoint. Bad option values were refused by the parser already."""
+    out = getattr(args, "out", None)
+    if args.command in ("quantize", "compare", "pareto", "lfh"):
+        check_output_folder(out, args.force)
+    elif args.command == "export":
+        check_output_file(out, args.force)
+        check_output_file(f"{out}.json", True, what="the export's report")
+    elif args.command == "bench" and out:
+        check_output_file(out, args.force)
+    if args.command in ("eval", "export") and Path(args.model).is_dir():
+        saved_model_name(args.model)  # a folder that is not fxq's is refused here, by name
+    elif args.command == "export":
+        raise ConfigError(f"export: --model '{args.model}' is not a folder; give one written by `fxq quantize --out`")
+    for key, labeled in (("calib", False), ("val", True)):
+        source = getattr(args, key, None)
+        if source is not None and not (key == "calib" and args.command in ("eval",)):
+            if args.command == "export" and args.format == "pt2":
+                continue  # pt2 exports are not checked on images
+            check_image_source(source, labeled)
+    if getattr(args, "resume", False):
+        _, rounding, _ = rounding_schedule(args)
+        check_resumable(rounding)
+
+
+def _interrupted(args, signum: int) -> int:
+    where = getattr(args, "checkpoint_dir", None)
+    if where and (Path(where) / CHECKPOINT).is_file():
+        hint = f"the checkpoint in '{where}' continues the rounding: run the same command with --resume"
+    elif getattr(args, "method", None) == Method.EPTQ.value:
+        hint = "nothing was written; --checkpoint-dir DIR lets a later run continue with --resume"
+    else:
+        hint = "nothing was written"
+    name = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+    print(f"\nfxq: {name}; {hint}", file=sys.stderr)
+    return 128 + signum
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so the same clean-up as for Ctrl-C runs."""
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """The command line: every expected failure is one `fxq: error: ...` line and exit 2; Ctrl-C (SIGINT) exits
+    130 and SIGTERM 143, each leaving no partial output; anything else is a bug and keeps its traceback."""
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help, or a bad command line (one line already printed)
+        return e.code if isinstance(e.code, int) else 2
+
+    def on_term(signum, frame):
+        raise _Terminated()
+
+    previous = signal.signal(signal.SIGTERM, on_term) if threading.current_thread() is threading.main_thread() else None
     try:
         fill_image_sets(args)
+        check_before_work(args)
         COMMANDS[args.command](args)
     except FxqError as e:
         print(f"fxq: error: {e}", file=sys.stderr)
         return 2
+    except _Terminated:
+        return _interrupted(args, signal.SIGTERM)
+    except KeyboardInterrupt:
+        return _interrupted(args, signal.SIGINT)
+    except OSError as e:  # a file system failure outside fxq's own writers: a device, a network share
+        print(f"fxq: error: {os_error_message(e)}", file=sys.stderr)
+        return 2
+    except MemoryError:
+        print(
+            "fxq: error: out of memory; use fewer images (--num-calib, --num-val) or a smaller --batch-size",
+            file=sys.stderr,
+        )
+        return 2
+    except Exception:
+        traceback.print_exc()
+        print(
+            "fxq: internal error: this is a bug in fxq. Please report it with the command line and the traceback above",
+            file=sys.stderr,
+        )
+        return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0

@@ -7,7 +7,8 @@ from pathlib import Path
 from fxq.config import LFHConfig, MixedPrecisionConfig, PTQConfig, RoundingConfig
 from fxq.data.images import ImageSet, load_images
 from fxq.data.models import DEFAULT_MODEL, LoadedModel, default_image_sets, load_model
-from fxq.io.artifact import read_report
+from fxq.data.subset import Subset
+from fxq.io.artifact import saved_model_name
 from fxq.ir.ops import pick_device
 from fxq.targets import INT8
 
@@ -18,6 +19,7 @@ __all__ = [
     "ptq_config",
     "loaded_model",
     "model_and_images",
+    "subset",
 ]
 
 
@@ -29,7 +31,7 @@ def fill_image_sets(args) -> None:
         return
     name = args.model
     if Path(name).is_dir():
-        name = read_report(name).get("model") or DEFAULT_MODEL
+        name = saved_model_name(name) or DEFAULT_MODEL
     sets = dict(zip(("calib", "val"), default_image_sets(name)))
     for k in missing:
         setattr(args, k, str(sets[k]))
@@ -63,6 +65,7 @@ def rounding_schedule(args) -> tuple[str, RoundingConfig, LFHConfig]:
             "batch_size": args.rounding_batch,
             "images": args.rounding_images,
             "checkpoint_dir": args.checkpoint_dir,
+            "checkpoint_every": args.checkpoint_every,
         }.items()
         if v is not None
     }
@@ -90,6 +93,12 @@ def ptq_config(
     )
 
 
+def subset(args, count: int | None) -> Subset:
+    """The images --num-calib/--num-val (or another count) ask for: drawn at random with --subset-seed, or the first
+    ones with --first."""
+    return Subset(count, first=getattr(args, "first", False), seed=getattr(args, "subset_seed", 0))
+
+
 def loaded_model(args) -> LoadedModel:
     """The model the flags name, on the device they name (the passes and the data follow its parameters)."""
     lm = load_model(args.model, args.weights, args.random_weights)
@@ -100,10 +109,10 @@ def loaded_model(args) -> LoadedModel:
 def model_and_images(args) -> tuple[LoadedModel, ImageSet, ImageSet | None]:
     lm = loaded_model(args)
     show = not args.quiet
-    calib = load_images(args.calib, lm.preprocess, args.num_calib, progress=show)
+    calib = load_images(args.calib, lm.preprocess, subset(args, args.num_calib), progress=show)
     val = (
         None
         if getattr(args, "no_eval", False)
-        else load_images(args.val, lm.preprocess, args.num_val, labeled=True, progress=show)
+        else load_images(args.val, lm.preprocess, subset(args, args.num_val), labeled=True, progress=show)
     )
     return lm, calib, val

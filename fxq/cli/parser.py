@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import math
+import sys
 
 from fxq.backends.latency import BACKENDS
 from fxq.config import ActThreshold, LossWeights, Method, Probe, WeightError, measure_fields
@@ -16,13 +18,56 @@ __all__ = ["build_parser", "SHARED_SETS"]
 SHARED_SETS = "default: the shared set for the model, ImageNet's or CIFAR-10's"
 
 
+def count_arg(text: str) -> int:
+    """A count: an integer >= 1 (0 and negative counts are refused, never read as 'the default')."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a count: give 1 or more")
+    return value
+
+
+def positive_float_arg(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} must be a finite number above 0")
+    return value
+
+
+def subset_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--first",
+        action="store_true",
+        help="--num-calib/--num-val take the first N images of their set, in file order, instead of N drawn at "
+        "random (spread over the classes where labels exist)",
+    )
+    p.add_argument("--subset-seed", type=int, default=0, help="seed of the random subsets (default 0)")
+
+
 def data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calib", default=None, help=f"calibration images, a folder or .npz; labels unused ({SHARED_SETS})")
     p.add_argument("--val", default=None, help=f"labeled images: a folder with labels.tsv, or .npz ({SHARED_SETS})")
-    p.add_argument("--num-calib", type=int, default=None, help="use the first N calibration images (default all)")
-    p.add_argument("--num-val", type=int, default=None, help="evaluate on the first N val images (default all)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument(
+        "--num-calib", type=count_arg, default=None, help="use N calibration images, drawn at random (default all)"
+    )
+    p.add_argument(
+        "--num-val",
+        type=count_arg,
+        default=None,
+        help="evaluate on N val images, drawn at random over the classes (default all)",
+    )
+    subset_args(p)
+    p.add_argument("--batch-size", type=count_arg, default=32)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def force_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--force", action="store_true", help="replace --out if it exists (replaced whole, once complete)")
 
 
 def model_args(p: argparse.ArgumentParser) -> None:
@@ -49,7 +94,7 @@ def device_arg(p: argparse.ArgumentParser) -> None:
 def quant_args(p: argparse.ArgumentParser) -> None:
     mp_args(p)
     target_arg(p)
-    p.add_argument("--act-bits", type=int, default=8)
+    p.add_argument("--act-bits", type=count_arg, default=8)
     p.add_argument("--method", default=Method.RTN.value, choices=[m.value for m in Method])
     p.add_argument("--act-threshold", default=ActThreshold.MSE.value, choices=[a.value for a in ActThreshold])
     p.add_argument(
@@ -68,13 +113,23 @@ def quant_args(p: argparse.ArgumentParser) -> None:
         help="full: 20K iterations of 32 images (the paper's); short: 400 of 8, minutes on a CPU; "
         "auto: full on a GPU, short on a CPU",
     )
-    r.add_argument("--iterations", type=int, default=None, help="override the schedule's iteration count")
-    r.add_argument("--rounding-batch", type=int, default=None, help="override the schedule's batch size")
-    r.add_argument("--rounding-images", type=int, default=None, help="use the first N calibration images")
+    r.add_argument("--iterations", type=count_arg, default=None, help="override the schedule's iteration count")
+    r.add_argument("--rounding-batch", type=count_arg, default=None, help="override the schedule's batch size")
+    r.add_argument(
+        "--rounding-images",
+        type=count_arg,
+        default=None,
+        help="optimize on N of the calibration images, drawn at random with the schedule's seed",
+    )
     r.add_argument("--loss-weights", default=LossWeights.LFH.value, choices=[w.value for w in LossWeights])
     r.add_argument("--no-bias-training", action="store_true")
-    r.add_argument("--lfh-probes", type=int, default=None, help="max Hutchinson probes (default: 100 full, 16 short)")
-    r.add_argument("--checkpoint-dir", default=None, help="checkpoint the rounding here every 500 iterations")
+    r.add_argument(
+        "--lfh-probes", type=count_arg, default=None, help="max Hutchinson probes (default: 100 full, 16 short)"
+    )
+    r.add_argument("--checkpoint-dir", default=None, help="checkpoint the rounding into this folder")
+    r.add_argument(
+        "--checkpoint-every", type=count_arg, default=None, help="iterations between checkpoints (default 500)"
+    )
     r.add_argument("--resume", action="store_true", help="continue the rounding from --checkpoint-dir")
 
 
@@ -92,22 +147,34 @@ def size_arg(text: str) -> float:
 
 
 def ints_arg(text: str) -> tuple[int, ...]:
-    return tuple(int(b) for b in text.split(","))
+    """'2,4,8' -> (2, 4, 8): bit widths (the config checks their range)."""
+    return tuple(count_arg(b) for b in text.split(","))
+
+
+def counts_arg(text: str) -> list[int]:
+    """'1,32' -> [1, 32]: counts of 1 or more."""
+    return [count_arg(b) for b in text.split(",")]
 
 
 def floats_arg(text: str) -> list[float]:
-    return [float(b) for b in text.split(",")]
+    return [positive_float_arg(b) for b in text.split(",")]
 
 
 def mp_args(p: argparse.ArgumentParser) -> None:
     m = p.add_argument_group("mixed precision (per-layer weight widths from an ILP; give a budget)")
     m.add_argument("--weight-memory", type=size_arg, default=None, help="quantized weight budget, e.g. 2.5MB")
-    m.add_argument("--avg-bits", type=float, default=None, help="budget as average bits per weight, e.g. 3.5")
-    m.add_argument("--bops", type=float, default=None, help="budget in bit-operations (MACs x W bits x A bits)")
+    m.add_argument(
+        "--avg-bits", type=positive_float_arg, default=None, help="budget as average bits per weight, e.g. 3.5"
+    )
+    m.add_argument(
+        "--bops", type=positive_float_arg, default=None, help="budget in bit-operations (MACs x W bits x A bits)"
+    )
     m.add_argument("--bit-options", type=ints_arg, default=None, help="widths to choose from (default 2,4,8)")
     m.add_argument("--act-bit-options", type=ints_arg, default=None, help="activations choose a width too, e.g. 4,8")
-    m.add_argument("--act-avg-bits", type=float, default=None, help="activation budget: average bits per value")
-    m.add_argument("--mp-images", type=int, default=32, help="calibration images for the sensitivities")
+    m.add_argument(
+        "--act-avg-bits", type=positive_float_arg, default=None, help="activation budget: average bits per value"
+    )
+    m.add_argument("--mp-images", type=count_arg, default=32, help="calibration images for the sensitivities")
     m.add_argument(
         "--mp-loss-weights",
         type=measures_arg,
@@ -117,7 +184,7 @@ def mp_args(p: argparse.ArgumentParser) -> None:
         "RTN model agrees most with the float model on held-out calibration images. Default: lfh,output for a "
         "model returning class scores, else lfh; one measure alone turns the choice off",
     )
-    m.add_argument("--mp-check-images", type=int, default=256, help="held-out images for that agreement check")
+    m.add_argument("--mp-check-images", type=count_arg, default=256, help="held-out images for that agreement check")
 
 
 def measures_arg(text: str) -> dict:
@@ -140,14 +207,23 @@ def runs_arg(text: str) -> list[tuple[str, int]]:
     return runs
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad command line as one `fxq: error: ...` line (exit 2), like every other error."""
+
+    def error(self, message: str):
+        print(f"fxq: error: {self.prog}: {message}; see `{self.prog} --help`", file=sys.stderr)
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fxq", description="post-training quantization of PyTorch models (torch.fx)")
+    p = OneLineParser(prog="fxq", description="post-training quantization of PyTorch models (torch.fx)")
     sub = p.add_subparsers(dest="cmd", required=True)
 
     qp = sub.add_parser("quantize", help="quantize a model, evaluate it, write model.pt + report.json")
     model_args(qp), device_arg(qp), data_args(qp), quant_args(qp)
-    qp.add_argument("--weight-bits", type=int, default=8)
-    qp.add_argument("--out", required=True, help="output folder")
+    qp.add_argument("--weight-bits", type=count_arg, default=8)
+    qp.add_argument("--out", required=True, help="output folder (must be new or empty unless --force)")
+    force_arg(qp)
     qp.add_argument("--no-eval", action="store_true", help="skip the float/quantized evaluation")
     qp.set_defaults(command="quantize")
 
@@ -157,7 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
     ep.add_argument("--random-weights", action="store_true")
     device_arg(ep)
     ep.add_argument("--val", default=None, help=f"labeled images ({SHARED_SETS})")
-    ep.add_argument("--num-val", type=int, default=None)
+    ep.add_argument(
+        "--num-val", type=count_arg, default=None, help="evaluate on N val images, drawn at random (default all)"
+    )
+    subset_args(ep)
     ep.add_argument("--quiet", action="store_true")
     ep.set_defaults(command="eval")
 
@@ -170,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma-separated METHOD:WEIGHT_BITS runs (default rtn:8,rtn:4,eptq:4)",
     )
     cp.add_argument("--out", default="runs/compare")
+    force_arg(cp)
     cp.set_defaults(command="compare")
 
     pp = sub.add_parser("pareto", help="mixed precision over a sweep of budgets: table, JSON, PNG (top-1 vs size)")
@@ -177,18 +257,20 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--avg-bits-list", type=floats_arg, default=[2.5, 3.0, 3.5, 4.0, 5.0, 6.0])
     pp.add_argument("--uniform", type=ints_arg, default=(2, 4, 8), help="uniform widths to plot for reference")
     pp.add_argument("--out", default="runs/pareto")
+    force_arg(pp)
     pp.set_defaults(command="pareto")
 
     lp = sub.add_parser("lfh", help="label-free Hessian trace of every interest tensor (table, JSON, PNG)")
     model_args(lp), device_arg(lp), data_args(lp)
     lp.add_argument("--frontend", default=Frontend.FX.value, choices=[f.value for f in Frontend])
-    lp.add_argument("--min-probes", type=int, default=10)
-    lp.add_argument("--max-probes", type=int, default=100)
-    lp.add_argument("--rel-tol", type=float, default=1e-3)
+    lp.add_argument("--min-probes", type=count_arg, default=10)
+    lp.add_argument("--max-probes", type=count_arg, default=100)
+    lp.add_argument("--rel-tol", type=positive_float_arg, default=1e-3)
     lp.add_argument("--probe", default=Probe.GAUSSIAN.value, choices=[p.value for p in Probe])
-    lp.add_argument("--probes-per-pass", type=int, default=1)
+    lp.add_argument("--probes-per-pass", type=count_arg, default=1)
     lp.add_argument("--seed", type=int, default=0)
     lp.add_argument("--out", default="runs/lfh")
+    force_arg(lp)
     lp.set_defaults(command="lfh", num_calib=None)
 
     xp = sub.add_parser(
@@ -212,16 +294,18 @@ def build_parser() -> argparse.ArgumentParser:
         "dequantized) or every weight as int8 (ONNX Runtime's integer kernels run every layer)",
     )
     xp.add_argument("--calib", default=None, help=f"images the export is checked on ({SHARED_SETS})")
-    xp.add_argument("--check-images", type=int, default=64, help="how many of them (default 64)")
-    xp.add_argument("--force", action="store_true", help="write the export even when its check fails")
+    xp.add_argument("--check-images", type=count_arg, default=64, help="how many of them (default 64)")
+    xp.add_argument(
+        "--force", action="store_true", help="write the export even when its check fails, or over an existing --out"
+    )
     xp.add_argument("--quiet", action="store_true")
     xp.set_defaults(command="export")
 
     bp = sub.add_parser("bench", help="float vs quantized latency per backend (eager, ONNX Runtime, Inductor)")
     model_args(bp), data_args(bp), quant_args(bp)
-    bp.add_argument("--weight-bits", type=int, default=8)
-    bp.add_argument("--batch-sizes", type=lambda s: [int(b) for b in s.split(",")], default=[1, 32])
-    bp.add_argument("--iters", type=int, default=20)
+    bp.add_argument("--weight-bits", type=count_arg, default=8)
+    bp.add_argument("--batch-sizes", type=counts_arg, default=[1, 32])
+    bp.add_argument("--iters", type=count_arg, default=20)
     bp.add_argument(
         "--backends",
         type=lambda s: s.split(","),
@@ -229,5 +313,6 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"comma-separated, from {','.join(BACKENDS)} (default: all; inductor-int8 where torchao is installed)",
     )
     bp.add_argument("--out", default=None, help="also write the rows as JSON")
+    force_arg(bp)
     bp.set_defaults(command="bench", num_calib=32, device="cpu")  # the backends it times are CPU ones
     return p

@@ -19,7 +19,8 @@ from torch import Tensor
 from torchvision.transforms import functional as TF
 from tqdm.auto import tqdm
 
-from fxq.errors import DataError
+from fxq.data.subset import Subset, choose
+from fxq.errors import ConfigError, DataError, first_line
 
 __all__ = [
     "Preprocess",
@@ -28,6 +29,7 @@ __all__ = [
     "read_labels",
     "load_images",
     "load_npz_images",
+    "check_image_source",
     "default_data_dir",
     "batches",
     "batch_inputs",
@@ -52,11 +54,30 @@ class Preprocess:
     std: tuple[float, float, float] = IMAGENET_STD
 
     def __call__(self, img: Image.Image) -> Tensor:
-        img = img.convert("RGB")
+        img = to_rgb(img)
         if not self.crop <= min(img.size) <= self.resize:
             img = TF.resize(img, self.resize, interpolation=TF.InterpolationMode.BILINEAR)
         x = TF.to_tensor(TF.center_crop(img, self.crop))
         return TF.normalize(x, self.mean, self.std)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB of any mode PIL decodes. 16-bit and 32-bit integer and float greyscale are scaled to 8 bits (PIL's
+    own convert would clip them at 255); palette, alpha, CMYK and 1-bit images take PIL's conversion."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+        a = np.asarray(img, dtype=np.uint16).astype(np.float64) / 257.0
+    elif img.mode == "I":
+        a = np.asarray(img, dtype=np.int64).astype(np.float64)
+        hi = 65535.0 if a.max(initial=0) > 255 else 255.0  # 16-bit PNGs open as "I"
+        a = a * (255.0 / hi)
+    elif img.mode == "F":
+        a = np.asarray(img, dtype=np.float64)
+        if not np.isfinite(a).all():
+            raise ValueError("a float image holds NaN or infinite values")
+        a = a * 255.0 if a.max(initial=0) <= 1.0 else a
+    else:
+        return img.convert("RGB")
+    return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L").convert("RGB")
 
 
 @dataclass
@@ -64,6 +85,7 @@ class ImageSet:
     x: Tensor  # (N, 3, crop, crop), normalised
     y: Tensor | None  # (N,) class indices when the folder has labels.tsv
     files: list[str]
+    chosen: str = ""  # how the images were picked from their set, e.g. "32 of 10000 images drawn at random"
 
     def __len__(self) -> int:
         return self.x.shape[0]
@@ -87,77 +109,156 @@ def list_images(folder: str | os.PathLike) -> list[str]:
             f"image folder '{folder}' does not exist; pass an existing folder (--calib/--val DIR) or {NPZ_EXT} "
             f"image set, or set FXQ_DATA to the folder holding imagenet/calib and imagenet/val"
         )
-    files = sorted(f.name for f in folder.iterdir() if f.suffix.lower() in IMAGE_EXTS)
-    if not files:
+    try:
+        entries = sorted((f for f in folder.iterdir() if f.suffix.lower() in IMAGE_EXTS), key=lambda f: f.name)
+    except OSError as e:
+        raise DataError(f"cannot list image folder '{folder}': {e.strerror}; check its permissions") from None
+    odd = [f.name for f in entries if not f.is_file()]  # a folder, a FIFO or a device named like an image
+    if odd:
+        raise DataError(
+            f"'{folder / odd[0]}' is not a regular file ({len(odd)} such entries in '{folder}'); an image folder "
+            f"holds image files only: move it away"
+        )
+    if not entries:
         raise DataError(
             f"image folder '{folder}' holds no images ({', '.join(IMAGE_EXTS)}); point to a folder of images"
         )
-    return files
+    return [f.name for f in entries]
+
+
+LABELS_FILE = "labels.tsv"
 
 
 def read_labels(folder: str | os.PathLike) -> dict[str, int] | None:
-    """labels.tsv: one 'file<TAB>class index' line per image; None when the folder has none."""
-    path = Path(folder) / "labels.tsv"
+    """labels.tsv: one 'file<TAB>class index' line per image (UTF-8, a BOM allowed); None when the folder has
+    none. A malformed row, a negative index or a file listed twice is an error naming the line."""
+    path = Path(folder) / LABELS_FILE
     if not path.exists():
         return None
-    labels = {}
-    for i, line in enumerate(path.read_text().splitlines(), 1):
+    if not path.is_file():
+        raise DataError(f"'{path}' is not a regular file; {LABELS_FILE} holds one 'file<TAB>class index' per line")
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(
+            f"'{path}' is not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8 with one "
+            f"'file<TAB>class index' line per image"
+        ) from None
+    except OSError as e:
+        raise DataError(f"cannot read '{path}': {e.strerror}") from None
+    labels: dict[str, int] = {}
+    for i, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         parts = line.split("\t")
-        if len(parts) != 2 or not parts[1].strip().lstrip("-").isdigit():
-            raise DataError(f"{path}:{i}: expected 'file<TAB>class index', got {line!r}")
-        labels[parts[0].strip()] = int(parts[1])
+        if len(parts) != 2 or not parts[0].strip() or not parts[1].strip().isdigit():
+            raise DataError(
+                f"{path}:{i}: expected 'file<TAB>class index' (an index >= 0), got {line[:80]!r}; fix that line"
+            )
+        name = parts[0].strip()
+        if name in labels:
+            raise DataError(f"{path}:{i}: '{name}' is listed twice; keep one line per image")
+        labels[name] = int(parts[1])
+    if not labels:
+        raise DataError(f"'{path}' lists no images; write one 'file<TAB>class index' line per image, or remove it")
     return labels
+
+
+def check_image_source(source: str | os.PathLike, labeled: bool = False) -> None:
+    """Refuse a missing or malformed image folder or .npz set before any image is decoded: the folder lists
+    images (and readable labels when `labeled`), the .npz file holds a well-formed set."""
+    source = Path(source)
+    if source.suffix.lower() == NPZ_EXT:
+        if not source.is_file():
+            raise DataError(f"image set '{source}' does not exist or is not a file; pass an existing {NPZ_EXT} set")
+        _, _, labels, _ = _read_npz(source)
+        if labeled and labels is None:
+            raise DataError(f"'{source}' has no labels array; evaluation needs labels (N class indices)")
+        return
+    list_images(source)
+    labels = read_labels(source)
+    if labeled and labels is None:
+        raise DataError(f"'{source}' has no {LABELS_FILE}; evaluation needs labels (file<TAB>class index)")
+
+
+def _as_subset(subset: Subset | int | None) -> Subset:
+    if isinstance(subset, Subset):
+        return subset
+    if subset is not None and (isinstance(subset, bool) or not isinstance(subset, int)):
+        raise ConfigError(f"a subset is a count or a Subset, got {subset!r}")
+    return Subset(subset)
 
 
 def _decode(source: Path | io.BytesIO, pre: Preprocess, where: str, fix: str) -> Tensor:
     """One image (a file, or encoded bytes) preprocessed; the error names it (`where`) and the remedy (`fix`)."""
     try:
-        with Image.open(source) as img:
+        with Image.open(source) as img:  # reads the header only: the size is known before any pixel is decoded
+            if Image.MAX_IMAGE_PIXELS and img.width * img.height > Image.MAX_IMAGE_PIXELS:
+                raise Image.DecompressionBombError(f"{img.width} x {img.height} pixels")
             return pre(img)
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
-        raise DataError(f"cannot decode {where}: {e}; {fix}") from None
+    except Image.DecompressionBombError as e:
+        raise DataError(
+            f"refusing {where}: {e}, more than PIL's MAX_IMAGE_PIXELS ({Image.MAX_IMAGE_PIXELS}), a possible "
+            f"decompression bomb; resize it, or raise PIL.Image.MAX_IMAGE_PIXELS if you trust the file"
+        ) from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, TypeError) as e:
+        raise DataError(f"cannot decode {where}: {first_line(e)}; {fix}") from None
 
 
 def _decode_all(items: list, decode, desc: str, progress: bool, workers: int) -> Tensor:
     """decode(item) for every item, in threads (PIL releases the GIL), stacked, with a progress bar."""
-    with ThreadPoolExecutor(max(1, workers)) as pool:
+    pool = ThreadPoolExecutor(max(1, workers))
+    try:
         xs = list(tqdm(pool.map(decode, items), total=len(items), desc=desc, unit="img", disable=not progress))
+    finally:  # a bad image or an interrupt stops the decoding of the rest at once
+        pool.shutdown(wait=True, cancel_futures=True)
     return torch.stack(xs)
 
 
 def load_images(
     folder: str | os.PathLike,
     pre: Preprocess,
-    limit: int | None = None,
+    subset: Subset | int | None = None,
     labeled: bool = False,
     progress: bool = True,
     workers: int = 4,
 ) -> ImageSet:
-    """Decode a folder (first `limit` images in file order) into one tensor; PIL decodes in threads.
+    """Decode a folder (all images, or the `subset`: a count draws that many at random, spread over the classes of
+    labels.tsv when it exists) into one tensor; PIL decodes in threads.
 
     A path ending in .npz is read by `load_npz_images` instead, so every --calib/--val argument takes either.
     """
     folder = Path(folder)
     if folder.suffix.lower() == NPZ_EXT:
-        return load_npz_images(folder, pre, limit, labeled, progress, workers)
+        return load_npz_images(folder, pre, subset, labeled, progress, workers)
+    subset = _as_subset(subset)
     files = list_images(folder)
     labels = read_labels(folder)
-    if labeled:
-        if labels is None:
-            raise DataError(f"'{folder}' has no labels.tsv; evaluation needs labels (file<TAB>class index)")
-        files = [f for f in files if f in labels]
-        if not files:
-            raise DataError(f"no image in '{folder}' is listed in its labels.tsv")
-    files = files[:limit] if limit else files
+    if labels is not None:
+        unlisted = [f for f in files if f not in labels]
+        absent = sorted(set(labels) - set(files))
+        if labeled and unlisted:
+            raise DataError(
+                f"'{folder}': {len(unlisted)} images are not in its {LABELS_FILE} (e.g. '{unlisted[0]}'); list "
+                f"each image with its class index, or move the unlabeled ones away"
+            )
+        if labeled and absent:
+            raise DataError(
+                f"'{folder / LABELS_FILE}' lists {len(absent)} files the folder does not hold (e.g. '{absent[0]}'); "
+                f"remove those lines or restore the images"
+            )
+    elif labeled:
+        raise DataError(f"'{folder}' has no {LABELS_FILE}; evaluation needs labels (file<TAB>class index)")
+    known = labels is not None and all(f in labels for f in files)
+    idx, chosen = choose(len(files), subset, [labels[f] for f in files] if known else None)
+    files = [files[i] for i in idx.tolist()]
 
     def decode(f: str) -> Tensor:
         return _decode(folder / f, pre, f"image '{folder / f}'", "remove or replace the file")
 
     x = _decode_all(files, decode, f"load {folder.name}", progress, workers)
-    y = torch.tensor([labels[f] for f in files]) if labels is not None and all(f in labels for f in files) else None
-    return ImageSet(x, y, files)
+    y = torch.tensor([labels[f] for f in files]) if known else None
+    return ImageSet(x, y, files, chosen)
 
 
 def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, list[str] | None]:
@@ -195,23 +296,29 @@ def _read_npz(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, li
             f"'{path}': offsets must rise from 0 to at most len(jpeg_bytes) = {len(data)}, one more than the "
             f"number of images; the file is corrupt, replace it"
         )
+    if labels is not None and (labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer)):
+        raise DataError(
+            f"'{path}': labels must be a 1-D array of integer class indices, got {labels.dtype} {labels.shape}; "
+            f"replace the file"
+        )
+    if labels is not None and len(labels) and labels.min() < 0:
+        raise DataError(f"'{path}': labels hold a negative class index ({labels.min()}); replace the file")
     for what, a in (("labels", labels), ("names", names)):
         if a is not None and len(a) != n:
             raise DataError(f"'{path}': {len(a)} {what} for {n} images; the file is corrupt, replace it")
-    if labels is not None and not np.issubdtype(labels.dtype, np.integer):
-        raise DataError(f"'{path}': labels must be integer class indices, got {labels.dtype}; replace the file")
     return data, offsets, labels, names
 
 
 def load_npz_images(
     path: str | os.PathLike,
     pre: Preprocess,
-    limit: int | None = None,
+    subset: Subset | int | None = None,
     labeled: bool = False,
     progress: bool = True,
     workers: int = 4,
 ) -> ImageSet:
-    """Decode an .npz image set (first `limit` images) into one tensor, like `load_images` does a folder.
+    """Decode an .npz image set (all, or the `subset`, stratified by its labels when it has them) into one
+    tensor, like `load_images` does a folder.
 
     The file holds the encoded images back to back: image i is jpeg_bytes[offsets[i]:offsets[i+1]] (any format
     PIL reads); labels (N,) and names (N,) are optional. The shared CIFAR-10 sets are stored this way.
@@ -219,23 +326,24 @@ def load_npz_images(
     path = Path(path)
     if not path.is_file():
         raise DataError(
-            f"image set '{path}' does not exist; pass an existing {NPZ_EXT} file or image folder (--calib/--val), "
-            f"or set FXQ_DATA to the shared data folder (it holds cifar10/*{NPZ_EXT})"
+            f"image set '{path}' does not exist or is not a file; pass an existing {NPZ_EXT} file or image folder "
+            f"(--calib/--val), or set FXQ_DATA to the shared data folder (it holds cifar10/*{NPZ_EXT})"
         )
     data, offsets, labels, names = _read_npz(path)
     if labeled and labels is None:
         raise DataError(f"'{path}' has no labels array; evaluation needs labels (N class indices)")
     n = len(offsets) - 1
-    n = min(n, limit) if limit else n
-    names = names[:n] if names is not None else [f"{i:05d}" for i in range(n)]
+    idx, chosen = choose(n, _as_subset(subset), labels)
+    names = names if names is not None else [f"{i:05d}" for i in range(n)]
 
     def decode(i: int) -> Tensor:
         buf = io.BytesIO(data[offsets[i] : offsets[i + 1]].tobytes())
         return _decode(buf, pre, f"image {i} ('{names[i]}') of '{path}'", "the file is corrupt, replace it")
 
-    x = _decode_all(list(range(n)), decode, f"load {path.name}", progress, workers)
-    y = torch.from_numpy(labels[:n].astype(np.int64)) if labels is not None else None
-    return ImageSet(x, y, names)
+    picked = idx.tolist()
+    x = _decode_all(picked, decode, f"load {path.name}", progress, workers)
+    y = torch.from_numpy(labels[idx.numpy()].astype(np.int64)) if labels is not None else None
+    return ImageSet(x, y, [names[i] for i in picked], chosen)
 
 
 def batches(x: Tensor, batch_size: int) -> list[Tensor]:

@@ -14,7 +14,7 @@ from torch import nn
 
 from fxq.data.cifar import cifar_resnet
 from fxq.data.images import Preprocess, default_data_dir
-from fxq.errors import ModelError
+from fxq.errors import ModelError, first_line
 
 __all__ = [
     "LoadedModel",
@@ -110,7 +110,7 @@ def load_state_dict_file(model: nn.Module, path: str | os.PathLike) -> nn.Module
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ModelError(f"cannot read weights file '{path}' as a torch state dict: {str(e).splitlines()[0]}") from None
+        raise ModelError(f"cannot read weights file '{path}' as a torch state dict: {first_line(e)}") from None
     if isinstance(sd, dict):
         sd = sd.get("state_dict", sd.get("model", sd))
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):

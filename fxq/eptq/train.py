@@ -14,6 +14,8 @@ different scales weigh by their lambda alone; the model output joins Z with the 
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import time
 
 import torch
@@ -22,20 +24,23 @@ from torch.fx import GraphModule
 from tqdm.auto import tqdm
 
 from fxq.config import RoundingConfig
+from fxq.data.subset import Subset, choose
 from fxq.eptq.distillation import packed_loss
 from fxq.eptq.schedule import batch_indices, beta_at
 from fxq.eptq.soft_rounding import SoftRounding
 from fxq.eptq.teacher import TeacherTargets, as_model_wants, bf16_autocast, flat_outputs
 from fxq.eptq.weights import interest_weights
 from fxq.errors import GraphCheckFailed
-from fxq.io.checkpoint import load_checkpoint, save_checkpoint
+from fxq.io.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint, tensor_digest
 from fxq.ir.ops import device_of, set_eval_
 from fxq.ir.taps import interest_nodes, quantized_value, with_taps
 from fxq.quant.modules import ActQuant, QuantWeight
 
-__all__ = ["RoundingOptimizer", "use_fused_act_quant_", "CHECKPOINT"]
+__all__ = ["RoundingOptimizer", "use_fused_act_quant_", "check_resumable", "schedule_fields", "CHECKPOINT"]
 
 CHECKPOINT = "rounding.pt"
+# settings a resumed run may change: where and how often it checkpoints, how it keeps the teacher's tensors
+_RESUMABLE_ACROSS = ("checkpoint_every", "checkpoint_dir", "resume", "teacher_cache")
 
 
 class RoundingOptimizer:
@@ -43,7 +48,8 @@ class RoundingOptimizer:
 
     def __init__(self, teacher: GraphModule, images: Tensor, config: RoundingConfig = RoundingConfig(), progress=True):
         self.teacher = teacher
-        self.images = images if config.images is None else images[: config.images]
+        idx, self.chosen = choose(len(images), Subset(config.images, seed=config.seed))
+        self.images = images if config.images is None else images[idx.to(images.device)]
         self.cfg = config
         self.progress = progress
 
@@ -105,18 +111,20 @@ class RoundingOptimizer:
             student, teacher = torch.compile(student), torch.compile(teacher)
         return student, teacher
 
-    def _fingerprint(self, layers: list[QuantWeight]) -> dict:
-        c = self.cfg
+    def _fingerprint(self, gm: GraphModule, layers: list[QuantWeight], weights: Tensor) -> dict:
+        """Everything that changes what the optimization computes, as named fields: the float weights, the
+        calibration images, each quantizer's grid and step, the loss weights and every setting of the schedule."""
+        acts = [m for m in gm.modules() if isinstance(m, ActQuant)]
         return {
-            "layers": len(layers),
-            "weights": sum(qw.layer.weight.numel() for qw in layers),
-            "bits": [qw.spec.bits for qw in layers],
-            "images": len(self.images),
-            "iterations": c.iterations,
-            "batch_size": c.batch_size,
-            "seed": c.seed,
-            "loss_weights": c.loss_weights.value,
-            "train_scale": c.train_scale,
+            "model_weights": tensor_digest(self.teacher.state_dict().values()),
+            "calibration_images": f"{len(self.images)} images, {tensor_digest([self.images])}",
+            "weight_bits": [qw.spec.bits for qw in layers],
+            "weight_grids": tensor_digest([torch.tensor([qw.spec.qmin, qw.spec.qmax]) for qw in layers]),
+            "act_bits": [m.spec.bits for m in acts],
+            "act_steps": tensor_digest([m.scale for m in acts]),
+            "weight_steps": tensor_digest([qw.scale for qw in layers]),
+            "interest_weights": tensor_digest([weights]),
+            **schedule_fields(self.cfg),
             "state": "flat",  # SoftRounding's flat V, biases and factors (earlier checkpoints held them per layer)
         }
 
@@ -131,7 +139,7 @@ class RoundingOptimizer:
 
     def _optimize(self, soft: SoftRounding, student, targets, images, weights, opt_v, opt_b) -> dict:
         cfg, device = self.cfg, soft.v.device
-        fingerprint, start = self._fingerprint(soft.layers), 0
+        fingerprint, start = self._fingerprint(student, soft.layers, weights), 0
         history: list[tuple[int, float]] = []
         if cfg.resume:
             state = load_checkpoint(cfg.checkpoint_dir, CHECKPOINT, fingerprint)
@@ -190,6 +198,7 @@ class RoundingOptimizer:
             "resumed_at": start,
             "batch_size": cfg.batch_size,
             "images": len(images),
+            "images_chosen": self.chosen,
             "seconds": seconds,
             "seconds_per_step": seconds / steps if steps else None,
             "seconds_per_step_after_first": (t_end - t1) / (steps - 1) if steps > 1 else None,
@@ -216,6 +225,26 @@ class RoundingOptimizer:
         if eptq <= rtn_loss:
             _load_weights(layers, chosen)
         return {"check_loss": eptq, "rtn_check_loss": rtn_loss, "kept": "eptq" if eptq <= rtn_loss else "rtn"}
+
+
+def schedule_fields(cfg: RoundingConfig) -> dict:
+    """The settings of a rounding run that a resumed run must share, as plain values."""
+    out = {}
+    for f in dataclasses.fields(cfg):
+        if f.name not in _RESUMABLE_ACROSS:
+            v = getattr(cfg, f.name)
+            out[f.name] = v.value if isinstance(v, enum.Enum) else v
+    return out
+
+
+def check_resumable(cfg: RoundingConfig) -> None:
+    """Before any work: with `resume`, the checkpoint exists, is intact, and its schedule settings equal these.
+    (The weights, images and quantizers it also fingerprints are compared when the optimization starts.)"""
+    if not cfg.resume:
+        return
+    saved = read_checkpoint(cfg.checkpoint_dir, CHECKPOINT)["fingerprint"]
+    ours = schedule_fields(cfg)
+    load_checkpoint(cfg.checkpoint_dir, CHECKPOINT, {**saved, **ours})
 
 
 def use_fused_act_quant_(gm: nn.Module, on: bool) -> None:

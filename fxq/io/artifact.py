@@ -15,11 +15,10 @@ then replaces it in one rename: a reader sees the old folder or the new one, nev
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pickle
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -29,16 +28,28 @@ from torch.fx import GraphModule
 
 from fxq.config import PTQConfig
 from fxq.data.images import Preprocess
-from fxq.errors import ModelError
+from fxq.errors import ModelError, OutputError, first_line
 from fxq.frontend.trace import Frontend, trace
+from fxq.io.files import result_folder
 from fxq.io.report import Report
 from fxq.ir.graph import without_graph_state
 from fxq.ir.meta import gq, q
+from fxq.ir.ops import set_eval_
 from fxq.quant.convert import rebuild_quantizers_
 from fxq.quant.qmath import QSpec
 from fxq.targets import ISA, Target
 
-__all__ = ["Saved", "save", "load", "read_report", "FORMAT", "MODEL_FILE", "TENSORS_FILE", "REPORT_FILE"]
+__all__ = [
+    "Saved",
+    "save",
+    "load",
+    "read_report",
+    "saved_model_name",
+    "FORMAT",
+    "MODEL_FILE",
+    "TENSORS_FILE",
+    "REPORT_FILE",
+]
 
 FORMAT = "fxq-quantized/1"
 MODEL_FILE, TENSORS_FILE, REPORT_FILE = "model.json", "tensors.pt", "report.json"
@@ -107,8 +118,9 @@ def save(
     preprocess: Preprocess | None = None,
     report: Report | dict | None = None,
 ) -> Path:
-    """Write `qgm` (what fxq.quantize returned) to `folder`, replacing what was there. `model_name`: a name
-    fxq.data.models.load_model knows (without one, `load` needs the float model passed in)."""
+    """Write `qgm` (what fxq.quantize returned) to `folder`, replacing what was there once the new folder is
+    complete. `model_name`: a name fxq.data.models.load_model knows (without one, `load` needs the float model
+    passed in)."""
     g = gq(qgm)
     if g.frontend == "dynamo":
         raise ModelError("save: a graph from torch.compile's backend cannot be rebuilt; save fxq.quantize's result")
@@ -121,8 +133,7 @@ def save(
         )
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
-        raise ModelError(f"save: '{folder}' is a file; give a folder to write the quantized model into")
-    folder.parent.mkdir(parents=True, exist_ok=True)
+        raise OutputError(f"save: '{folder}' is a file; give a folder to write the quantized model into")
     model_json = {
         "format": FORMAT,
         "model": model_name,
@@ -136,27 +147,18 @@ def save(
     with without_graph_state(qgm):
         tensors = {"state": dict(qgm.state_dict()), "constants": _constants(qgm)}
     rep = report.to_dict() if isinstance(report, Report) else (report or {})
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    buf = io.BytesIO()
+    torch.save(tensors, buf)  # in memory first: a full disk then fails as an OSError on the write below
+    with result_folder(folder) as tmp:
         (tmp / MODEL_FILE).write_text(json.dumps(model_json, indent=1))
-        torch.save(tensors, tmp / TENSORS_FILE)
+        (tmp / TENSORS_FILE).write_bytes(buf.getbuffer())
         (tmp / REPORT_FILE).write_text(json.dumps({**rep, "preprocess": model_json["preprocess"]}, indent=2))
-        _replace_folder(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
 
 
-def _replace_folder(new: Path, folder: Path) -> None:
-    """`folder` becomes `new`: the old one (if any) moves aside first and goes once the new one is in place."""
-    old = None
-    if folder.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old.", dir=folder.parent))
-        os.replace(folder, old / "previous")
-    os.replace(new, folder)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+def saved_model_name(folder: str | os.PathLike) -> str | None:
+    """The model name a saved folder was built from (its model.json), without loading anything else."""
+    return _read_json(Path(folder)).get("model")
 
 
 def read_report(folder: str | os.PathLike) -> dict:
@@ -192,7 +194,7 @@ def _read_tensors(folder: Path) -> dict:
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
         raise ModelError(
             f"'{path}' is not a file of plain tensors (torch.load with weights_only refused it: "
-            f"{str(e).splitlines()[0][:200]}); fxq loads no code from files. Quantize the model again"
+            f"{first_line(e)}); fxq loads no code from files. Quantize the model again"
         ) from None
     if not isinstance(data, dict) or not isinstance(data.get("state"), dict):
         raise ModelError(f"'{path}' does not hold fxq's tensors; quantize the model again")
@@ -244,7 +246,7 @@ def load(folder: str | os.PathLike, model: nn.Module | None = None) -> Saved:
     _fill_(gm, data, folder)
     p = meta.get("preprocess")
     pre = Preprocess(**{k: tuple(v) if isinstance(v, list) else v for k, v in p.items()}) if p else Preprocess()
-    return Saved(gm.eval(), pre, read_report(folder), meta.get("model"))
+    return Saved(set_eval_(gm), pre, read_report(folder), meta.get("model"))
 
 
 def _fill_(gm: GraphModule, data: dict, folder: Path) -> None:
@@ -264,7 +266,7 @@ def _fill_(gm: GraphModule, data: dict, folder: Path) -> None:
         gm.load_state_dict(state, strict=True)
     except RuntimeError as e:
         raise ModelError(
-            f"'{folder}': the saved tensors do not fit the rebuilt graph ({str(e).splitlines()[0][:300]}); was it "
+            f"'{folder}': the saved tensors do not fit the rebuilt graph ({first_line(e, 300)}); was it "
             f"saved by another fxq or torch version, or from another model? Quantize it again"
         ) from None
     for target, value in data.get("constants", {}).items():

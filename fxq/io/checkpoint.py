@@ -1,46 +1,82 @@
-"""Checkpoints of long runs, written atomically (an interrupt leaves the previous checkpoint intact) and read back
-with torch.load(weights_only=True): tensors and plain containers, never code."""
+"""Checkpoints of long runs, written atomically (an interrupt or a full disk leaves the previous checkpoint intact)
+and read back with torch.load(weights_only=True): tensors and plain containers, never code.
+
+Each checkpoint carries the fingerprint of the run that wrote it: a flat dict of named fields (hashes of the
+model's weights and of the calibration images, every setting that changes what the run computes). Resuming
+compares it field by field and refuses a checkpoint that differs, naming the fields.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 import pickle
+import zipfile
 from pathlib import Path
 
 import torch
 
-from fxq.errors import ConfigError
+from fxq.errors import CheckpointError, first_line
+from fxq.io.files import write_atomic
 
-__all__ = ["save_checkpoint", "load_checkpoint"]
+__all__ = ["save_checkpoint", "read_checkpoint", "load_checkpoint", "tensor_digest", "fingerprint_mismatch"]
+
+
+def tensor_digest(tensors) -> str:
+    """A short content hash of tensors (dtype, shape and bytes, in order): equal tensors, equal digest."""
+    h = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()[:16]
 
 
 def save_checkpoint(folder: str | os.PathLike, name: str, state: dict) -> Path:
+    buf = io.BytesIO()
+    torch.save(state, buf)  # serialised in memory first: a full disk then fails as an OSError on the write
+    return write_atomic(Path(folder) / name, lambda tmp: tmp.write_bytes(buf.getbuffer()))
+
+
+def read_checkpoint(folder: str | os.PathLike, name: str) -> dict:
+    """The checkpoint `name` in `folder`, refused by name when missing, damaged or not an fxq checkpoint."""
     path = Path(folder) / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-    return path
+    if not path.is_file():
+        raise CheckpointError(
+            f"resume: no checkpoint at '{path}'; run once with checkpoint_dir (--checkpoint-dir) set, or drop resume"
+        )
+    try:  # plain tensors and containers only: a checkpoint never runs code
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile) as e:
+        raise CheckpointError(
+            f"resume: '{path}' is damaged or not a checkpoint of plain tensors ({first_line(e)}); delete it and "
+            f"run again without resume"
+        ) from None
+    if not isinstance(state, dict) or not isinstance(state.get("fingerprint"), dict) or "step" not in state:
+        raise CheckpointError(f"resume: '{path}' is not an fxq checkpoint; delete it and run again without resume")
+    return state
+
+
+def fingerprint_mismatch(saved: dict, current: dict) -> dict[str, tuple]:
+    """{field: (checkpoint's value, this run's value)} for every field that differs."""
+    keys = list(current) + [k for k in saved if k not in current]
+    return {k: (saved.get(k), current.get(k)) for k in keys if saved.get(k) != current.get(k)}
+
+
+def _show(v) -> str:
+    text = repr(v)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def load_checkpoint(folder: str | os.PathLike, name: str, fingerprint: dict) -> dict:
-    """Load `name` from `folder`, refusing one written by a different run (model, bits or schedule)."""
-    path = Path(folder) / name
-    if not path.is_file():
-        raise ConfigError(f"resume: no checkpoint at '{path}'; run once with checkpoint_dir set, or drop resume")
-    try:  # plain tensors and containers only: a checkpoint never runs code
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
-        raise ConfigError(
-            f"resume: '{path}' is not a checkpoint of plain tensors (torch.load with weights_only refused it: "
-            f"{str(e).splitlines()[0][:200]}); use a fresh checkpoint_dir"
-        ) from None
-    if not isinstance(state, dict):
-        raise ConfigError(f"resume: '{path}' is not an fxq checkpoint; use a fresh checkpoint_dir")
-    if state.get("fingerprint") != fingerprint:
-        diff = {k: (state.get("fingerprint", {}).get(k), v) for k, v in fingerprint.items()}
-        diff = {k: v for k, v in diff.items() if v[0] != v[1]}
-        raise ConfigError(
-            f"resume: '{path}' was written by a different run ({diff}); use a fresh checkpoint_dir or the same settings"
+    """Load `name` from `folder`, refusing one written by a run that differs from this one in any field."""
+    state = read_checkpoint(folder, name)
+    diff = fingerprint_mismatch(state["fingerprint"], fingerprint)
+    if diff:
+        fields = "; ".join(f"{k}: checkpoint {_show(a)}, this run {_show(b)}" for k, (a, b) in diff.items())
+        raise CheckpointError(
+            f"resume: '{Path(folder) / name}' was written by a different run ({fields}); resume with the same "
+            f"model, images and settings, or use a fresh checkpoint_dir"
         )
     return state

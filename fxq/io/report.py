@@ -2,22 +2,20 @@
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
 from torch import nn
 from torch.fx import GraphModule, Node
 
+from fxq.io.files import write_json_atomic
 from fxq.ir.meta import gq, q
 from fxq.quant.modules import ActQuant, QuantWeight
 
 if TYPE_CHECKING:
     from fxq.config import PTQConfig
 
-__all__ = ["LayerReport", "Report", "build_report", "write_json_atomic"]
+__all__ = ["LayerReport", "Report", "build_report"]
 
 
 @dataclass
@@ -49,6 +47,7 @@ class Report:
     method: str
     frontend: str | None
     calib_images: int
+    images: dict[str, str] = field(default_factory=dict)  # how each image set was drawn from its source
     settings: dict = field(default_factory=dict)  # how the quantizers were fitted (thresholds, bias correction)
     layers: list[LayerReport] = field(default_factory=list)
     stage_seconds: dict[str, float] = field(default_factory=dict)
@@ -91,20 +90,6 @@ def _weight_bits(lr: LayerReport) -> str:
         return ""
     grid = lr.weight_grid_bits
     return f"{lr.weight_bits}" if grid in (None, lr.weight_bits) else f"{lr.weight_bits} ({grid})"
-
-
-def write_json_atomic(path: str, obj) -> None:
-    """Write JSON so that an interrupt leaves either the old file or the new one, never half of one."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, indent=2)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def _quantizers(gm: GraphModule) -> dict[Node, nn.Module]:

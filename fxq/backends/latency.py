@@ -16,11 +16,11 @@ from torch.fx import GraphModule
 from fxq.backends.inductor import FrozenCompiled, compile_int8
 from fxq.backends.onnx import export_float_onnx, export_onnx, ort_session
 
-__all__ = ["time_call", "backend_latencies", "BACKENDS"]
+__all__ = ["time_samples", "time_call", "backend_latencies", "BACKENDS"]
 
 
-def time_call(fn: Callable[[], object], iters: int = 20, warmup: int = 3) -> float:
-    """Median seconds per call."""
+def time_samples(fn: Callable[[], object], iters: int = 20, warmup: int = 3) -> list[float]:
+    """Seconds of each of `iters` calls, after `warmup` untimed ones."""
     for _ in range(warmup):
         fn()
     times = []
@@ -28,7 +28,12 @@ def time_call(fn: Callable[[], object], iters: int = 20, warmup: int = 3) -> flo
         t0 = time.perf_counter()
         fn()
         times.append(time.perf_counter() - t0)
-    return float(np.median(times))
+    return times
+
+
+def time_call(fn: Callable[[], object], iters: int = 20, warmup: int = 3) -> float:
+    """Median seconds per call."""
+    return float(np.median(time_samples(fn, iters, warmup)))
 
 
 BACKENDS = ("eager", "onnx", "inductor", "inductor-int8")

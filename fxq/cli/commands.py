@@ -41,6 +41,7 @@ from fxq.io.files import (
     result_folder,
     write_json_atomic,
 )
+from fxq.ir.meta import gq
 from fxq.ir.ops import pick_device
 from fxq.pipeline import label_free_hessian, quantize
 from fxq.targets import ISA, cpu_description, isa_named
@@ -265,6 +266,47 @@ def cmd_bench(args) -> None:
                 "rows": rows,
             },
         )
+    if args.per_op:
+        _bench_per_op(args, lm.name, qgm, calib.x, backends)
+
+
+def _bench_per_op(args, name: str, qgm, images, backends: list[str]) -> None:
+    """Each quantized op alone on each backend at each batch size: table, JSON, CSV and a roofline plot."""
+    import csv
+    import io
+
+    from fxq.backends.peaks import measure_peaks
+    from fxq.backends.per_op import per_op_report, quantized_ops, time_ops, to_rows
+    from fxq.io.plots import roofline_plot
+
+    per_op = [{"eager": "reference"}.get(b, b) for b in backends if b != "inductor"]
+    peaks = measure_peaks()
+    print(
+        f"roofs: fp32 GEMM {peaks.fp32_gflops:.1f} GFLOP/s, int8 GEMM {peaks.int8_gops:.1f} GOP/s "
+        f"({peaks.int8_kernel}), memory {peaks.bandwidth_gbs:.1f} GB/s"
+    )
+    reports = {}
+    for batch in args.batch_sizes:
+        x = images[torch.arange(batch) % len(images)]
+        rows = time_ops(quantized_ops(qgm, x), per_op, peaks, gq(qgm).target, args.iters, not args.quiet)
+        reports[batch] = per_op_report(name, qgm, rows, peaks, batch)
+        print(f"\nper op, batch {batch} (ms, median of {args.iters}; % of the roof at the op's intensity)")
+        keys = list(rows[0].ms) if rows else []
+        print(f"{'op':<28} {'kind':<6} {'W/A':>5} {'MMACs':>8} " + " ".join(f"{k:>24}" for k in keys))
+        for r in rows:
+            cells = " ".join(f"{r.ms[k]:9.3f} ({100 * r.peak_fraction[k]:5.1f} %)".rjust(24) for k in keys)
+            print(f"{r.node[:28]:<28} {r.kind:<6} {r.weight_bits:>2}/{r.act_bits:<2} {r.macs / 1e6:8.2f} {cells}")
+    with result_folder(args.per_op) as tmp:
+        for batch, rep in reports.items():
+            (tmp / f"per_op_b{batch}.json").write_text(json.dumps(rep, indent=2))
+            flat = to_rows(rep)
+            buf = io.StringIO()
+            writer = csv.DictWriter(buf, fieldnames=list(flat[0]) if flat else ["node"])
+            writer.writeheader()
+            writer.writerows(flat)
+            (tmp / f"per_op_b{batch}.csv").write_text(buf.getvalue())
+            roofline_plot(rep, str(tmp / f"roofline_b{batch}.png"))
+    print(f"wrote per-op JSON, CSV and roofline plots to {args.per_op}")
 
 
 COMMANDS = {
@@ -291,8 +333,11 @@ def check_before_work(args) -> None:
     elif args.command == "export":
         check_output_file(out, args.force)
         check_output_file(f"{out}.json", True, what="the export's report")
-    elif args.command == "bench" and out:
-        check_output_file(out, args.force)
+    elif args.command == "bench":
+        if out:
+            check_output_file(out, args.force)
+        if args.per_op:
+            check_output_folder(args.per_op, args.force, what="--per-op")
     if args.command in ("eval", "export") and Path(args.model).is_dir():
         saved_model_name(args.model)  # a folder that is not fxq's is refused here, by name
     elif args.command == "export":

@@ -313,6 +313,14 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"comma-separated, from {','.join(BACKENDS)} (default: all; inductor-int8 where torchao is installed)",
     )
     bp.add_argument("--out", default=None, help="also write the rows as JSON")
+    bp.add_argument(
+        "--per-op",
+        default=None,
+        metavar="DIR",
+        help="also time each quantized conv/linear alone on each backend (eager: fxq's reference; onnx; "
+        "inductor-int8) against its float op and the machine's measured roofs; writes per_op_bBATCH.json/.csv "
+        "and roofline_bBATCH.png into DIR",
+    )
     force_arg(bp)
     bp.set_defaults(command="bench", num_calib=32, device="cpu")  # the backends it times are CPU ones
     return p

@@ -67,3 +67,37 @@ def pareto_plot(rows: list[dict], path: str, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def roofline_plot(report: dict, path: str) -> None:
+    """Achieved throughput of each op against its arithmetic intensity, one marker per backend and side, under the
+    measured roofs (fp32 and int8 compute, memory bandwidth). `report`: fxq.backends.per_op's JSON."""
+    plt = _pyplot()
+    peaks = report["peaks"]
+    fig, ax = plt.subplots(figsize=(7.0, 4.6))
+    ops = report["ops"]
+    keys = sorted({k for op in ops for k in op["gops"]})
+    markers = {"float": "o", "quantized": "^"}
+    for i, key in enumerate(keys):
+        backend, side = key.split(":")
+        quantized = side == "quantized" and backend != "reference"
+        xs = [2 * op["macs"] / (op["bytes_quantized"] if quantized else op["bytes_float"]) for op in ops]
+        ys = [op["gops"][key] for op in ops]
+        ax.scatter(xs, ys, s=14, marker=markers[side], color=f"C{i}", alpha=0.75, label=key)
+    lo = min(2 * op["macs"] / op["bytes_float"] for op in ops) / 2
+    hi = max(2 * op["macs"] / op["bytes_quantized"] for op in ops) * 2
+    grid = [lo * (hi / lo) ** (j / 200) for j in range(201)]
+    for roof, name, style in ((peaks["fp32_gflops"], "fp32 GEMM", "-"), (peaks["int8_gops"], "int8 GEMM", "--")):
+        if roof:
+            ax.plot(grid, [min(roof, peaks["bandwidth_gbs"] * x) for x in grid], style, color="k", lw=1, label=name)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("arithmetic intensity (ops / byte of minimum traffic)")
+    ax.set_ylabel("achieved GOP/s")
+    title = f"{report['model']} per op, batch {report['batch']}: {report['cpu']}, {report['threads']} threads"
+    ax.set_title(f"{title}\nroofs: {peaks['bandwidth_gbs']:.1f} GB/s, int8 by {peaks['int8_kernel']}", fontsize=8)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

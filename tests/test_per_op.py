@@ -91,3 +91,18 @@ def test_cli_writes_per_op_json_csv_and_roofline(tmp_path, capsys):
     assert len(report["ops"]) == 20  # 19 convs and the classifier of ResNet-20
     assert (out / "roofline_b1.png").stat().st_size > 10_000
     assert main(args) == 2 and "--force" in capsys.readouterr().err  # an existing folder is not overwritten
+
+
+def test_bench_takes_a_saved_folder(tmp_path, capsys):
+    from tests.conftest import write_images
+
+    calib = write_images(tmp_path / "calib", 2, size=(32, 32), labels=False)
+    common = ["--random-weights", "--quiet", "--calib", str(calib)]
+    saved = tmp_path / "q"
+    assert main(["quantize", "--model", "cifar10_resnet20", *common, "--no-eval", "--out", str(saved)]) == 0
+    capsys.readouterr()
+    args = ["bench", "--model", str(saved), *common, "--batch-sizes", "1", "--iters", "1", "--backends", "eager"]
+    assert main([*args, "--per-op", str(tmp_path / "perop")]) == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out
+    assert f"{saved} (cifar10_resnet20)" in printed and "layer3.2.conv2" in printed
+    assert len(json.loads((tmp_path / "perop" / "per_op_b1.json").read_text())["ops"]) == 20

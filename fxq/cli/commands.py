@@ -239,14 +239,23 @@ def cmd_bench(args) -> None:
     if unknown:
         raise ConfigError(f"unknown backend(s) {sorted(unknown)} in --backends; choose from {','.join(BACKENDS)}")
     backends = args.backends or [b for b in BACKENDS if b != "inductor-int8" or int8_inductor_available()]
-    cfg = ptq_config(args, args.weight_bits)
-    lm = load_model(args.model, args.weights, args.random_weights)
-    calib = load_images(args.calib, lm.preprocess, subset(args, args.num_calib), progress=not args.quiet)
-    qgm, _ = quantize(lm.model, batches(calib.x, args.batch_size), cfg)
+    if Path(args.model).is_dir():  # a folder `fxq quantize` wrote: time that model against its float one
+        saved = artifact.load(args.model)
+        if not saved.model_name:
+            raise ConfigError(f"bench: '{args.model}' names no model fxq can build; bench it through the Python API")
+        lm = load_model(saved.model_name, args.weights, args.random_weights)
+        calib = load_images(args.calib, saved.preprocess, subset(args, args.num_calib), progress=not args.quiet)
+        qgm, what = saved.model, f"{args.model} ({saved.model_name})"
+    else:
+        cfg = ptq_config(args, args.weight_bits)
+        lm = load_model(args.model, args.weights, args.random_weights)
+        calib = load_images(args.calib, lm.preprocess, subset(args, args.num_calib), progress=not args.quiet)
+        qgm, _ = quantize(lm.model, batches(calib.x, args.batch_size), cfg)
+        what = f"{lm.name} W{args.weight_bits}A{args.act_bits}"
     rows = backend_latencies(lm.model, qgm, lm.preprocess.crop, args.batch_sizes, args.iters, backends)
-    isa = cfg.target.isa
+    isa = gq(qgm).target.isa
     print(
-        f"{lm.name} W{args.weight_bits}A{args.act_bits} for {isa.value} ({isa.form}); this CPU: {cpu_description()}, "
+        f"{what} for {isa.value} ({isa.form}); this CPU: {cpu_description()}, "
         f"{torch.get_num_threads()} threads, median of {args.iters}"
     )
     print(f"{'backend':<30} {'batch':>5} {'float ms':>10} {'int8 ms':>10} {'speed-up':>9} {'vs eager fp32':>14}")

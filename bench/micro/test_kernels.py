@@ -463,19 +463,21 @@ def test_inductor_int8_batch1(benchmark, int8_model, inductor_models):
     _within_steps(out, ref_quant, step)
 
 
+def _eager_exact(benchmark, module, x, expected) -> None:
+    """Time an eager module at batch 1; its output must be bit-equal to the one recorded when the model was made."""
+    _cpu(benchmark)
+    with torch.no_grad():
+        out = benchmark(module, x)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
 @pytest.mark.benchmark(group="int8-eager-batch1")
 def test_eager_fp32_batch1(benchmark, int8_model):
-    _cpu(benchmark)
     model, _, x, ref_float, _, _ = int8_model
-    with torch.no_grad():
-        out = benchmark(model, x)
-    torch.testing.assert_close(out, ref_float, rtol=0, atol=0)
+    _eager_exact(benchmark, model, x, ref_float)
 
 
 @pytest.mark.benchmark(group="int8-eager-batch1")
 def test_eager_fake_quant_reference_batch1(benchmark, int8_model):
-    _cpu(benchmark)
     _, qgm, x, _, ref_quant, _ = int8_model
-    with torch.no_grad():
-        out = benchmark(qgm, x)
-    torch.testing.assert_close(out, ref_quant, rtol=0, atol=0)
+    _eager_exact(benchmark, qgm, x, ref_quant)

@@ -14,6 +14,7 @@ JSON schema: `PER_OP_SCHEMA` (draft 2020-12), documented beside it; `to_rows` gi
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import os
 import tempfile
@@ -130,16 +131,22 @@ def _act_bits(node) -> int:
     return a.bits if a is not None else 8
 
 
-def _runners(case: OpCase, backend: str, target, tmp: str) -> tuple[Callable, Callable]:
-    """(float, quantized) callables of one op on one backend, each taking no argument."""
-    x = case.x
-    if backend == "reference":
-        return partial(case.layer, x), partial(case.quant, x)
+def _alone(case: OpCase, target) -> tuple[nn.Module, GraphModule]:
+    """The op's float layer as a one-layer model, and that model quantized at the op's widths on its input."""
     from fxq.pipeline import quantize
 
     tiny = nn.Sequential(copy.deepcopy(case.layer)).eval()
     cfg = PTQConfig(target=target.with_bits(case.weight_bits, case.act_bits), bias_correction=False, progress=False)
-    tq, _ = quantize(tiny, [x], cfg)
+    return tiny, quantize(tiny, [case.x], cfg).model
+
+
+def _runners(case: OpCase, backend: str, alone, target, tmp: str) -> tuple[Callable, Callable]:
+    """(float, quantized) callables of one op on one backend, each taking no argument. `alone()`: `_alone`'s
+    pair, built on first use and shared by the backends."""
+    x = case.x
+    if backend == "reference":
+        return partial(case.layer, x), partial(case.quant, x)
+    tiny, tq = alone()
     if backend == "onnx":
         from fxq.backends.onnx import export_float_onnx, export_onnx, ort_session
 
@@ -185,8 +192,9 @@ def time_ops(
                 case.traffic(False),
                 case.traffic(True),
             )
+            alone = functools.cache(partial(_alone, case, target))
             for b in backends:
-                run_float, run_quant = _runners(case, b, target, tmp)
+                run_float, run_quant = _runners(case, b, alone, target, tmp)
                 for side, fn in (("float", run_float), ("quantized", run_quant)):
                     key = f"{b}:{side}"
                     samples = np.array(time_samples(fn, iters)) * 1e3

@@ -351,11 +351,10 @@ def check_before_work(args) -> None:
         saved_model_name(args.model)  # a folder that is not fxq's is refused here, by name
     elif args.command == "export":
         raise ConfigError(f"export: --model '{args.model}' is not a folder; give one written by `fxq quantize --out`")
+    checked_on_images = not (args.command == "export" and args.format == "pt2")
     for key, labeled in (("calib", False), ("val", True)):
         source = getattr(args, key, None)
-        if source is not None and not (key == "calib" and args.command in ("eval",)):
-            if args.command == "export" and args.format == "pt2":
-                continue  # pt2 exports are not checked on images
+        if source is not None and checked_on_images:
             check_image_source(source, labeled)
     if getattr(args, "resume", False):
         _, rounding, _ = rounding_schedule(args)

@@ -169,16 +169,31 @@ def check_image_source(source: str | os.PathLike, labeled: bool = False) -> None
     images (and readable labels when `labeled`), the .npz file holds a well-formed set."""
     source = Path(source)
     if source.suffix.lower() == NPZ_EXT:
-        if not source.is_file():
-            raise DataError(f"image set '{source}' does not exist or is not a file; pass an existing {NPZ_EXT} set")
-        _, _, labels, _ = _read_npz(source)
-        if labeled and labels is None:
-            raise DataError(f"'{source}' has no labels array; evaluation needs labels (N class indices)")
-        return
-    list_images(source)
-    labels = read_labels(source)
+        _npz_set(source, labeled)
+    else:
+        list_images(source)
+        _folder_labels(source, labeled)
+
+
+def _folder_labels(folder: Path, labeled: bool) -> dict[str, int] | None:
+    """read_labels, refusing a folder without labels.tsv when labels are needed."""
+    labels = read_labels(folder)
     if labeled and labels is None:
-        raise DataError(f"'{source}' has no {LABELS_FILE}; evaluation needs labels (file<TAB>class index)")
+        raise DataError(f"'{folder}' has no {LABELS_FILE}; evaluation needs labels (file<TAB>class index)")
+    return labels
+
+
+def _npz_set(path: Path, labeled: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, list[str] | None]:
+    """_read_npz of an existing file, refusing a set without labels when labels are needed."""
+    if not path.is_file():
+        raise DataError(
+            f"image set '{path}' does not exist or is not a file; pass an existing {NPZ_EXT} file or image folder "
+            f"(--calib/--val), or set FXQ_DATA to the shared data folder (it holds cifar10/*{NPZ_EXT})"
+        )
+    data, offsets, labels, names = _read_npz(path)
+    if labeled and labels is None:
+        raise DataError(f"'{path}' has no labels array; evaluation needs labels (N class indices)")
+    return data, offsets, labels, names
 
 
 def _as_subset(subset: Subset | int | None) -> Subset:
@@ -233,7 +248,7 @@ def load_images(
         return load_npz_images(folder, pre, subset, labeled, progress, workers)
     subset = _as_subset(subset)
     files = list_images(folder)
-    labels = read_labels(folder)
+    labels = _folder_labels(folder, labeled)
     if labels is not None:
         unlisted = [f for f in files if f not in labels]
         absent = sorted(set(labels) - set(files))
@@ -247,8 +262,6 @@ def load_images(
                 f"'{folder / LABELS_FILE}' lists {len(absent)} files the folder does not hold (e.g. '{absent[0]}'); "
                 f"remove those lines or restore the images"
             )
-    elif labeled:
-        raise DataError(f"'{folder}' has no {LABELS_FILE}; evaluation needs labels (file<TAB>class index)")
     known = labels is not None and all(f in labels for f in files)
     idx, chosen = choose(len(files), subset, [labels[f] for f in files] if known else None)
     files = [files[i] for i in idx.tolist()]
@@ -324,14 +337,7 @@ def load_npz_images(
     PIL reads); labels (N,) and names (N,) are optional. The shared CIFAR-10 sets are stored this way.
     """
     path = Path(path)
-    if not path.is_file():
-        raise DataError(
-            f"image set '{path}' does not exist or is not a file; pass an existing {NPZ_EXT} file or image folder "
-            f"(--calib/--val), or set FXQ_DATA to the shared data folder (it holds cifar10/*{NPZ_EXT})"
-        )
-    data, offsets, labels, names = _read_npz(path)
-    if labeled and labels is None:
-        raise DataError(f"'{path}' has no labels array; evaluation needs labels (N class indices)")
+    data, offsets, labels, names = _npz_set(path, labeled)
     n = len(offsets) - 1
     idx, chosen = choose(n, _as_subset(subset), labels)
     names = names if names is not None else [f"{i:05d}" for i in range(n)]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import time
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -31,7 +32,7 @@ from fxq.eptq.soft_rounding import SoftRounding
 from fxq.eptq.teacher import TeacherTargets, as_model_wants, bf16_autocast, flat_outputs
 from fxq.eptq.weights import interest_weights
 from fxq.errors import GraphCheckFailed
-from fxq.io.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint, tensor_digest
+from fxq.io.checkpoint import check_fingerprint, load_checkpoint, read_checkpoint, save_checkpoint, tensor_digest
 from fxq.ir.ops import device_of, set_eval_
 from fxq.ir.taps import interest_nodes, quantized_value, with_taps
 from fxq.quant.modules import ActQuant, QuantWeight
@@ -139,7 +140,9 @@ class RoundingOptimizer:
 
     def _optimize(self, soft: SoftRounding, student, targets, images, weights, opt_v, opt_b) -> dict:
         cfg, device = self.cfg, soft.v.device
-        fingerprint, start = self._fingerprint(student, soft.layers, weights), 0
+        # hashing the weights and images costs a pass over them: only a run that checkpoints needs it
+        fingerprint = self._fingerprint(student, soft.layers, weights) if cfg.checkpoint_dir else None
+        start = 0
         history: list[tuple[int, float]] = []
         if cfg.resume:
             state = load_checkpoint(cfg.checkpoint_dir, CHECKPOINT, fingerprint)
@@ -244,7 +247,7 @@ def check_resumable(cfg: RoundingConfig) -> None:
         return
     saved = read_checkpoint(cfg.checkpoint_dir, CHECKPOINT)["fingerprint"]
     ours = schedule_fields(cfg)
-    load_checkpoint(cfg.checkpoint_dir, CHECKPOINT, {**saved, **ours})
+    check_fingerprint(Path(cfg.checkpoint_dir) / CHECKPOINT, {k: saved.get(k) for k in ours}, ours)
 
 
 def use_fused_act_quant_(gm: nn.Module, on: bool) -> None:

@@ -20,7 +20,14 @@ import torch
 from fxq.errors import CheckpointError, first_line
 from fxq.io.files import write_atomic
 
-__all__ = ["save_checkpoint", "read_checkpoint", "load_checkpoint", "tensor_digest", "fingerprint_mismatch"]
+__all__ = [
+    "save_checkpoint",
+    "read_checkpoint",
+    "load_checkpoint",
+    "check_fingerprint",
+    "tensor_digest",
+    "fingerprint_mismatch",
+]
 
 
 def tensor_digest(tensors) -> str:
@@ -69,14 +76,19 @@ def _show(v) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def load_checkpoint(folder: str | os.PathLike, name: str, fingerprint: dict) -> dict:
-    """Load `name` from `folder`, refusing one written by a run that differs from this one in any field."""
-    state = read_checkpoint(folder, name)
-    diff = fingerprint_mismatch(state["fingerprint"], fingerprint)
+def check_fingerprint(path: str | os.PathLike, saved: dict, current: dict) -> None:
+    """Refuse a checkpoint at `path` whose fingerprint `saved` differs from `current`, naming each field."""
+    diff = fingerprint_mismatch(saved, current)
     if diff:
         fields = "; ".join(f"{k}: checkpoint {_show(a)}, this run {_show(b)}" for k, (a, b) in diff.items())
         raise CheckpointError(
-            f"resume: '{Path(folder) / name}' was written by a different run ({fields}); resume with the same "
+            f"resume: '{path}' was written by a different run ({fields}); resume with the same "
             f"model, images and settings, or use a fresh checkpoint_dir"
         )
+
+
+def load_checkpoint(folder: str | os.PathLike, name: str, fingerprint: dict) -> dict:
+    """Load `name` from `folder`, refusing one written by a run that differs from this one in any field."""
+    state = read_checkpoint(folder, name)
+    check_fingerprint(Path(folder) / name, state["fingerprint"], fingerprint)
     return state

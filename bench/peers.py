@@ -4,9 +4,10 @@
 
 Rows: ONNX Runtime's own static quantization (quantize_static, QDQ, per-channel weights, MinMax calibration) with
 and without reduce_range; torchao's PT2E flow (prepare_pt2e / convert_pt2e with X86InductorQuantizer, then
-torch.compile with freezing); fxq W8A8 RTN, W4A8 RTN and W4A8 EPTQ (the short CPU schedule), each exported to ONNX
-Runtime and lowered to Inductor int8. Each row: top-1 on the val images, quantization wall time, batch-1 and
-batch-32 latency (median of --iters), all timed in this run beside fp32 ONNX Runtime and fp32 Inductor.
+torch.compile with freezing); fxq W8A8 and W4A8, RTN and EPTQ (the short CPU schedule), each exported to ONNX
+Runtime and lowered to Inductor int8. Each row: top-1 on the val images, quantization wall time,
+batch-1 and batch-32 latency (median of --iters), all timed in this run beside fp32 ONNX Runtime and fp32 Inductor;
+for Inductor rows, how many of the convolutions and matmuls one call runs as integer kernels (torch.profiler).
 """
 
 from __future__ import annotations
@@ -30,7 +31,16 @@ from fxq.data.images import batches, load_images
 from fxq.data.models import default_image_sets, load_model
 from fxq.targets import INT8, cpu_description
 
-ROWS = ("ort", "ort-reduce-range", "pt2e", "fxq-w8", "fxq-w4", "fxq-w4-eptq")
+ROWS = ("ort", "ort-reduce-range", "pt2e", "fxq-w8", "fxq-w8-eptq", "fxq-w4", "fxq-w4-eptq")
+# the ops that run a convolution or matmul in a compiled graph, integer and float (torch.profiler names)
+_INT_KERNELS = ("onednn::qconv_pointwise", "onednn::qconv2d_pointwise", "onednn::qlinear_pointwise")
+_FLOAT_KERNELS = (
+    "mkldnn::_convolution_pointwise",
+    "aten::convolution",
+    "aten::addmm",
+    "aten::mm",
+    "mkldnn::_linear_pointwise",
+)
 
 
 def _logits(run, x: torch.Tensor) -> torch.Tensor:
@@ -67,6 +77,15 @@ def _ort_static(float_path: str, out: str, calib: torch.Tensor, reduce_range: bo
         activation_type=QuantType.QUInt8,
         weight_type=QuantType.QInt8,
     )
+
+
+def integer_kernels(run, x: torch.Tensor) -> str:
+    """'integer of all' convolution/matmul kernels one call of a compiled model runs (from torch.profiler)."""
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        run(x)
+    names = [e.name for e in prof.events()]
+    ints = sum(names.count(k) for k in _INT_KERNELS)
+    return f"{ints}/{ints + sum(names.count(k) for k in _FLOAT_KERNELS)}"
 
 
 def _pt2e(model: torch.nn.Module, calib: torch.Tensor):
@@ -110,14 +129,15 @@ def main() -> None:
 
     def report(name: str, backend: str, run, seconds: float | None) -> None:
         b1, b32 = latency(run)
+        kernels = integer_kernels(run, x1) if backend.startswith("inductor") else "-"
         row = {"row": name, "backend": backend, "top1": top1(run), "quantize_s": seconds, "b1_ms": b1, "b32_ms": b32}
-        out.append(row)
+        out.append({**row, "integer_kernels": kernels})
         q = f"{seconds:9.1f}" if seconds is not None else " " * 9
-        print(f"{name:<18} {backend:<16} {row['top1']:6.2f} {q} {b1:9.2f} {b32:9.2f}", flush=True)
+        print(f"{name:<18} {backend:<16} {row['top1']:6.2f} {q} {b1:9.2f} {b32:9.2f} {kernels:>9}", flush=True)
 
     print(f"{args.model}: {len(calib)} calibration, {len(val)} val images; CPU {cpu_description()}, ")
     print(f"{torch.get_num_threads()} threads; latency: median of {args.iters}")
-    print(f"{'row':<18} {'backend':<16} {'top-1':>6} {'quant. s':>9} {'b1 ms':>9} {'b32 ms':>9}")
+    print(f"{'row':<18} {'backend':<16} {'top-1':>6} {'quant. s':>9} {'b1 ms':>9} {'b32 ms':>9} {'int ops':>9}")
     with tempfile.TemporaryDirectory() as tmp:
         float_path = os.path.join(tmp, "float.onnx")
         export_float_onnx(lm.model, (calib.x[:2],), float_path)
@@ -135,7 +155,7 @@ def main() -> None:
                 compiled(x1)  # compiles
                 report(name, "inductor int8", compiled, time.perf_counter() - t0)
             else:
-                bits = 8 if name == "fxq-w8" else 4
+                bits = 8 if name.startswith("fxq-w8") else 4
                 method = Method.EPTQ if name.endswith("eptq") else Method.RTN
                 cfg = fxq.PTQConfig(
                     target=INT8.with_bits(bits), method=method, rounding=RoundingConfig.short(), progress=False

@@ -2,9 +2,11 @@ import json
 
 import pytest
 import torch
+from torch import nn
 
 import fxq
 from fxq.cli import main
+from fxq.errors import ConfigError
 from fxq.targets import host_isa
 from tests.conftest import write_images
 
@@ -196,7 +198,7 @@ def test_bench_reports_every_backend_and_batch(tmp_path, image_dirs, capsys):
                 "--batch-sizes",
                 "1,2",
                 "--iters",
-                "1",
+                "3",
                 "--backends",
                 "eager,onnx",  # inductor's compile takes a minute on CPU; its numerics are in test_compile_backend
                 "--out",
@@ -209,8 +211,19 @@ def test_bench_reports_every_backend_and_batch(tmp_path, image_dirs, capsys):
     assert {(r["backend"], r["batch"]) for r in rows} == {
         (b, n) for b in ("eager fake-quant (reference)", "onnxruntime QDQ int8") for n in (1, 2)
     }
-    assert all(r["float_ms"] > 0 and r["int8_ms"] > 0 for r in rows)
-    assert "speed-up" in capsys.readouterr().out
+    for r in rows:
+        assert r["float_ms"] > 0 and r["int8_ms"] > 0 and r["float_iqr_ms"] >= 0 and r["int8_iqr_ms"] >= 0
+        assert r["int8_images_per_s"] == pytest.approx(1e3 * r["batch"] / r["int8_ms"])
+        assert r["speedup"] == pytest.approx(r["float_ms"] / r["int8_ms"]) and r["repeats"] == 3
+    out = capsys.readouterr().out
+    assert "speed-up" in out and "img/s" in out and "threads" in out and "interquartile" in out
+
+
+def test_bench_refuses_cpu_only_backends_on_a_gpu():
+    from fxq.backends.latency import backend_latencies
+
+    with pytest.raises(ConfigError, match=r"\['onnx'\] run on the CPU only.*--device cpu"):
+        backend_latencies(nn.Linear(2, 2), None, 8, backends=("eager", "onnx"), device=torch.device("cuda"))
 
 
 def test_eptq_quantize_reports_its_schedule(tmp_path, image_dirs, capsys):

@@ -22,13 +22,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.fx import GraphModule
 from tqdm.auto import tqdm
 
-from fxq.backends.latency import time_samples
+from fxq.backends.latency import timing
 from fxq.backends.peaks import Peaks
 from fxq.config import PTQConfig
 from fxq.errors import ConfigError
@@ -197,9 +196,8 @@ def time_ops(
                 run_float, run_quant = _runners(case, b, alone, target, tmp)
                 for side, fn in (("float", run_float), ("quantized", run_quant)):
                     key = f"{b}:{side}"
-                    samples = np.array(time_samples(fn, iters)) * 1e3
-                    row.ms[key] = float(np.median(samples))
-                    row.spread_ms[key] = float(np.subtract(*np.percentile(samples, [75, 25])))
+                    t = timing(fn, iters)
+                    row.ms[key], row.spread_ms[key] = t.median_ms, t.iqr_ms
                     row.gops[key] = 2 * case.macs / (row.ms[key] * 1e-3) / 1e9
                     if peaks is not None:
                         q = side == "quantized" and b != "reference"  # the reference computes in fp32

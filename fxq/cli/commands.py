@@ -25,7 +25,7 @@ from fxq.cli.options import (
     subset,
 )
 from fxq.cli.parser import build_parser
-from fxq.cli.render import accuracy_line, mp_line
+from fxq.cli.render import accuracy_line, bench_table, mp_line
 from fxq.config import LFHConfig, Method, PTQConfig
 from fxq.data.evaluate import evaluate
 from fxq.data.images import batches, check_image_source, load_images
@@ -233,12 +233,19 @@ def cmd_export(args) -> None:
 def cmd_bench(args) -> None:
     """Float vs quantized latency per backend at each batch size, timed in the same run."""
     from fxq.backends.inductor import int8_inductor_available
-    from fxq.backends.latency import backend_latencies
+    from fxq.backends.latency import CPU_ONLY, backend_latencies
 
     unknown = set(args.backends or []) - set(BACKENDS)
     if unknown:
         raise ConfigError(f"unknown backend(s) {sorted(unknown)} in --backends; choose from {','.join(BACKENDS)}")
-    backends = args.backends or [b for b in BACKENDS if b != "inductor-int8" or int8_inductor_available()]
+    device = pick_device(args.device)
+    if args.per_op and device.type == "cuda":
+        raise ConfigError("--per-op times the CPU backends' kernels; run it with --device cpu")
+    backends = args.backends or [
+        b
+        for b in BACKENDS
+        if (b != "inductor-int8" or int8_inductor_available()) and (device.type == "cpu" or b not in CPU_ONLY)
+    ]
     if Path(args.model).is_dir():  # a folder `fxq quantize` wrote: time that model against its float one
         saved = artifact.load(args.model)
         if not saved.model_name:
@@ -250,20 +257,18 @@ def cmd_bench(args) -> None:
         cfg = ptq_config(args, args.weight_bits)
         lm = load_model(args.model, args.weights, args.random_weights)
         calib = load_images(args.calib, lm.preprocess, subset(args, args.num_calib), progress=not args.quiet)
-        qgm, _ = quantize(lm.model, batches(calib.x, args.batch_size), cfg)
+        qgm, _ = quantize(lm.model.to(device), batches(calib.x, args.batch_size), cfg)
         what = f"{lm.name} W{args.weight_bits}A{args.act_bits}"
-    rows = backend_latencies(lm.model, qgm, lm.preprocess.crop, args.batch_sizes, args.iters, backends)
+    lm.model.to(device), qgm.to(device)
+    rows = backend_latencies(lm.model, qgm, lm.preprocess.crop, args.batch_sizes, args.iters, backends, device)
     isa = gq(qgm).target.isa
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"
     print(
-        f"{what} for {isa.value} ({isa.form}); this CPU: {cpu_description()}, "
-        f"{torch.get_num_threads()} threads, median of {args.iters}"
+        f"{what} for {isa.value} ({isa.form}); this CPU: {cpu_description()}, {where}; "
+        f"median and interquartile range of {args.iters} calls after 3 warm-up calls"
+        + (" (CUDA events)" if device.type == "cuda" else "")
     )
-    print(f"{'backend':<30} {'batch':>5} {'float ms':>10} {'int8 ms':>10} {'speed-up':>9} {'vs eager fp32':>14}")
-    for r in rows:
-        print(
-            f"{r['backend']:<30} {r['batch']:>5} {r['float_ms']:10.2f} {r['int8_ms']:10.2f} {r['speedup']:8.2f}x "
-            f"{r['eager_fp32_ms'] / r['int8_ms']:13.2f}x"
-        )
+    print(bench_table(rows))
     if args.out:
         write_json_atomic(
             args.out,
@@ -272,6 +277,7 @@ def cmd_bench(args) -> None:
                 "isa": isa.value,
                 "cpu": cpu_description(),
                 "threads": torch.get_num_threads(),
+                "device": str(device),
                 "rows": rows,
             },
         )

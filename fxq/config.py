@@ -240,6 +240,9 @@ class PTQConfig:
     rounding: RoundingConfig = field(default_factory=RoundingConfig)  # method=EPTQ
     lfh: LFHConfig = field(default_factory=LFHConfig)  # method=EPTQ / mixed precision: the loss weights
     mixed_precision: MixedPrecisionConfig | None = None  # per-layer weight widths under a budget
+    # seconds of wall time for the whole run (method=EPTQ): the LFH and the rounding's iteration count are planned
+    # to end inside it (fxq.eptq.budget); rounding.iterations stays the upper bound
+    time_budget: float | None = None
     progress: bool = True
 
     def __post_init__(self):
@@ -250,3 +253,5 @@ class PTQConfig:
             object.__setattr__(self, "target", self.target.for_isa(host_isa()))
         if self.weight_grid < 2:
             raise ConfigError(f"weight_grid must be >= 2, got {self.weight_grid}")
+        if self.time_budget is not None and not self.time_budget > 0:
+            raise ConfigError(f"time_budget is seconds of wall time, > 0; got {self.time_budget}")

@@ -25,7 +25,7 @@ from fxq.errors import ConfigError, DataError, FxqError
 from fxq.frontend.trace import trace
 from fxq.io.report import Report, build_report
 from fxq.ir.graph import copy_graph, float_graph
-from fxq.ir.meta import gq
+from fxq.ir.meta import Deadline, gq
 from fxq.ir.ops import device_of, set_eval_
 from fxq.mp.sensitivity import SensitivitySettings
 from fxq.passes.annotate import Annotate
@@ -178,10 +178,17 @@ def _traced(model: nn.Module, example_inputs: tuple, config: PTQConfig) -> tuple
     model = set_eval_(copy.deepcopy(model))
     device = device_of(model)
     example_inputs = tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in example_inputs)
+    deadline = _deadline(config)
     t0 = time.perf_counter()
     gm = trace(model, example_inputs, config.frontend, config.leaf_modules)
     gq(gm).stage_seconds["Trace"] = time.perf_counter() - t0
+    gq(gm).deadline = deadline
     return gm, example_inputs
+
+
+def _deadline(config: PTQConfig) -> Deadline | None:
+    """The run's clock, started now, when it has a time budget."""
+    return Deadline.after(config.time_budget) if config.time_budget is not None else None
 
 
 def _needs_data_everywhere(config: PTQConfig, verb: str) -> None:
@@ -256,6 +263,8 @@ def allocate(analyzed: GraphModule, calib_data: Iterable, config: PTQConfig) -> 
 def quantize_graph(gm: GraphModule, calib_data: Iterable, config: PTQConfig, example_inputs: tuple) -> GraphModule:
     """Every stage of a run on a graph a front-end already made (the torch.compile backend's entry)."""
     _check_before_work(config)
+    if gq(gm).deadline is None:
+        gq(gm).deadline = _deadline(config)
     return run_passes(gm, passes(config, _batches(calib_data), example_inputs))
 
 

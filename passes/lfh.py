@@ -40,7 +40,7 @@ class LFH(FxqPass):
         xs = [batch_inputs(b) for b in self.batches]
         if not xs:
             raise GraphCheckFailed("lfh: no images given; pass at least one batch of representative images")
-        t = lfh_traces(gm, z, torch.cat(xs)[: self.cfg.images], self.cfg, self.progress)
+        t = lfh_traces(gm, z, torch.cat(xs)[: self.cfg.images], self.cfg, self.progress, gq(gm).deadline)
         for i, node in enumerate(z):
             q(node).lfh, q(node).lfh_stderr, q(node).lfh_weight = t.trace[i], t.stderr[i], t.weight[i]
         gq(gm).lfh_probes.extend(t.probes)

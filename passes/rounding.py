@@ -48,7 +48,7 @@ class Rounding(FxqPass):
 
     def call(self, gm: GraphModule) -> PassResult:
         g = gq(gm)
-        g.rounding = RoundingOptimizer(g.teacher, self.images, self.cfg, self.progress).run(gm)
+        g.rounding = RoundingOptimizer(g.teacher, self.images, self.cfg, self.progress, g.deadline).run(gm)
         g.teacher = None  # its job is done; a saved or copied graph need not carry it
         return PassResult(gm, modified=True)
 

@@ -226,17 +226,24 @@ def test_bench_refuses_cpu_only_backends_on_a_gpu():
         backend_latencies(nn.Linear(2, 2), None, 8, backends=("eager", "onnx"), device=torch.device("cuda"))
 
 
-def test_eptq_quantize_reports_its_schedule(tmp_path, image_dirs, capsys):
+@pytest.mark.parametrize("budget", [None, "1h"])
+def test_eptq_quantize_reports_its_schedule(tmp_path, image_dirs, capsys, budget):
     calib, _ = image_dirs
     out = tmp_path / "eptq"
     args = ["quantize", "--model", "mobilenet_v3_small", "--random-weights", "--quiet", "--calib", str(calib)]
     args += ["--no-eval", "--weight-bits", "4", "--method", "eptq", "--schedule", "short", "--iterations", "3"]
     args += ["--rounding-batch", "2", "--lfh-probes", "1", "--batch-size", "2", "--out", str(out)]
-    code, stdout, _ = run(args, capsys)
+    code, stdout, _ = run(args + (["--time-budget", budget] if budget else []), capsys)
     assert code == 0
-    assert "EPTQ schedule: short (the CPU one; --schedule full for the paper's 20K x 32): 3 iterations" in stdout
+    length = "up to 3 iterations" if budget else "3 iterations"
+    assert f"EPTQ schedule: short (the CPU one; --schedule full for the paper's 20K x 32): {length}" in stdout
     report = json.loads((out / "report.json").read_text())
     assert report["method"] == "eptq" and report["rounding"]["iterations"] == 3
+    if budget:  # the loading counts against the budget; an hour leaves the 3 iterations asked for
+        assert "planned to end within 3600 s" in stdout
+        assert 3000 < report["settings"]["time_budget_s"] < 3600
+        assert report["rounding"]["time_budget_s"] == report["settings"]["time_budget_s"]
+        assert 0 < report["rounding"]["seconds_left_in_budget"] < report["settings"]["time_budget_s"]
     assert report["rounding"]["kept"] in ("eptq", "rtn")
     assert all(lr["lfh_weight"] is not None for lr in report["layers"] if lr["interest"])
 

@@ -680,6 +680,8 @@ NUMBER_CASES = [
     (["--avg-bits", "nan"], "--avg-bits"),
     (["--bit-options", "4,0"], "--bit-options"),
     (["--checkpoint-every", "0"], "--checkpoint-every"),
+    (["--time-budget", "15parsecs"], "--time-budget"),
+    (["--time-budget", "0m"], "--time-budget"),
 ]
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import signal
@@ -53,9 +54,11 @@ def _say_schedule(args, methods) -> None:
     if Method.EPTQ.value in methods:
         name, r, lfh = rounding_schedule(args)
         note = " (the CPU one; --schedule full for the paper's 20K x 32)" if name == "short" else ""
+        budget = getattr(args, "time_budget", None)
+        length = f"up to {r.iterations} iterations" if budget else f"{r.iterations} iterations"
         print(
-            f"EPTQ schedule: {name}{note}: {r.iterations} iterations, batch {r.batch_size}, "
-            f"LFH up to {lfh.max_probes} probes",
+            f"EPTQ schedule: {name}{note}: {length}, batch {r.batch_size}, LFH up to {lfh.max_probes} probes"
+            + (f"; planned to end within {budget:.0f} s of wall time (evaluation not counted)" if budget else ""),
             flush=True,
         )
 
@@ -63,7 +66,10 @@ def _say_schedule(args, methods) -> None:
 def cmd_quantize(args) -> None:
     cfg = ptq_config(args, args.weight_bits)  # bad options fail before any image is read
     _say_schedule(args, [args.method])
+    t_load = time.monotonic()
     lm, calib, val = model_and_images(args)
+    if cfg.time_budget is not None:  # the budget counts the loading too
+        cfg = dataclasses.replace(cfg, time_budget=max(cfg.time_budget - (time.monotonic() - t_load), 1e-3))
     t0 = time.perf_counter()
     qgm, report = quantize(lm.model, batches(calib.x, args.batch_size), cfg)
     report.stage_seconds["total_quantize"] = time.perf_counter() - t0

@@ -61,7 +61,9 @@ def rounding_schedule(args) -> tuple[str, RoundingConfig, LFHConfig]:
     overrides = {
         k: v
         for k, v in {
-            "iterations": args.iterations,
+            # with a time budget the iteration count is an upper bound: the full schedule's unless given
+            "iterations": args.iterations
+            or (RoundingConfig.iterations if getattr(args, "time_budget", None) else None),
             "batch_size": args.rounding_batch,
             "images": args.rounding_images,
             "checkpoint_dir": args.checkpoint_dir,
@@ -89,6 +91,7 @@ def ptq_config(
         bias_correction=not args.no_bias_correction,
         rounding=rounding,
         lfh=lfh,
+        time_budget=getattr(args, "time_budget", None),
         progress=not args.quiet,
     )
 

@@ -9,6 +9,7 @@ import sys
 from fxq.backends.latency import BACKENDS
 from fxq.config import ActThreshold, LossWeights, Method, Probe, WeightError, measure_fields
 from fxq.data.models import DEFAULT_MODEL
+from fxq.eptq.budget import parse_duration
 from fxq.errors import ConfigError
 from fxq.frontend.trace import Frontend
 from fxq.targets import ISA
@@ -27,6 +28,14 @@ def count_arg(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} is not a count: give 1 or more")
     return value
+
+
+def duration_arg(text: str) -> float:
+    """'15m' -> 900.0 seconds (also 900, 900s, 1.5h, 1h30m)."""
+    try:
+        return parse_duration(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def positive_float_arg(text: str) -> float:
@@ -125,6 +134,15 @@ def quant_args(p: argparse.ArgumentParser) -> None:
     r.add_argument("--no-bias-training", action="store_true")
     r.add_argument(
         "--lfh-probes", type=count_arg, default=None, help="max Hutchinson probes (default: 100 full, 16 short)"
+    )
+    r.add_argument(
+        "--time-budget",
+        type=duration_arg,
+        default=None,
+        metavar="DURATION",
+        help="wall time for the whole run, e.g. 15m (image loading, calibration, LFH and rounding; not the "
+        "evaluation): the rounding's iteration count is planned to end inside it, up to --iterations (default "
+        "20K with a budget), at the schedule's batch size",
     )
     r.add_argument("--checkpoint-dir", default=None, help="checkpoint the rounding into this folder")
     r.add_argument(

@@ -21,7 +21,9 @@ from torch.fx import GraphModule, Interpreter, Node
 from tqdm.auto import tqdm
 
 from fxq.config import LFHConfig, Probe
+from fxq.eptq.budget import LFH_SHARE
 from fxq.errors import GraphCheckFailed, UnsupportedOp
+from fxq.ir.meta import Deadline
 from fxq.ir.ops import device_of, set_eval_
 from fxq.kernels.lfh import LFHReducer
 from fxq.kernels.lfh_reduce import RunningStats
@@ -70,8 +72,16 @@ class LFHTraces:
 
 
 @torch.enable_grad()  # backwards of the probes, whatever grad mode the caller is in (torch.compile's may be off)
-def lfh_traces(gm: GraphModule, z: list[Node], images: Tensor, cfg: LFHConfig, progress: bool = True) -> LFHTraces:
-    """The LFH trace of each tensor in `z` on `images`, averaged over images (parameters frozen meanwhile)."""
+def lfh_traces(
+    gm: GraphModule,
+    z: list[Node],
+    images: Tensor,
+    cfg: LFHConfig,
+    progress: bool = True,
+    deadline: Deadline | None = None,
+) -> LFHTraces:
+    """The LFH trace of each tensor in `z` on `images`, averaged over images (parameters frozen meanwhile).
+    With a run `deadline`, each batch stops at cfg.min_probes once LFH_SHARE of the budget is spent."""
     device = device_of(gm)
     set_eval_(gm)
     frozen = [p for p in gm.parameters() if p.requires_grad]
@@ -81,7 +91,7 @@ def lfh_traces(gm: GraphModule, z: list[Node], images: Tensor, cfg: LFHConfig, p
     means, variances, weights, probes = [], [], [], []
     try:
         for x in tqdm(images.split(cfg.batch_size), desc="lfh", unit="batch", disable=not progress):
-            stats, used = _batch(gm, z, x.to(device), gen, cfg)
+            stats, used = _batch(gm, z, x.to(device), gen, cfg, deadline)
             means.append(stats.mean)
             variances.append(stats.variance() / stats.count)
             weights.append(x.shape[0])
@@ -95,8 +105,11 @@ def lfh_traces(gm: GraphModule, z: list[Node], images: Tensor, cfg: LFHConfig, p
     return LFHTraces(trace.tolist(), stderr.tolist(), log_normalize(trace).tolist(), probes)
 
 
-def _batch(gm: GraphModule, z: list[Node], x: Tensor, gen: torch.Generator, cfg: LFHConfig) -> tuple[RunningStats, int]:
-    """Probe one image batch until every trace's running mean settles (or max_probes)."""
+def _batch(
+    gm: GraphModule, z: list[Node], x: Tensor, gen: torch.Generator, cfg: LFHConfig, deadline: Deadline | None
+) -> tuple[RunningStats, int]:
+    """Probe one image batch until every trace's running mean settles (or max_probes, or the LFH's share of the
+    run's time budget is spent)."""
     p = cfg.probes_per_pass
     xr = x.repeat(p, *([1] * (x.dim() - 1))).requires_grad_(True)  # p probes share one backward
     # count >= min_probes * B  <=>  done >= min_probes: the device-side flags follow the same rule
@@ -110,7 +123,9 @@ def _batch(gm: GraphModule, z: list[Node], x: Tensor, gen: torch.Generator, cfg:
         torch.autograd.grad((out * v).sum(), xr)  # the hooks do the work; the input gradient is dropped
         reducer.finish()  # a tensor the output does not depend on has trace 0
         done += p
-        if done >= cfg.min_probes and reducer.converged():  # one host sync per probe, none before min_probes
+        if done >= cfg.min_probes and (
+            (deadline is not None and deadline.past_share(LFH_SHARE)) or reducer.converged()
+        ):  # one host sync per probe, none before min_probes
             break
     stats = reducer.stats
     if not math.isfinite(float(stats.mean.sum())):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 import time
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from tqdm.auto import tqdm
 
 from fxq.config import RoundingConfig
 from fxq.data.subset import Subset, choose
+from fxq.eptq.budget import PLAN_AFTER, planned_iterations
 from fxq.eptq.distillation import packed_loss
 from fxq.eptq.schedule import batch_indices, beta_at
 from fxq.eptq.soft_rounding import SoftRounding
@@ -33,6 +35,7 @@ from fxq.eptq.teacher import TeacherTargets, as_model_wants, bf16_autocast, flat
 from fxq.eptq.weights import interest_weights
 from fxq.errors import GraphCheckFailed
 from fxq.io.checkpoint import check_fingerprint, load_checkpoint, read_checkpoint, save_checkpoint, tensor_digest
+from fxq.ir.meta import Deadline
 from fxq.ir.ops import device_of, set_eval_
 from fxq.ir.taps import interest_nodes, quantized_value, with_taps
 from fxq.quant.modules import ActQuant, QuantWeight
@@ -40,6 +43,7 @@ from fxq.quant.modules import ActQuant, QuantWeight
 __all__ = ["RoundingOptimizer", "use_fused_act_quant_", "check_resumable", "schedule_fields", "CHECKPOINT"]
 
 CHECKPOINT = "rounding.pt"
+_CHECK_IMAGES = 128  # calibration images of the keep-best check
 # settings a resumed run may change: where and how often it checkpoints, how it keeps the teacher's tensors
 _RESUMABLE_ACROSS = ("checkpoint_every", "checkpoint_dir", "resume", "teacher_cache")
 
@@ -47,12 +51,20 @@ _RESUMABLE_ACROSS = ("checkpoint_every", "checkpoint_dir", "resume", "teacher_ca
 class RoundingOptimizer:
     """Optimize the rounding of every quantized weight (and the biases) of a graph against the float `teacher`."""
 
-    def __init__(self, teacher: GraphModule, images: Tensor, config: RoundingConfig = RoundingConfig(), progress=True):
+    def __init__(
+        self,
+        teacher: GraphModule,
+        images: Tensor,
+        config: RoundingConfig = RoundingConfig(),
+        progress=True,
+        deadline: Deadline | None = None,
+    ):
         self.teacher = teacher
         idx, self.chosen = choose(len(images), Subset(config.images, seed=config.seed))
         self.images = images if config.images is None else images[idx.to(images.device)]
         self.cfg = config
         self.progress = progress
+        self.deadline = deadline  # the run's time budget: the iteration count is planned to end inside it
 
     @torch.enable_grad()  # it trains, whatever grad mode the caller is in (torch.compile's may be off)
     def run(self, gm: GraphModule) -> dict:
@@ -89,6 +101,8 @@ class RoundingOptimizer:
             soft.harden_()
             if cfg.keep_best:
                 stats.update(self._keep_best(layers, rtn, student, targets, images, weights))
+            if self.deadline is not None:
+                stats.update(time_budget_s=self.deadline.seconds, seconds_left_in_budget=self.deadline.left())
         finally:
             if soft is not None:
                 soft.close()
@@ -142,7 +156,7 @@ class RoundingOptimizer:
         cfg, device = self.cfg, soft.v.device
         # hashing the weights and images costs a pass over them: only a run that checkpoints needs it
         fingerprint = self._fingerprint(student, soft.layers, weights) if cfg.checkpoint_dir else None
-        start = 0
+        start, planned = 0, cfg.iterations  # planned: the iteration count, shortened to fit a time budget
         history: list[tuple[int, float]] = []
         if cfg.resume:
             state = load_checkpoint(cfg.checkpoint_dir, CHECKPOINT, fingerprint)
@@ -150,42 +164,62 @@ class RoundingOptimizer:
             opt_v.load_state_dict(state["opt_v"])
             opt_b.load_state_dict(state["opt_b"])
             start, history = state["step"], state["history"]
-        log_every = max(cfg.iterations // 100, 1)
+            planned = state.get("planned", cfg.iterations)
+        budget = self.deadline
+        plan_at = start + PLAN_AFTER if budget is not None else None
+        reserve = 0.0
+        if budget is not None and budget.left() <= 0:
+            planned = start  # the budget was spent before the rounding began: RTN (or the checkpoint) as is
+        sched = dataclasses.replace(cfg, iterations=planned)  # the schedule (beta) follows the planned length
+        log_every = max(planned // 100, 1)
         t0 = t1 = time.perf_counter()
-        bar = tqdm(
-            range(start, cfg.iterations),
-            initial=start,
-            total=cfg.iterations,
-            desc="rounding",
-            unit="it",
-            disable=not self.progress,
-        )
-        for step in bar:
+        bar = tqdm(total=planned, initial=start, desc="rounding", unit="it", disable=not self.progress)
+        step = start
+        while step < planned:
             idx = batch_indices(len(images), cfg.batch_size, step, cfg.seed)
             x = as_model_wants(images[idx.to(images.device)].to(device, non_blocking=True), cfg)
             soft.refresh()
             loss = self._losses(student, targets, idx, x, weights)
-            beta = beta_at(step, cfg)
+            beta = beta_at(step, sched)
             total = loss if beta is None or cfg.reg == 0 else loss + cfg.reg * soft.regularizer(beta)
             opt_v.zero_grad(set_to_none=True)
             opt_b.zero_grad(set_to_none=True)
             total.backward()
             opt_v.step()
             opt_b.step()
-            if step % log_every == 0 or step == cfg.iterations - 1:  # the host syncs of the loop (and the next)
+            if step % log_every == 0 or step == planned - 1:  # the host syncs of the loop (and the next)
                 history.append((step, float(loss.detach())))
                 bar.set_postfix(loss=f"{history[-1][1]:.4g}", beta="warm-up" if beta is None else f"{beta:.1f}")
             if step == start:  # the first step pays for compiling and warming up: time the rest apart
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 t1 = time.perf_counter()
-            if cfg.checkpoint_dir and ((step + 1) % cfg.checkpoint_every == 0 or step == cfg.iterations - 1):
+                left_after_first = budget.left() if budget is not None else None
+            if step + 1 == plan_at:  # time a few steps, then fit the schedule into what is left of the budget
+                left = budget.left()
+                per_step = (left_after_first - left) / (PLAN_AFTER - 1)
+                reserve = per_step * (self._check_batches(len(images)) + 1)
+                planned = planned_iterations(step + 1, planned, left, per_step, reserve)
+                last_left = left
+                sched = dataclasses.replace(cfg, iterations=planned)
+                log_every = max(planned // 100, 1)
+                bar.total = planned
+                bar.refresh()
+            elif plan_at is not None and step + 1 > plan_at:  # one more step like the last would cut the reserve
+                left = budget.left()
+                if 2 * left - last_left < reserve:  # running late (the machine slowed): harden what there is
+                    planned = bar.total = min(planned, step + 1)
+                last_left = left
+            step += 1
+            bar.update(1)
+            if cfg.checkpoint_dir and (step % cfg.checkpoint_every == 0 or step == planned):
                 save_checkpoint(
                     cfg.checkpoint_dir,
                     CHECKPOINT,
                     {
                         "fingerprint": fingerprint,
-                        "step": step + 1,
+                        "step": step,
+                        "planned": planned,
                         "soft": soft.state_dict(),
                         "opt_v": opt_v.state_dict(),
                         "opt_b": opt_b.state_dict(),
@@ -193,11 +227,12 @@ class RoundingOptimizer:
                     },
                 )
         bar.close()
-        steps = cfg.iterations - start
+        steps = planned - start
         t_end = time.perf_counter()
         seconds = t_end - t0
         return {
-            "iterations": cfg.iterations,
+            "iterations": planned,
+            "iterations_limit": cfg.iterations,
             "resumed_at": start,
             "batch_size": cfg.batch_size,
             "images": len(images),
@@ -209,10 +244,15 @@ class RoundingOptimizer:
             "history": history,
         }
 
+    def _check_batches(self, n_images: int) -> int:
+        """Forward batches the end of a run costs (the keep-best check: student and teacher, EPTQ and RTN), in
+        units of about one step."""
+        return 2 * math.ceil(min(n_images, _CHECK_IMAGES) / self.cfg.batch_size) if self.cfg.keep_best else 0
+
     @torch.no_grad()
     def _keep_best(self, layers, rtn, student, targets, images, weights) -> dict:
         """Distillation loss of the hard-rounded model vs RTN on fixed calibration images; keep the lower."""
-        x = images[: min(len(images), 128)]
+        x = images[: min(len(images), _CHECK_IMAGES)]
         device = weights.device
 
         def loss() -> float:

@@ -53,6 +53,7 @@ class Report:
     stage_seconds: dict[str, float] = field(default_factory=dict)
     accuracy: dict[str, dict] = field(default_factory=dict)  # run name -> {top1, top5, images, seconds}
     rounding: dict = field(default_factory=dict)  # EPTQ: iterations, seconds per step, loss history, RTN check
+    lfh_probes: list[int] = field(default_factory=list)  # Hutchinson probes the LFH took per image batch
     mixed_precision: dict = field(default_factory=dict)  # options, budgets, ILP time, chosen bits per layer
 
     def table(self) -> str:
@@ -156,9 +157,11 @@ def build_report(gm: GraphModule, cfg: PTQConfig, model_name: str) -> Report:
             "weight_grid": cfg.weight_grid,
             "bias_correction": cfg.bias_correction,
             "bias_bits": cfg.target.bias_bits,
+            "time_budget_s": cfg.time_budget,
         },
         layers=layers,
         stage_seconds=dict(g.stage_seconds),
         rounding=dict(g.rounding),
+        lfh_probes=list(g.lfh_probes),
         mixed_precision=g.mixed_precision.to_dict() if g.mixed_precision else {},
     )

@@ -7,19 +7,21 @@ ActQuant); the report reads them there.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING
 
 from torch.fx import GraphModule, Node
 
+from fxq.errors import ConfigError
 from fxq.quant.qmath import QSpec
 
 if TYPE_CHECKING:
     from fxq.mp.plan import MixedPrecisionState
     from fxq.targets import Target
 
-__all__ = ["OpKind", "NodeQ", "GraphQ", "q", "gq"]
+__all__ = ["OpKind", "NodeQ", "GraphQ", "Deadline", "q", "gq"]
 
 
 class OpKind(Enum):
@@ -59,6 +61,28 @@ class NodeQ:
     observes: Node | None = None  # on observer / act-quant nodes: the node whose output they quantize
 
 
+@dataclass(frozen=True)
+class Deadline:
+    """`seconds` of wall time from `start` (time.monotonic()): the wall-clock budget of a run."""
+
+    start: float
+    seconds: float
+
+    @classmethod
+    def after(cls, seconds: float) -> Deadline:
+        if not seconds > 0:
+            raise ConfigError(f"a time budget must be > 0 seconds, got {seconds}")
+        return cls(time.monotonic(), float(seconds))
+
+    def left(self) -> float:
+        """Seconds until the deadline (negative once past it)."""
+        return self.start + self.seconds - time.monotonic()
+
+    def past_share(self, share: float) -> bool:
+        """True once `share` of the budget is spent."""
+        return time.monotonic() - self.start >= share * self.seconds
+
+
 @dataclass
 class GraphQ:
     """Graph-wide results (gm.meta["fxq"])."""
@@ -73,6 +97,7 @@ class GraphQ:
     rounding: dict = field(default_factory=dict)  # the rounding optimization's schedule, timing and losses
     teacher: GraphModule | None = None  # the float graph, kept from Quantize until the rounding has used it
     mixed_precision: MixedPrecisionState | None = None  # measures, candidate plans, the one applied
+    deadline: Deadline | None = None  # the run's time budget (PTQConfig.time_budget), from when it was traced
 
 
 def q(node: Node) -> NodeQ:

@@ -111,6 +111,7 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--json", default=None)
     args = p.parse_args()
+    fxq.keep_freed_memory()  # as the command line does (fxq.memory)
     rows = ROWS if args.rows == "all" else tuple(args.rows.split(","))
     lm = load_model(args.model)
     calib_dir, val_dir = default_image_sets(args.model)

@@ -100,6 +100,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the LFH probes and the rounding's batches")
     p.add_argument("--tree", default=None, help="run another source tree (see bench/source_tree.py)")
     args = p.parse_args()
+    fxq.keep_freed_memory()  # as the command line does (fxq.memory)
     args.step_settings = {
         "amp": {"auto": None, "on": True, "off": False}[args.amp],
         "compile": args.compile,

@@ -51,8 +51,16 @@ def main() -> None:
     p.add_argument("--amp", type=_words, default=["auto"], help="bf16 autocast settings to time: auto,on,off")
     p.add_argument("--compile", type=_words, default=["off"], help="torch.compile settings to time: off,on")
     p.add_argument("--json", default=None)
+    p.add_argument(
+        "--allocator",
+        choices=["keep", "system"],
+        default="keep",
+        help="keep: fxq.keep_freed_memory() as the command line does; system: the C library's defaults",
+    )
     p.add_argument("--tree", default=None, help="time another source tree (see bench/source_tree.py)")
     args = p.parse_args()
+    if args.allocator == "keep":
+        fxq.keep_freed_memory()
     device = pick_device().type
     lm = load_model(args.model)
     lm.model.to(device)

@@ -15,6 +15,7 @@ from fxq.config import (
     LossWeights,
     Method,
     MixedPrecisionConfig,
+    Optimizer,
     Probe,
     PTQConfig,
     RoundingConfig,
@@ -34,6 +35,7 @@ from fxq.frontend.dynamo import backend
 from fxq.frontend.trace import Frontend, trace
 from fxq.io.artifact import Saved, load, save
 from fxq.io.report import Report
+from fxq.memory import keep_freed_memory
 from fxq.pipeline import (
     Quantized,
     allocate,
@@ -76,6 +78,7 @@ __all__ = [
     "MixedPrecisionConfig",
     "LossWeights",
     "Probe",
+    "Optimizer",
     "Method",
     "ActThreshold",
     "WeightError",
@@ -87,6 +90,7 @@ __all__ = [
     "W248A8",
     "QSpec",
     "Report",
+    "keep_freed_memory",
     "FxqError",
     "TraceFailed",
     "UnsupportedOp",

@@ -19,6 +19,7 @@ __all__ = [
     "LFHConfig",
     "RoundingConfig",
     "LossWeights",
+    "Optimizer",
     "MixedPrecisionConfig",
     "measure_fields",
 ]
@@ -74,6 +75,11 @@ class LFHConfig:
         _coerce_enums_(self, probe=Probe)
 
 
+class Optimizer(Enum):
+    RADAM = "radam"  # MCT's: variance-rectified, so its steps start small and reach the full rate over ~1/(1-b2)
+    ADAM = "adam"  # the full rate from the first steps (a short schedule has few to spare)
+
+
 class LossWeights(Enum):
     LFH = "lfh"  # lambda_z from the label-free Hessian (EPTQ)
     MEAN = "mean"  # every interest tensor alike (the paper's Table 1 ablation)
@@ -89,7 +95,8 @@ class RoundingConfig:
 
     iterations: int = 20_000
     batch_size: int = 32
-    lr_rounding: float = 3e-2  # RAdam, on the AdaRound variables V
+    lr_rounding: float = 3e-2  # on the AdaRound variables V, with `optimizer`
+    optimizer: Optimizer = Optimizer.RADAM
     lr_bias: float = 1e-3  # SGD, on every quantized layer's bias
     train_bias: bool = True
     train_scale: bool = False  # a trainable per-channel factor on each weight step (SGD, lr_scale)
@@ -125,7 +132,7 @@ class RoundingConfig:
             raise ConfigError("resume needs checkpoint_dir: the folder an earlier run checkpointed to")
         if self.teacher_cache not in ("auto", "on", "off"):
             raise ConfigError(f"teacher_cache must be auto, on or off, got {self.teacher_cache!r}")
-        _coerce_enums_(self, loss_weights=LossWeights)
+        _coerce_enums_(self, loss_weights=LossWeights, optimizer=Optimizer)
 
     @classmethod
     def short(cls, **overrides) -> RoundingConfig:

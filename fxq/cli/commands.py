@@ -44,6 +44,7 @@ from fxq.io.files import (
 )
 from fxq.ir.meta import gq
 from fxq.ir.ops import pick_device
+from fxq.memory import keep_freed_memory
 from fxq.pipeline import label_free_hessian, quantize
 from fxq.targets import ISA, cpu_description, isa_named
 
@@ -402,6 +403,7 @@ def main(argv: list[str] | None = None) -> int:
         raise _Terminated()
 
     previous = signal.signal(signal.SIGTERM, on_term) if threading.current_thread() is threading.main_thread() else None
+    keep_freed_memory()  # a run's buffers are reused, not faulted in again at every step (fxq.memory)
     try:
         fill_image_sets(args)
         check_before_work(args)

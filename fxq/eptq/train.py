@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torch.fx import GraphModule
 from tqdm.auto import tqdm
 
-from fxq.config import RoundingConfig
+from fxq.config import Optimizer, RoundingConfig
 from fxq.data.subset import Subset, choose
 from fxq.eptq.budget import PLAN_AFTER, planned_iterations
 from fxq.eptq.distillation import packed_loss
@@ -87,7 +87,8 @@ class RoundingOptimizer:
                 self.teacher.to(memory_format=torch.channels_last)
             soft = SoftRounding(layers, cfg.train_scale)
             soft.bias.requires_grad_(cfg.train_bias)
-            opt_v = torch.optim.RAdam([soft.v], lr=cfg.lr_rounding)
+            adam = torch.optim.Adam if cfg.optimizer is Optimizer.ADAM else torch.optim.RAdam
+            opt_v = adam([soft.v], lr=cfg.lr_rounding)
             groups = [{"params": [soft.bias], "lr": cfg.lr_bias}]
             if soft.scale_factor is not None:
                 groups.append({"params": [soft.scale_factor], "lr": cfg.lr_scale})

@@ -1,0 +1,142 @@
+"""EPTQ time to quality on this machine: top-1 against the wall time of the whole quantization, by path.
+
+    python bench/time_to_quality.py --bits 4 --budgets 5m,15m --paths radam,adam [--json FILE] [--plot FILE]
+    python bench/time_to_quality.py --model cifar10_resnet20 --bits 3 --lengths 1000 --batch-size 32 --paths radam,adam
+
+Rows: float; RTN; for each path, one EPTQ run per --budgets entry (`time_budget`: the schedule planned to end
+inside it) and per --lengths entry (a fixed iteration count). A path is a set of rounding settings (PATHS below;
+`radam` is MCT's optimizer and fxq's default, `adam` the same at the full learning rate from the first steps).
+The wall time is fxq.quantize's: trace, calibration, LFH and rounding (image loading and the evaluation not
+counted). Every row calibrates on all calibration images without labels and is evaluated on every val image;
+rows are written to --json as they finish and skipped when the script runs again, so an interrupted run resumes.
+`--plot` draws top-1 against wall time, with RTN, float and the reference implementation's CPU run (MCT 2.6.1,
+../shared/anchors/README.md) where the model is EfficientNet-Lite0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+import fxq
+from fxq.config import LFHConfig, Method, PTQConfig, RoundingConfig
+from fxq.data.evaluate import evaluate
+from fxq.data.images import batches, load_images
+from fxq.data.models import DEFAULT_MODEL, default_image_sets, load_model
+from fxq.eptq.budget import parse_duration
+from fxq.io.files import write_json_atomic
+from fxq.targets import INT8
+
+PATHS = {
+    "radam": {},
+    "adam": {"optimizer": "adam"},
+}
+# the reference implementation on a 2-core CPU, Lite0 W4A8: (seconds, top-1), ../shared/anchors/README.md
+MCT_CPU = {(DEFAULT_MODEL, 4): [(1250.0, 61.38)]}
+
+
+def configs(args) -> dict[str, PTQConfig]:
+    def cfg(method: Method, budget: float | None = None, **rounding) -> PTQConfig:
+        return PTQConfig(
+            target=INT8.with_bits(args.bits),
+            method=method,
+            rounding=RoundingConfig(**{"batch_size": args.batch_size, "seed": args.seed, **rounding}),
+            lfh=LFHConfig(min_probes=10, max_probes=args.lfh_probes, seed=args.seed),
+            time_budget=budget,
+            progress=not args.quiet,
+        )
+
+    seed = f" seed {args.seed}" if args.seed else ""
+    out = {f"RTN W{args.bits}A8": cfg(Method.RTN)}
+    for path in args.paths:
+        for text in args.budgets:
+            out[f"{path} W{args.bits}A8 b{args.batch_size} budget {text}{seed}"] = cfg(
+                Method.EPTQ, parse_duration(text), **PATHS[path]
+            )
+        for n in args.lengths:
+            out[f"{path} W{args.bits}A8 {n} x {args.batch_size}{seed}"] = cfg(Method.EPTQ, iterations=n, **PATHS[path])
+    return out
+
+
+def plot(done: dict, model: str, bits: int, path: str) -> None:
+    from fxq.io.plots import _pyplot
+
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    rows = done["rows"]
+    ax.axhline(rows["float"]["top1"], color="k", lw=0.8, label="float")
+    rtn = rows.get(f"RTN W{bits}A8")
+    if rtn:
+        ax.axhline(rtn["top1"], color="gray", ls="--", lw=0.8, label=f"RTN ({rtn['quantize_seconds']:.0f} s)")
+    for name in PATHS:
+        pts = sorted((r["quantize_seconds"], r["top1"]) for k, r in rows.items() if k.startswith(f"{name} W{bits}A8"))
+        if pts:
+            ax.plot(*zip(*pts), "o-", label=f"fxq EPTQ, {name}")
+    for t, acc in MCT_CPU.get((model, bits), []):
+        ax.plot([t], [acc], "x", color="tab:red", ms=9, label="MCT 2.6.1 EPTQ path (reference)")
+    ax.set_xscale("log")
+    ax.set_xlabel("wall time of the quantization, s (log; 2-core CPU)")
+    ax.set_ylabel(f"top-1 on {rows['float']['images']} val images, %")
+    ax.set_title(f"{model} W{bits}A8: accuracy against time", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--bits", type=int, default=4)
+    p.add_argument("--paths", type=lambda s: s.split(","), default=["radam"], help=f"from {','.join(PATHS)}")
+    p.add_argument("--budgets", type=lambda s: [t for t in s.split(",") if t], default=[], help="e.g. 5m,15m")
+    p.add_argument("--lengths", type=lambda s: [int(t) for t in s.split(",") if t], default=[], help="iterations")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lfh-probes", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="default: bench/time_to_quality_MODEL.json")
+    p.add_argument("--plot", default=None)
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args()
+    fxq.keep_freed_memory()  # as the command line does (fxq.memory)
+    unknown = set(args.paths) - set(PATHS)
+    if unknown:
+        p.error(f"unknown path(s) {sorted(unknown)}; choose from {','.join(PATHS)}")
+    lm = load_model(args.model)
+    calib_dir, val_dir = default_image_sets(args.model)
+    calib = load_images(calib_dir, lm.preprocess, progress=False)
+    val = load_images(val_dir, lm.preprocess, labeled=True, progress=False)
+    path = Path(args.json or f"bench/time_to_quality_{args.model}.json")
+    setting = {"model": args.model, "threads": torch.get_num_threads(), "calib": len(calib), "val": len(val)}
+    done = json.loads(path.read_text()) if path.is_file() else {}
+    if done.get("setting") != setting:
+        done = {"setting": setting, "rows": {}}
+    if "float" not in done["rows"]:
+        done["rows"]["float"] = evaluate(lm.model, val.x, val.y, progress=False)
+    for name, cfg in configs(args).items():
+        if name in done["rows"]:
+            continue
+        t0 = time.perf_counter()
+        qgm, report = fxq.quantize(lm.model, batches(calib.x, 32), cfg)
+        seconds = time.perf_counter() - t0
+        row = {**evaluate(qgm, val.x, val.y, progress=False), "quantize_seconds": seconds, "seed": args.seed}
+        row["stage_seconds"] = report.stage_seconds
+        row["lfh_probes"] = report.lfh_probes
+        row["rounding"] = {k: v for k, v in report.rounding.items() if k != "history"}
+        done["rows"][name] = row
+        write_json_atomic(str(path), done)
+        steps = row["rounding"].get("iterations", 0)
+        print(
+            f"{name:<40} top-1 {row['top1']:6.2f} ({row['correct1']}/{row['images']})  {seconds:7.1f} s  {steps} steps"
+        )
+    if args.plot:
+        plot(done, args.model, args.bits, args.plot)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,32 @@
+"""Process memory policy for long CPU runs: keep freed memory in the process instead of returning it to the OS.
+
+A rounding step, an LFH probe or a calibration batch frees activation buffers of many megabytes and allocates
+the same sizes again a moment later. With glibc's defaults, buffers that large are mmap'd and unmapped on every
+free (and the heap's top is trimmed), so each step faults its memory back in page by page, and on some machines
+the kernel's page-fault work costs more than the arithmetic. `keep_freed_memory()` serves large buffers from the
+heap and never trims it, so a step reuses the pages the last one freed. The process then keeps its peak memory
+until it exits. The fxq command line and the bench scripts call it; a library user opts in.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import platform
+
+__all__ = ["keep_freed_memory"]
+
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_INT_MAX = 2**31 - 1
+
+
+def keep_freed_memory() -> bool:
+    """Set glibc malloc to serve allocations up to 1 GiB from the heap and never trim it (process-wide).
+    True when applied; False (and nothing changed) on a C library other than glibc."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    return libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, _INT_MAX) == 1

@@ -73,9 +73,15 @@ def plot(done: dict, model: str, bits: int, path: str) -> None:
     if rtn:
         ax.axhline(rtn["top1"], color="gray", ls="--", lw=0.8, label=f"RTN ({rtn['quantize_seconds']:.0f} s)")
     for name in PATHS:
-        pts = sorted((r["quantize_seconds"], r["top1"]) for k, r in rows.items() if k.startswith(f"{name} W{bits}A8"))
+        pts = sorted(
+            (r["quantize_seconds"], r["top1"], k.split(f"W{bits}A8 ")[1], r["rounding"]["iterations"])
+            for k, r in rows.items()
+            if k.startswith(f"{name} W{bits}A8")
+        )
         if pts:
-            ax.plot(*zip(*pts), "o-", label=f"fxq EPTQ, {name}")
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"fxq EPTQ ({name})")
+            for t, acc, what, steps in pts:
+                ax.annotate(f"{what}: {steps} steps", (t, acc), textcoords="offset points", xytext=(4, -12), fontsize=7)
     for t, acc in MCT_CPU.get((model, bits), []):
         ax.plot([t], [acc], "x", color="tab:red", ms=9, label="MCT 2.6.1 EPTQ path (reference)")
     ax.set_xscale("log")
@@ -99,7 +105,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lfh-probes", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default=None, help="default: bench/time_to_quality_MODEL.json")
+    p.add_argument("--json", default=None, help="default: runs/time_to_quality_MODEL.json")
     p.add_argument("--plot", default=None)
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args()
@@ -111,7 +117,7 @@ def main() -> None:
     calib_dir, val_dir = default_image_sets(args.model)
     calib = load_images(calib_dir, lm.preprocess, progress=False)
     val = load_images(val_dir, lm.preprocess, labeled=True, progress=False)
-    path = Path(args.json or f"bench/time_to_quality_{args.model}.json")
+    path = Path(args.json or f"runs/time_to_quality_{args.model}.json")
     setting = {"model": args.model, "threads": torch.get_num_threads(), "calib": len(calib), "val": len(val)}
     done = json.loads(path.read_text()) if path.is_file() else {}
     if done.get("setting") != setting:
@@ -129,6 +135,7 @@ def main() -> None:
         row["lfh_probes"] = report.lfh_probes
         row["rounding"] = {k: v for k, v in report.rounding.items() if k != "history"}
         done["rows"][name] = row
+        path.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(str(path), done)
         steps = row["rounding"].get("iterations", 0)
         print(

@@ -13,7 +13,6 @@ from fxq.eptq.train import RoundingOptimizer
 from fxq.errors import GraphCheckFailed
 from fxq.ir.meta import gq
 from fxq.ir.passbase import FxqPass, PassResult
-from fxq.ir.taps import interest_nodes
 from fxq.quant.modules import QuantWeight
 
 __all__ = ["SnapshotTeacher", "Rounding"]
@@ -39,8 +38,8 @@ class Rounding(FxqPass):
     def requires(self, gm: GraphModule) -> None:
         if not any(isinstance(m, QuantWeight) for m in gm.modules()):
             raise GraphCheckFailed("rounding: no quantized weights in the graph; run Quantize first")
-        if not interest_nodes(gm):
-            raise GraphCheckFailed("rounding: no interest tensors marked; run InterestPoints first")
+        if not gq(gm).interest_marked:  # none marked (a conv/ReLU stack with a linear head): the output alone
+            raise GraphCheckFailed("rounding: the interest tensors were never marked; run InterestPoints first")
         if gq(gm).teacher is None:
             raise GraphCheckFailed("rounding: no float teacher kept; run SnapshotTeacher before Quantize")
         if len(self.images) == 0:

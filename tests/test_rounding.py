@@ -226,3 +226,21 @@ def test_a_tensor_without_the_batch_first_is_refused_by_name():
     cfg = PTQConfig(target=INT8.with_bits(4), method=Method.EPTQ, rounding=rc, progress=False)
     with pytest.raises(GraphCheckFailed, match=r"\['embed'\] do not have the batch as their first dimension"):
         fxq.quantize(_SeqFirst().eval(), calib, cfg)
+
+
+def test_a_plain_conv_stack_distils_its_output_alone():
+    """conv/ReLU layers then a linear head (VGG, AlexNet): every conv output feeds an activation and the head's
+    is the model output, so there is no interest tensor; the rounding distils the output alone."""
+    torch.manual_seed(0)
+    vgg = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(8 * 8 * 8, 5),
+    ).eval()  # fmt: skip
+    qgm, report = _eptq(vgg, bits=2, iterations=40, warmup=0.5, lr_rounding=5e-2)
+    assert not [lr for lr in report.layers if lr.interest] and report.rounding["iterations"] == 40
+    losses = _losses(report)
+    assert losses[-1] < losses[0]
+    rtn, _ = fxq.quantize(vgg, CALIB, PTQConfig(target=INT8.with_bits(2), progress=False))
+    moved = [not torch.equal(a.quantized_weight(), b.quantized_weight()) for a, b in
+             zip(_quant_layers(rtn).values(), _quant_layers(qgm).values())]  # fmt: skip
+    assert any(moved)

@@ -53,6 +53,11 @@ class TeacherTargets:
             outputs = {k: teacher(images[:k]) for k in sorted({1, min(2, len(images))})}
         self.out_is_tensor = isinstance(outputs[1][0], Tensor)  # the model output joins the loss when one tensor
         names = ["output"] * self.out_is_tensor + interest_names
+        if not names:
+            raise GraphCheckFailed(
+                "rounding: nothing to distil: the graph has no interest tensors and its output is not one tensor; "
+                "return one tensor from the model (or wrap it so it does)"
+            )
         probes = {k: flat_outputs(out, self.out_is_tensor) for k, out in outputs.items()}
         bad = [n for i, n in enumerate(names) if any(ts[i].dim() == 0 or len(ts[i]) != k for k, ts in probes.items())]
         if bad:

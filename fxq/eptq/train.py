@@ -199,7 +199,7 @@ class RoundingOptimizer:
             if step + 1 == plan_at:  # time a few steps, then fit the schedule into what is left of the budget
                 left = budget.left()
                 per_step = (left_after_first - left) / (PLAN_AFTER - 1)
-                reserve = per_step * (self._check_batches(len(images)) + 1)
+                reserve = per_step * (self._check_batches(len(images)) / 3 + 2)  # a check batch: a forward
                 planned = planned_iterations(step + 1, planned, left, per_step, reserve)
                 last_left = left
                 sched = dataclasses.replace(cfg, iterations=planned)
@@ -246,8 +246,8 @@ class RoundingOptimizer:
         }
 
     def _check_batches(self, n_images: int) -> int:
-        """Forward batches the end of a run costs (the keep-best check: student and teacher, EPTQ and RTN), in
-        units of about one step."""
+        """Forward batches the end of a run costs (the keep-best check of the EPTQ and the RTN weights); each
+        costs about a third of a step (a forward, no backward)."""
         return 2 * math.ceil(min(n_images, _CHECK_IMAGES) / self.cfg.batch_size) if self.cfg.keep_best else 0
 
     @torch.no_grad()

@@ -110,9 +110,11 @@ def main() -> None:
     p.add_argument("--rows", default="all", help=f"comma-separated from {','.join(ROWS)}")
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--json", default=None)
+    p.add_argument("--eptq-iterations", type=int, default=None, help="EPTQ rows: steps of 8 (default: the short 400)")
     args = p.parse_args()
     fxq.keep_freed_memory()  # as the command line does (fxq.memory)
     rows = ROWS if args.rows == "all" else tuple(args.rows.split(","))
+    steps = {"iterations": args.eptq_iterations} if args.eptq_iterations else {}
     lm = load_model(args.model)
     calib_dir, val_dir = default_image_sets(args.model)
     calib = load_images(calib_dir, lm.preprocess, args.num_calib, progress=False)
@@ -159,7 +161,7 @@ def main() -> None:
                 bits = 8 if name.startswith("fxq-w8") else 4
                 method = Method.EPTQ if name.endswith("eptq") else Method.RTN
                 cfg = fxq.PTQConfig(
-                    target=INT8.with_bits(bits), method=method, rounding=RoundingConfig.short(), progress=False
+                    target=INT8.with_bits(bits), method=method, rounding=RoundingConfig.short(**steps), progress=False
                 )
                 qgm, _ = fxq.quantize(lm.model, batches(calib.x, 32), cfg)
                 seconds = time.perf_counter() - t0

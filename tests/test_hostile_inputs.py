@@ -815,10 +815,18 @@ def test_output_checks_in_the_api(tmp_path):
 # --- signals -----------------------------------------------------------------------------------------------------
 
 
+# `python -m fxq` with Python's Ctrl-C handler even when this suite runs with SIGINT ignored (a shell's background
+# job inherits that, and Python keeps an ignored SIGINT ignored), so that the SIGINT tests test fxq
+_FXQ_WITH_SIGINT = (
+    "import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "runpy.run_module('fxq', run_name='__main__', alter_sys=True)"
+)
+
+
 def _cli(args, **kw) -> subprocess.Popen:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(
-        [sys.executable, "-m", "fxq", *args],
+        [sys.executable, "-c", _FXQ_WITH_SIGINT, *args],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,

@@ -4,7 +4,8 @@ The clock (fxq.ir.meta.Deadline on the graph) starts when the run traces the mod
 too. The LFH may use a share of the budget before it stops adding probes beyond its minimum; the rounding
 optimization times its first steps, then sets its iteration count so that the steps, the hardening and the
 keep-best check end before the deadline. The iteration count the config gives stays an upper bound, so a budget
-never lengthens a schedule.
+never lengthens a schedule. A rounding that starts with time left takes at least its PLAN_AFTER timing steps;
+one that starts past the deadline takes none (RTN).
 """
 
 from __future__ import annotations

@@ -266,7 +266,8 @@ def cmd_bench(args) -> None:
         calib = load_images(args.calib, lm.preprocess, subset(args, args.num_calib), progress=not args.quiet)
         qgm, _ = quantize(lm.model.to(device), batches(calib.x, args.batch_size), cfg)
         what = f"{lm.name} W{args.weight_bits}A{args.act_bits}"
-    lm.model.to(device), qgm.to(device)
+    lm.model.to(device)  # a saved model and its float one load on the CPU
+    qgm.to(device)
     rows = backend_latencies(lm.model, qgm, lm.preprocess.crop, args.batch_sizes, args.iters, backends, device)
     isa = gq(qgm).target.isa
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} threads"

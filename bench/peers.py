@@ -111,10 +111,14 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=20)
     p.add_argument("--json", default=None)
     p.add_argument("--eptq-iterations", type=int, default=None, help="EPTQ rows: steps of 8 (default: the short 400)")
+    p.add_argument("--eptq-start", default="float", choices=("float", "layerwise"), help="EPTQ rows: where V starts")
     args = p.parse_args()
     fxq.keep_freed_memory()  # as the command line does (fxq.memory)
     rows = ROWS if args.rows == "all" else tuple(args.rows.split(","))
-    steps = {"iterations": args.eptq_iterations} if args.eptq_iterations else {}
+    steps = {
+        "start": args.eptq_start,
+        **({"iterations": args.eptq_iterations} if args.eptq_iterations is not None else {}),
+    }
     lm = load_model(args.model)
     calib_dir, val_dir = default_image_sets(args.model)
     calib = load_images(calib_dir, lm.preprocess, args.num_calib, progress=False)

@@ -80,6 +80,11 @@ class Optimizer(Enum):
     ADAM = "adam"  # the full rate from the first steps (a short schedule has few to spare)
 
 
+class Start(Enum):
+    FLOAT = "float"  # every soft weight starts at its float weight (AdaRound's start, EPTQ's)
+    LAYERWISE = "layerwise"  # at a layer-local rounding of each layer on its cached inputs (fxq.eptq.layerwise)
+
+
 class LossWeights(Enum):
     LFH = "lfh"  # lambda_z from the label-free Hessian (EPTQ)
     MEAN = "mean"  # every interest tensor alike (the paper's Table 1 ablation)
@@ -101,6 +106,9 @@ class RoundingConfig:
     train_bias: bool = True
     train_scale: bool = False  # a trainable per-channel factor on each weight step (SGD, lr_scale)
     lr_scale: float = 1e-3
+    start: Start = Start.FLOAT  # where the rounding variables start
+    start_images: int = 256  # calibration images whose layer inputs the layer-local start reads
+    start_confidence: float = 0.75  # h(V) on the layer-local choice's side at the start (0.5: undecided)
     reg: float = 0.01  # lambda_reg of the rounding regulariser
     beta: tuple[float, float] = (20.0, 2.0)  # annealed linearly after the warm-up
     warmup: float = 0.2  # fraction of the iterations with the regulariser off
@@ -132,7 +140,12 @@ class RoundingConfig:
             raise ConfigError("resume needs checkpoint_dir: the folder an earlier run checkpointed to")
         if self.teacher_cache not in ("auto", "on", "off"):
             raise ConfigError(f"teacher_cache must be auto, on or off, got {self.teacher_cache!r}")
-        _coerce_enums_(self, loss_weights=LossWeights, optimizer=Optimizer)
+        if self.start_images < 1 or not 0.5 < self.start_confidence < 1:
+            raise ConfigError(
+                f"need start_images >= 1 and start_confidence in (0.5, 1), got {self.start_images}, "
+                f"{self.start_confidence}"
+            )
+        _coerce_enums_(self, loss_weights=LossWeights, optimizer=Optimizer, start=Start)
 
     @classmethod
     def short(cls, **overrides) -> RoundingConfig:

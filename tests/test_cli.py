@@ -233,12 +233,13 @@ def test_eptq_quantize_reports_its_schedule(tmp_path, image_dirs, capsys, budget
     args = ["quantize", "--model", "mobilenet_v3_small", "--random-weights", "--quiet", "--calib", str(calib)]
     args += ["--no-eval", "--weight-bits", "4", "--method", "eptq", "--schedule", "short", "--iterations", "3"]
     args += ["--rounding-batch", "2", "--lfh-probes", "1", "--batch-size", "2", "--out", str(out)]
-    code, stdout, _ = run(args + (["--time-budget", budget] if budget else []), capsys)
+    code, stdout, _ = run(args + (["--time-budget", budget, "--start", "layerwise"] if budget else []), capsys)
     assert code == 0
     length = "up to 3 iterations" if budget else "3 iterations"
     assert f"EPTQ schedule: short (the CPU one; --schedule full for the paper's 20K x 32): {length}" in stdout
     report = json.loads((out / "report.json").read_text())
     assert report["method"] == "eptq" and report["rounding"]["iterations"] == 3
+    assert report["rounding"]["start"] == ("layerwise" if budget else "float")
     if budget:  # the loading counts against the budget; an hour leaves the 3 iterations asked for
         assert "planned to end within 3600 s" in stdout
         assert 3000 < report["settings"]["time_budget_s"] < 3600

@@ -106,8 +106,10 @@ def test_plain_mean_weights_need_no_lfh(tiny_net):
     assert "LFH" not in report.stage_seconds and report.rounding["loss_weights"] == "mean"
 
 
-def test_resume_after_an_interrupt_gives_the_same_model(tiny_net, tmp_path, monkeypatch):
-    settings = {"iterations": 24, "checkpoint_every": 8}
+@pytest.mark.parametrize("start", ["float", "layerwise"])
+def test_resume_after_an_interrupt_gives_the_same_model(tiny_net, tmp_path, monkeypatch, start):
+    # a resumed layer-local start takes its V from the checkpoint, not from a new layer-local rounding
+    settings = {"iterations": 24, "checkpoint_every": 8, "start": start}
     straight, _ = _eptq(tiny_net, checkpoint_dir=str(tmp_path / "a"), **settings)
 
     real = rounding_train.batch_indices
@@ -123,7 +125,7 @@ def test_resume_after_an_interrupt_gives_the_same_model(tiny_net, tmp_path, monk
     monkeypatch.setattr(rounding_train, "batch_indices", real)
     assert torch.load(tmp_path / "b" / "rounding.pt", weights_only=False)["step"] == 8
     resumed, report = _eptq(tiny_net, checkpoint_dir=str(tmp_path / "b"), resume=True, **settings)
-    assert report.rounding["resumed_at"] == 8
+    assert report.rounding["resumed_at"] == 8 and report.rounding["start_seconds"] is None
     for (name, a), b in zip(_quant_layers(straight).items(), _quant_layers(resumed).values()):
         assert torch.equal(a.layer.weight, b.layer.weight), name
         assert torch.equal(a.layer.bias, b.layer.bias), name

@@ -71,7 +71,9 @@ def rounding_schedule(args) -> tuple[str, RoundingConfig, LFHConfig]:
         }.items()
         if v is not None
     }
-    overrides.update(loss_weights=args.loss_weights, train_bias=not args.no_bias_training, resume=args.resume)
+    overrides.update(
+        loss_weights=args.loss_weights, train_bias=not args.no_bias_training, resume=args.resume, start=args.start
+    )
     rounding = RoundingConfig.short(**overrides) if name == "short" else RoundingConfig(**overrides)
     probes = args.lfh_probes or (16 if name == "short" else 100)
     return name, rounding, LFHConfig(min_probes=min(10, probes), max_probes=probes)

@@ -7,7 +7,7 @@ import math
 import sys
 
 from fxq.backends.latency import BACKENDS
-from fxq.config import ActThreshold, LossWeights, Method, Probe, WeightError, measure_fields
+from fxq.config import ActThreshold, LossWeights, Method, Probe, Start, WeightError, measure_fields
 from fxq.data.models import DEFAULT_MODEL
 from fxq.eptq.budget import parse_duration
 from fxq.errors import ConfigError
@@ -132,6 +132,13 @@ def quant_args(p: argparse.ArgumentParser) -> None:
     )
     r.add_argument("--loss-weights", default=LossWeights.LFH.value, choices=[w.value for w in LossWeights])
     r.add_argument("--no-bias-training", action="store_true")
+    r.add_argument(
+        "--start",
+        default=Start.FLOAT.value,
+        choices=[s.value for s in Start],
+        help="where the rounding starts: float (the soft weights at the float weights, EPTQ's) or layerwise (at "
+        "each layer's own error-feedback rounding on its cached inputs; fewer steps to the same accuracy)",
+    )
     r.add_argument(
         "--lfh-probes", type=count_arg, default=None, help="max Hutchinson probes (default: 100 full, 16 short)"
     )

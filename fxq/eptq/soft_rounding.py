@@ -77,6 +77,17 @@ class SoftRounding:
         for i, qw in enumerate(layers):
             qw.soft_codes = functools.partial(self._codes_of, i)
 
+    @torch.no_grad()
+    def start_from_(self, choices: Sequence[Tensor | None], confidence: float) -> None:
+        """Start each layer given a choice (1: floor(w/s) + 1, 0: floor(w/s), per weight) at that choice: h(V)
+        on the chosen side at `confidence` (0.5: undecided, below 1 so the gradient still reaches V)."""
+        if not 0.5 < confidence < 1:
+            raise ConfigError(f"soft rounding: a start's confidence must lie in (0.5, 1), not {confidence}")
+        for v, choice, order in zip(self.v.split(self.sizes), choices, self._orders):
+            if choice is not None:
+                h = choice.permute(order).reshape(-1) * (2 * confidence - 1) + (1 - confidence)
+                v.copy_(inverse_rectified_sigmoid(h.to(v)))
+
     def parameters(self) -> list[Tensor]:
         return [self.v, self.bias] + ([self.scale_factor] if self.scale_factor is not None else [])
 

@@ -25,10 +25,11 @@ from torch import Tensor, nn
 from torch.fx import GraphModule
 from tqdm.auto import tqdm
 
-from fxq.config import Optimizer, RoundingConfig
+from fxq.config import Optimizer, RoundingConfig, Start
 from fxq.data.subset import Subset, choose
 from fxq.eptq.budget import PLAN_AFTER, planned_iterations
 from fxq.eptq.distillation import packed_loss
+from fxq.eptq.layerwise import InputMoments, layerwise_choice
 from fxq.eptq.schedule import batch_indices, beta_at
 from fxq.eptq.soft_rounding import SoftRounding
 from fxq.eptq.teacher import TeacherTargets, as_model_wants, bf16_autocast, flat_outputs
@@ -44,6 +45,7 @@ __all__ = ["RoundingOptimizer", "use_fused_act_quant_", "check_resumable", "sche
 
 CHECKPOINT = "rounding.pt"
 _CHECK_IMAGES = 128  # calibration images of the keep-best check
+_START_BATCH = 32  # images per forward of the layer-local start (a forward, no backward: the batch can be large)
 # settings a resumed run may change: where and how often it checkpoints, how it keeps the teacher's tensors
 _RESUMABLE_ACROSS = ("checkpoint_every", "checkpoint_dir", "resume", "teacher_cache")
 
@@ -85,7 +87,12 @@ class RoundingOptimizer:
             if nhwc:  # before V is made from the weights, so V and its gradients are NHWC too
                 gm.to(memory_format=torch.channels_last)
                 self.teacher.to(memory_format=torch.channels_last)
+            t0 = time.perf_counter()
+            start = self._layerwise(gm, layers, images) if cfg.start is Start.LAYERWISE and not cfg.resume else None
+            start_seconds = time.perf_counter() - t0
             soft = SoftRounding(layers, cfg.train_scale)
+            if start is not None:
+                soft.start_from_(start, cfg.start_confidence)
             soft.bias.requires_grad_(cfg.train_bias)
             adam = torch.optim.Adam if cfg.optimizer is Optimizer.ADAM else torch.optim.RAdam
             opt_v = adam([soft.v], lr=cfg.lr_rounding)
@@ -99,6 +106,7 @@ class RoundingOptimizer:
             weights = interest_weights(gm, cfg.loss_weights, targets.out_is_tensor).to(device)
             stats = self._optimize(soft, student, targets, images, weights, opt_v, opt_b)
             stats.update(teacher_cache=targets.cache is not None, teacher_cache_seconds=cache_seconds)
+            stats.update(start=cfg.start.value, start_seconds=start_seconds if start is not None else None)
             soft.harden_()
             if cfg.keep_best:
                 stats.update(self._keep_best(layers, rtn, student, targets, images, weights))
@@ -114,6 +122,20 @@ class RoundingOptimizer:
                 gm.to(memory_format=torch.contiguous_format)
                 self.teacher.to(memory_format=torch.contiguous_format)
         return stats
+
+    @torch.no_grad()
+    def _layerwise(self, gm: GraphModule, layers: list[QuantWeight], images: Tensor) -> list[Tensor | None]:
+        """Each layer's layer-local rounding choice (fxq.eptq.layerwise) on the inputs it sees in the quantized
+        graph, over the first `start_images` images (covariances where bias correction takes the mean)."""
+        device = device_of(gm)
+        moments = InputMoments(layers)
+        try:
+            for x in images[: self.cfg.start_images].split(_START_BATCH):
+                gm(as_model_wants(x.to(device), self.cfg))
+        finally:
+            moments.close()
+        hessians = [moments.hessian(i, centred=qw.input_mean is not None) for i, qw in enumerate(layers)]
+        return [layerwise_choice(qw, h) if h is not None else None for qw, h in zip(layers, hessians)]
 
     def _tapped(self, gm: GraphModule) -> tuple[GraphModule, GraphModule]:
         z = interest_nodes(gm)

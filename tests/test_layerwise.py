@@ -1,0 +1,221 @@
+"""Layer-local rounding: the input moments against the layer's own output error, the error-feedback choice
+against a plain column-by-column reference, and the rounding optimization started from it."""
+
+import pytest
+import torch
+from torch import nn
+
+import fxq.eptq.layerwise as layerwise
+from fxq.config import RoundingConfig
+from fxq.eptq.layerwise import InputMoments, layerwise_choice
+from fxq.eptq.soft_rounding import SoftRounding
+from fxq.errors import ConfigError
+from fxq.quant.modules import QuantWeight, layer_forward
+from fxq.quant.qmath import QSpec, weight_thresholds
+from tests.conftest import seeded
+from tests.test_rounding import _eptq, _quant_layers
+
+LAYERS = {
+    "linear": (lambda: nn.Linear(12, 5), (6, 3, 12)),
+    "conv3x3 stride 2": (lambda: nn.Conv2d(4, 6, 3, stride=2, padding=1), (3, 4, 11, 9)),
+    "depthwise 5x5": (lambda: nn.Conv2d(6, 6, 5, padding=2, groups=6), (3, 6, 8, 8)),
+    "grouped same": (lambda: nn.Conv2d(6, 4, 3, padding="same", groups=2), (3, 6, 7, 7)),
+    "pointwise": (lambda: nn.Conv2d(5, 7, 1), (3, 5, 6, 6)),
+    "dilated": (lambda: nn.Conv2d(3, 4, 3, padding=2, dilation=2), (2, 3, 9, 9)),
+}
+
+
+def _quant(layer: nn.Module, bits: int = 4) -> QuantWeight:
+    spec = QSpec(bits, signed=True, per_channel=True)
+    return QuantWeight(layer, spec, weight_thresholds(layer.weight.detach(), spec))
+
+
+def _moments(qw: QuantWeight, x: torch.Tensor, centred: bool) -> torch.Tensor:
+    moments = InputMoments([qw])
+    with torch.no_grad():
+        for xb in x.split(2):
+            qw(xb)
+    moments.close()
+    return moments.hessian(0, centred)
+
+
+def _output_error(qw: QuantWeight, h: torch.Tensor, dw: torch.Tensor) -> torch.Tensor:
+    """sum over output channels of dw_r H dw_r^T, each row against its group's H."""
+    groups = h.shape[0]
+    rows = dw.reshape(groups, dw.shape[0] // groups, -1)
+    return torch.einsum("gri,gij,grj->", rows.double(), h.double(), rows.double())
+
+
+@pytest.mark.parametrize("kind", LAYERS)
+@pytest.mark.parametrize("centred", [False, True])
+def test_input_moments_give_the_mean_squared_output_of_a_weight_change(kind, centred, monkeypatch):
+    # every output position counted (no subsampling): dw H dw^T equals the mean over positions of the layer's
+    # output for weight dw, squared (its variance per channel when centred), whatever the layout
+    monkeypatch.setattr(layerwise, "POSITIONS", 10**9)
+    make, shape = LAYERS[kind]
+    torch.manual_seed(0)
+    qw = _quant(make())
+    x = seeded(*shape, seed=1) + 0.5
+    h = _moments(qw, x, centred)
+    dw = seeded(*qw.layer.weight.shape, seed=2)
+    y = layer_forward(qw.layer, x, dw, None)
+    y = y.movedim(1, -1) if isinstance(qw.layer, nn.Conv2d) else y  # output channels last
+    y = y.reshape(-1, y.shape[-1])
+    if centred:
+        y = y - y.mean(0)
+    torch.testing.assert_close(_output_error(qw, h, dw), y.double().pow(2).sum(1).mean(), rtol=1e-4, atol=0)
+
+
+def test_subsampled_moments_are_those_of_evenly_spaced_output_rows(monkeypatch):
+    monkeypatch.setattr(layerwise, "POSITIONS", 12)  # 6 x 6 outputs per image: every third row
+    qw = _quant(nn.Conv2d(3, 4, 3, padding=1))
+    x = seeded(4, 3, 6, 6, seed=3)
+    h = _moments(qw, x, centred=False)
+    dw = seeded(*qw.layer.weight.shape, seed=4)
+    y = layer_forward(qw.layer, x, dw, None)[:, :, ::3]
+    expected = y.double().pow(2).sum(1).mean()
+    torch.testing.assert_close(_output_error(qw, h, dw), expected, rtol=1e-4, atol=0)
+
+
+def _reference_choice(qw: QuantWeight, h: torch.Tensor) -> torch.Tensor:
+    """Optimal Brain Quantization's update written plainly for one dense layer, in float64, columns in order of
+    decreasing H diagonal: round a column within floor/floor+1, move its error onto the rest through H^-1, drop
+    the column from H^-1."""
+    w = qw.layer.weight.detach().double().reshape(qw.layer.weight.shape[0], -1)
+    s = qw.scale.double().reshape(-1, 1)
+    floor = torch.floor(w / s)
+    lo, hi = floor.clamp(qw.spec.qmin, qw.spec.qmax), (floor + 1).clamp(qw.spec.qmin, qw.spec.qmax)
+    h = h[0].double().clone()
+    h.diagonal().add_(layerwise.DAMPING * h.diagonal().mean())
+    order = torch.argsort(h.diagonal(), descending=True)
+    w, lo, hi, h = w[:, order].clone(), lo[:, order], hi[:, order], h[order][:, order]
+    inv = torch.linalg.inv(h)
+    codes = torch.empty_like(w)
+    for j in range(w.shape[1]):
+        codes[:, j] = torch.minimum(torch.maximum(torch.round(w[:, j] / s[:, 0]), lo[:, j]), hi[:, j])
+        err = (w[:, j] - codes[:, j] * s[:, 0]) / inv[j, j]
+        w[:, j:] -= err[:, None] * inv[j, j:][None]
+        inv = inv - inv[:, j : j + 1] @ inv[j : j + 1, :] / inv[j, j]
+    back = torch.empty_like(codes)
+    back[:, order] = codes
+    return (back > torch.floor(qw.layer.weight.detach().double().reshape(w.shape) / s).clamp(qw.spec.qmin, None)).to(
+        torch.float32
+    )
+
+
+def _correlated_inputs(n: int, features: int, seed: int) -> torch.Tensor:
+    """Inputs with strongly correlated features (as a layer's inputs are), one feature never active."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(features, features, generator=g) + 2 * torch.eye(features)
+    x = torch.randn(n, features, generator=g) @ mix
+    x[:, 3] = 0
+    return x
+
+
+def test_the_choice_matches_the_plain_column_by_column_update():
+    # 300 columns: more than one block of lazy updates, a dead input among them
+    torch.manual_seed(0)
+    qw = _quant(nn.Linear(300, 16), bits=3)
+    h = _moments(qw, _correlated_inputs(2000, 300, seed=5), centred=False)
+    ours, ref = layerwise_choice(qw, h), _reference_choice(qw, h)
+    agree = (ours == ref).float().mean()
+    assert agree > 0.995, agree  # float32 against float64: a few near-ties may go either way
+    w = qw.layer.weight.detach()
+    floor = torch.floor(w / qw.scale_like(w)).clamp(qw.spec.qmin, qw.spec.qmax)
+    err = [_output_error(qw, h, (floor + c) * qw.scale_like(w) - w) for c in (ours, ref)]
+    assert err[0] == pytest.approx(float(err[1]), rel=1e-3)
+
+
+def test_uncorrelated_inputs_give_round_to_nearest():
+    # a diagonal H passes no error between columns: each weight rounds to its nearest grid point
+    torch.manual_seed(0)
+    qw = _quant(nn.Conv2d(4, 6, 3), bits=3)
+    h = torch.diag(torch.rand(36) + 0.5)[None]
+    w = qw.layer.weight.detach()
+    choice = layerwise_choice(qw, h)
+    rtn = qw.hard_codes() - torch.floor(w / qw.scale_like(w)).clamp(qw.spec.qmin, qw.spec.qmax)
+    assert torch.equal(choice, rtn)
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv3x3 stride 2", "depthwise 5x5", "grouped same"])
+def test_the_choice_has_a_lower_output_error_than_round_to_nearest(kind):
+    make, shape = LAYERS[kind]
+    torch.manual_seed(0)
+    qw = _quant(make(), bits=3)
+    if len(shape) == 4:  # smooth images: neighbouring pixels correlated, as in real feature maps
+        x = torch.nn.functional.avg_pool2d(seeded(shape[0], shape[1], shape[2] + 4, shape[3] + 4, seed=6), 5, 1)
+    else:
+        x = _correlated_inputs(200, shape[-1], seed=6)
+    h = _moments(qw, x, centred=False)
+    w = qw.layer.weight.detach()
+    floor = torch.floor(w / qw.scale_like(w)).clamp(qw.spec.qmin, qw.spec.qmax)
+    ours = _output_error(qw, h, (floor + layerwise_choice(qw, h)) * qw.scale_like(w) - w)
+    rtn = _output_error(qw, h, qw.hard_codes() * qw.scale_like(w) - w)
+    assert ours < 0.8 * rtn, (float(ours), float(rtn))
+
+
+def test_a_depthwise_choice_is_each_channel_s_own():
+    torch.manual_seed(0)
+    dw = _quant(nn.Conv2d(3, 3, 3, padding=1, groups=3))
+    x = torch.nn.functional.avg_pool2d(seeded(4, 3, 12, 12, seed=7), 3, 1)
+    together = layerwise_choice(dw, _moments(dw, x, centred=True))
+    for c in range(3):
+        one = _quant(nn.Conv2d(1, 1, 3, padding=1))
+        with torch.no_grad():
+            one.layer.weight.copy_(dw.layer.weight[c : c + 1])
+            one.scale.copy_(dw.scale[c : c + 1])
+        assert torch.equal(layerwise_choice(one, _moments(one, x[:, c : c + 1], centred=True)), together[c : c + 1])
+
+
+def test_soft_rounding_starts_at_the_choice_with_its_confidence():
+    torch.manual_seed(0)
+    layers = [_quant(nn.Conv2d(4, 6, 3).to(memory_format=torch.channels_last)), _quant(nn.Linear(6, 3))]
+    choice = (seeded(*layers[0].layer.weight.shape, seed=8) > 0).float()
+    soft = SoftRounding(layers)
+    v1 = soft.v.detach()[soft.sizes[0] :].clone()
+    soft.start_from_([choice, None], 0.8)
+    soft.refresh()
+    w = layers[0].layer.weight.detach()
+    h = (layers[0].quantized_weight().detach() / layers[0].scale_like(w)) - torch.floor(w / layers[0].scale_like(w))
+    free = (torch.floor(w / layers[0].scale_like(w)).abs() < 7).float()  # inside the grid: h is free there
+    torch.testing.assert_close(h * free, (0.2 + 0.6 * choice) * free, rtol=0, atol=1e-5)
+    assert torch.equal(soft.v.detach()[soft.sizes[0] :], v1)  # a layer without a choice keeps its float start
+    floor = torch.floor(w / layers[0].scale_like(w)).clamp(-8, 7)
+    assert torch.equal((soft.hard_codes()[0] - floor) * free, choice * free)  # hardening now gives the choice
+    with pytest.raises(ConfigError, match=r"confidence must lie in \(0.5, 1\)"):
+        soft.start_from_([choice, None], 1.0)
+    soft.close()
+
+
+def test_bad_start_settings_are_refused():
+    with pytest.raises(ConfigError, match="start_confidence in"):
+        RoundingConfig(start_confidence=0.5)
+    with pytest.raises(ConfigError, match="start"):
+        RoundingConfig(start="gptq")
+
+
+def test_a_layerwise_start_without_steps_hardens_to_the_layer_local_rounding(tiny_net):
+    # no optimization steps: every layer ends at its own layer-local choice, on the inputs the quantized graph
+    # gives it; on this net it distils better than round-to-nearest
+    qgm, report = _eptq(tiny_net, bits=3, iterations=0, start="layerwise", keep_best=True)
+    r = report.rounding
+    assert r["start"] == "layerwise" and r["start_seconds"] > 0 and r["kept"] == "eptq"
+    assert r["check_loss"] < r["rtn_check_loss"]
+    rtn, _ = _eptq(tiny_net, bits=3, iterations=0)
+    changed = 0
+    for name, qw in _quant_layers(qgm).items():
+        ref = _quant_layers(rtn)[name]  # round-to-nearest: hardened from V at its float start
+        ours, nearest = ((m.layer.weight.detach() / m.scale_like(m.layer.weight)).round() for m in (qw, ref))
+        assert (ours - nearest).abs().max() <= 1, name  # a float weight's other grid point at most
+        changed += int((ours != nearest).sum())
+    assert changed > 0, "the layer-local start chose round-to-nearest everywhere"
+
+
+def test_layers_whose_patches_do_not_unfold_keep_the_float_start():
+    assert layerwise.supports(nn.Conv2d(2, 2, 3, padding="same")) and layerwise.supports(nn.Linear(2, 2))
+    assert not layerwise.supports(nn.Conv2d(2, 2, 2, padding="same"))  # uneven padding
+    assert not layerwise.supports(nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect"))
+    assert not layerwise.supports(nn.Conv1d(2, 2, 3))
+    moments = InputMoments([_quant(nn.Conv1d(2, 2, 3))])
+    assert moments.hessian(0, centred=True) is None  # no hook: never seen
+    moments.close()

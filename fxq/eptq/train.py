@@ -126,11 +126,13 @@ class RoundingOptimizer:
     @torch.no_grad()
     def _layerwise(self, gm: GraphModule, layers: list[QuantWeight], images: Tensor) -> list[Tensor | None]:
         """Each layer's layer-local rounding choice (fxq.eptq.layerwise) on the inputs it sees in the quantized
-        graph, over the first `start_images` images (covariances where bias correction takes the mean)."""
+        graph, over `start_images` images drawn with the schedule's seed (covariances where bias correction takes
+        the mean)."""
         device = device_of(gm)
+        drawn = torch.randperm(len(images), generator=torch.Generator().manual_seed(self.cfg.seed))
         moments = InputMoments(layers)
         try:
-            for x in images[: self.cfg.start_images].split(_START_BATCH):
+            for x in images[drawn[: self.cfg.start_images].to(images.device)].split(_START_BATCH):
                 gm(as_model_wants(x.to(device), self.cfg))
         finally:
             moments.close()

@@ -36,6 +36,7 @@ PATHS = {
     "adam": {"optimizer": "adam"},
     "layerwise": {"start": "layerwise"},  # from each layer's own error-feedback rounding (fxq.eptq.layerwise)
     "layerwise-adam": {"start": "layerwise", "optimizer": "adam"},
+    "layerwise-256": {"start": "layerwise", "start_images": 256},  # the start reads 256 of the images
 }
 # the reference implementation on a 2-core CPU, Lite0 W4A8: (seconds, top-1), ../shared/anchors/README.md
 MCT_CPU = {(DEFAULT_MODEL, 4): [(1250.0, 61.38)]}

@@ -107,7 +107,7 @@ class RoundingConfig:
     train_scale: bool = False  # a trainable per-channel factor on each weight step (SGD, lr_scale)
     lr_scale: float = 1e-3
     start: Start = Start.FLOAT  # where the rounding variables start
-    start_images: int = 256  # calibration images whose layer inputs the layer-local start reads
+    start_images: int | None = None  # images (drawn with `seed`) whose layer inputs the layer-local start reads; None: all
     start_confidence: float = 0.75  # h(V) on the layer-local choice's side at the start (0.5: undecided)
     reg: float = 0.01  # lambda_reg of the rounding regulariser
     beta: tuple[float, float] = (20.0, 2.0)  # annealed linearly after the warm-up
@@ -140,9 +140,9 @@ class RoundingConfig:
             raise ConfigError("resume needs checkpoint_dir: the folder an earlier run checkpointed to")
         if self.teacher_cache not in ("auto", "on", "off"):
             raise ConfigError(f"teacher_cache must be auto, on or off, got {self.teacher_cache!r}")
-        if self.start_images < 1 or not 0.5 < self.start_confidence < 1:
+        if (self.start_images is not None and self.start_images < 1) or not 0.5 < self.start_confidence < 1:
             raise ConfigError(
-                f"need start_images >= 1 and start_confidence in (0.5, 1), got {self.start_images}, "
+                f"need start_images >= 1 (or None) and start_confidence in (0.5, 1), got {self.start_images}, "
                 f"{self.start_confidence}"
             )
         _coerce_enums_(self, loss_weights=LossWeights, optimizer=Optimizer, start=Start)

@@ -226,20 +226,22 @@ def test_bench_refuses_cpu_only_backends_on_a_gpu():
         backend_latencies(nn.Linear(2, 2), None, 8, backends=("eager", "onnx"), device=torch.device("cuda"))
 
 
-@pytest.mark.parametrize("budget", [None, "1h"])
-def test_eptq_quantize_reports_its_schedule(tmp_path, image_dirs, capsys, budget):
+@pytest.mark.parametrize(
+    ("budget", "start", "steps"), [(None, "float", 3), ("1h", "layerwise", 3), (None, "layerwise", 0)]
+)
+def test_eptq_quantize_reports_its_schedule(tmp_path, image_dirs, capsys, budget, start, steps):
     calib, _ = image_dirs
     out = tmp_path / "eptq"
     args = ["quantize", "--model", "mobilenet_v3_small", "--random-weights", "--quiet", "--calib", str(calib)]
-    args += ["--no-eval", "--weight-bits", "4", "--method", "eptq", "--schedule", "short", "--iterations", "3"]
-    args += ["--rounding-batch", "2", "--lfh-probes", "1", "--batch-size", "2", "--out", str(out)]
-    code, stdout, _ = run(args + (["--time-budget", budget, "--start", "layerwise"] if budget else []), capsys)
+    args += ["--no-eval", "--weight-bits", "4", "--method", "eptq", "--schedule", "short", "--iterations", str(steps)]
+    args += ["--rounding-batch", "2", "--lfh-probes", "1", "--batch-size", "2", "--out", str(out), "--start", start]
+    code, stdout, _ = run(args + (["--time-budget", budget] if budget else []), capsys)
     assert code == 0
-    length = "up to 3 iterations" if budget else "3 iterations"
+    length = f"up to {steps} iterations" if budget else f"{steps} iterations"
     assert f"EPTQ schedule: short (the CPU one; --schedule full for the paper's 20K x 32): {length}" in stdout
     report = json.loads((out / "report.json").read_text())
-    assert report["method"] == "eptq" and report["rounding"]["iterations"] == 3
-    assert report["rounding"]["start"] == ("layerwise" if budget else "float")
+    assert report["method"] == "eptq" and report["rounding"]["iterations"] == steps
+    assert report["rounding"]["start"] == start
     if budget:  # the loading counts against the budget; an hour leaves the 3 iterations asked for
         assert "planned to end within 3600 s" in stdout
         assert 3000 < report["settings"]["time_budget_s"] < 3600

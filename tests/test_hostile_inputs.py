@@ -670,7 +670,7 @@ NUMBER_CASES = [
     (["--num-val", "0"], "--num-val"),
     (["--batch-size", "0"], "--batch-size"),
     (["--batch-size", "-1"], "--batch-size"),
-    (["--iterations", "0"], "--iterations"),
+    (["--iterations", "-1"], "--iterations"),
     (["--rounding-images", "0"], "--rounding-images"),
     (["--lfh-probes", "0"], "--lfh-probes"),
     (["--mp-images", "0"], "--mp-images"),

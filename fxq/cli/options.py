@@ -63,7 +63,8 @@ def rounding_schedule(args) -> tuple[str, RoundingConfig, LFHConfig]:
         for k, v in {
             # with a time budget the iteration count is an upper bound: the full schedule's unless given
             "iterations": args.iterations
-            or (RoundingConfig.iterations if getattr(args, "time_budget", None) else None),
+            if args.iterations is not None
+            else (RoundingConfig.iterations if getattr(args, "time_budget", None) else None),
             "batch_size": args.rounding_batch,
             "images": args.rounding_images,
             "checkpoint_dir": args.checkpoint_dir,

@@ -19,6 +19,11 @@ __all__ = ["build_parser", "SHARED_SETS"]
 SHARED_SETS = "default: the shared set for the model, ImageNet's or CIFAR-10's"
 
 
+def steps_arg(text: str) -> int:
+    """An iteration count: an integer >= 0 (0: no whole-network steps, e.g. the layer-local start alone)."""
+    return 0 if text.strip() == "0" else count_arg(text)
+
+
 def count_arg(text: str) -> int:
     """A count: an integer >= 1 (0 and negative counts are refused, never read as 'the default')."""
     try:
@@ -122,7 +127,12 @@ def quant_args(p: argparse.ArgumentParser) -> None:
         help="full: 20K iterations of 32 images (the paper's); short: 400 of 8, minutes on a CPU; "
         "auto: full on a GPU, short on a CPU",
     )
-    r.add_argument("--iterations", type=count_arg, default=None, help="override the schedule's iteration count")
+    r.add_argument(
+        "--iterations",
+        type=steps_arg,
+        default=None,
+        help="override the schedule's iteration count (0 with --start layerwise: the layer-local rounding alone)",
+    )
     r.add_argument("--rounding-batch", type=count_arg, default=None, help="override the schedule's batch size")
     r.add_argument(
         "--rounding-images",

@@ -126,7 +126,7 @@ class RoundingOptimizer:
     @torch.no_grad()
     def _layerwise(self, gm: GraphModule, layers: list[QuantWeight], images: Tensor) -> list[Tensor | None]:
         """Each layer's layer-local rounding choice (fxq.eptq.layerwise) on the inputs it sees in the quantized
-        graph, over `start_images` images drawn with the schedule's seed (covariances where bias correction takes
+        graph, over `start_images` images drawn with the schedule's seed, or all (covariances where bias correction takes
         the mean)."""
         device = device_of(gm)
         drawn = torch.randperm(len(images), generator=torch.Generator().manual_seed(self.cfg.seed))

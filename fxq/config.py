@@ -107,9 +107,7 @@ class RoundingConfig:
     train_scale: bool = False  # a trainable per-channel factor on each weight step (SGD, lr_scale)
     lr_scale: float = 1e-3
     start: Start = Start.FLOAT  # where the rounding variables start
-    start_images: int | None = (
-        None  # images (drawn with `seed`) whose layer inputs the layer-local start reads; None: all
-    )
+    start_images: int | None = None  # images the layer-local start reads (drawn with `seed`); None: all
     start_confidence: float = 0.75  # h(V) on the layer-local choice's side at the start (0.5: undecided)
     reg: float = 0.01  # lambda_reg of the rounding regulariser
     beta: tuple[float, float] = (20.0, 2.0)  # annealed linearly after the warm-up

@@ -126,14 +126,14 @@ class RoundingOptimizer:
     @torch.no_grad()
     def _layerwise(self, gm: GraphModule, layers: list[QuantWeight], images: Tensor) -> list[Tensor | None]:
         """Each layer's layer-local rounding choice (fxq.eptq.layerwise) on the inputs it sees in the quantized
-        graph, over `start_images` images drawn with the schedule's seed, or all (covariances where bias correction takes
-        the mean)."""
+        graph, over `start_images` images drawn with the schedule's seed, or all of them (covariances where bias
+        correction takes the mean)."""
         device = device_of(gm)
         drawn = torch.randperm(len(images), generator=torch.Generator().manual_seed(self.cfg.seed))
         moments = InputMoments(layers)
         try:
-            for x in images[drawn[: self.cfg.start_images].to(images.device)].split(_START_BATCH):
-                gm(as_model_wants(x.to(device), self.cfg))
+            for idx in drawn[: self.cfg.start_images].split(_START_BATCH):
+                gm(as_model_wants(images[idx.to(images.device)].to(device), self.cfg))
         finally:
             moments.close()
         hessians = [moments.hessian(i, centred=qw.input_mean is not None) for i, qw in enumerate(layers)]

@@ -11,9 +11,9 @@ from fxq.eptq.layerwise import InputMoments, layerwise_choice
 from fxq.eptq.soft_rounding import SoftRounding
 from fxq.errors import ConfigError
 from fxq.quant.modules import QuantWeight, layer_forward
-from fxq.quant.qmath import QSpec, weight_thresholds
 from tests.conftest import seeded
 from tests.test_rounding import _eptq, _quant_layers
+from tests.test_soft_rounding import _quant
 
 LAYERS = {
     "linear": (lambda: nn.Linear(12, 5), (6, 3, 12)),
@@ -25,9 +25,10 @@ LAYERS = {
 }
 
 
-def _quant(layer: nn.Module, bits: int = 4) -> QuantWeight:
-    spec = QSpec(bits, signed=True, per_channel=True)
-    return QuantWeight(layer, spec, weight_thresholds(layer.weight.detach(), spec))
+def _floor(qw: QuantWeight) -> torch.Tensor:
+    """floor(w/s) clamped to the grid: the lower of the two grid points a choice picks between."""
+    w = qw.layer.weight.detach()
+    return torch.floor(w / qw.scale_like(w)).clamp(qw.spec.qmin, qw.spec.qmax)
 
 
 def _moments(qw: QuantWeight, x: torch.Tensor, centred: bool) -> torch.Tensor:
@@ -121,7 +122,7 @@ def test_the_choice_matches_the_plain_column_by_column_update():
     agree = (ours == ref).float().mean()
     assert agree > 0.995, agree  # float32 against float64: a few near-ties may go either way
     w = qw.layer.weight.detach()
-    floor = torch.floor(w / qw.scale_like(w)).clamp(qw.spec.qmin, qw.spec.qmax)
+    floor = _floor(qw)
     err = [_output_error(qw, h, (floor + c) * qw.scale_like(w) - w) for c in (ours, ref)]
     assert err[0] == pytest.approx(float(err[1]), rel=1e-3)
 
@@ -131,9 +132,8 @@ def test_uncorrelated_inputs_give_round_to_nearest():
     torch.manual_seed(0)
     qw = _quant(nn.Conv2d(4, 6, 3), bits=3)
     h = torch.diag(torch.rand(36) + 0.5)[None]
-    w = qw.layer.weight.detach()
     choice = layerwise_choice(qw, h)
-    rtn = qw.hard_codes() - torch.floor(w / qw.scale_like(w)).clamp(qw.spec.qmin, qw.spec.qmax)
+    rtn = qw.hard_codes() - _floor(qw)
     assert torch.equal(choice, rtn)
 
 
@@ -148,7 +148,7 @@ def test_the_choice_has_a_lower_output_error_than_round_to_nearest(kind):
         x = _correlated_inputs(200, shape[-1], seed=6)
     h = _moments(qw, x, centred=False)
     w = qw.layer.weight.detach()
-    floor = torch.floor(w / qw.scale_like(w)).clamp(qw.spec.qmin, qw.spec.qmax)
+    floor = _floor(qw)
     ours = _output_error(qw, h, (floor + layerwise_choice(qw, h)) * qw.scale_like(w) - w)
     rtn = _output_error(qw, h, qw.hard_codes() * qw.scale_like(w) - w)
     assert ours < 0.8 * rtn, (float(ours), float(rtn))
@@ -180,7 +180,7 @@ def test_soft_rounding_starts_at_the_choice_with_its_confidence():
     free = (torch.floor(w / layers[0].scale_like(w)).abs() < 7).float()  # inside the grid: h is free there
     torch.testing.assert_close(h * free, (0.2 + 0.6 * choice) * free, rtol=0, atol=1e-5)
     assert torch.equal(soft.v.detach()[soft.sizes[0] :], v1)  # a layer without a choice keeps its float start
-    floor = torch.floor(w / layers[0].scale_like(w)).clamp(-8, 7)
+    floor = _floor(layers[0])
     assert torch.equal((soft.hard_codes()[0] - floor) * free, choice * free)  # hardening now gives the choice
     with pytest.raises(ConfigError, match=r"confidence must lie in \(0.5, 1\)"):
         soft.start_from_([choice, None], 1.0)

@@ -137,8 +137,8 @@ def layerwise_choice(qw: QuantWeight, hessian: Tensor, act_order: bool = True) -
     out, groups, cols = w.shape[0], hessian.shape[0], hessian.shape[1]
     step = qw.scale.detach().float().reshape(out, 1)
     w2 = w.reshape(out, -1)
-    lo = torch.clamp(torch.floor(w2 / step), qw.spec.qmin, qw.spec.qmax)
-    hi = torch.clamp(torch.floor(w2 / step) + 1, qw.spec.qmin, qw.spec.qmax)
+    floor = torch.floor(w2 / step)
+    lo, hi = floor.clamp(qw.spec.qmin, qw.spec.qmax), (floor + 1).clamp(qw.spec.qmin, qw.spec.qmax)
     # (groups, rows, columns): each group's output channels read only that group's columns
     shape = (groups, out // groups, cols)
     work, lo_g, hi_g = (t.reshape(shape).clone() for t in (w2, lo, hi))

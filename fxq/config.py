@@ -147,6 +147,12 @@ class RoundingConfig:
             )
         _coerce_enums_(self, loss_weights=LossWeights, optimizer=Optimizer, start=Start)
 
+    @property
+    def loss_weights_read(self) -> LossWeights:
+        """The weights the run reads: with no whole-network steps only the keep-best check reads them, and there
+        the LFH's probes would cost more than all the rest of a layer-local run, so the tensors count alike."""
+        return LossWeights.MEAN if self.iterations == 0 else self.loss_weights
+
     @classmethod
     def short(cls, **overrides) -> RoundingConfig:
         """A CPU schedule that finishes in minutes on EfficientNet-Lite0 (2 cores): 400 iterations of 8 images."""

@@ -88,7 +88,7 @@ def _input_stats(cfg: PTQConfig) -> bool:
 def _needs_lfh(cfg: PTQConfig) -> bool:
     mp = cfg.mixed_precision
     return (mp is not None and LossWeights.LFH in mp.measures) or (
-        cfg.method is Method.EPTQ and cfg.rounding.loss_weights is LossWeights.LFH
+        cfg.method is Method.EPTQ and cfg.rounding.loss_weights_read is LossWeights.LFH
     )
 
 

@@ -26,7 +26,7 @@ LAYERS = {
 
 
 def _floor(qw: QuantWeight) -> torch.Tensor:
-    """floor(w/s) clamped to the grid: the lower of the two grid points a choice picks between."""
+    """floor(w/s) clamped to the grid (the lower of the two codes a choice picks between), computed here."""
     w = qw.layer.weight.detach()
     return torch.floor(w / qw.scale_like(w)).clamp(qw.spec.qmin, qw.spec.qmax)
 
@@ -196,10 +196,13 @@ def test_bad_start_settings_are_refused():
 
 def test_a_layerwise_start_without_steps_hardens_to_the_layer_local_rounding(tiny_net):
     # no optimization steps: every layer ends at its own layer-local choice, on the inputs the quantized graph
-    # gives it; on this net it distils better than round-to-nearest
+    # gives it; on this net it distils better than round-to-nearest. Only the keep-best check reads loss weights:
+    # no LFH is computed for it, the interest tensors count alike
     qgm, report = _eptq(tiny_net, bits=3, iterations=0, start="layerwise", keep_best=True)
     r = report.rounding
     assert r["start"] == "layerwise" and r["start_seconds"] > 0 and r["kept"] == "eptq"
+    assert r["loss_weights"] == "mean" and "LFH" not in report.stage_seconds
+    assert "LFH" in _eptq(tiny_net, bits=3, iterations=1, start="layerwise")[1].stage_seconds
     assert r["check_loss"] < r["rtn_check_loss"]
     rtn, _ = _eptq(tiny_net, bits=3, iterations=0)
     changed = 0

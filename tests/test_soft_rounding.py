@@ -65,6 +65,15 @@ def test_soft_weight_at_init_equals_the_float_weight_inside_the_grid():
         assert qw.quantized_weight().stride() == w.stride()  # the layer's own memory layout (channels last here)
 
 
+def test_the_two_codes_around_a_weight_stay_on_the_grid():
+    qw = _quant(nn.Linear(6, 1, bias=False), bits=3)  # codes -4..3
+    with torch.no_grad():
+        qw.scale.fill_(1.0)
+        qw.layer.weight.copy_(torch.tensor([[-9.0, -4.0, -3.5, 0.2, 3.0, 7.5]]))
+    lower, free = qw.rounding_bounds()
+    assert lower.tolist() == [[-4, -4, -4, 0, 3, 3]] and free.tolist() == [[0, 1, 1, 1, 0, 0]]
+
+
 def test_soft_weights_equal_the_clamped_adaround_form_and_its_gradient():
     # flat V over five layers, with clipped weights, V on both sides of 0 and trainable steps: the same values,
     # gradients (V and step factors) and codes as the per-layer clamped form

@@ -137,11 +137,10 @@ def layerwise_choice(qw: QuantWeight, hessian: Tensor, act_order: bool = True) -
     out, groups, cols = w.shape[0], hessian.shape[0], hessian.shape[1]
     step = qw.scale.detach().float().reshape(out, 1)
     w2 = w.reshape(out, -1)
-    floor = torch.floor(w2 / step)
-    lo, hi = floor.clamp(qw.spec.qmin, qw.spec.qmax), (floor + 1).clamp(qw.spec.qmin, qw.spec.qmax)
+    lower, free = (t.float().reshape(out, -1) for t in qw.rounding_bounds())
     # (groups, rows, columns): each group's output channels read only that group's columns
     shape = (groups, out // groups, cols)
-    work, lo_g, hi_g = (t.reshape(shape).clone() for t in (w2, lo, hi))
+    work, lo_g, hi_g = (t.reshape(shape).clone() for t in (w2, lower, lower + free))
     s = step.reshape(groups, out // groups, 1)
     h = _damped(hessian)
     diag = h.diagonal(dim1=1, dim2=2)
@@ -164,4 +163,4 @@ def layerwise_choice(qw: QuantWeight, hessian: Tensor, act_order: bool = True) -
             block[:, :, j + 1 :] -= err.unsqueeze(2) * u[:, b0 + j, b0 + j + 1 : b1].unsqueeze(1)
         work[:, :, b1:] -= torch.bmm(errors, u[:, b0:b1, b1:])
     codes = torch.empty_like(codes).scatter_(2, perm, codes)  # back to the weights' column order
-    return (codes.reshape(out, -1) > lo).reshape(w.shape).to(w.dtype)
+    return (codes.reshape(out, -1) > lower).reshape(w.shape).to(w.dtype)

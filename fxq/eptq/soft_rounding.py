@@ -164,16 +164,14 @@ def _layer_state(qw: QuantWeight, order: tuple[int, ...]) -> tuple[Tensor, ...]:
     w = qw.layer.weight.detach()
     step = qw.scale_like(w).expand_as(w)
     ws = w / step
-    floor = torch.floor(ws)
-    qmin, qmax = qw.spec.qmin, qw.spec.qmax
     # clamp(floor + h, qmin, qmax) = clamp(floor) + free * h for h in [0, 1]: no clamp per step
-    free = ((floor >= qmin) & (floor < qmax)).to(w.dtype)
+    lower, free = qw.rounding_bounds()
     mean_map = (
         input_mean_map(qw.layer, qw.input_mean.to(w.device)).to(w.dtype).expand_as(w)
         if qw.input_mean is not None
         else torch.zeros_like(w)
     )
-    state = (inverse_rectified_sigmoid(ws - floor), torch.clamp(floor, qmin, qmax), free, step, w, mean_map)
+    state = (inverse_rectified_sigmoid(ws - torch.floor(ws)), lower, free, step, w, mean_map)
     return tuple(t.permute(order).reshape(-1) for t in state)
 
 

@@ -103,7 +103,7 @@ class RoundingOptimizer:
             t0 = time.perf_counter()
             targets = TeacherTargets(teacher, images, cfg, [n.name for n in interest_nodes(gm)])
             cache_seconds = time.perf_counter() - t0
-            weights = interest_weights(gm, cfg.loss_weights, targets.out_is_tensor).to(device)
+            weights = interest_weights(gm, cfg.loss_weights_read, targets.out_is_tensor).to(device)
             stats = self._optimize(soft, student, targets, images, weights, opt_v, opt_b)
             stats.update(teacher_cache=targets.cache is not None, teacher_cache_seconds=cache_seconds)
             stats.update(start=cfg.start.value, start_seconds=start_seconds if start is not None else None)
@@ -265,7 +265,7 @@ class RoundingOptimizer:
             "seconds": seconds,
             "seconds_per_step": seconds / steps if steps else None,
             "seconds_per_step_after_first": (t_end - t1) / (steps - 1) if steps > 1 else None,
-            "loss_weights": cfg.loss_weights.value,
+            "loss_weights": cfg.loss_weights_read.value,
             "history": history,
         }
 

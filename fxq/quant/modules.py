@@ -206,6 +206,15 @@ class QuantWeight(nn.Module):
         return torch.clamp(torch.round(w / self.scale_like(w)), self.spec.qmin, self.spec.qmax)
 
     @torch.no_grad()
+    def rounding_bounds(self) -> tuple[Tensor, Tensor]:
+        """The two grid codes a rounding of each weight chooses between: the lower, clamp(floor(w/s)), and 1 where
+        the upper, floor(w/s) + 1, is another code on the grid (0 at or beyond its ends: the lower is the only)."""
+        w = self.layer.weight.detach()
+        floor = torch.floor(w / self.scale_like(w))
+        free = (floor >= self.spec.qmin) & (floor < self.spec.qmax)
+        return floor.clamp(self.spec.qmin, self.spec.qmax), free.to(w.dtype)
+
+    @torch.no_grad()
     def harden_to_(self, codes: Tensor, bias: Tensor, scale_factor: Tensor | None = None) -> None:
         """The weight becomes codes * step (the step times `scale_factor` when given), the bias `bias` corrected
         for that weight when bias correction is on; the weight is then its own grid: nothing is left to correct."""

@@ -132,7 +132,8 @@ def test_a_resumed_budgeted_run_keeps_its_planned_length(tiny_net, step_clock, t
 
 def test_the_lfh_stops_at_its_minimum_once_its_share_is_spent(tiny_net, monkeypatch):
     lfh = LFHConfig(min_probes=2, max_probes=40, rel_tol=1e-12, images=16, batch_size=8)
-    cfg = PTQConfig(method=Method.EPTQ, lfh=lfh, rounding=RoundingConfig(iterations=0), progress=False)
+    # one step: a run without whole-network steps reads no LFH
+    cfg = PTQConfig(method=Method.EPTQ, lfh=lfh, rounding=RoundingConfig(iterations=1, batch_size=4), progress=False)
     _, free = fxq.quantize(tiny_net, CALIB, cfg)
     assert free.lfh_probes == [40, 40]  # a tolerance no trace meets: every batch takes the most probes
     clock = types.SimpleNamespace(now=0.0)

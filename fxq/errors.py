@@ -14,6 +14,7 @@ __all__ = [
     "ExportMismatch",
     "OutputError",
     "CheckpointError",
+    "RankLost",
     "first_line",
 ]
 
@@ -56,6 +57,10 @@ class OutputError(FxqError):
 
 class CheckpointError(FxqError):
     """A checkpoint is missing, damaged, or was written by a run that differs from this one."""
+
+
+class RankLost(FxqError):
+    """A data-parallel run lost one of its ranks (crashed, killed, unreachable) in the middle of a collective."""
 
 
 def first_line(e: BaseException, limit: int = 200) -> str:

@@ -20,6 +20,7 @@ from torch.fx.passes.infra.pass_manager import PassManager
 from fxq.config import LFHConfig, LossWeights, Method, PTQConfig, WeightError
 from fxq.data.images import batch_inputs
 from fxq.debug import CHECK
+from fxq.dist.world import World
 from fxq.eptq.train import check_resumable
 from fxq.errors import ConfigError, DataError, FxqError
 from fxq.frontend.trace import trace
@@ -102,10 +103,15 @@ def passes(
     example_inputs: tuple | None = None,
     stages: Iterable[Stage] = ALL_STAGES,
     lfh: bool = False,
+    world: World | None = None,
 ) -> list[PassBase]:
     """The passes of the `stages` of a run of `cfg`, in order, on calibration `batches` (the stages that read
-    data need them) and `example_inputs` (FLOAT needs one batch); `lfh` asks for the LFH whatever cfg needs."""
+    data need them) and `example_inputs` (FLOAT needs one batch); `lfh` asks for the LFH whatever cfg needs.
+
+    `world` (default: torch.distributed's, when initialised) shares the stages that read data among the ranks of
+    a data-parallel run; every rank passes the same batches and ends with the one-process result."""
     stages = set(stages)
+    world = World.current() if world is None else world
     mp, eptq = cfg.mixed_precision, cfg.method is Method.EPTQ
     readers = {
         Stage.ANALYSIS: lfh or _needs_lfh(cfg) or mp is not None,
@@ -126,27 +132,27 @@ def passes(
         ]
     if Stage.ANALYSIS in stages:
         if lfh or _needs_lfh(cfg):  # on the float graph: the loss weights of the rounding and the sensitivities
-            out.append(LFH(batches, cfg.lfh, cfg.progress))
+            out.append(LFH(batches, cfg.lfh, cfg.progress, world))
         if mp is not None:
             s = SensitivitySettings(cfg.weight_grid, cfg.act_threshold, cfg.weight_error, cfg.bias_correction)
-            out.append(Sensitivity(batches, mp, s, cfg.progress))
+            out.append(Sensitivity(batches, mp, s, cfg.progress, world))
     if Stage.OBSERVE in stages:
         out.append(Observe(input_stats=_input_stats(cfg)))  # observers on quantized activations (+ layer inputs)
     if Stage.CALIBRATE in stages:
         # before the allocation: what the observers record does not depend on the widths, so the allocation's
         # check, every budget of a sweep and the final convert share this one calibration
-        out.append(Calibrate(batches, cfg.progress))
+        out.append(Calibrate(batches, cfg.progress, world))
     if Stage.ALLOCATE in stages and mp is not None:
-        out.append(MixedPrecision(mp, cfg.target.act_bits))
+        out.append(MixedPrecision(mp, cfg.target.act_bits, world))
         if mp.select_from is None or mp.select_from:  # a no-op when only one measure was weighed
-            out.append(SelectAllocation(batches, _settings(cfg), cfg.target.bias_bits, mp.check_images))
+            out.append(SelectAllocation(batches, _settings(cfg), cfg.target.bias_bits, mp.check_images, world))
     if Stage.CONVERT in stages:
         if eptq:  # the rounding's teacher: the float graph as calibrated, before it is quantized
             out.append(SnapshotTeacher())
         out.append(Quantize(_settings(cfg)))
     if Stage.ROUNDING in stages and eptq:
         images = torch.cat([batch_inputs(b) for b in batches])
-        out.append(Rounding(images, cfg.rounding, cfg.progress))
+        out.append(Rounding(images, cfg.rounding, cfg.progress, world))
     if Stage.FINISH in stages and cfg.target.bias_bits is not None:
         out.append(QuantizeBias(cfg.target.bias_bits))  # after the last pass that trains the biases
     return out
@@ -287,5 +293,5 @@ def quantize(model: nn.Module, calib_data: Iterable, config: PTQConfig = PTQConf
 def _check_before_work(config: PTQConfig) -> None:
     """What can be refused before a pass runs: a resume whose checkpoint is missing, damaged or from other
     settings."""
-    if config.method == Method.EPTQ:
+    if config.method == Method.EPTQ and World.current().main:  # rank 0 alone reads and writes checkpoints
         check_resumable(config.rounding)

@@ -22,6 +22,7 @@ __all__ = [
     "sumsq_per_sample",
     "welford_update_",
     "fold_",
+    "merge_stats",
     "fused_update_reference_",
 ]
 
@@ -62,6 +63,16 @@ def welford_update_(stats: RunningStats, values: Tensor) -> None:
     stats.mean += delta * k / n
     stats.m2 += b_m2 + delta.square() * stats.count * k / n
     stats.count.copy_(n)
+
+
+def merge_stats(parts: list[RunningStats]) -> RunningStats:
+    """The statistics of the union of the parts' samples (Chan et al.'s parallel formula, all parts at once):
+    n = sum n_i, mean = sum n_i mean_i / n, M2 = sum M2_i + n_i (mean_i - mean)^2. Parts with no samples add
+    nothing."""
+    count = torch.stack([p.count for p in parts]).sum(0)
+    mean = torch.stack([p.count * p.mean for p in parts]).sum(0) / count.clamp_min(1)
+    m2 = torch.stack([p.m2 + p.count * (p.mean - mean).square() for p in parts]).sum(0)
+    return RunningStats(count, mean, m2)
 
 
 def fold_(

@@ -10,6 +10,7 @@ from torch.fx import GraphModule
 
 from fxq.config import LFHConfig
 from fxq.data.images import batch_inputs
+from fxq.dist.world import World
 from fxq.eptq.lfh import lfh_traces
 from fxq.errors import GraphCheckFailed
 from fxq.ir.meta import OpKind, gq, q
@@ -22,10 +23,13 @@ __all__ = ["LFH"]
 class LFH(FxqPass):
     """Set NodeQ.lfh, .lfh_stderr and .lfh_weight on every interest tensor, from unlabeled images."""
 
-    def __init__(self, batches: Iterable[Tensor], config: LFHConfig = LFHConfig(), progress: bool = True):
+    def __init__(
+        self, batches: Iterable[Tensor], config: LFHConfig = LFHConfig(), progress: bool = True, world: World = World()
+    ):
         self.batches = batches
         self.cfg = config
         self.progress = progress
+        self.world = world  # each rank probes its part of every image batch (fxq.eptq.lfh)
 
     def requires(self, gm: GraphModule) -> None:
         if not gq(gm).interest_marked:
@@ -40,7 +44,8 @@ class LFH(FxqPass):
         xs = [batch_inputs(b) for b in self.batches]
         if not xs:
             raise GraphCheckFailed("lfh: no images given; pass at least one batch of representative images")
-        t = lfh_traces(gm, z, torch.cat(xs)[: self.cfg.images], self.cfg, self.progress, gq(gm).deadline)
+        images = torch.cat(xs)[: self.cfg.images]
+        t = lfh_traces(gm, z, images, self.cfg, self.progress, gq(gm).deadline, self.world)
         for i, node in enumerate(z):
             q(node).lfh, q(node).lfh_stderr, q(node).lfh_weight = t.trace[i], t.stderr[i], t.weight[i]
         gq(gm).lfh_probes.extend(t.probes)

@@ -7,12 +7,13 @@ from __future__ import annotations
 from torch.fx import GraphModule
 
 from fxq.config import LossWeights, MixedPrecisionConfig
+from fxq.dist.world import World
 from fxq.errors import GraphCheckFailed
 from fxq.ir.meta import q
 from fxq.ir.ops import set_eval_
 from fxq.ir.passbase import FxqPass, PassResult
 from fxq.ir.taps import interest_nodes
-from fxq.mp.plan import apply_plan, mp_state, solve_plan
+from fxq.mp.plan import agree_, apply_plan, mp_state, solve_plan
 from fxq.mp.sensitivity import SensitivityMeter, SensitivitySettings, activation_sites, weight_layers
 
 __all__ = ["Sensitivity", "MixedPrecision"]
@@ -27,8 +28,10 @@ class Sensitivity(FxqPass):
         config: MixedPrecisionConfig,
         settings: SensitivitySettings = SensitivitySettings(),
         progress=True,
+        world: World = World(),
     ):
         self.batches, self.cfg, self.settings, self.progress = batches, config, settings, progress
+        self.world = world  # the layers are measured by the ranks in turn (fxq.mp.sensitivity)
 
     def requires(self, gm: GraphModule) -> None:
         if not weight_layers(gm):
@@ -39,7 +42,7 @@ class Sensitivity(FxqPass):
 
     def call(self, gm: GraphModule) -> PassResult:
         set_eval_(gm)
-        record = SensitivityMeter(self.batches, self.cfg, self.settings, self.progress).run(gm)
+        record = SensitivityMeter(self.batches, self.cfg, self.settings, self.progress, self.world).run(gm)
         state = mp_state(gm)
         state.measures, state.sensitivity_images = record["measures"], record["sensitivity_images"]
         state.stacked_layers = record["stacked_layers"]
@@ -50,8 +53,8 @@ class MixedPrecision(FxqPass):
     """Solve the bit allocation under each measure Sensitivity weighed and apply the first measure's plan (the
     others become candidates for SelectAllocation)."""
 
-    def __init__(self, config: MixedPrecisionConfig, act_bits: int = 8):
-        self.cfg, self.act_bits = config, act_bits
+    def __init__(self, config: MixedPrecisionConfig, act_bits: int = 8, world: World = World()):
+        self.cfg, self.act_bits, self.world = config, act_bits, world
 
     def _measures(self, gm: GraphModule) -> list[str]:
         # as Sensitivity weighed them; sensitivities set by other means count as the configured measure's
@@ -67,7 +70,8 @@ class MixedPrecision(FxqPass):
 
     def call(self, gm: GraphModule) -> PassResult:
         measures = self._measures(gm)
-        plans = {m: solve_plan(gm, self.cfg, self.act_bits, m) for m in measures}
+        # every rank solves the same ILP on the same table; rank 0's widths hold should a solver's ties differ
+        plans = {m: agree_(solve_plan(gm, self.cfg, self.act_bits, m), self.world) for m in measures}
         apply_plan(gm, plans[measures[0]])
         mp_state(gm).candidates = plans if len(plans) > 1 else {}
         return PassResult(gm, modified=True)

@@ -9,6 +9,7 @@ from torch.fx import GraphModule, Node
 from tqdm.auto import tqdm
 
 from fxq.data.images import batch_inputs
+from fxq.dist.world import World
 from fxq.errors import DataError, GraphCheckFailed
 from fxq.ir.meta import OpKind, gq, q
 from fxq.ir.ops import act_module_name, device_of, set_eval_
@@ -61,11 +62,15 @@ class Observe(FxqPass):
 
 
 class Calibrate(FxqPass):
-    """Run the observed graph over the calibration batches (no grad, eval mode), with a progress bar."""
+    """Run the observed graph over the calibration batches (no grad, eval mode), with a progress bar.
 
-    def __init__(self, batches: Iterable, progress: bool = True):
+    In a data-parallel run each rank runs its share of the batches (round-robin) and the observers merge what
+    every rank saw: the thresholds then equal one process's on the same batches."""
+
+    def __init__(self, batches: Iterable, progress: bool = True, world: World = World()):
         self.batches = batches
         self.progress = progress
+        self.world = world
 
     def requires(self, gm: GraphModule) -> None:
         if not any(q(n).kind is OpKind.OBSERVER for n in gm.graph.nodes):
@@ -75,12 +80,24 @@ class Calibrate(FxqPass):
     def call(self, gm: GraphModule) -> PassResult:
         set_eval_(gm)
         device = device_of(gm)
-        total = len(self.batches) if hasattr(self.batches, "__len__") else None
+        observers = [m for m in gm.modules() if isinstance(m, (ActObserver, ChannelStatsObserver))]
+        samplers = [m for m in observers if isinstance(m, ActObserver)]
+        first = max((m.next_index for m in samplers), default=0)  # batches an earlier calibration already numbered
+        batches = list(self.batches) if self.world.size > 1 else self.batches
+        total = len(batches) if hasattr(batches, "__len__") else None
+        progress = self.progress and self.world.main
         images = 0
-        for batch in tqdm(self.batches, total=total, desc="calibrate", unit="batch", disable=not self.progress):
+        for i, batch in enumerate(tqdm(batches, total=total, desc="calibrate", unit="batch", disable=not progress)):
+            if not self.world.owns(i):
+                continue
             x = batch_inputs(batch)
+            for m in samplers:
+                m.next_index = first + i  # which values it samples depends on the batch, not on the rank
             gm(x.to(device))
             images += x.shape[0]
+        for m in observers:
+            m.merge_(self.world)
+        images = int(self.world.sum_(torch.tensor([images]), "calibration"))
         if images == 0:
             raise DataError("calibrate: the calibration data yielded no batches; give at least one image")
         gq(gm).calib_images += images

@@ -8,6 +8,7 @@ from torch import Tensor
 from torch.fx import GraphModule
 
 from fxq.config import RoundingConfig
+from fxq.dist.world import World
 from fxq.eptq.teacher import float_teacher
 from fxq.eptq.train import RoundingOptimizer
 from fxq.errors import GraphCheckFailed
@@ -31,9 +32,11 @@ class SnapshotTeacher(FxqPass):
 class Rounding(FxqPass):
     """Optimize the rounding of every quantized weight (and the biases) against the teacher SnapshotTeacher kept."""
 
-    def __init__(self, images: Tensor, config: RoundingConfig = RoundingConfig(), progress: bool = True):
+    def __init__(
+        self, images: Tensor, config: RoundingConfig = RoundingConfig(), progress: bool = True, world: World = World()
+    ):
         self.images = images if config.images is None else images[: config.images]
-        self.cfg, self.progress = config, progress
+        self.cfg, self.progress, self.world = config, progress, world
 
     def requires(self, gm: GraphModule) -> None:
         if not any(isinstance(m, QuantWeight) for m in gm.modules()):
@@ -47,7 +50,8 @@ class Rounding(FxqPass):
 
     def call(self, gm: GraphModule) -> PassResult:
         g = gq(gm)
-        g.rounding = RoundingOptimizer(g.teacher, self.images, self.cfg, self.progress, g.deadline).run(gm)
+        optimizer = RoundingOptimizer(g.teacher, self.images, self.cfg, self.progress, g.deadline, self.world)
+        g.rounding = optimizer.run(gm)
         g.teacher = None  # its job is done; a saved or copied graph need not carry it
         return PassResult(gm, modified=True)
 

@@ -2,6 +2,7 @@
 
 - a pass imports fxq library modules only, never another pass;
 - fxq/ir and fxq/quant import no pass, backend, method package, CLI or pipeline;
+- fxq/dist (the data-parallel World and its launch) imports nothing of fxq but its errors;
 - only the pipeline puts passes in order: no other library module, and no bench script, imports fxq.passes;
 - no library module imports the package root (`from fxq import ...`) or the CLI;
 - no import cycles, imports inside functions included (type-checking-only imports excepted).
@@ -93,6 +94,11 @@ def test_the_low_layers_import_nothing_above_them(package):
         (n, d) for n in MODULES if _under(n, package) for d in GRAPH.successors(n) if any(_under(d, a) for a in above)
     ]
     assert not bad, bad
+
+
+def test_the_data_parallel_layer_stands_on_the_errors_alone():
+    bad = [(n, d) for n in MODULES if _under(n, "fxq.dist") for d in GRAPH.successors(n) if not _under(d, "fxq.dist")]
+    assert all(d == "fxq.errors" for _, d in bad), bad
 
 
 def test_only_the_pipeline_orders_passes():

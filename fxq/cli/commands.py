@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import signal
 import sys
 import threading
@@ -13,6 +14,7 @@ import traceback
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from fxq.backends.check import CheckLimits
 from fxq.backends.latency import BACKENDS
@@ -31,8 +33,10 @@ from fxq.config import LFHConfig, Method, PTQConfig
 from fxq.data.evaluate import evaluate
 from fxq.data.images import batches, check_image_source, load_images
 from fxq.data.models import load_model
+from fxq.dist.launch import join, launch, launched
+from fxq.dist.world import World
 from fxq.eptq.train import CHECKPOINT, check_resumable
-from fxq.errors import ConfigError, FxqError
+from fxq.errors import ConfigError, FxqError, RankLost
 from fxq.io import artifact
 from fxq.io.artifact import saved_model_name
 from fxq.io.files import (
@@ -79,17 +83,21 @@ def cmd_quantize(args) -> None:
     print(report.table())
     if report.mixed_precision:
         print(mp_line(report))
+    world = World.current()
     if val is not None:
-        report.accuracy["float"] = evaluate(lm.model, val.x, val.y, progress=not args.quiet, desc="eval float")
-        report.accuracy["quantized"] = evaluate(qgm, val.x, val.y, progress=not args.quiet, desc="eval quantized")
+        show = not args.quiet
+        report.accuracy["float"] = evaluate(lm.model, val.x, val.y, progress=show, desc="eval float", world=world)
+        report.accuracy["quantized"] = evaluate(qgm, val.x, val.y, progress=show, desc="eval quantized", world=world)
         print(accuracy_line("float", report.accuracy["float"]))
         print(
             accuracy_line(
                 f"W{args.weight_bits}A{args.act_bits}", report.accuracy["quantized"], report.accuracy["float"]
             )
         )
-    out = artifact.save(qgm, args.out, model_name=lm.name, preprocess=lm.preprocess, report=report)
-    print(f"wrote {out / artifact.MODEL_FILE}, {out / artifact.TENSORS_FILE} and {out / artifact.REPORT_FILE}")
+    if world.main:  # one rank writes; the others wait until it has
+        out = artifact.save(qgm, args.out, model_name=lm.name, preprocess=lm.preprocess, report=report)
+        print(f"wrote {out / artifact.MODEL_FILE}, {out / artifact.TENSORS_FILE} and {out / artifact.REPORT_FILE}")
+    world.barrier("the end of the run")
 
 
 def cmd_pareto(args) -> None:
@@ -161,7 +169,8 @@ def cmd_compare(args) -> None:
     configs = {run: ptq_config(args, run[1], run[0]) for run in args.runs}  # bad options fail before any image is read
     _say_schedule(args, [m for m, _ in args.runs])
     lm, calib, val = model_and_images(args)
-    results = {"float": evaluate(lm.model, val.x, val.y, progress=not args.quiet, desc="eval float")}
+    world, show = World.current(), not args.quiet
+    results = {"float": evaluate(lm.model, val.x, val.y, progress=show, desc="eval float", world=world)}
     reports = {}
     for method, wb in args.runs:
         name = f"W{wb}A{args.act_bits} {method}"
@@ -169,7 +178,7 @@ def cmd_compare(args) -> None:
         qgm, rep = quantize(lm.model, batches(calib.x, args.batch_size), configs[(method, wb)])
         seconds = time.perf_counter() - t0
         results[name] = {
-            **evaluate(qgm, val.x, val.y, progress=not args.quiet, desc=f"eval {name}"),
+            **evaluate(qgm, val.x, val.y, progress=show, desc=f"eval {name}", world=world),
             "quantize_seconds": seconds,
         }
         reports[name] = rep.to_dict()
@@ -177,9 +186,11 @@ def cmd_compare(args) -> None:
     for name, acc in results.items():
         print(accuracy_line(name, acc, None if name == "float" else results["float"]))
     summary = {"model": lm.name, "images": _chosen(calib, val), "results": results, "reports": reports}
-    with result_folder(args.out) as tmp:
-        (tmp / "compare.json").write_text(json.dumps(summary, indent=2))
-    print(f"wrote {Path(args.out) / 'compare.json'}")
+    if world.main:  # one rank writes; the others wait until it has
+        with result_folder(args.out) as tmp:
+            (tmp / "compare.json").write_text(json.dumps(summary, indent=2))
+        print(f"wrote {Path(args.out) / 'compare.json'}")
+    world.barrier("the end of the run")
 
 
 def cmd_lfh(args) -> None:
@@ -351,7 +362,9 @@ def check_before_work(args) -> None:
     """Everything that can be refused before a model is built or an image decoded: output paths, input paths,
     a resume's checkpoint. Bad option values were refused by the parser already."""
     out = getattr(args, "out", None)
-    if args.command in ("quantize", "compare", "pareto", "lfh"):
+    if not World.current().main:  # another rank writes nothing, and its machine may not even see the outputs
+        pass
+    elif args.command in ("quantize", "compare", "pareto", "lfh"):
         check_output_folder(out, args.force)
     elif args.command == "export":
         check_output_file(out, args.force)
@@ -370,22 +383,51 @@ def check_before_work(args) -> None:
         source = getattr(args, key, None)
         if source is not None and checked_on_images:
             check_image_source(source, labeled)
-    if getattr(args, "resume", False):
+    if getattr(args, "resume", False) and World.current().main:  # rank 0 reads the checkpoint, sends it on
         _, rounding, _ = rounding_schedule(args)
         check_resumable(rounding)
 
 
-def _interrupted(args, signum: int) -> int:
+def _resume_hint(args) -> str:
     where = getattr(args, "checkpoint_dir", None)
     if where and (Path(where) / CHECKPOINT).is_file():
-        hint = f"the checkpoint in '{where}' continues the rounding: run the same command with --resume"
-    elif getattr(args, "method", None) == Method.EPTQ.value:
-        hint = "nothing was written; --checkpoint-dir DIR lets a later run continue with --resume"
-    else:
-        hint = "nothing was written"
+        any_nproc = ", with any --nproc (or none)" if getattr(args, "nproc", None) or launched() else ""
+        return f"the checkpoint in '{where}' continues the rounding: run the same command with --resume{any_nproc}"
+    if getattr(args, "method", None) == Method.EPTQ.value:
+        return "nothing was written; --checkpoint-dir DIR lets a later run continue with --resume"
+    return "nothing was written"
+
+
+def _interrupted(args, signum: int) -> int:
     name = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
-    print(f"\nfxq: {name}; {hint}", file=sys.stderr)
+    print(f"\nfxq: {_rank_prefix()}{name}; {_resume_hint(args)}", file=sys.stderr)
     return 128 + signum
+
+
+def _rank_prefix() -> str:
+    world = World.current()
+    return "" if world.solo else f"rank {world.rank}: "
+
+
+def _start(args, argv: list[str] | None) -> bool:
+    """Start the run's processes when --nproc asks for several (True: they ran, here is nothing left to do);
+    in a process torchrun started, join its group, and keep the other ranks than 0 quiet."""
+    nproc = getattr(args, "nproc", None)
+    if nproc and nproc > 1 and not launched():
+        fill_image_sets(args)
+        check_before_work(args)  # refused once, here, before any process starts
+        try:
+            launch(sys.argv[1:] if argv is None else argv, nproc)
+        except RankLost as e:
+            raise RankLost(f"{e}; {_resume_hint(args)}") from None
+        return True
+    world, device = join(pick_device(args.device)) if hasattr(args, "device") else (World.current(), None)
+    if device is not None:
+        args.device = str(device)
+    if not world.main:  # rank 0 speaks for the run
+        args.quiet = True
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
+    return False
 
 
 class _Terminated(KeyboardInterrupt):
@@ -406,11 +448,14 @@ def main(argv: list[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, on_term) if threading.current_thread() is threading.main_thread() else None
     keep_freed_memory()  # a run's buffers are reused, not faulted in again at every step (fxq.memory)
     try:
+        if _start(args, argv):
+            return 0
         fill_image_sets(args)
         check_before_work(args)
         COMMANDS[args.command](args)
     except FxqError as e:
-        print(f"fxq: error: {e}", file=sys.stderr)
+        prefix = "" if isinstance(e, RankLost) else _rank_prefix()  # a lost rank's message names the ranks
+        print(f"fxq: error: {prefix}{e}", file=sys.stderr)
         return 2
     except _Terminated:
         return _interrupted(args, signal.SIGTERM)
@@ -435,4 +480,6 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
+        if launched() and dist.is_initialized():
+            dist.destroy_process_group()
     return 0

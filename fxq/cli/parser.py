@@ -80,6 +80,16 @@ def data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
+def nproc_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--nproc",
+        type=count_arg,
+        default=None,
+        help="run as N processes on this machine (torch.distributed, gloo on the CPU, NCCL on GPUs; the images are "
+        "shared among them); for several machines start `python -m fxq` with torchrun instead",
+    )
+
+
 def force_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="replace --out if it exists (replaced whole, once complete)")
 
@@ -260,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
     qp.add_argument("--out", required=True, help="output folder (must be new or empty unless --force)")
     force_arg(qp)
     qp.add_argument("--no-eval", action="store_true", help="skip the float/quantized evaluation")
+    nproc_arg(qp)
     qp.set_defaults(command="quantize")
 
     ep = sub.add_parser("eval", help="top-1/top-5 of a quantized folder or a float model")
@@ -285,6 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cp.add_argument("--out", default="runs/compare")
     force_arg(cp)
+    nproc_arg(cp)
     cp.set_defaults(command="compare")
 
     pp = sub.add_parser("pareto", help="mixed precision over a sweep of budgets: table, JSON, PNG (top-1 vs size)")

@@ -54,15 +54,18 @@ def packed_loss(
     zf_energy: Tensor | None = None,
     nhwc: bool = False,
     workspace: Workspace | None = None,
+    samples: int | None = None,
 ) -> Tensor:
     """(1/n) sum_z lambda_z * ||Z_f - Z_q||^2 per sample, relative to ||Z_f||^2 when `normalize`: the packed
     teacher `zf` ([B, D], columns split by `lengths`) against the student's tensors `zq` (packed as `pack(zq,
     nhwc)` would), differentiable in `zq`.
 
     `weights` [n], or [m, n] for m weightings of the same distances at once (then m losses). `zf_energy` [n]:
-    the teacher's ||Z_f||^2 per sample when known already (`row_energies` of a cache's rows, averaged)."""
+    the teacher's ||Z_f||^2 per sample when known already (`row_energies` of a cache's rows, averaged).
+    `samples`: the batch the loss is a mean over when these B rows are only a part of it (a rank's part of a
+    data-parallel batch: the parts' losses then add up to the batch's); it needs `zf_energy` of the whole batch."""
     columns = _PackedSquaredError.apply(zf, _Rows(nhwc, batched=True), workspace, *zq)
-    return _loss(columns, zf, lengths, len(zf), weights, normalize, zf_energy)
+    return _loss(columns, zf, lengths, samples or len(zf), weights, normalize, zf_energy)
 
 
 def distillation_loss(zf: list[Tensor], zq: list[Tensor], weights: Tensor, normalize: bool = True) -> Tensor:

@@ -21,9 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fxq.dist.world import World
 from fxq.quant.modules import QuantWeight
 
-__all__ = ["InputMoments", "supports", "layerwise_choice"]
+__all__ = ["InputMoments", "supports", "layerwise_choice", "share_choices"]
 
 POSITIONS = 256  # output positions per image whose patches enter H (whole rows, evenly spaced): plenty for a
 # layer's few input columns, and the early layers' 12544 positions would make H cost more than the forward
@@ -100,6 +101,25 @@ class InputMoments:
 
         return record
 
+    @torch.no_grad()
+    def merge_(self, world: World) -> None:
+        """Sums over every rank's images (a rank that saw none of a layer's inputs adds zeros)."""
+        if world.solo:
+            return
+        for i, qw in enumerate(self.layers):
+            if not supports(qw.layer):
+                continue
+            if self.outer[i] is None:
+                groups = getattr(qw.layer, "groups", 1)
+                cols = qw.layer.weight[0].numel()
+                self.outer[i] = qw.layer.weight.new_zeros(groups, cols, cols, dtype=torch.float32)
+                self.total[i] = qw.layer.weight.new_zeros(groups, cols, dtype=torch.float32)
+            world.sum_(self.outer[i], "the layer-local start's moments")
+            world.sum_(self.total[i], "the layer-local start's moments")
+        self.count = [int(c) for c in world.sum_(torch.tensor(self.count), "the layer-local start's moments")]
+        self.outer = [o if c else None for o, c in zip(self.outer, self.count)]
+        self.total = [t if c else None for t, c in zip(self.total, self.count)]
+
     def close(self) -> None:
         for h in self._hooks:
             h.remove()
@@ -164,3 +184,21 @@ def layerwise_choice(qw: QuantWeight, hessian: Tensor, act_order: bool = True) -
         work[:, :, b1:] -= torch.bmm(errors, u[:, b0:b1, b1:])
     codes = torch.empty_like(codes).scatter_(2, perm, codes)  # back to the weights' column order
     return (codes.reshape(out, -1) > lower).reshape(w.shape).to(w.dtype)
+
+
+def share_choices(
+    mine: list[Tensor | None], layers: Sequence[QuantWeight], present: list[bool], world: World
+) -> list[Tensor | None]:
+    """Every layer's choice on every rank, where the choice of layer i (one of the `present` ones, whose inputs
+    were seen) was made by the rank that owns i (round-robin); the others stay None."""
+    if world.solo:
+        return mine
+    owned = [[i for i in range(len(layers)) if present[i] and i % world.size == r] for r in range(world.size)]
+    flat = [mine[i].reshape(-1).to(torch.uint8) for i in owned[world.rank]]
+    parts = world.gather(torch.cat(flat) if flat else torch.empty(0, dtype=torch.uint8), "the layer-local start")
+    out: list[Tensor | None] = [None] * len(layers)
+    for ids, part in zip(owned, parts):
+        for i, c in zip(ids, part.split([layers[i].layer.weight.numel() for i in ids])):
+            w = layers[i].layer.weight
+            out[i] = c.to(device=w.device, dtype=w.dtype).reshape(w.shape)
+    return out

@@ -21,12 +21,13 @@ from torch.fx import GraphModule, Interpreter, Node
 from tqdm.auto import tqdm
 
 from fxq.config import LFHConfig, Probe
+from fxq.dist.world import World
 from fxq.eptq.budget import LFH_SHARE
-from fxq.errors import GraphCheckFailed, UnsupportedOp
+from fxq.errors import ConfigError, GraphCheckFailed, UnsupportedOp
 from fxq.ir.meta import Deadline
 from fxq.ir.ops import device_of, set_eval_
 from fxq.kernels.lfh import LFHReducer
-from fxq.kernels.lfh_reduce import RunningStats
+from fxq.kernels.lfh_reduce import RunningStats, merge_stats
 
 __all__ = ["LFHTraces", "lfh_traces", "log_normalize"]
 
@@ -79,10 +80,13 @@ def lfh_traces(
     cfg: LFHConfig,
     progress: bool = True,
     deadline: Deadline | None = None,
+    world: World = World(),
 ) -> LFHTraces:
     """The LFH trace of each tensor in `z` on `images`, averaged over images (parameters frozen meanwhile).
-    With a run `deadline`, each batch stops at cfg.min_probes once LFH_SHARE of the budget is spent."""
-    device = device_of(gm)
+    With a run `deadline`, each batch stops at cfg.min_probes once LFH_SHARE of the budget is spent.
+
+    In a data-parallel run every rank probes its part of each batch with the probes one process would give
+    those images, the ranks' Welford states merge after every probe, and all stop at the same probe."""
     set_eval_(gm)
     frozen = [p for p in gm.parameters() if p.requires_grad]
     for p in frozen:  # activation gradients only: no weight-gradient work in the backward
@@ -90,8 +94,14 @@ def lfh_traces(
     gen = torch.Generator().manual_seed(cfg.seed)
     means, variances, weights, probes = [], [], [], []
     try:
-        for x in tqdm(images.split(cfg.batch_size), desc="lfh", unit="batch", disable=not progress):
-            stats, used = _batch(gm, z, x.to(device), gen, cfg, deadline)
+        bar = tqdm(images.split(cfg.batch_size), desc="lfh", unit="batch", disable=not (progress and world.main))
+        for x in bar:
+            if len(x) < world.size:
+                raise ConfigError(
+                    f"lfh: a batch of {len(x)} images cannot be shared by {world.size} ranks; give the LFH at least "
+                    f"as many images per batch as there are ranks (LFHConfig.images, batch_size)"
+                )
+            stats, used = _batch(gm, z, x, world, gen, cfg, deadline)
             means.append(stats.mean)
             variances.append(stats.variance() / stats.count)
             weights.append(x.shape[0])
@@ -106,28 +116,57 @@ def lfh_traces(
 
 
 def _batch(
-    gm: GraphModule, z: list[Node], x: Tensor, gen: torch.Generator, cfg: LFHConfig, deadline: Deadline | None
+    gm: GraphModule, z: list[Node], x: Tensor, world: World, gen: torch.Generator, cfg: LFHConfig, deadline
 ) -> tuple[RunningStats, int]:
     """Probe one image batch until every trace's running mean settles (or max_probes, or the LFH's share of the
-    run's time budget is spent)."""
-    p = cfg.probes_per_pass
-    xr = x.repeat(p, *([1] * (x.dim() - 1))).requires_grad_(True)  # p probes share one backward
+    run's time budget is spent); this rank takes its part of the batch."""
+    p, n = cfg.probes_per_pass, len(x)
+    part = world.part(n)
+    mine = x[part].to(device_of(gm))
+    xr = mine.repeat(p, *([1] * (x.dim() - 1))).requires_grad_(True)  # p probes share one backward
     # count >= min_probes * B  <=>  done >= min_probes: the device-side flags follow the same rule
-    reducer = LFHReducer(len(z), xr.shape[0], x.device, cfg.min_probes * x.shape[0], cfg.rel_tol, cfg.flush_mib << 20)
+    reducer = LFHReducer(len(z), xr.shape[0], mine.device, cfg.min_probes * n, cfg.rel_tol, cfg.flush_mib << 20)
+    merged = _Merged(world, len(z), cfg)
     done = 0
     while done < cfg.max_probes:
         out = _Tap(gm, z, reducer).run(xr)
         if not isinstance(out, Tensor):
             raise UnsupportedOp("lfh: the model output must be one tensor (the probe point)")
-        v = _probe(out.shape, cfg.probe, gen, out.device)
+        # the whole batch's probes, then this rank's rows: every image gets the probe one process would give it
+        v = _probe(torch.Size((p * n, *out.shape[1:])), cfg.probe, gen, out.device)
+        v = v.view(p, n, *out.shape[1:])[:, part].reshape(out.shape)
         torch.autograd.grad((out * v).sum(), xr)  # the hooks do the work; the input gradient is dropped
         reducer.finish()  # a tensor the output does not depend on has trace 0
         done += p
-        if done >= cfg.min_probes and (
-            (deadline is not None and deadline.past_share(LFH_SHARE)) or reducer.converged()
-        ):  # one host sync per probe, none before min_probes
+        late = done >= cfg.min_probes and deadline is not None and deadline.past_share(LFH_SHARE)
+        if world.solo:  # one host sync per probe, none before min_probes
+            settled = done >= cfg.min_probes and (late or reducer.converged())
+        else:  # every probe: the ranks' states merged, the same decision on every rank
+            settled = merged.update(reducer.stats, late) and done >= cfg.min_probes
+        if settled:
             break
-    stats = reducer.stats
+    stats = reducer.stats if world.solo else merged.stats
     if not math.isfinite(float(stats.mean.sum())):
         raise GraphCheckFailed("lfh: NaN/inf in the Hessian traces; check the input images and model weights")
     return stats, done
+
+
+class _Merged:
+    """Every rank's running statistics of one batch merged after each probe, and the convergence rule of the
+    one-process run (kernels/lfh_reduce.fold_: each mean moved by less than rel_tol) applied to the merged means;
+    the caller holds the minimum probe count."""
+
+    def __init__(self, world: World, n_z: int, cfg: LFHConfig):
+        self.world, self.cfg = world, cfg
+        self.stats = RunningStats.zeros(n_z)
+
+    def update(self, local: RunningStats, late: bool) -> bool:
+        """Merge this probe's states; True when every trace has settled, or any rank is out of time."""
+        mine = torch.cat([local.count, local.mean, local.m2, torch.tensor([float(late)], dtype=torch.float64)])
+        parts = self.world.gather(mine.cpu()[None], "the LFH's merge")
+        n_z = len(local.count)
+        merged = merge_stats([RunningStats(*t[0, : 3 * n_z].split(n_z)) for t in parts])
+        moved = (merged.mean - self.stats.mean).abs() / merged.mean.abs().clamp_min(1e-30)
+        self.stats = merged
+        converged = bool((moved < self.cfg.rel_tol).all())  # NaN never converges
+        return converged or any(bool(t[0, -1]) for t in parts)

@@ -8,6 +8,7 @@ from torch import Tensor
 from torch.fx import GraphModule
 
 from fxq.config import RoundingConfig
+from fxq.dist.world import World
 from fxq.eptq.distillation import Workspace, column_lengths, pack, row_energies
 from fxq.errors import ConfigError, GraphCheckFailed
 from fxq.ir.graph import float_graph
@@ -39,12 +40,18 @@ class TeacherTargets:
 
     The cache costs one float pass over the images and saves the teacher forward of every step; `auto` keeps it
     when the schedule sees each image at least once and it fits (8 GiB on CPU, 30 % of free GPU memory).
+
+    In a data-parallel run the cache is sharded: each rank computes and holds the rows of the images it owns
+    (round-robin), and each step the owners send every rank the rows of its part of the batch (one all-to-all);
+    the per-image energies, a few numbers per image, are on every rank.
     """
 
-    def __init__(self, teacher: GraphModule, images: Tensor, cfg: RoundingConfig, interest_names: list[str]):
-        self.teacher, self.amp = teacher, cfg.amp
+    def __init__(
+        self, teacher: GraphModule, images: Tensor, cfg: RoundingConfig, interest_names: list[str], world=World()
+    ):
+        self.teacher, self.amp, self.world = teacher, cfg.amp, world
         self.nhwc = cfg.channels_last and images.dim() == 4
-        self.cache: Tensor | None = None
+        self.cache: Tensor | None = None  # row k: the k-th image this rank owns
         self.energy: Tensor | None = None  # with the cache: ||Z_f||^2 of every tensor for every image, [N, n]
         self.workspace = Workspace()
         # every tensor batch-first, or packing and the cache would mix images: a first dimension that follows the
@@ -68,7 +75,8 @@ class TeacherTargets:
         self.lengths = column_lengths(probes[max(probes)]).to(images.device)
         if cfg.teacher_cache == "off":
             return
-        need = int(self.lengths.sum()) * 2 * len(images)
+        owned = torch.tensor(list(world.shard(len(images))), dtype=torch.int64)
+        need = int(self.lengths.sum()) * 2 * len(owned)
         on_gpu = images.device.type == "cuda"
         room = 0.3 * torch.cuda.mem_get_info(images.device)[0] if on_gpu else 8 * 2**30
         if cfg.teacher_cache == "on" and need > room:
@@ -76,26 +84,69 @@ class TeacherTargets:
                 f"rounding: the teacher cache needs {need / 2**30:.1f} GiB, more than the {room / 2**30:.1f} GiB "
                 f"allowed; use teacher_cache='off' (recompute) or fewer images"
             )
-        if need <= room and (cfg.teacher_cache == "on" or cfg.iterations * cfg.batch_size >= len(images)):
-            self.cache = torch.empty(len(images), int(self.lengths.sum()), dtype=torch.float16, device=images.device)
-            self.energy = torch.empty(len(images), len(self.lengths), device=images.device)
-            for start in range(0, len(images), 32):
-                x = as_model_wants(images[start : start + 32], cfg)
-                z = pack(self._forward(x), self.nhwc)
-                self.cache[start : start + len(x)].copy_(z)
-                self.energy[start : start + len(x)] = row_energies(z, self.lengths)
+        # every rank takes the same decision: on the largest shard's size
+        fits = not world.any(need > room, "the teacher cache's size")
+        if fits and (cfg.teacher_cache == "on" or cfg.iterations * cfg.batch_size >= len(images)):
+            self._fill(images, owned, cfg)
+
+    @torch.no_grad()
+    def _fill(self, images: Tensor, owned: Tensor, cfg: RoundingConfig) -> None:
+        """The cache rows of this rank's images; every image's energies."""
+        self.cache = torch.empty(len(owned), int(self.lengths.sum()), dtype=torch.float16, device=images.device)
+        energy = torch.empty(len(owned), len(self.lengths), device=images.device)
+        for start in range(0, len(owned), 32):
+            x = as_model_wants(images[owned[start : start + 32].to(images.device)], cfg)
+            z = pack(self._forward(x), self.nhwc)
+            self.cache[start : start + len(x)].copy_(z)
+            energy[start : start + len(x)] = row_energies(z, self.lengths)
+        if self.world.solo:
+            self.energy = energy
+            return
+        self.energy = torch.empty(len(images), len(self.lengths), device=images.device)
+        for rank, rows in enumerate(self.world.gather(energy, "the teacher cache's energies")):
+            self.energy[rank :: self.world.size] = rows.to(self.energy.device)
 
     @torch.no_grad()
     def _forward(self, x: Tensor) -> list[Tensor]:
         with bf16_autocast(x.device, self.amp):
             return flat_outputs(self.teacher(x), self.out_is_tensor)
 
-    def __call__(self, idx: Tensor, x: Tensor) -> tuple[Tensor, Tensor | None]:
-        """Batch `idx` (images `x`): the packed targets and, from the cache, their energies per sample."""
+    def __call__(self, batch: Tensor, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """For the images `batch` (indices), of which `x` holds this rank's part: the packed targets of that
+        part and the teacher's energies per tensor, averaged over the whole batch (None alone without a cache:
+        the loss takes them from the targets)."""
+        w = self.world
         if self.cache is None:
-            return pack(self._forward(x), self.nhwc), None
-        idx = idx.to(self.cache.device)
-        return self.cache[idx].to(x.device), self.energy[idx].mean(0).to(x.device)
+            zf = pack(self._forward(x), self.nhwc) if len(x) else x.new_empty(0, int(self.lengths.sum()))
+            if w.solo:
+                return zf, None
+            energy = row_energies(zf, self.lengths).sum(0) if len(x) else zf.new_zeros(len(self.lengths))
+            return zf, w.sum_(energy, "the teacher's energies") / len(batch)
+        energy = self.energy[batch.to(self.energy.device)].mean(0).to(x.device)
+        if w.solo:
+            return self.cache[batch.to(self.cache.device)].to(x.device), energy
+        return self._exchange(batch).to(x.device), energy
+
+    def _exchange(self, batch: Tensor) -> Tensor:
+        """The cache rows of this rank's part of `batch`, from the ranks that own them (one all-to-all)."""
+        w, n = self.world, len(batch)
+        parts = [range(n)[w.part(n, r)] for r in range(w.size)]
+        owner = (batch % w.size).tolist()
+        rows = batch.div(w.size, rounding_mode="floor")  # image j is row j // size of its owner's cache
+        send = [[p for p in part if owner[p] == w.rank] for part in parts]  # to each rank, in batch order
+        mine = parts[w.rank]
+        from_each = [[p for p in mine if owner[p] == r] for r in range(w.size)]
+        picked = torch.tensor([p for to in send for p in to], dtype=torch.int64)
+        got = w.exchange(
+            self.cache[rows[picked].to(self.cache.device)],
+            [len(to) for to in send],
+            [len(f) for f in from_each],
+            "the teacher cache's exchange",
+        )
+        order = torch.tensor([p - mine.start for f in from_each for p in f], dtype=torch.int64)
+        out = torch.empty_like(got)
+        out[order.to(out.device)] = got
+        return out
 
 
 def flat_outputs(out, out_is_tensor: bool) -> list[Tensor]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import io
 import math
 import time
 from pathlib import Path
@@ -27,15 +28,23 @@ from tqdm.auto import tqdm
 
 from fxq.config import Optimizer, RoundingConfig, Start
 from fxq.data.subset import Subset, choose
+from fxq.dist.world import World
 from fxq.eptq.budget import PLAN_AFTER, planned_iterations
 from fxq.eptq.distillation import packed_loss
-from fxq.eptq.layerwise import InputMoments, layerwise_choice
+from fxq.eptq.layerwise import InputMoments, layerwise_choice, share_choices
 from fxq.eptq.schedule import batch_indices, beta_at
 from fxq.eptq.soft_rounding import SoftRounding
 from fxq.eptq.teacher import TeacherTargets, as_model_wants, bf16_autocast, flat_outputs
 from fxq.eptq.weights import interest_weights
-from fxq.errors import GraphCheckFailed
-from fxq.io.checkpoint import check_fingerprint, load_checkpoint, read_checkpoint, save_checkpoint, tensor_digest
+from fxq.errors import CheckpointError, ConfigError, GraphCheckFailed
+from fxq.io.checkpoint import (
+    Measured,
+    check_fingerprint,
+    load_checkpoint,
+    read_checkpoint,
+    save_checkpoint,
+    tensor_digest,
+)
 from fxq.ir.meta import Deadline
 from fxq.ir.ops import device_of, set_eval_
 from fxq.ir.taps import interest_nodes, quantized_value, with_taps
@@ -60,13 +69,22 @@ class RoundingOptimizer:
         config: RoundingConfig = RoundingConfig(),
         progress=True,
         deadline: Deadline | None = None,
+        world: World = World(),
     ):
+        if config.batch_size < world.size:
+            raise ConfigError(
+                f"rounding: a batch of {config.batch_size} images cannot be shared by {world.size} ranks; use a "
+                f"batch size of at least the number of ranks"
+            )
         self.teacher = teacher
         idx, self.chosen = choose(len(images), Subset(config.images, seed=config.seed))
         self.images = images if config.images is None else images[idx.to(images.device)]
         self.cfg = config
-        self.progress = progress
+        self.progress = progress and world.main
         self.deadline = deadline  # the run's time budget: the iteration count is planned to end inside it
+        # data-parallel: every rank takes its part of each batch and the gradients are summed over the ranks, so
+        # each step is one process's step on the whole batch; rank 0 alone writes checkpoints
+        self.world = world
 
     @torch.enable_grad()  # it trains, whatever grad mode the caller is in (torch.compile's may be off)
     def run(self, gm: GraphModule) -> dict:
@@ -101,7 +119,7 @@ class RoundingOptimizer:
                 groups.append({"params": [soft.scale_factor], "lr": cfg.lr_scale})
             opt_b = torch.optim.SGD(groups, foreach=True)
             t0 = time.perf_counter()
-            targets = TeacherTargets(teacher, images, cfg, [n.name for n in interest_nodes(gm)])
+            targets = TeacherTargets(teacher, images, cfg, [n.name for n in interest_nodes(gm)], self.world)
             cache_seconds = time.perf_counter() - t0
             weights = interest_weights(gm, cfg.loss_weights_read, targets.out_is_tensor).to(device)
             stats = self._optimize(soft, student, targets, images, weights, opt_v, opt_b)
@@ -128,16 +146,23 @@ class RoundingOptimizer:
         """Each layer's layer-local rounding choice (fxq.eptq.layerwise) on the inputs it sees in the quantized
         graph, over `start_images` images drawn with the schedule's seed, or all of them (covariances where bias
         correction takes the mean)."""
-        device = device_of(gm)
+        device, w = device_of(gm), self.world
         drawn = torch.randperm(len(images), generator=torch.Generator().manual_seed(self.cfg.seed))
         moments = InputMoments(layers)
-        try:
-            for idx in drawn[: self.cfg.start_images].split(_START_BATCH):
-                gm(as_model_wants(images[idx.to(images.device)].to(device), self.cfg))
+        try:  # each rank its share of the batches, then the sums of all
+            for k, idx in enumerate(drawn[: self.cfg.start_images].split(_START_BATCH)):
+                if w.owns(k):
+                    gm(as_model_wants(images[idx.to(images.device)].to(device), self.cfg))
         finally:
             moments.close()
+        moments.merge_(w)
         hessians = [moments.hessian(i, centred=qw.input_mean is not None) for i, qw in enumerate(layers)]
-        return [layerwise_choice(qw, h) if h is not None else None for qw, h in zip(layers, hessians)]
+        # each layer's choice made by one rank, then shared
+        mine = [
+            layerwise_choice(qw, h) if h is not None and w.owns(i) else None
+            for i, (qw, h) in enumerate(zip(layers, hessians))
+        ]
+        return share_choices(mine, layers, [h is not None for h in hessians], w)
 
     def _tapped(self, gm: GraphModule) -> tuple[GraphModule, GraphModule]:
         z = interest_nodes(gm)
@@ -161,20 +186,26 @@ class RoundingOptimizer:
             "weight_bits": [qw.spec.bits for qw in layers],
             "weight_grids": tensor_digest([torch.tensor([qw.spec.qmin, qw.spec.qmax]) for qw in layers]),
             "act_bits": [m.spec.bits for m in acts],
-            "act_steps": tensor_digest([m.scale for m in acts]),
-            "weight_steps": tensor_digest([qw.scale for qw in layers]),
-            "interest_weights": tensor_digest([weights]),
+            # steps and loss weights are measured, not given: another float environment (thread count, number of
+            # ranks, machine) moves them in the last bits, so they are compared to a tolerance
+            "act_steps": Measured(torch.stack([m.scale.float() for m in acts]).tolist() if acts else []),
+            "weight_steps": Measured(torch.cat([qw.scale.float().reshape(-1) for qw in layers]).tolist()),
+            "interest_weights": Measured(weights.tolist()),
             **schedule_fields(self.cfg),
             "state": "flat",  # SoftRounding's flat V, biases and factors (earlier checkpoints held them per layer)
         }
 
-    def _losses(self, student, targets: TeacherTargets, idx: Tensor, x: Tensor, weights: Tensor) -> Tensor:
-        zf, zf_energy = targets(idx, x)
+    def _losses(self, student, targets: TeacherTargets, batch: Tensor, x: Tensor, weights: Tensor) -> Tensor:
+        """The loss of the images `batch`, of which `x` is this rank's part: its share of the batch's loss (the
+        whole loss alone), so that the ranks' shares and their gradients add up to one process's."""
+        zf, zf_energy = targets(batch, x)
+        if len(x) == 0:  # a part of a short batch (the keep-best check's last): a share of nothing
+            return weights.new_zeros(weights.shape[:-1])
         with bf16_autocast(x.device, self.cfg.amp):
             zq = flat_outputs(student(x), targets.out_is_tensor)
         cfg = self.cfg
         return packed_loss(
-            zf, zq, targets.lengths, weights, cfg.normalize_loss, zf_energy, targets.nhwc, targets.workspace
+            zf, zq, targets.lengths, weights, cfg.normalize_loss, zf_energy, targets.nhwc, targets.workspace, len(batch)
         )
 
     def _optimize(self, soft: SoftRounding, student, targets, images, weights, opt_v, opt_b) -> dict:
@@ -184,7 +215,7 @@ class RoundingOptimizer:
         start, planned = 0, cfg.iterations  # planned: the iteration count, shortened to fit a time budget
         history: list[tuple[int, float]] = []
         if cfg.resume:
-            state = load_checkpoint(cfg.checkpoint_dir, CHECKPOINT, fingerprint)
+            state = self._resume_state(fingerprint)
             soft.load_state_dict(state["soft"])
             opt_v.load_state_dict(state["opt_v"])
             opt_b.load_state_dict(state["opt_b"])
@@ -199,21 +230,25 @@ class RoundingOptimizer:
         log_every = max(planned // 100, 1)
         t0 = t1 = time.perf_counter()
         bar = tqdm(total=planned, initial=start, desc="rounding", unit="it", disable=not self.progress)
-        step = start
+        step, w = start, self.world
         while step < planned:
-            idx = batch_indices(len(images), cfg.batch_size, step, cfg.seed)
-            x = as_model_wants(images[idx.to(images.device)].to(device, non_blocking=True), cfg)
+            batch = batch_indices(len(images), cfg.batch_size, step, cfg.seed)
+            mine = batch[w.part(len(batch))]
+            x = as_model_wants(images[mine.to(images.device)].to(device, non_blocking=True), cfg)
             soft.refresh()
-            loss = self._losses(student, targets, idx, x, weights)
+            loss = self._losses(student, targets, batch, x, weights)
             beta = beta_at(step, sched)
-            total = loss if beta is None or cfg.reg == 0 else loss + cfg.reg * soft.regularizer(beta)
+            # the regulariser does not depend on the images: one rank adds it, so the sum over ranks holds it once
+            regularized = beta is not None and cfg.reg != 0 and w.main
+            total = loss + cfg.reg * soft.regularizer(beta) if regularized else loss
             opt_v.zero_grad(set_to_none=True)
             opt_b.zero_grad(set_to_none=True)
             total.backward()
+            _sum_gradients_(soft.parameters(), w)
             opt_v.step()
             opt_b.step()
             if step % log_every == 0 or step == planned - 1:  # the host syncs of the loop (and the next)
-                history.append((step, float(loss.detach())))
+                history.append((step, float(w.sum_(loss.detach().reshape(1), "the rounding's loss"))))
                 bar.set_postfix(loss=f"{history[-1][1]:.4g}", beta="warm-up" if beta is None else f"{beta:.1f}")
             if step == start:  # the first step pays for compiling and warming up: time the rest apart
                 if device.type == "cuda":
@@ -221,8 +256,13 @@ class RoundingOptimizer:
                 t1 = time.perf_counter()
                 left_after_first = budget.left() if budget is not None else None
             if step + 1 == plan_at:  # time a few steps, then fit the schedule into what is left of the budget
-                left = budget.left()
-                per_step = (left_after_first - left) / (PLAN_AFTER - 1)
+                now = budget.left()
+                # every rank plans alike: for the slowest rank's steps and the least time left
+                slowest = w.max_(
+                    torch.tensor([(left_after_first - now) / (PLAN_AFTER - 1), -now], dtype=torch.float64),
+                    "the time budget",
+                )
+                per_step, left = float(slowest[0]), -float(slowest[1])
                 reserve = per_step * (self._check_batches(len(images)) / 3 + 2)  # a check batch: a forward
                 planned = planned_iterations(step + 1, planned, left, per_step, reserve)
                 last_left = left
@@ -232,12 +272,12 @@ class RoundingOptimizer:
                 bar.refresh()
             elif plan_at is not None and step + 1 > plan_at:  # one more step like the last would cut the reserve
                 left = budget.left()
-                if 2 * left - last_left < reserve:  # running late (the machine slowed): harden what there is
+                if w.any(2 * left - last_left < reserve, "the time budget"):  # late (the machine slowed): harden
                     planned = bar.total = min(planned, step + 1)
                 last_left = left
             step += 1
             bar.update(1)
-            if cfg.checkpoint_dir and (step % cfg.checkpoint_every == 0 or step == planned):
+            if cfg.checkpoint_dir and (step % cfg.checkpoint_every == 0 or step == planned) and w.main:
                 save_checkpoint(
                     cfg.checkpoint_dir,
                     CHECKPOINT,
@@ -269,6 +309,26 @@ class RoundingOptimizer:
             "history": history,
         }
 
+    def _resume_state(self, fingerprint: dict) -> dict:
+        """The checkpoint to resume from, checked against this run: read by rank 0 (the one that writes them,
+        whose file system has it) and sent to the others."""
+        w = self.world
+        if w.solo:
+            return load_checkpoint(self.cfg.checkpoint_dir, CHECKPOINT, fingerprint)
+        data = b""
+        if w.main:
+            try:
+                buf = io.BytesIO()
+                torch.save(load_checkpoint(self.cfg.checkpoint_dir, CHECKPOINT, fingerprint), buf)
+                data = buf.getvalue()
+            finally:  # a refused checkpoint still answers the others (with nothing), so they stop too
+                data = w.broadcast_bytes(data, "the checkpoint's broadcast")
+            return torch.load(io.BytesIO(data), weights_only=True)
+        data = w.broadcast_bytes(None, "the checkpoint's broadcast")
+        if not data:
+            raise CheckpointError(f"rank {w.rank}: rank 0 could not resume from its checkpoint; its error says why")
+        return torch.load(io.BytesIO(data), weights_only=True)
+
     def _check_batches(self, n_images: int) -> int:
         """Forward batches the end of a run costs (the keep-best check of the EPTQ and the RTN weights); each
         costs about a third of a step (a forward, no backward)."""
@@ -277,14 +337,15 @@ class RoundingOptimizer:
     @torch.no_grad()
     def _keep_best(self, layers, rtn, student, targets, images, weights) -> dict:
         """Distillation loss of the hard-rounded model vs RTN on fixed calibration images; keep the lower."""
-        x = images[: min(len(images), _CHECK_IMAGES)]
-        device = weights.device
+        n = min(len(images), _CHECK_IMAGES)
+        device, w = weights.device, self.world
 
         def loss() -> float:
-            return sum(
-                float(self._losses(student, targets, idx, as_model_wants(x[idx].to(device), self.cfg), weights))
-                for idx in torch.arange(len(x)).split(self.cfg.batch_size)
-            )
+            total = 0.0
+            for batch in torch.arange(n).split(self.cfg.batch_size):
+                x = as_model_wants(images[batch[w.part(len(batch))].to(images.device)].to(device), self.cfg)
+                total += float(self._losses(student, targets, batch, x, weights))
+            return float(w.sum_(torch.tensor([total], dtype=torch.float64), "the keep-best check"))
 
         eptq = loss()
         chosen = [(qw.layer.weight.detach().clone(), qw.ensure_bias().detach().clone()) for qw in layers]
@@ -293,6 +354,16 @@ class RoundingOptimizer:
         if eptq <= rtn_loss:
             _load_weights(layers, chosen)
         return {"check_loss": eptq, "rtn_check_loss": rtn_loss, "kept": "eptq" if eptq <= rtn_loss else "rtn"}
+
+
+def _sum_gradients_(params: list[Tensor], world: World) -> None:
+    """Each gradient summed over the ranks, in one bucket (one all-reduce per step)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if world.solo or not grads:
+        return
+    bucket = world.sum_(torch.cat([g.reshape(-1) for g in grads]), "the rounding's gradient all-reduce")
+    for g, part in zip(grads, bucket.split([g.numel() for g in grads])):
+        g.copy_(part.view_as(g))
 
 
 def schedule_fields(cfg: RoundingConfig) -> dict:

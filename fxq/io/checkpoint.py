@@ -27,7 +27,15 @@ __all__ = [
     "check_fingerprint",
     "tensor_digest",
     "fingerprint_mismatch",
+    "Measured",
 ]
+
+_MEASURED_RTOL = 1e-4  # float sums in another order (another number of ranks) move a measured value far less
+
+
+class Measured(list):
+    """A fingerprint field of measured floats (quantizer steps, LFH weights): two runs agree when every value does
+    to a relative 1e-4, not bit for bit. Saved as a plain list."""
 
 
 def tensor_digest(tensors) -> str:
@@ -41,6 +49,11 @@ def tensor_digest(tensors) -> str:
 
 
 def save_checkpoint(folder: str | os.PathLike, name: str, state: dict) -> Path:
+    if isinstance(state.get("fingerprint"), dict):  # plain containers only: a load runs no code of ours either
+        state = {
+            **state,
+            "fingerprint": {k: list(v) if isinstance(v, Measured) else v for k, v in state["fingerprint"].items()},
+        }
     buf = io.BytesIO()
     torch.save(state, buf)  # serialised in memory first: a full disk then fails as an OSError on the write
     return write_atomic(Path(folder) / name, lambda tmp: tmp.write_bytes(buf.getbuffer()))
@@ -66,9 +79,17 @@ def read_checkpoint(folder: str | os.PathLike, name: str) -> dict:
 
 
 def fingerprint_mismatch(saved: dict, current: dict) -> dict[str, tuple]:
-    """{field: (checkpoint's value, this run's value)} for every field that differs."""
+    """{field: (checkpoint's value, this run's value)} for every field that differs (a Measured field: by more
+    than its tolerance)."""
     keys = list(current) + [k for k in saved if k not in current]
-    return {k: (saved.get(k), current.get(k)) for k in keys if saved.get(k) != current.get(k)}
+    return {k: (saved.get(k), current.get(k)) for k in keys if not _same(saved.get(k), current.get(k))}
+
+
+def _same(saved, current) -> bool:
+    if isinstance(current, Measured) and isinstance(saved, list) and len(saved) == len(current):
+        a, b = torch.tensor(saved, dtype=torch.float64), torch.tensor(current, dtype=torch.float64)
+        return bool(((a - b).abs() <= _MEASURED_RTOL * torch.maximum(a.abs(), b.abs())).all())
+    return saved == current
 
 
 def _show(v) -> str:

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 from torch import nn
 from torch.fx import GraphModule, Node
 
+from fxq.dist.world import World
 from fxq.io.files import write_json_atomic
 from fxq.ir.meta import gq, q
 from fxq.quant.modules import ActQuant, QuantWeight
@@ -158,6 +159,7 @@ def build_report(gm: GraphModule, cfg: PTQConfig, model_name: str) -> Report:
             "bias_correction": cfg.bias_correction,
             "bias_bits": cfg.target.bias_bits,
             "time_budget_s": cfg.time_budget,
+            "ranks": World.current().size,  # processes of a data-parallel run (fxq.dist)
         },
         layers=layers,
         stage_seconds=dict(g.stage_seconds),

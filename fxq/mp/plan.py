@@ -6,15 +6,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 from torch.fx import GraphModule, Node
 
 from fxq.config import MixedPrecisionConfig
+from fxq.dist.world import World
 from fxq.errors import ConfigError
 from fxq.ir.meta import gq, q
 from fxq.mp.ilp import Budget, solve_allocation
 from fxq.mp.sensitivity import activation_sites, weight_layers
 
-__all__ = ["AllocationPlan", "MixedPrecisionState", "mp_state", "solve_plan", "apply_plan"]
+__all__ = ["AllocationPlan", "MixedPrecisionState", "mp_state", "solve_plan", "apply_plan", "agree_"]
 
 
 @dataclass
@@ -124,6 +126,18 @@ def solve_plan(gm: GraphModule, cfg: MixedPrecisionConfig, act_bits: int, measur
         plan.act_bits = dict(zip(acts, chosen[len(layers) :]))
         plan.act_options = a_opts
         plan.act_avg_bits = float((act_numel[:, 0] * a_bits).sum() / act_numel.sum())
+    return plan
+
+
+def agree_(plan: AllocationPlan, world: World) -> AllocationPlan:
+    """The plan with rank 0's widths on every rank (in place; a no-op alone or where they agree already)."""
+    if world.solo:
+        return plan
+    nodes = [*plan.weight_bits, *plan.act_bits]
+    mine = torch.tensor([[*plan.weight_bits.values(), *plan.act_bits.values()]], dtype=torch.int64)
+    first = world.gather(mine, "the bit allocation")[0][0].tolist()
+    plan.weight_bits = dict(zip(nodes[: len(plan.weight_bits)], first[: len(plan.weight_bits)]))
+    plan.act_bits = dict(zip(nodes[len(plan.weight_bits) :], first[len(plan.weight_bits) :]))
     return plan
 
 

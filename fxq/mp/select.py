@@ -13,7 +13,7 @@ from fxq.data.images import batch_inputs
 from fxq.errors import DataError
 from fxq.ir.ops import device_of, set_eval_
 
-__all__ = ["last_images", "top1", "top1_agreement"]
+__all__ = ["last_images", "top1", "top1_matches"]
 
 
 def last_images(batches: Iterable, n: int) -> Tensor:
@@ -35,9 +35,11 @@ def top1(model: nn.Module, x: Tensor, batch_size: int = 50) -> Tensor:
     """Class indices of `model`'s largest output on x, in eval mode."""
     set_eval_(model)
     dev = device_of(model)
-    return torch.cat([model(b.to(dev)).float().argmax(1).cpu() for b in x.split(batch_size)])
+    return torch.cat(
+        [model(b.to(dev)).float().argmax(1).cpu() for b in x.split(batch_size)] or [torch.empty(0, dtype=torch.int64)]
+    )
 
 
-def top1_agreement(model: nn.Module, x: Tensor, reference: Tensor) -> float:
-    """Percent of inputs where `model`'s top-1 equals `reference` (class indices)."""
-    return float((top1(model, x) == reference).float().mean() * 100)
+def top1_matches(model: nn.Module, x: Tensor, reference: Tensor) -> int:
+    """How many inputs `model`'s top-1 equals `reference` (class indices) on."""
+    return int((top1(model, x) == reference).sum()) if len(x) else 0

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from fxq.config import LossWeights, MixedPrecisionConfig
 from fxq.data.images import batch_inputs
+from fxq.dist.world import World
 from fxq.eptq.distillation import distillation_loss
 from fxq.eptq.weights import interest_weights
 from fxq.errors import GraphCheckFailed
@@ -90,10 +91,20 @@ class SensitivitySettings:
 class SensitivityMeter:
     """Measures every weight layer (and, with activation widths to choose, every activation site) at every width,
     under every measure, on the first `config.images` images of `batches`; writes NodeQ.sensitivity,
-    NodeQ.act_sensitivity and NodeQ.macs."""
+    NodeQ.act_sensitivity and NodeQ.macs.
 
-    def __init__(self, batches, config: MixedPrecisionConfig, settings: SensitivitySettings, progress: bool = True):
-        self.batches, self.cfg, self.s, self.progress = batches, config, settings, progress
+    In a data-parallel run the layers and sites go round-robin to the ranks, each measured whole by one rank,
+    and the table is summed over the ranks before anyone reads it: every rank holds one process's table."""
+
+    def __init__(
+        self,
+        batches,
+        config: MixedPrecisionConfig,
+        settings: SensitivitySettings,
+        progress: bool = True,
+        world: World = World(),
+    ):
+        self.batches, self.cfg, self.s, self.progress, self.world = batches, config, settings, progress, world
         self._weights_q: dict[Node, list[Tensor]] = {}
         self._acts_q: dict[Node, list[ActQuant]] = {}
         self._keep: set[Node] = set()
@@ -110,8 +121,10 @@ class SensitivityMeter:
         act_totals = {n: np.zeros((len(act_options), len(measures))) for n in acts}
         x_all = first_images(self.batches, self.cfg.images).to(device_of(gm))
         chunks = x_all.split(self.cfg.batch_size)
+        w = self.world
+        mine = {n for i, n in enumerate(layers + acts) if w.owns(i)}
         bar = tqdm(
-            total=(len(layers) + len(acts)) * len(chunks), desc="sensitivity", unit="layer", disable=not self.progress
+            total=len(mine) * len(chunks), desc="sensitivity", unit="layer", disable=not (self.progress and w.main)
         )
         stacked = 0
         stack = x_all.is_cuda if self.cfg.stack_candidates is None else self.cfg.stack_candidates
@@ -131,14 +144,22 @@ class SensitivityMeter:
             used = weights.gt(0).any(0).tolist()
             self._keep = {n for n, u in zip(tapped, used) if u}
             for node in layers:
-                d, ok = self._layer(gm, run, node, options, tapped, zf, weights, stack)
-                totals[node] += d * x.shape[0]
-                stacked += ok
-                bar.update()
+                if node in mine:
+                    d, ok = self._layer(gm, run, node, options, tapped, zf, weights, stack)
+                    totals[node] += d * x.shape[0]
+                    stacked += ok
+                    bar.update()
             for node in acts:
-                act_totals[node] += self._activation(run, node, act_options, tapped, zf, weights) * x.shape[0]
-                bar.update()
+                if node in mine:
+                    act_totals[node] += self._activation(run, node, act_options, tapped, zf, weights) * x.shape[0]
+                    bar.update()
         bar.close()
+        if not w.solo:  # each cell was measured by one rank and is 0 on the others: the sum is exact
+            tables = [*totals.values(), *act_totals.values()]
+            flat = w.sum_(torch.from_numpy(np.concatenate([t.ravel() for t in tables])), "the sensitivity table")
+            for t, part in zip(tables, flat.split([t.size for t in tables])):
+                t[...] = part.numpy().reshape(t.shape)
+            stacked = int(w.sum_(torch.tensor([stacked]), "the sensitivity table"))
 
         def per_measure(table: np.ndarray, widths) -> dict[str, dict[int, float]]:
             return {m.value: dict(zip(widths, (table[:, k] / len(x_all)).tolist())) for k, m in enumerate(measures)}

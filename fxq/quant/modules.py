@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fxq.dist.world import World
 from fxq.errors import ConfigError
 from fxq.ir.meta import OpKind
 from fxq.quant.qmath import QSpec, fake_quant, scale_for
@@ -27,7 +28,9 @@ class ActObserver(nn.Module):
     """Records the exact min/max of a tensor and a random sample of its values, passes it on unchanged.
 
     The sample (samples_per_batch values per call) feeds the MSE threshold search; a random sample is
-    unbiased where a strided one would alias with the channel or spatial layout.
+    unbiased where a strided one would alias with the channel or spatial layout. Which values batch i gives
+    depends on (seed, i) alone, and the samples are kept by batch index, so ranks that each saw some of the
+    batches merge into exactly the observer one process would have (`merge_`).
     """
 
     fxq_kind = OpKind.OBSERVER
@@ -35,11 +38,12 @@ class ActObserver(nn.Module):
     def __init__(self, samples_per_batch: int = 4096, seed: int = 0):
         super().__init__()
         self.samples_per_batch = samples_per_batch
+        self.seed = seed
         self.register_buffer("lo", torch.tensor(float("inf")))
         self.register_buffer("hi", torch.tensor(float("-inf")))
-        self.samples: list[Tensor] = []
+        self.samples: dict[int, Tensor] = {}  # batch index -> that batch's sample
         self.batches = 0
-        self._gen = torch.Generator().manual_seed(seed)
+        self.next_index = 0  # the index of the next batch (Calibrate sets it to the batch's place in the run)
 
     @torch.no_grad()
     def forward(self, x: Tensor) -> Tensor:
@@ -49,8 +53,10 @@ class ActObserver(nn.Module):
         self.lo = torch.minimum(self.lo.to(lo.device), lo.float())
         self.hi = torch.maximum(self.hi.to(hi.device), hi.float())
         flat = x.detach().reshape(-1)
-        idx = torch.randint(flat.numel(), (min(self.samples_per_batch, flat.numel()),), generator=self._gen)
-        self.samples.append(flat[idx.to(flat.device)].float())
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.next_index)
+        idx = torch.randint(flat.numel(), (min(self.samples_per_batch, flat.numel()),), generator=gen)
+        self.samples[self.next_index] = flat[idx.to(flat.device)].float()
+        self.next_index += 1
         return x
 
     @property
@@ -58,21 +64,40 @@ class ActObserver(nn.Module):
         return self.batches > 0
 
     def sample(self) -> Tensor:
-        return torch.cat(self.samples).cpu() if self.samples else torch.empty(0)
+        """Every batch's sample, in batch order."""
+        return torch.cat([self.samples[i] for i in sorted(self.samples)]).cpu() if self.samples else torch.empty(0)
+
+    @torch.no_grad()
+    def merge_(self, world: World) -> None:
+        """Make this the observer of every rank's batches: exact min/max, every batch's sample in batch order."""
+        if world.solo:
+            return
+        self.lo, self.hi = world.min_(self.lo.cpu(), "calibration"), world.max_(self.hi.cpu(), "calibration")
+        keys = sorted(self.samples)
+        index = torch.tensor([[k, len(self.samples[k])] for k in keys], dtype=torch.int64).reshape(-1, 2)
+        data = torch.cat([self.samples[k].cpu() for k in keys]) if keys else torch.empty(0)
+        merged: dict[int, Tensor] = {}
+        for idx, values in zip(world.gather(index, "calibration"), world.gather(data, "calibration")):
+            merged.update(zip(idx[:, 0].tolist(), values.split(idx[:, 1].tolist())))
+        self.samples = merged
+        self.batches = int(world.sum_(torch.tensor([self.batches]), "calibration"))
+        self.next_index = max(merged, default=-1) + 1
 
 
 class ChannelStatsObserver(nn.Module):
     """Running per-channel mean and second moment of a layer's input (channel dim 1 for conv, last for
     linear): bias correction needs E[x] to cancel the mean output shift that weight rounding causes, and the
-    output-error weight threshold (WeightError.OUTPUT) weighs each input channel by its spread."""
+    output-error weight threshold (WeightError.OUTPUT) weighs each input channel by its spread. The sums are
+    float64, so adding the ranks' sums in another order than one process adds its batches changes nothing
+    that float32 holds."""
 
     fxq_kind = OpKind.OBSERVER
 
     def __init__(self, channel_dim: int):
         super().__init__()
         self.channel_dim = channel_dim
-        self.register_buffer("total", torch.zeros(0))
-        self.register_buffer("total_sq", torch.zeros(0))
+        self.register_buffer("total", torch.zeros(0, dtype=torch.float64))
+        self.register_buffer("total_sq", torch.zeros(0, dtype=torch.float64))
         self.count = 0
 
     @torch.no_grad()
@@ -80,18 +105,30 @@ class ChannelStatsObserver(nn.Module):
         dim = self.channel_dim % x.dim()
         dims = [d for d in range(x.dim()) if d != dim]
         xf = x.detach().float()
-        s, s2 = xf.sum(dims), xf.square().sum(dims)
+        s, s2 = xf.sum(dims).double(), xf.square().sum(dims).double()
         first = self.total.numel() == 0
         self.total = s if first else self.total.to(s.device) + s
         self.total_sq = s2 if first else self.total_sq.to(s.device) + s2
         self.count += x.numel() // x.shape[dim]
         return x
 
+    @torch.no_grad()
+    def merge_(self, world: World) -> None:
+        """Sums over every rank's batches (a rank that saw none adds zeros)."""
+        if world.solo:
+            return
+        channels = int(world.max_(torch.tensor([self.total.numel()]), "calibration"))
+        for name in ("total", "total_sq"):
+            t = getattr(self, name)
+            t = t.cpu() if t.numel() else torch.zeros(channels, dtype=torch.float64)
+            setattr(self, name, world.sum_(t, "calibration").to(getattr(self, name).device))
+        self.count = int(world.sum_(torch.tensor([self.count]), "calibration"))
+
     def mean(self) -> Tensor:
-        return self.total / max(self.count, 1)
+        return (self.total / max(self.count, 1)).float()
 
     def second_moment(self) -> Tensor:
-        return self.total_sq / max(self.count, 1)
+        return (self.total_sq / max(self.count, 1)).float()
 
     def variance(self) -> Tensor:
         return (self.second_moment() - self.mean().square()).clamp_min(0)

@@ -341,3 +341,38 @@ def _descends(pid: int, ancestor: int) -> bool:
         stat = Path(f"/proc/{pid}/stat").read_text()
         pid = int(stat.rsplit(")", 1)[1].split()[1])
     return False
+
+
+def _uneven(rank: int, folder: str) -> dict:
+    """Three ranks over splits that do not divide: 5 calibration batches, an LFH batch of 16, rounding batches of
+    8 (3 + 3 + 2), a teacher cache of 40 images."""
+    calib = [seeded(8, 3, 16, 16, seed=i) for i in range(5)]
+    model, out = _tiny(), {}
+    out["rtn"] = _quantizers(fxq.quantize(model, calib, PTQConfig(target=fxq.INT8.with_bits(4), progress=False)).model)
+    _, report = fxq.label_free_hessian(model, calib, LFH, PTQConfig(progress=False))
+    out["lfh"] = {lr.node: torch.tensor([lr.lfh, lr.lfh_stderr]) for lr in report.layers if lr.interest}
+    ckpt = f"{folder}/r{rank}"
+    fxq.quantize(model, calib, _eptq(ckpt, teacher_cache="on"))
+    out["rounding"] = torch.load(f"{ckpt}/rounding.pt", weights_only=True) if Path(ckpt).exists() else {}
+    return out
+
+
+def test_three_ranks_over_uneven_splits_equal_one_process(tmp_path):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one = _uneven(0, str(tmp_path / "one"))
+    finally:
+        torch.set_num_threads(threads)
+    ranks, codes = _spawn(_uneven, 3, tmp_path, str(tmp_path / "three"))
+    assert codes == [0, 0, 0], [r and r.get("error") for r in ranks]
+    got = ranks[0]
+    for name, want in one["rtn"].items():
+        for key in ("codes", "scale"):
+            if key in want:
+                assert torch.equal(want[key], got["rtn"][name][key]), f"{name}.{key}"
+    for node, want in one["lfh"].items():
+        torch.testing.assert_close(got["lfh"][node], want, rtol=1e-5, atol=0)
+    for key, value in one["rounding"]["soft"].items():
+        assert _relative_gap(got["rounding"]["soft"][key], value) < 1e-6, key
+    assert ranks[1]["rounding"] == ranks[2]["rounding"] == {}  # only rank 0 writes

@@ -13,6 +13,7 @@ for Inductor rows, how many of the convolutions and matmuls one call runs as int
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import tempfile
@@ -31,7 +32,7 @@ from fxq.data.images import batches, load_images
 from fxq.data.models import default_image_sets, load_model
 from fxq.targets import INT8, cpu_description
 
-ROWS = ("ort", "ort-reduce-range", "pt2e", "fxq-w8", "fxq-w8-eptq", "fxq-w4", "fxq-w4-eptq")
+ROWS = ("ort", "ort-reduce-range", "pt2e", "pt2e-padfold", "fxq-w8", "fxq-w8-eptq", "fxq-w4", "fxq-w4-eptq")
 # the ops that run a convolution or matmul in a compiled graph, integer and float (torch.profiler names)
 _INT_KERNELS = ("onednn::qconv_pointwise", "onednn::qconv2d_pointwise", "onednn::qlinear_pointwise")
 _FLOAT_KERNELS = (
@@ -88,6 +89,34 @@ def integer_kernels(run, x: torch.Tensor) -> str:
     return f"{ints}/{ints + sum(names.count(k) for k in _FLOAT_KERNELS)}"
 
 
+def _fold_symmetric_padding(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of `model` whose convolutions that pad with a separate ZeroPad2d (EfficientNet-Lite's TF-style 'same'
+    padding) pad inside the convolution instead, wherever the padding is symmetric (the same logits). PT2E's x86
+    quantizer does not quantize through a pad, so without this every such convolution keeps float inputs."""
+    model = copy.deepcopy(model)
+    for parent in list(model.modules()):
+        for name, m in list(parent.named_children()):
+            pad = getattr(m, "static_padding", None)
+            if not isinstance(m, torch.nn.Conv2d) or pad is None:
+                continue
+            left, right, top, bottom = pad.padding if isinstance(pad, torch.nn.ZeroPad2d) else (0, 0, 0, 0)
+            if left != right or top != bottom:
+                continue  # asymmetric (the stride-2 ones): a convolution cannot pad so; kept as it is
+            conv = torch.nn.Conv2d(
+                m.in_channels,
+                m.out_channels,
+                m.kernel_size,
+                m.stride,
+                (top, left),
+                m.dilation,
+                m.groups,
+                m.bias is not None,
+            )
+            conv.load_state_dict(m.state_dict())
+            setattr(parent, name, conv)
+    return model
+
+
 def _pt2e(model: torch.nn.Module, calib: torch.Tensor):
     import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
@@ -95,6 +124,12 @@ def _pt2e(model: torch.nn.Module, calib: torch.Tensor):
     quantizer = xiq.X86InductorQuantizer().set_global(xiq.get_default_x86_inductor_quantization_config())
     example = (calib[:2],)
     exported = torch.export.export(model, example, dynamic_shapes=({0: torch.export.Dim.AUTO},)).module()
+    for n in exported.graph.nodes:  # one partition per call: Lite0 calls a block's ReLU6 module twice, and the
+        # quantizer refuses a partition with two outputs once the convolutions' inputs are quantized
+        stack = n.meta.get("nn_module_stack")
+        if stack:
+            key, (path, cls) = list(stack.items())[-1]
+            stack[key] = (f"{path}@{n.name}", cls)
     prepared = prepare_pt2e(exported, quantizer)
     with torch.no_grad():
         for b in calib.split(32):
@@ -157,8 +192,9 @@ def main() -> None:
                 path = os.path.join(tmp, f"{name}.onnx")
                 _ort_static(float_path, path, calib.x, reduce_range=name == "ort-reduce-range")
                 report(name, "onnxruntime", _ort_runner(path), time.perf_counter() - t0)
-            elif name == "pt2e":
-                compiled = _pt2e(lm.model, calib.x)
+            elif name.startswith("pt2e"):
+                model = _fold_symmetric_padding(lm.model) if name == "pt2e-padfold" else lm.model
+                compiled = _pt2e(model, calib.x)
                 compiled(x1)  # compiles
                 report(name, "inductor int8", compiled, time.perf_counter() - t0)
             else:

@@ -37,14 +37,6 @@ PATHS = {
     "layerwise": {"start": "layerwise"},  # from each layer's own error-feedback rounding (fxq.eptq.layerwise)
     "layerwise-adam": {"start": "layerwise", "optimizer": "adam"},
     "layerwise-256": {"start": "layerwise", "start_images": 256},  # the start reads 256 of the images
-    # from the layer-local start, steps that refine it: no warm-up, a tenth of the rate, a firmer start, a low beta
-    "layerwise-refine": {
-        "start": "layerwise",
-        "warmup": 0.0,
-        "lr_rounding": 3e-3,
-        "start_confidence": 0.9,
-        "beta": (8.0, 2.0),
-    },
 }
 # the reference implementation on a 2-core CPU, Lite0 W4A8: (seconds, top-1), ../shared/anchors/README.md
 MCT_CPU = {(DEFAULT_MODEL, 4): [(1250.0, 61.38)]}

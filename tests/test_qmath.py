@@ -11,7 +11,7 @@ from fxq.quant.qmath import (
     scale_for,
     weight_thresholds,
 )
-from tests.conftest import seeded
+from tests.conftest import seeded, sqnr_db
 
 
 @pytest.mark.parametrize("bits", range(2, 9))
@@ -82,3 +82,32 @@ def test_activation_threshold_minmax_and_mse():
     assert t_mse < t_minmax  # clips the lone outlier
     err = lambda t: (fake_quant(x, scale_for(torch.tensor(t), spec), spec) - x).square().mean()  # noqa: E731
     assert err(t_mse) < err(t_minmax)
+
+
+@pytest.mark.parametrize("pot", [False, True])
+def test_thresholds_do_not_depend_on_the_tensors_scale(pot):
+    # a live tensor of 1e-12 or 1e-20 (random-weight nets, tiny residual branches) is searched like one of 1:
+    # the same threshold relative to its range, never a floor that rounds it all to zero
+    x = seeded(20000)
+    spec = QSpec(8, signed=True, pot=pot)
+    base = activation_threshold(float(x.min()), float(x.max()), x, spec, ActThreshold.MSE)
+    for scale in (2.0**-40, 2.0**-66, 2.0**30):  # powers of two: x * scale is exact, so the search must agree
+        xs = x * scale
+        t = activation_threshold(float(xs.min()), float(xs.max()), xs, spec, ActThreshold.MSE)
+        assert t == pytest.approx(base * scale, rel=1e-5)
+        y = fake_quant(xs, scale_for(torch.tensor(t), spec), spec)
+        assert sqnr_db(xs / scale, y / scale) > 35  # in units of the scale (the helper floors tiny errors)
+    w = seeded(8, 30) * 1e-13
+    torch.testing.assert_close(
+        weight_thresholds(w, QSpec(4, per_channel=True)) * 1e13,
+        weight_thresholds(w * 1e13, QSpec(4, per_channel=True)),
+        rtol=1e-4,
+        atol=0,
+    )
+
+
+def test_an_all_zero_tensor_gets_a_positive_step():
+    z = torch.zeros(100)
+    t = activation_threshold(0.0, 0.0, z, QSpec(8, signed=False), ActThreshold.MSE)
+    assert 0 < t < 1e-20
+    assert fake_quant(z, scale_for(torch.tensor(t), QSpec(8, signed=False)), QSpec(8, signed=False)).eq(0).all()

@@ -30,7 +30,9 @@ __all__ = [
 ]
 
 MIN_BITS, MAX_BITS = 2, 8
-_TINY = 1e-8
+# the smallest threshold: a tensor that is all zeros still needs a positive step. Far below any live tensor's
+# range (the search works in units of each tensor's own range, so a tensor of 1e-20 is searched like one of 1)
+_TINY = 1e-30
 
 
 @dataclass(frozen=True)
@@ -151,7 +153,7 @@ def weight_thresholds(w: Tensor, spec: QSpec, n_grid: int = 64, importance: Tens
     """
     imp = None if importance is None else importance.float().reshape(w.shape[0], -1)
     if imp is not None:  # a row with no importance at all (inputs constant or dead) falls back to plain MSE
-        imp = imp + imp.mean(1, keepdim=True).clamp_min(_TINY) * 1e-6
+        imp = imp + imp.mean(1, keepdim=True).clamp_min(1e-30) * 1e-6
     if not spec.per_channel:
         return _search(w.reshape(1, -1).float(), spec, n_grid, None if imp is None else imp.reshape(1, -1))[0]
     t = _search(w.reshape(w.shape[0], -1).float(), spec, n_grid, imp)
@@ -172,6 +174,13 @@ def input_importance(weight_shape: torch.Size, groups: int, channel_energy: Tens
 
 def _search(rows: Tensor, spec: QSpec, n_grid: int, weights: Tensor | None = None) -> Tensor:
     t_max = _no_clip_threshold(rows.amin(1), rows.amax(1), spec).clamp_min(_TINY)
+    # in units of each row's range (a power of two with PoT thresholds, so the candidates stay powers of two):
+    # squared errors of a tensor of 1e-20 would underflow float32, and every candidate would tie
+    unit = _pot(t_max) if spec.pot else t_max
+    return unit * _search_unit(rows / unit.unsqueeze(1), t_max / unit, spec, n_grid, weights)
+
+
+def _search_unit(rows: Tensor, t_max: Tensor, spec: QSpec, n_grid: int, weights: Tensor | None) -> Tensor:
     cands = _candidates(t_max, spec, n_grid)
     best_err = torch.full_like(t_max, math.inf)
     best = t_max.clone()
@@ -200,7 +209,8 @@ def activation_threshold(
         t = _no_clip_threshold(lo_t, hi_t, spec).clamp_min(_TINY)
         return float(_pot(t) if spec.pot else t)
     left = lo if spec.signed else 0.0
-    hist = torch.histc(samples.float().clamp(left, hi), bins=bins, min=left, max=max(hi, left + _TINY))
-    edges = torch.linspace(left, max(hi, left + _TINY), bins + 1)
+    right = hi if hi > left else left + max(abs(left), _TINY)  # a constant tensor: any width holds it
+    hist = torch.histc(samples.float().clamp(left, right), bins=bins, min=left, max=right)
+    edges = torch.linspace(left, right, bins + 1, dtype=torch.float64).float()
     centres = ((edges[1:] + edges[:-1]) / 2).unsqueeze(0)
     return float(_search(centres, spec, 100, weights=hist.unsqueeze(0))[0])

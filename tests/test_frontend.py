@@ -33,6 +33,28 @@ def test_untraceable_model_names_module_line_and_remedies():
     assert "frontend='export'" in msg and "leaf_modules=('gate',)" in msg
 
 
+def test_a_failure_at_the_root_suggests_no_leaf_that_would_quantize_nothing():
+    with pytest.raises(fxq.TraceFailed) as err:
+        trace(DataDependent().eval())
+    msg = str(err.value)
+    assert "module '<root>'" in msg and "if x.sum() > 0" in msg
+    assert "leaf_modules" not in msg and "frontend='export'" in msg
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_trace_errors_name_the_models_own_line_in_a_torch_named_package(frontend):
+    # torchvision lives beside torch ('.../torchvision' starts with '.../torch'): its lines are the model's, and
+    # neither fxq's tracer nor torch's generated code ('<string>') is named instead
+    import torchvision
+
+    model = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn(weights=None, weights_backbone=None)
+    with pytest.raises(fxq.TraceFailed) as err:
+        trace(model.eval(), (seeded(1, 3, 64, 64),), frontend=frontend)
+    msg = str(err.value)
+    assert "/torchvision/" in msg and "fxq/" not in msg and "<string>" not in msg, msg
+    assert len(msg) < 1000  # not a symbolic graph
+
+
 def test_leaf_module_makes_it_traceable():
     model = Outer().eval()
     gm = trace(model, leaf_modules=("gate",))

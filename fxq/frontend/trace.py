@@ -45,18 +45,41 @@ class _PathTracer(Tracer):
             raise
 
 
+# frames that are not the model's: torch's own (with the separator: torchvision's are the model's), fxq's,
+# and code torch generates ('<string>', '<eval_with_key>')
+_NOT_THE_MODELS = (
+    os.path.dirname(torch.__file__) + os.sep,
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep,
+)
+
+
 def _user_frame(exc: BaseException) -> str:
-    """file:line of the innermost frame outside torch, i.e. the model source line that failed to trace."""
-    torch_dir = os.path.dirname(torch.__file__)
-    frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(torch_dir)]
+    """file:line of the innermost frame of the model's own code, i.e. the model source line that failed to trace."""
+    frames = [
+        f
+        for e in _chain(exc)
+        for f in traceback.extract_tb(e.__traceback__)
+        if not f.filename.startswith(_NOT_THE_MODELS) and not f.filename.startswith("<")
+    ]
     if not frames:
         return "<unknown source line>"
     f = frames[-1]
     return f"{f.filename}:{f.lineno} ({(f.line or '').strip()})"
 
 
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+def _chain(exc: BaseException) -> list[BaseException]:
+    """The exception and those it was raised from or during, outermost first (torch.export re-raises)."""
+    out: list[BaseException] = []
+    while exc is not None and exc not in out:
+        out.insert(0, exc)
+        exc = exc.__cause__ or exc.__context__
+    return out
+
+
+def _first_line(exc: BaseException, limit: int = 300) -> str:
+    """The first line of the message, cut at `limit` characters (export's can hold a whole symbolic graph)."""
+    line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return line if len(line) <= limit else line[: limit - 3] + "..."
 
 
 def _expose_attention(model: nn.Module, leaf_modules: tuple) -> nn.Module:
@@ -83,10 +106,11 @@ def _trace_fx(model: nn.Module, leaf_modules: tuple, concrete_args: dict[str, An
     except Exception as e:
         where = tracer.failed_in or "<root>"
         cls = type(model.get_submodule(where) if where != "<root>" else model).__name__
+        # keeping the failing module whole only helps below the root: the root whole would quantize nothing
+        leaf = f", or keep '{where}' whole with leaf_modules=('{where}',) (its weights then stay float)"
         raise TraceFailed(
             f"symbolic_trace failed in module '{where}' ({cls}) at {_user_frame(e)}: {_first_line(e)}. "
-            f"Try frontend='export' (--frontend export), or keep '{where}' whole with "
-            f"leaf_modules=('{where}',) (its weights then stay float)."
+            f"Try frontend='export' (--frontend export){leaf if where != '<root>' else ''}."
         ) from e
     return GraphModule(tracer.root, graph, type(model).__name__)
 
@@ -100,7 +124,8 @@ def _trace_export(model: nn.Module, example_inputs: tuple) -> GraphModule:
     except Exception as e:
         raise TraceFailed(
             f"torch.export failed at {_user_frame(e)}: {_first_line(e)}. "
-            f"Try frontend='fx' (--frontend fx), possibly with leaf_modules for the failing module."
+            f"Try frontend='fx' (--frontend fx). If both fail on data-dependent code (a detector's box decoding and "
+            f"NMS), quantize the part that traces: the backbone and heads, with that code kept float"
         ) from e
     return ep.module()
 

@@ -125,8 +125,9 @@ def passes(
     if Stage.FLOAT in stages:
         out += [
             Normalize(),  # one form for conv/linear/bn whatever the front-end produced
+            PropagateShapes(example_inputs),  # annotate needs to know which outputs are float tensors; fold_bn
+            # which dim a BatchNorm behind a reshape normalizes
             FoldBN(),  # before annotate: the folded weights are what gets quantized
-            PropagateShapes(example_inputs),  # annotate needs to know which outputs are float tensors
             Annotate(cfg.target),  # which ops get which quantizer spec, which fuse with their activation
             InterestPoints(),  # Z: linear-op outputs not followed by an activation, add, cat
         ]

@@ -12,18 +12,59 @@ from fxq.ir.passbase import FxqPass, PassResult
 __all__ = ["FoldBN"]
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+# reads of a tensor that folding leaves as they were: its shape, rank, dtype (timm's norm layers assert x.ndim)
+_METADATA_ATTRS = {"ndim", "shape", "dtype", "device", "is_cuda"}
+_METADATA_METHODS = {"size", "dim", "numel"}
+_SHAPED_LIKE = {"reshape_as", "view_as", "expand_as"}  # x.reshape_as(y) reads y's shape only
+# ops between a linear layer and a BatchNorm1d that only regroup rows (LeViT's bn(x.flatten(0, 1)).reshape_as(x))
+_REGROUPS = {"flatten", "reshape", "view"}
+
+
+def _reads_metadata(user: Node, node: Node) -> bool:
+    if user.op == "call_function" and user.target is getattr and len(user.args) > 1:
+        return user.args[1] in _METADATA_ATTRS
+    if user.op == "call_method" and user.target in _SHAPED_LIKE:
+        return user.args[0] is not node
+    return user.op == "call_method" and user.target in _METADATA_METHODS
+
+
+def _value_users(node: Node) -> list[Node]:
+    """The users that read node's values, not only its shape or dtype."""
+    return [u for u in node.users if not _reads_metadata(u, node)]
+
+
+def _regroups_rows(node: Node) -> bool:
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", None)
+    return node.op in ("call_method", "call_function") and name in _REGROUPS
+
+
+def _feeds_channels(layer: nn.Module, norm: nn.Module, producer: Node, bn_input: Node) -> bool:
+    """Whether the layer's output channels are the BatchNorm's: a conv's directly; a linear layer's features
+    when the BatchNorm sees (rows, features), directly or after the rows are regrouped (from the recorded
+    shapes; without them, only directly and when the counts match)."""
+    if not isinstance(layer, nn.Linear):
+        return producer is bn_input
+    seen = getattr(bn_input.meta.get("tensor_meta"), "shape", None)
+    if seen is None:
+        return producer is bn_input and norm.num_features == layer.out_features
+    return len(seen) == 2 and seen[1] == layer.out_features
 
 
 def _bn_after_linear_op(gm: GraphModule) -> list[tuple[Node, Node]]:
-    """(producer, bn) pairs where the bn is the producer's only user: only then can the weights change."""
+    """(producer, bn) pairs where the bn reads only the producer's output (directly, or a linear layer's rows
+    regrouped): only then can the weights change."""
     pairs = []
     for node in gm.graph.nodes:
         if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), nn.modules.batchnorm._BatchNorm):
             continue
         src = node.args[0]
-        if not isinstance(src, Node) or src.op != "call_module" or len(src.users) != 1:
+        while isinstance(src, Node) and _regroups_rows(src) and len(_value_users(src)) == 1:
+            src = src.args[0]
+        if not isinstance(src, Node) or src.op != "call_module" or len(_value_users(src)) != 1:
             continue
-        if isinstance(gm.get_submodule(src.target), (*_CONVS, nn.Linear)):
+        layer = gm.get_submodule(src.target)
+        norm = gm.get_submodule(node.target)
+        if isinstance(layer, (*_CONVS, nn.Linear)) and _feeds_channels(layer, norm, src, node.args[0]):
             pairs.append((src, node))
     return pairs
 
@@ -35,7 +76,7 @@ def _fold(gm: GraphModule, src: Node, bn: Node) -> None:
     else:
         fused = fuse_conv_bn_eval(layer, norm)
     gm.add_submodule(src.target, fused)  # replaces the layer in place; the node keeps its name and meta
-    bn.replace_all_uses_with(src)
+    bn.replace_all_uses_with(bn.args[0])  # the layer's output, or its rows regrouped as the bn read them
     gm.graph.erase_node(bn)
 
 

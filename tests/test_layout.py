@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import ast
+import subprocess
 from pathlib import Path
 
 import networkx as nx
@@ -79,6 +80,21 @@ def _under(name: str, package: str) -> bool:
 
 def test_the_sources_are_found():
     assert {"fxq.pipeline", "fxq.passes.quantize", "fxq.kernels.lfh_reduce", "fxq.ir.meta"} <= set(MODULES)
+
+
+def test_every_package_is_shipped_and_tracked():
+    """A package folder missing from pyproject's list is left out of a wheel; one that .gitignore hides (a 'dist/'
+    rule meant for the packaging output) is missing from every clean clone."""
+    packages = {_module_name(p.parent) for p in ROOT.glob("*/**/__init__.py") if p.parts[len(ROOT.parts)] in PREFIX}
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    assert packages <= listed, f"add {sorted(packages - listed)} to [tool.setuptools] packages in pyproject.toml"
+    if (ROOT / ".git").exists():
+        sources = [str(p.relative_to(ROOT)) for p in ROOT.glob("*/**/*.py") if p.parts[len(ROOT.parts)] in PREFIX]
+        ignored = subprocess.run(
+            ["git", "check-ignore", "--no-index", *sources], cwd=ROOT, capture_output=True, text=True
+        ).stdout
+        assert not ignored.split(), f"sources hidden by .gitignore: {ignored.split()[:5]}"
 
 
 @pytest.mark.parametrize("name", sorted(n for n in MODULES if _under(n, "fxq.passes")))

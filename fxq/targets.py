@@ -108,6 +108,10 @@ class Target:
     per_channel: weights per output channel (activations are always per tensor).
     pot: thresholds restricted to powers of two (fixed-point DSPs and some NPUs need this).
     fuse_activation: a linear op or add followed only by an activation shares one output quantizer.
+    quantize_norm_inputs: False leaves float the values that only layer norms read (and those that only feed
+    such values, as a transformer's residual adds do): devices compute layer norms in float, and a residual
+    stream holds tokens of very different sizes (a class token beside the patch tokens) that one per-tensor grid
+    would wipe out. True quantizes them like any other op output (an integer-only device).
     bias_bits: conv/linear biases are integers of this width at step s_x * s_w, as integer kernels add them
     (None: the device adds a float bias).
     isa: the integer dot product of the device (None: this machine's, resolved when a PTQConfig is built); it
@@ -120,6 +124,7 @@ class Target:
     per_channel: bool = True
     pot: bool = False
     fuse_activation: bool = True
+    quantize_norm_inputs: bool = False
     bias_bits: int | None = 32
     isa: ISA | None = None
 

@@ -7,30 +7,14 @@ from torch.fx import GraphModule, Node
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
 from fxq.errors import GraphCheckFailed
+from fxq.ir.graph import call_sites, value_users
 from fxq.ir.passbase import FxqPass, PassResult
 
 __all__ = ["FoldBN"]
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
-# reads of a tensor that folding leaves as they were: its shape, rank, dtype (timm's norm layers assert x.ndim)
-_METADATA_ATTRS = {"ndim", "shape", "dtype", "device", "is_cuda"}
-_METADATA_METHODS = {"size", "dim", "numel"}
-_SHAPED_LIKE = {"reshape_as", "view_as", "expand_as"}  # x.reshape_as(y) reads y's shape only
 # ops between a linear layer and a BatchNorm1d that only regroup rows (LeViT's bn(x.flatten(0, 1)).reshape_as(x))
 _REGROUPS = {"flatten", "reshape", "view"}
-
-
-def _reads_metadata(user: Node, node: Node) -> bool:
-    if user.op == "call_function" and user.target is getattr and len(user.args) > 1:
-        return user.args[1] in _METADATA_ATTRS
-    if user.op == "call_method" and user.target in _SHAPED_LIKE:
-        return user.args[0] is not node
-    return user.op == "call_method" and user.target in _METADATA_METHODS
-
-
-def _value_users(node: Node) -> list[Node]:
-    """The users that read node's values, not only its shape or dtype."""
-    return [u for u in node.users if not _reads_metadata(u, node)]
 
 
 def _regroups_rows(node: Node) -> bool:
@@ -52,16 +36,19 @@ def _feeds_channels(layer: nn.Module, norm: nn.Module, producer: Node, bn_input:
 
 def _bn_after_linear_op(gm: GraphModule) -> list[tuple[Node, Node]]:
     """(producer, bn) pairs where the bn reads only the producer's output (directly, or a linear layer's rows
-    regrouped): only then can the weights change."""
+    regrouped) and the producer's module is called there alone: only then can the weights change."""
     pairs = []
+    sites = call_sites(gm)
     for node in gm.graph.nodes:
         if node.op != "call_module" or not isinstance(gm.get_submodule(node.target), nn.modules.batchnorm._BatchNorm):
             continue
         src = node.args[0]
-        while isinstance(src, Node) and _regroups_rows(src) and len(_value_users(src)) == 1:
+        while isinstance(src, Node) and _regroups_rows(src) and len(value_users(src)) == 1:
             src = src.args[0]
-        if not isinstance(src, Node) or src.op != "call_module" or len(_value_users(src)) != 1:
+        if not isinstance(src, Node) or src.op != "call_module" or len(value_users(src)) != 1:
             continue
+        if len(sites[src.target]) > 1:  # a layer shared by several sites, each with its own norm: folding one
+            continue  # would change the others
         layer = gm.get_submodule(src.target)
         norm = gm.get_submodule(node.target)
         if isinstance(layer, (*_CONVS, nn.Linear)) and _feeds_channels(layer, norm, src, node.args[0]):

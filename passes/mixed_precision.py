@@ -8,7 +8,8 @@ from torch.fx import GraphModule
 
 from fxq.config import LossWeights, MixedPrecisionConfig
 from fxq.dist.world import World
-from fxq.errors import GraphCheckFailed
+from fxq.errors import GraphCheckFailed, UnsupportedOp
+from fxq.ir.graph import call_sites
 from fxq.ir.meta import q
 from fxq.ir.ops import set_eval_
 from fxq.ir.passbase import FxqPass, PassResult
@@ -36,6 +37,13 @@ class Sensitivity(FxqPass):
     def requires(self, gm: GraphModule) -> None:
         if not weight_layers(gm):
             raise GraphCheckFailed("sensitivity: no weight quantizers annotated; run Annotate first")
+        shared = [t for t, nodes in call_sites(gm).items() if len(nodes) > 1 and q(nodes[0]).wspec is not None]
+        if shared:
+            raise UnsupportedOp(
+                f"mixed precision: module '{shared[0]}' is called at {len(call_sites(gm)[shared[0]])} sites, and "
+                f"the allocation gives each call its own width where a shared weight takes one; use one width for "
+                f"all layers (no budget), or give each site its own module"
+            )
         missing = [n.name for n in interest_nodes(gm) if q(n).lfh_weight is None]
         if missing and LossWeights.LFH in self.cfg.measures:
             raise GraphCheckFailed(f"sensitivity: no LFH weight on {missing[:3]}; run the LFH pass first")

@@ -1,8 +1,11 @@
-"""Normalize: functional conv/linear/batch-norm on parameters become nn modules.
+"""Normalize: functional conv/linear/batch-norm on parameters become nn modules; fused attention becomes its
+two matmuls and a softmax.
 
 Front-ends disagree on how a layer looks: symbolic_trace keeps nn.Conv2d as call_module but traces
 through subclasses with their own forward (EfficientNet-Lite's same-padding conv calls F.conv2d on
 get_attr weights); torch.export yields aten.conv2d on get_attr weights. Later passes see one form.
+scaled_dot_product_attention (timm's fused attention; nn.MultiheadAttention under export) hides both attention
+matmuls in one op that would stay float: written out, they are quantized like any matmul.
 """
 
 from __future__ import annotations
@@ -153,20 +156,80 @@ def _exists(gm: GraphModule, path: str) -> bool:
 _BUILDERS = {OpKind.CONV: (_conv, "conv"), OpKind.LINEAR: (_linear, "linear"), OpKind.BATCHNORM: (_batchnorm, "bn")}
 
 
+def _same_call(node: Node) -> tuple:
+    """What makes two functional calls one layer: the op, its parameters (get_attr targets) and its settings."""
+
+    def key(v):
+        if isinstance(v, Node):
+            return ("get_attr", v.target) if v.op == "get_attr" else ("node", v.name)
+        return tuple(key(x) for x in v) if isinstance(v, (list, tuple)) else v
+
+    return node.target, key(node.args[1:]), tuple(sorted((k, key(v)) for k, v in node.kwargs.items()))
+
+
+_SDPA = {F.scaled_dot_product_attention, aten.scaled_dot_product_attention.default}
+_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale")
+
+
+def _attention_scale(query: torch.Tensor) -> float:
+    """scaled_dot_product_attention's default scale, 1 / sqrt(head dim)."""
+    return query.shape[-1] ** -0.5
+
+
+def _masked(scores: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """An attention mask as scaled_dot_product_attention applies it: a bool mask keeps where True, a float one
+    adds (a graph input may pass None)."""
+    if mask is None:
+        return scores
+    return scores.masked_fill(~mask, -torch.inf) if mask.dtype == torch.bool else scores + mask
+
+
+def _write_out_attention(gm: GraphModule, node: Node) -> bool:
+    """softmax(q @ k^T * scale + mask) @ v in place of an inference-time scaled_dot_product_attention call (no
+    dropout, not causal, no grouped heads; a call outside that is left as it is)."""
+    a = _args(node, _SDPA_ARGS)
+    if a.get("dropout_p", 0.0) or a.get("is_causal", False) or node.kwargs.get("enable_gqa", False):
+        return False
+    query, key, value, mask, scale = a["query"], a["key"], a["value"], a.get("attn_mask"), a.get("scale")
+    g = gm.graph
+    with g.inserting_before(node):
+        scores = g.call_function(torch.matmul, (query, g.call_function(torch.transpose, (key, -2, -1))))
+        if scale is None:
+            scale = g.call_function(_attention_scale, (query,))
+        scores = g.call_function(operator.mul, (scores, scale))
+        if mask is not None:
+            scores = g.call_function(_masked, (scores, mask))
+        weights = g.call_function(torch.softmax, (scores, -1))
+        out = g.call_function(torch.matmul, (weights, value))
+    out.meta = {k: v for k, v in node.meta.items() if k in ("stack_trace", "nn_module_stack")}
+    node.replace_all_uses_with(out)
+    g.erase_node(node)
+    return True
+
+
 class Normalize(FxqPass):
-    """Rewrite functional conv/linear/batch-norm whose weights are graph constants as call_module nodes."""
+    """Rewrite functional conv/linear/batch-norm whose weights are graph constants as call_module nodes (calls of
+    one layer at several sites, the same parameters and settings, call one module, as symbolic tracing has it),
+    and write out scaled_dot_product_attention."""
 
     def call(self, gm: GraphModule) -> PassResult:
         n = 0
+        made: dict[tuple, str] = {}
         for node in list(gm.graph.nodes):
             if node.op != "call_function":
+                continue
+            if node.target in _SDPA:
+                n += _write_out_attention(gm, node)
                 continue
             built = _BUILDERS.get(kind_of(gm, node))
             mod = built[0](gm, node) if built else None
             if mod is None:
                 continue
-            path = _module_path(gm, node, built[1])
-            gm.add_submodule(path, mod.eval())  # PTQ works on the inference graph
+            key = _same_call(node)
+            path = made.get(key)
+            if path is None:
+                path = made[key] = _module_path(gm, node, built[1])
+                gm.add_submodule(path, mod.eval())  # PTQ works on the inference graph
             with gm.graph.inserting_after(node):
                 new = gm.graph.call_module(path, (node.args[0],))
             new.meta = dict(node.meta)

@@ -9,11 +9,27 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import networkx as nx
+import torch
 from torch.fx import GraphModule, Node
 
 from fxq.ir.meta import OpKind, gq, q
 
-__all__ = ["without_graph_state", "copy_graph", "float_graph", "dataflow", "downstream", "remap_nodes"]
+__all__ = [
+    "without_graph_state",
+    "copy_graph",
+    "float_graph",
+    "dataflow",
+    "downstream",
+    "remap_nodes",
+    "call_sites",
+    "value_users",
+]
+
+# reads of a tensor that leave its values out: its shape, rank, dtype (timm's norm layers assert x.ndim)
+_METADATA_ATTRS = {"ndim", "shape", "dtype", "device", "is_cuda"}
+_METADATA_METHODS = {"size", "dim", "numel"}
+_METADATA_OPS = {torch.ops.aten.sym_size.int, torch.ops.aten.sym_numel.default, torch.ops.aten.sym_stride.int}
+_SHAPED_LIKE = {"reshape_as", "view_as", "expand_as"}  # x.reshape_as(y) reads y's shape only
 
 
 @contextmanager
@@ -85,3 +101,28 @@ def downstream(flow: nx.DiGraph, nodes: list[Node]) -> set[Node]:
     for n in nodes:
         seen |= nx.descendants(flow, n)
     return {n for n in seen if n.op != "output"}
+
+
+def call_sites(gm: GraphModule) -> dict[str, list[Node]]:
+    """Each called module's call_module nodes, in graph order: a module shared by several sites (one conv applied
+    to every level of a feature pyramid) has several."""
+    sites: dict[str, list[Node]] = {}
+    for n in gm.graph.nodes:
+        if n.op == "call_module":
+            sites.setdefault(n.target, []).append(n)
+    return sites
+
+
+def _reads_metadata(user: Node, node: Node) -> bool:
+    if user.op == "call_function" and user.target is getattr and len(user.args) > 1:
+        return user.args[1] in _METADATA_ATTRS
+    if user.op == "call_function" and user.target in _METADATA_OPS:
+        return True
+    if user.op == "call_method" and user.target in _SHAPED_LIKE:
+        return user.args[0] is not node
+    return user.op == "call_method" and user.target in _METADATA_METHODS
+
+
+def value_users(node: Node) -> list[Node]:
+    """The users that read node's values, not only its shape or dtype."""
+    return [u for u in node.users if not _reads_metadata(u, node)]

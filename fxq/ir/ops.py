@@ -24,6 +24,7 @@ __all__ = [
     "fetch_attr",
     "is_float_tensor",
     "is_nonnegative",
+    "is_norm",
     "WEIGHTED_MODULES",
 ]
 
@@ -323,6 +324,25 @@ def is_nonnegative(gm: GraphModule, node: Node) -> bool:
             return isinstance(lo, (int, float)) and lo >= 0
         return node.target in _NONNEG_FUNCTIONS
     return node.op == "call_method" and node.target in _NONNEG_METHODS
+
+
+# Norms over a token's features: devices compute them in float (their statistics need more than 8 bits).
+_NORM_MODULES = (nn.LayerNorm, nn.RMSNorm)
+_NORM_FUNCTIONS = {
+    F.layer_norm,
+    torch.layer_norm,
+    F.rms_norm,
+    aten.layer_norm.default,
+    aten.native_layer_norm.default,
+    aten.rms_norm.default,
+}
+
+
+def is_norm(gm: GraphModule, node: Node) -> bool:
+    """True for a layer norm or RMS norm (module, function or ATen op)."""
+    if node.op == "call_module":
+        return isinstance(gm.get_submodule(node.target), _NORM_MODULES)
+    return node.op == "call_function" and node.target in _NORM_FUNCTIONS
 
 
 def is_float_tensor(node: Node) -> bool:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch.fx import GraphModule, Node
 
+from fxq.ir.graph import call_sites
 from fxq.ir.meta import q
 from fxq.ir.ops import grid_source
 from fxq.quant.modules import ActQuant, QuantWeight
@@ -29,25 +30,29 @@ def quantize_biases_(gm: GraphModule, bits: int) -> bool:
     any changed.
 
     Layers whose input is not on an activation grid keep a float bias, and so does a layer where the integer
-    would not fit `bits` bits (a channel whose weights are all near zero has a vanishing step); either way
-    node.meta["fxq"].bias_bits stays None and the backends keep that bias float too."""
+    would not fit `bits` bits (a channel whose weights are all near zero has a vanishing step), or a layer
+    called at several sites whose inputs are on different grids; either way node.meta["fxq"].bias_bits stays
+    None and the backends keep that bias float too."""
     changed = False
     limit = 2 ** (bits - 1) - 1
-    for node in gm.graph.nodes:
-        qw = gm.get_submodule(node.target) if node.op == "call_module" else None
+    for target, nodes in call_sites(gm).items():
+        qw = gm.get_submodule(target)
         if not isinstance(qw, QuantWeight) or qw.layer.bias is None or qw.soft_codes is not None:
             continue
-        x = node.args[0]
-        source = grid_source(gm, x, ActQuant) if isinstance(x, Node) else None
-        if source is None:
+        sources = [grid_source(gm, n.args[0], ActQuant) if isinstance(n.args[0], Node) else None for n in nodes]
+        if any(src is None for src in sources):
+            continue
+        steps = [gm.get_submodule(src.target).scale.float() for src in sources]
+        if any(not torch.equal(steps[0], t) for t in steps[1:]):  # one bias cannot sit on two sites' grids
             continue
         bias = qw.layer.bias
-        step = bias_step(gm.get_submodule(source.target), qw).to(bias.device)
+        step = bias_step(gm.get_submodule(sources[0].target), qw).to(bias.device)
         codes = torch.round(bias.detach().float() / step)
         if not bool(torch.all(codes.abs() <= limit)):
             continue
         with torch.no_grad():
             bias.copy_((codes * step).to(bias.dtype))
-        q(node).bias_bits = bits
+        for node in nodes:
+            q(node).bias_bits = bits
         changed = True
     return changed

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torch.fx import GraphModule, Node
 
 from fxq.errors import GraphCheckFailed
+from fxq.ir.graph import call_sites
 from fxq.ir.meta import OpKind, gq, q
 from fxq.quant.modules import ActObserver, ActQuant, ChannelStatsObserver, QuantWeight
 from fxq.quant.qmath import ActThreshold, QSpec, WeightError, activation_threshold, input_importance, weight_thresholds
@@ -93,31 +94,46 @@ def _quantize_activation(gm: GraphModule, obs_node: Node, method: ActThreshold) 
     q(obs_node).kind = OpKind.ACT_QUANT
 
 
-def _quantize_weight(gm: GraphModule, node: Node, s: ConvertSettings) -> None:
+def _quantize_weight(gm: GraphModule, sites: list[Node], s: ConvertSettings) -> None:
+    """One weight quantizer for a layer and every site that calls it: the threshold and the bias correction from
+    the input statistics of all its sites together (a shared layer is one tensor on the device)."""
+    node = sites[0]
     spec = q(node).wspec
+    if any(q(n).wspec != spec for n in sites[1:]):
+        raise GraphCheckFailed(
+            f"quantize: module '{node.target}' is called at {len(sites)} sites with different weight widths "
+            f"({sorted({q(n).wspec.bits for n in sites})} bits); one tensor takes one width"
+        )
     layer = gm.get_submodule(node.target)
-    src = node.args[0]
-    stats = gm.get_submodule(src.target) if isinstance(src, Node) and src.op == "call_module" else None
-    stats = stats if isinstance(stats, ChannelStatsObserver) else None
-    energy = None
-    if s.weight_error is WeightError.OUTPUT and stats is not None:
-        energy = input_energy(stats.mean(), stats.second_moment(), s.bias_correction)
+    observers = []
+    for site in sites:
+        src = site.args[0]
+        obs = gm.get_submodule(src.target) if isinstance(src, Node) and src.op == "call_module" else None
+        if isinstance(obs, ChannelStatsObserver):
+            observers.append((site, src, obs))
+    mean = second = None
+    if observers:
+        mean, second = ChannelStatsObserver.pooled([obs for _, _, obs in observers])
+    energy = (
+        input_energy(mean, second, s.bias_correction) if s.weight_error is WeightError.OUTPUT and observers else None
+    )
     qw = QuantWeight(layer, spec, fit_weight(layer, spec, s.weight_grid, energy))
-    if stats is not None:
-        if s.bias_correction:
-            qw.correct_bias_(stats.mean())
-        node.replace_input_with(src, src.args[0])
+    if observers and s.bias_correction:
+        qw.correct_bias_(mean)
+    for site, src, _ in observers:
+        site.replace_input_with(src, src.args[0])
         gm.graph.erase_node(src)
     gm.add_submodule(node.target, qw)
 
 
 def convert_(gm: GraphModule, settings: ConvertSettings) -> GraphModule:
     """Replace observers and float layers by fake-quant modules, in place (reference numerics, CPU and GPU)."""
+    sites = call_sites(gm)
     for node in list(gm.graph.nodes):
         if q(node).kind is OpKind.OBSERVER and isinstance(gm.get_submodule(node.target), ActObserver):
             _quantize_activation(gm, node, settings.act_threshold)
         elif q(node).wspec is not None and not isinstance(gm.get_submodule(node.target), QuantWeight):
-            _quantize_weight(gm, node, settings)
+            _quantize_weight(gm, sites[node.target], settings)
     gm.delete_all_unused_submodules()
     gm.recompile()
     return gm

@@ -124,6 +124,14 @@ class ChannelStatsObserver(nn.Module):
             setattr(self, name, world.sum_(t, "calibration").to(getattr(self, name).device))
         self.count = int(world.sum_(torch.tensor([self.count]), "calibration"))
 
+    @staticmethod
+    def pooled(observers: list[ChannelStatsObserver]) -> tuple[Tensor, Tensor]:
+        """(mean, second moment) over everything the observers saw together (the inputs of a layer's call sites)."""
+        count = max(sum(o.count for o in observers), 1)
+        total = sum(o.total.to(observers[0].total.device) for o in observers)
+        total_sq = sum(o.total_sq.to(observers[0].total.device) for o in observers)
+        return (total / count).float(), (total_sq / count).float()
+
     def mean(self) -> Tensor:
         return (self.total / max(self.count, 1)).float()
 

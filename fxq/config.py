@@ -261,7 +261,7 @@ class PTQConfig:
     weight_grid: int = 64  # threshold candidates per weight channel
     weight_error: WeightError = WeightError.MSE  # what the weight threshold minimises (OUTPUT: the layer's output)
     bias_correction: bool = True  # cancel the mean output shift of weight rounding (MCT's default too)
-    frontend: Frontend = Frontend.FX
+    frontend: Frontend = Frontend.AUTO  # fx, else export
     leaf_modules: tuple = field(default_factory=tuple)
     rounding: RoundingConfig = field(default_factory=RoundingConfig)  # method=EPTQ
     lfh: LFHConfig = field(default_factory=LFHConfig)  # method=EPTQ / mixed precision: the loss weights

@@ -26,6 +26,9 @@ class FxqError(Exception):
 class TraceFailed(FxqError):
     """A front-end could not turn the model into a torch.fx graph."""
 
+    cause: str = ""  # what failed and where, without the remedies
+    leaf_remedy: str | None = None  # symbolic tracing: how to keep the failing module whole, where that helps
+
 
 class UnsupportedOp(FxqError):
     """A pass met an op it cannot handle."""

@@ -4,6 +4,7 @@ from torch import nn
 
 import fxq
 from fxq.frontend.trace import trace
+from fxq.ir.meta import gq
 from tests.conftest import seeded
 
 
@@ -84,3 +85,38 @@ def test_quantize_passes_leaf_modules_through():
     model = Outer().eval()
     qgm, report = fxq.quantize(model, [seeded(2, 3, 4, 4)], fxq.PTQConfig(leaf_modules=("gate",), progress=False))
     assert [lr.node for lr in report.layers if lr.weight_bits] == ["pre"]
+
+
+class ShapeTest(nn.Module):
+    """A shape test in Python (timm's MobileViT: `if new_h != H`): symbolic tracing fails, export follows it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        if y.shape[-1] % 2:
+            y = nn.functional.pad(y, (0, 1))
+        return y.mean((2, 3))
+
+
+def test_auto_traces_with_export_where_symbolic_tracing_fails():
+    model = ShapeTest().eval()
+    x = seeded(2, 3, 8, 8)
+    with pytest.raises(fxq.TraceFailed):
+        trace(model, (x,), frontend="fx")
+    gm = trace(model, (x,), frontend="auto")
+    assert gq(gm).frontend == "export"
+    torch.testing.assert_close(gm(x), model(x))
+    qgm, report = fxq.quantize(model, [x], fxq.PTQConfig(progress=False))  # auto is the default
+    assert report.frontend == "export"
+
+
+def test_auto_names_both_failures_and_suggests_only_what_would_work():
+    with pytest.raises(fxq.TraceFailed) as err:
+        trace(Outer().eval(), (seeded(2, 3, 4, 4),), frontend="auto")  # export cannot branch on a value either
+    msg = str(err.value)
+    assert msg.startswith("neither front-end traced the model: symbolic_trace failed in module 'gate'")
+    assert "torch.export failed at" in msg and "leaf_modules=('gate',)" in msg
+    assert "frontend='export'" not in msg and "frontend='fx'" not in msg

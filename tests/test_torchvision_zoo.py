@@ -6,6 +6,7 @@ import torchvision
 from torch import nn
 
 import fxq
+from fxq.data.models import settle_random_weights_
 from tests.conftest import seeded, sqnr_db
 
 MODELS = [
@@ -21,23 +22,10 @@ MODELS = [
 
 
 def _realistic(name: str) -> tuple[nn.Module, int]:
-    """Random weights with BatchNorm statistics estimated on random inputs (an untouched init has BN
-    statistics of 0/1 that do not match its activations, so outputs vanish) and non-zero heads."""
-    torch.manual_seed(0)
-    model = torchvision.models.get_model(name)
     size = 224 if name.startswith("vit") else 64
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1 and not p.any():
-                p.normal_(0, 0.02)
-        bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        for m in bns:
-            m.momentum = None  # cumulative average
-        if bns:
-            model.train()
-            for i in range(3):
-                model(seeded(4, 3, size, size, seed=10 + i))
-    return model.eval(), size
+    torch.manual_seed(0)
+    model = settle_random_weights_(torchvision.models.get_model(name), lambda i: seeded(4, 3, size, size, seed=10 + i))
+    return model, size
 
 
 def _n_weighted(model: nn.Module, frontend: str) -> int:

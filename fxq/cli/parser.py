@@ -127,7 +127,7 @@ def quant_args(p: argparse.ArgumentParser) -> None:
         choices=[e.value for e in WeightError],
         help="what a weight threshold minimises: the weight's error (mse) or the layer output's (output)",
     )
-    p.add_argument("--frontend", default=Frontend.FX.value, choices=[f.value for f in Frontend])
+    p.add_argument("--frontend", default=Frontend.AUTO.value, choices=[f.value for f in Frontend])
     p.add_argument("--no-bias-correction", action="store_true")
     r = p.add_argument_group("EPTQ rounding (--method eptq)")
     r.add_argument(
@@ -309,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     lp = sub.add_parser("lfh", help="label-free Hessian trace of every interest tensor (table, JSON, PNG)")
     model_args(lp), device_arg(lp), data_args(lp)
-    lp.add_argument("--frontend", default=Frontend.FX.value, choices=[f.value for f in Frontend])
+    lp.add_argument("--frontend", default=Frontend.AUTO.value, choices=[f.value for f in Frontend])
     lp.add_argument("--min-probes", type=count_arg, default=10)
     lp.add_argument("--max-probes", type=count_arg, default=100)
     lp.add_argument("--rel-tol", type=positive_float_arg, default=1e-3)

@@ -20,6 +20,7 @@ __all__ = [
     "LoadedModel",
     "load_model",
     "load_state_dict_file",
+    "settle_random_weights_",
     "known_models",
     "cifar_weights_path",
     "default_image_sets",
@@ -164,3 +165,23 @@ def load_model(name: str, weights: str | None = None, random_weights: bool = Fal
         load_state_dict_file(model, weights)
     size = 224
     return LoadedModel(name, model.eval(), Preprocess(resize=int(size * 256 / 224), crop=size))
+
+
+@torch.no_grad()
+def settle_random_weights_(model: nn.Module, make_input, passes: int = 3) -> nn.Module:
+    """Make a randomly initialised model behave like a trained one for quantization sweeps, in place: parameters
+    left at zero (class tokens, some heads) drawn small, and BatchNorm statistics estimated on `make_input(i)`
+    batches (an untouched init keeps 0/1 statistics that do not match its activations, so outputs vanish)."""
+    torch.manual_seed(RANDOM_WEIGHTS_SEED)
+    for p in model.parameters():
+        if p.dim() > 1 and not p.any():
+            p.normal_(0, 0.02)
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over the passes
+    if norms:
+        model.train()
+        for i in range(passes):
+            model(make_input(i))
+    return model.eval()

@@ -20,6 +20,7 @@ __all__ = ["Frontend", "trace"]
 
 
 class Frontend(Enum):
+    AUTO = "auto"  # fx, and export where symbolic tracing fails (Python control flow on shapes or values)
     FX = "fx"  # torch.fx.symbolic_trace: keeps nn modules as call_module nodes
     EXPORT = "export"  # torch.export: ATen-level graph, handles data-dependent Python better
 
@@ -107,11 +108,14 @@ def _trace_fx(model: nn.Module, leaf_modules: tuple, concrete_args: dict[str, An
         where = tracer.failed_in or "<root>"
         cls = type(model.get_submodule(where) if where != "<root>" else model).__name__
         # keeping the failing module whole only helps below the root: the root whole would quantize nothing
-        leaf = f", or keep '{where}' whole with leaf_modules=('{where}',) (its weights then stay float)"
-        raise TraceFailed(
+        leaf = f"keep '{where}' whole with leaf_modules=('{where}',) (its weights then stay float)"
+        failed = TraceFailed(
             f"symbolic_trace failed in module '{where}' ({cls}) at {_user_frame(e)}: {_first_line(e)}. "
-            f"Try frontend='export' (--frontend export){leaf if where != '<root>' else ''}."
-        ) from e
+            f"Try frontend='export' (--frontend export){', or ' + leaf if where != '<root>' else ''}."
+        )
+        failed.cause = f"symbolic_trace failed in module '{where}' ({cls}) at {_user_frame(e)}: {_first_line(e)}"
+        failed.leaf_remedy = leaf if where != "<root>" else None
+        raise failed from e
     return GraphModule(tracer.root, graph, type(model).__name__)
 
 
@@ -122,12 +126,34 @@ def _trace_export(model: nn.Module, example_inputs: tuple) -> GraphModule:
     try:
         ep = torch.export.export(model, tuple(example_inputs), dynamic_shapes=dims, strict=False)
     except Exception as e:
-        raise TraceFailed(
+        failed = TraceFailed(
             f"torch.export failed at {_user_frame(e)}: {_first_line(e)}. "
             f"Try frontend='fx' (--frontend fx). If both fail on data-dependent code (a detector's box decoding and "
             f"NMS), quantize the part that traces: the backbone and heads, with that code kept float"
-        ) from e
+        )
+        failed.cause = f"torch.export failed at {_user_frame(e)}: {_first_line(e)}"
+        raise failed from e
     return ep.module()
+
+
+def _trace_either(
+    model: nn.Module, example_inputs: tuple, leaf_modules: tuple, concrete_args: dict[str, Any] | None
+) -> tuple[GraphModule, Frontend]:
+    try:
+        return _trace_fx(model, leaf_modules, concrete_args), Frontend.FX
+    except TraceFailed as fx_failed:
+        if not example_inputs:
+            raise
+        try:
+            return _trace_export(model, example_inputs), Frontend.EXPORT
+        except TraceFailed as export_failed:
+            leaf = getattr(fx_failed, "leaf_remedy", None)
+            raise TraceFailed(
+                f"neither front-end traced the model: {fx_failed.cause}; {export_failed.cause}. "
+                + (f"Try leaf_modules: {leaf}. " if leaf else "")
+                + "If the failing code is post-processing (a detector's box decoding and NMS), quantize the part "
+                "that traces (the backbone and heads) and keep that code float"
+            ) from export_failed
 
 
 def trace(
@@ -142,6 +168,9 @@ def trace(
     Example:
         gm = trace(torchvision.models.resnet18().eval())
         gm = trace(model, (torch.randn(1, 3, 224, 224),), frontend="export")
+
+    frontend="auto" tries symbolic tracing, then torch.export (which needs `example_inputs`); the graph records
+    which one traced it.
     """
     if not isinstance(model, nn.Module):
         raise TraceFailed(f"expected an nn.Module, got {type(model).__name__}")
@@ -150,8 +179,10 @@ def trace(
         gm = model
     elif frontend is Frontend.FX:
         gm = _trace_fx(model, tuple(leaf_modules), concrete_args)
-    else:
+    elif frontend is Frontend.EXPORT:
         gm = _trace_export(model, tuple(example_inputs))
+    else:
+        gm, frontend = _trace_either(model, tuple(example_inputs), tuple(leaf_modules), concrete_args)
     gq(gm).frontend = frontend.value
     gq(gm).leaf_modules = tuple(leaf_modules)
     return gm

@@ -23,7 +23,8 @@ from fxq.kernels import lfh_cuda
 from fxq.kernels.lfh import LFHReducer
 from fxq.kernels.lfh_reduce import RunningStats, fused_update_reference_
 from fxq.quant.modules import QuantWeight
-from fxq.quant.qmath import QSpec, fake_quant, scale_for
+from fxq.quant import qmath
+from fxq.quant.qmath import QSpec, fake_quant, scale_for, weight_thresholds
 from fxq.targets import cpu_description
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -113,6 +114,35 @@ def test_lfh_reduce_cuda_kernel_50_tensors(benchmark, seeded):
     run = _counted(update)
     benchmark(run)
     _check_stats(stats, grads, run.calls)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 1b. The per-channel weight threshold search (64 candidates) on a (512, 512, 3, 3) conv weight: fxq's search,
+# which walks blocks of rows that stay in cache, against the same code with the whole weight as one block
+
+
+def _whole_weight_search(w: torch.Tensor, spec: QSpec) -> torch.Tensor:
+    """The same search with every row in one block (the whole weight streams from memory once per candidate)."""
+    saved, qmath._SEARCH_CHUNK = qmath._SEARCH_CHUNK, w.numel()
+    try:
+        return weight_thresholds(w, spec)
+    finally:
+        qmath._SEARCH_CHUNK = saved
+
+
+@pytest.fixture(scope="module")
+def big_weight():
+    return torch.randn(512, 512, 3, 3, generator=torch.Generator().manual_seed(5))
+
+
+def test_weight_threshold_search_blocked(benchmark, big_weight):
+    t = benchmark.pedantic(weight_thresholds, args=(big_weight, W_SPEC), rounds=3, iterations=1)
+    torch.testing.assert_close(t, _whole_weight_search(big_weight, W_SPEC), rtol=0, atol=0)
+
+
+def test_weight_threshold_search_whole_weight(benchmark, big_weight):
+    t = benchmark.pedantic(_whole_weight_search, args=(big_weight, W_SPEC), rounds=3, iterations=1)
+    assert t.shape == (512,) and bool((t > 0).all())
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -180,14 +180,30 @@ def _search(rows: Tensor, spec: QSpec, n_grid: int, weights: Tensor | None = Non
     return unit * _search_unit(rows / unit.unsqueeze(1), t_max / unit, spec, n_grid, weights)
 
 
+_SEARCH_CHUNK = 1 << 18  # elements of a block of rows searched at a time: it stays in cache across candidates
+
+
 def _search_unit(rows: Tensor, t_max: Tensor, spec: QSpec, n_grid: int, weights: Tensor | None) -> Tensor:
     cands = _candidates(t_max, spec, n_grid)
+    best = t_max.clone()
+    step = max(64, _SEARCH_CHUNK // max(rows.shape[1], 1))  # whole rows, enough of them to split across threads
+    for r in range(0, rows.shape[0], step):
+        block = slice(r, r + step)
+        part = None if weights is None else weights[block]
+        best[block] = _search_rows(rows[block], cands[:, block], t_max[block], spec, part)
+    return best
+
+
+def _search_rows(rows: Tensor, cands: Tensor, t_max: Tensor, spec: QSpec, weights: Tensor | None) -> Tensor:
+    """The candidate with the least (weighted) squared error per row (t_max where none is finite), computed in one
+    reused buffer."""
     best_err = torch.full_like(t_max, math.inf)
     best = t_max.clone()
+    err_of = torch.empty_like(rows)
     for t in cands:
         s = (t / spec.levels_per_threshold).unsqueeze(1)
-        err = (torch.clamp(torch.round(rows / s), spec.qmin, spec.qmax) * s - rows).square_()
-        err = (err * weights).sum(1) if weights is not None else err.sum(1)
+        torch.div(rows, s, out=err_of).round_().clamp_(spec.qmin, spec.qmax).mul_(s).sub_(rows).square_()
+        err = (err_of.mul_(weights) if weights is not None else err_of).sum(1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best = torch.where(better, t, best)

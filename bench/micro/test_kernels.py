@@ -22,8 +22,8 @@ from fxq.eptq.soft_rounding import SoftRounding, rectified_sigmoid
 from fxq.kernels import lfh_cuda
 from fxq.kernels.lfh import LFHReducer
 from fxq.kernels.lfh_reduce import RunningStats, fused_update_reference_
-from fxq.quant.modules import QuantWeight
 from fxq.quant import qmath
+from fxq.quant.modules import QuantWeight
 from fxq.quant.qmath import QSpec, fake_quant, scale_for, weight_thresholds
 from fxq.targets import cpu_description
 

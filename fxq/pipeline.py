@@ -16,14 +16,16 @@ from torch import nn
 from torch.fx import GraphModule
 from torch.fx.passes.infra.pass_base import PassBase
 from torch.fx.passes.infra.pass_manager import PassManager
+from torch.utils._pytree import tree_map
 
 from fxq.config import LFHConfig, LossWeights, Method, PTQConfig, WeightError
-from fxq.data.images import batch_inputs
+from fxq.data.images import Call, batch_inputs, call_args
 from fxq.debug import CHECK
 from fxq.dist.world import World
 from fxq.eptq.train import check_resumable
-from fxq.errors import ConfigError, DataError, FxqError
-from fxq.frontend.trace import trace
+from fxq.errors import ConfigError, DataError, FxqError, TraceFailed, first_line
+from fxq.frontend.parts import children_with_weights, record_calls
+from fxq.frontend.trace import Frontend, trace
 from fxq.io.report import Report, build_report
 from fxq.ir.graph import copy_graph, float_graph
 from fxq.ir.meta import Deadline, gq
@@ -77,7 +79,7 @@ ALL_STAGES = tuple(Stage)
 
 
 class Quantized(NamedTuple):
-    model: GraphModule
+    model: GraphModule | nn.Module  # nn.Module: a model quantized part by part, its other code float
     report: Report
 
 
@@ -172,19 +174,19 @@ def run_passes(gm: GraphModule, passes: list[PassBase]) -> GraphModule:
 def _batches(data: Iterable) -> list:
     batches = data if hasattr(data, "__len__") else list(data)
     for b in batches:
-        batch_inputs(b)  # a clear error for what is not a batch
+        call_args(b)  # a clear error for what is not a batch
         return batches
     raise DataError("the calibration data is empty; give at least one batch of images")
 
 
 def _example(batches: list) -> tuple:
-    return (batch_inputs(batches[0])[:2],)
+    return tree_map(lambda t: t[:2] if isinstance(t, torch.Tensor) else t, call_args(batches[0]))
 
 
 def _traced(model: nn.Module, example_inputs: tuple, config: PTQConfig) -> tuple[GraphModule, tuple]:
     model = set_eval_(copy.deepcopy(model))
     device = device_of(model)
-    example_inputs = tuple(x.to(device) if isinstance(x, torch.Tensor) else x for x in example_inputs)
+    example_inputs = tree_map(lambda x: x.to(device) if isinstance(x, torch.Tensor) else x, tuple(example_inputs))
     deadline = _deadline(config)
     t0 = time.perf_counter()
     gm = trace(model, example_inputs, config.frontend, config.leaf_modules)
@@ -287,8 +289,52 @@ def quantize(model: nn.Module, calib_data: Iterable, config: PTQConfig = PTQConf
     """
     _check_before_work(config)
     batches = _batches(calib_data)
-    gm = analyze(model, batches, config)
+    try:
+        gm = analyze(model, batches, config)
+    except TraceFailed as failed:
+        if config.frontend is not Frontend.AUTO:
+            raise
+        return _quantize_parts(model, batches, config, failed)
     return quantize_analyzed(gm, batches, config, type(model).__name__)
+
+
+def _quantize_parts(model: nn.Module, batches: list, config: PTQConfig, failed: TraceFailed) -> Quantized:
+    """`model` with its largest traceable sub-modules quantized, each on the inputs the float model gives it, and
+    the rest float (fxq.frontend.parts). A part whose calls are not single tensors is quantized round-to-nearest."""
+    model = set_eval_(copy.deepcopy(model))
+    parts: dict[str, Quantized] = {}
+    left_float: dict[str, str] = {}
+    frontier = [""]
+    while frontier:
+        paths = [p for parent in frontier for p in children_with_weights(model, parent)]
+        calls = record_calls(model, batches, paths)  # one float pass over the calibration data per level
+        frontier = []
+        for path in paths:
+            if not calls[path]:
+                left_float[path] = "called with keyword arguments" if calls[path] is None else "never called"
+                continue
+            try:
+                parts[path] = _quantize_part(model.get_submodule(path), calls[path], config)
+            except FxqError as e:
+                if children_with_weights(model, path):
+                    frontier.append(path)  # try its own sub-modules
+                else:
+                    left_float[path] = first_line(e)
+    if not parts:
+        raise failed
+    for path, part in parts.items():
+        model.set_submodule(path, part.model)
+    report = Report.of_parts(type(model).__name__, {p: q.report for p, q in parts.items()}, left_float)
+    return Quantized(model, report)
+
+
+def _quantize_part(part: nn.Module, calls: list[Call], config: PTQConfig) -> Quantized:
+    if all(len(c) == 1 and isinstance(c[0], torch.Tensor) for c in calls):
+        batches = [c[0] for c in calls]
+    else:  # EPTQ and mixed precision read image batches
+        batches, config = calls, dataclasses.replace(config, method=Method.RTN, mixed_precision=None)
+    gm = analyze(part, batches, dataclasses.replace(config, frontend=Frontend.AUTO))
+    return quantize_analyzed(gm, batches, config, type(part).__name__)
 
 
 def _check_before_work(config: PTQConfig) -> None:

@@ -6,9 +6,10 @@ from collections.abc import Iterable
 
 import torch
 from torch.fx import GraphModule, Node
+from torch.utils._pytree import tree_leaves, tree_map
 from tqdm.auto import tqdm
 
-from fxq.data.images import batch_inputs
+from fxq.data.images import call_args
 from fxq.dist.world import World
 from fxq.errors import DataError, GraphCheckFailed
 from fxq.ir.meta import OpKind, gq, q
@@ -90,11 +91,11 @@ class Calibrate(FxqPass):
         for i, batch in enumerate(tqdm(batches, total=total, desc="calibrate", unit="batch", disable=not progress)):
             if not self.world.owns(i):
                 continue
-            x = batch_inputs(batch)
+            args = tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, call_args(batch))
             for m in samplers:
                 m.next_index = first + i  # which values it samples depends on the batch, not on the rank
-            gm(x.to(device))
-            images += x.shape[0]
+            gm(*args)
+            images += next(t for t in tree_leaves(args) if isinstance(t, torch.Tensor)).shape[0]
         for m in observers:
             m.merge_(self.world)
         images = int(self.world.sum_(torch.tensor([images]), "calibration"))

@@ -33,6 +33,8 @@ __all__ = [
     "default_data_dir",
     "batches",
     "batch_inputs",
+    "Call",
+    "call_args",
 ]
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
@@ -356,8 +358,24 @@ def batches(x: Tensor, batch_size: int) -> list[Tensor]:
     return list(x.split(batch_size))
 
 
+class Call(tuple):
+    """The positional arguments of one call, as a calibration batch for a module whose forward takes something
+    other than one tensor (a detection head's list of feature maps). Round-to-nearest calibrates on such batches;
+    the methods that read images (EPTQ, mixed precision) need plain image batches."""
+
+
+def call_args(batch) -> tuple:
+    """What to call a graph with for `batch`: a Call's arguments, else the batch's inputs alone."""
+    return tuple(batch) if isinstance(batch, Call) else (batch_inputs(batch),)
+
+
 def batch_inputs(batch) -> Tensor:
     """A batch is a tensor, or (inputs, labels) as image loaders yield: the inputs."""
+    if isinstance(batch, Call):
+        raise DataError(
+            "this stage needs image batches (one tensor per batch), and the calibration data are the recorded calls "
+            "of a model part; quantize such a part round-to-nearest"
+        )
     if isinstance(batch, Tensor):
         return batch
     if isinstance(batch, (list, tuple)) and batch and isinstance(batch[0], Tensor):

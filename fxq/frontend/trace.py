@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.fx import GraphModule, Tracer
+from torch.utils._pytree import tree_map
 
 from fxq.errors import TraceFailed
 from fxq.frontend.mha import TraceableMHA
@@ -122,7 +123,10 @@ def _trace_fx(model: nn.Module, leaf_modules: tuple, concrete_args: dict[str, An
 def _trace_export(model: nn.Module, example_inputs: tuple) -> GraphModule:
     if not example_inputs:
         raise TraceFailed("frontend 'export' needs example inputs (a batch of the model's input)")
-    dims = tuple({0: torch.export.Dim.AUTO} if isinstance(x, torch.Tensor) else None for x in example_inputs)
+    # a dynamic batch for every tensor, in lists too (a detection head takes a list of feature maps)
+    dims = tree_map(
+        lambda x: {0: torch.export.Dim.AUTO} if isinstance(x, torch.Tensor) else None, tuple(example_inputs)
+    )
     try:
         ep = torch.export.export(model, tuple(example_inputs), dynamic_shapes=dims, strict=False)
     except Exception as e:

@@ -121,6 +121,11 @@ def save(
     """Write `qgm` (what fxq.quantize returned) to `folder`, replacing what was there once the new folder is
     complete. `model_name`: a name fxq.data.models.load_model knows (without one, `load` needs the float model
     passed in)."""
+    if not isinstance(qgm, GraphModule):
+        raise ModelError(
+            f"save: {type(qgm).__name__} is not one quantized graph (a model quantized part by part, its other code "
+            f"float, is not saved yet); save each part (its sub-modules that are GraphModules), or export it"
+        )
     g = gq(qgm)
     if g.frontend == "dynamo":
         raise ModelError("save: a graph from torch.compile's backend cannot be rebuilt; save fxq.quantize's result")

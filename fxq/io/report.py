@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from torch import nn
@@ -56,6 +56,37 @@ class Report:
     rounding: dict = field(default_factory=dict)  # EPTQ: iterations, seconds per step, loss history, RTN check
     lfh_probes: list[int] = field(default_factory=list)  # Hutchinson probes the LFH took per image batch
     mixed_precision: dict = field(default_factory=dict)  # options, budgets, ILP time, chosen bits per layer
+
+    @staticmethod
+    def of_parts(model: str, parts: dict[str, Report], left_float: dict[str, str]) -> Report:
+        """One report for a model quantized part by part (fxq.frontend.parts): every part's layers, named by the
+        part's path; `left_float`: the parts that run float and why."""
+        first = next(iter(parts.values()))
+        layers = []
+        for path, r in parts.items():
+            for lr in r.layers:
+                layers.append(
+                    replace(lr, node=f"{path}.{lr.node}", module=f"{path}.{lr.module}" if lr.module else None)
+                )
+        stage_seconds: dict[str, float] = {}
+        for r in parts.values():
+            for k, v in r.stage_seconds.items():
+                stage_seconds[k] = stage_seconds.get(k, 0.0) + v
+        settings = dict(first.settings)
+        settings["parts"] = {path: {"frontend": r.frontend, "method": r.method} for path, r in parts.items()}
+        settings["float_parts"] = dict(left_float)
+        return Report(
+            model=model,
+            target=first.target,
+            isa=first.isa,
+            integer_form=first.integer_form,
+            method=first.method,
+            frontend="parts",
+            calib_images=first.calib_images,
+            settings=settings,
+            layers=layers,
+            stage_seconds=stage_seconds,
+        )
 
     def table(self) -> str:
         """A readable per-layer table for the terminal."""

@@ -2,6 +2,7 @@ import pytest
 import torch
 from torch import nn
 from torch.fx import Interpreter
+from torch.utils._pytree import tree_leaves
 
 import fxq
 from fxq.eptq.lfh import log_normalize
@@ -36,7 +37,7 @@ def exact_traces(gm, x) -> dict[str, float]:
             return out
 
     xr = x.clone().requires_grad_(True)
-    out = Capture(gm).run(xr)
+    out = torch.cat([t.flatten(1) for t in tree_leaves(Capture(gm).run(xr))], 1)  # several outputs: all of them
     total = {name: torch.zeros(x.shape[0]) for name in captured}
     for c in range(out.shape[1]):
         grads = torch.autograd.grad(out[:, c].sum(), list(captured.values()), retain_graph=True)
@@ -76,6 +77,29 @@ def test_hutchinson_matches_exact_within_three_standard_errors(make, probe):
     for name, t in exact.items():
         assert abs(est[name].lfh - t) <= 3 * est[name].lfh_stderr, (name, est[name].lfh, t, est[name].lfh_stderr)
         assert est[name].lfh == pytest.approx(t, rel=0.15)
+
+
+class TwoHeads(MLP):
+    """Two outputs in a dict (a segmentation model's 'out' and 'aux', a detector's heads)."""
+
+    def __init__(self):
+        super().__init__()
+        self.head2 = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.lin1(x) + self.lin_skip(x))
+        return {"out": self.head(h), "aux": self.head2(h)}
+
+
+def test_a_dict_of_outputs_is_probed_as_one_output():
+    torch.manual_seed(0)
+    model = TwoHeads().eval()
+    x = seeded(6, 6)
+    gm, est = lfh_of(model, x, min_probes=400, max_probes=400, seed=1)
+    exact = exact_traces(gm, x)
+    assert set(est) == set(exact) and len(exact) >= 3
+    for name, t in exact.items():
+        assert abs(est[name].lfh - t) <= 3 * est[name].lfh_stderr, (name, est[name].lfh, t, est[name].lfh_stderr)
 
 
 def test_probe_batching_gives_the_same_estimator(tiny_net):

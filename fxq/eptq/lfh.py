@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+from torch.utils._pytree import tree_leaves
 from torch.fx import GraphModule, Interpreter, Node
 from tqdm.auto import tqdm
 
@@ -129,13 +130,14 @@ def _batch(
     merged = _Merged(world, len(z), cfg)
     done = 0
     while done < cfg.max_probes:
-        out = _Tap(gm, z, reducer).run(xr)
-        if not isinstance(out, Tensor):
-            raise UnsupportedOp("lfh: the model output must be one tensor (the probe point)")
-        # the whole batch's probes, then this rank's rows: every image gets the probe one process would give it
-        v = _probe(torch.Size((p * n, *out.shape[1:])), cfg.probe, gen, out.device)
-        v = v.view(p, n, *out.shape[1:])[:, part].reshape(out.shape)
-        torch.autograd.grad((out * v).sum(), xr)  # the hooks do the work; the input gradient is dropped
+        outs = _probe_points(_Tap(gm, z, reducer).run(xr), xr.shape[0])
+        probed = 0
+        for out in outs:  # several outputs (a dict of heads): one probe over all of them together
+            # the whole batch's probes, then this rank's rows: every image gets the probe one process would give it
+            v = _probe(torch.Size((p * n, *out.shape[1:])), cfg.probe, gen, out.device)
+            v = v.view(p, n, *out.shape[1:])[:, part].reshape(out.shape)
+            probed = probed + (out * v).sum()
+        torch.autograd.grad(probed, xr)  # the hooks do the work; the input gradient is dropped
         reducer.finish()  # a tensor the output does not depend on has trace 0
         done += p
         late = done >= cfg.min_probes and deadline is not None and deadline.past_share(LFH_SHARE)
@@ -149,6 +151,17 @@ def _batch(
     if not math.isfinite(float(stats.mean.sum())):
         raise GraphCheckFailed("lfh: NaN/inf in the Hessian traces; check the input images and model weights")
     return stats, done
+
+
+def _probe_points(out, rows: int) -> list[Tensor]:
+    """The model's float output tensors (one, or the leaves of a dict / list / tuple), each batch-first."""
+    leaves = [t for t in tree_leaves(out) if isinstance(t, Tensor) and t.is_floating_point() and t.requires_grad]
+    if not leaves or any(t.dim() == 0 or t.shape[0] != rows for t in leaves):
+        raise UnsupportedOp(
+            "lfh: the model's outputs (the probe point) must be float tensors with the batch as their first "
+            "dimension; wrap the model so that it returns them"
+        )
+    return leaves
 
 
 class _Merged:

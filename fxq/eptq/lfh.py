@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor
-from torch.utils._pytree import tree_leaves
 from torch.fx import GraphModule, Interpreter, Node
+from torch.utils._pytree import tree_leaves
 from tqdm.auto import tqdm
 
 from fxq.config import LFHConfig, Probe

@@ -1,0 +1,391 @@
+"""Coverage: which models fxq takes in end to end, and how much of their output W8A8 and W4A8 RTN keep.
+
+    python bench/coverage.py                          # every group; rows already in the JSON are kept
+    python bench/coverage.py --group timm --only deit_tiny_patch16_224 --redo
+    python bench/coverage.py --table                  # print the table from the JSON, run nothing
+
+Models: every torchvision classification model, the torchvision detection and segmentation models, and a list of
+timm models (when timm is installed; it is a bench-only dependency). All with random weights, settled so that
+they behave (fxq.data.models.settle_random_weights_). Each model runs in its own process with a time limit, so a
+crash or a hang costs one row. Per row: the front-end that traced it (fx first, then export), the conv / linear /
+matmul ops quantized out of those in the graph, the share of the model's conv/linear weight elements quantized,
+the SQNR of the model output against float at W8A8 and W4A8 (4 calibration images, 2 other images) beside the
+float model's own output when only its input is rounded to 8 bits (the ceiling of a random network), whether
+EPTQ runs (a few steps), the W8A8 run's seconds, and the first line of any error. Rows go to --json as they
+finish (written atomically); the table goes to bench/COVERAGE.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torchvision
+from torch import nn
+
+HERE = Path(__file__).resolve().parent
+DETECTION = [
+    "retinanet_resnet50_fpn",
+    "ssdlite320_mobilenet_v3_large",
+    "fasterrcnn_mobilenet_v3_large_320_fpn",
+    "fcos_resnet50_fpn",
+]
+SEGMENTATION = ["deeplabv3_mobilenet_v3_large", "lraspp_mobilenet_v3_large", "fcn_resnet50"]
+TIMM = [
+    "deit_tiny_patch16_224",
+    "vit_tiny_patch16_224",
+    "swin_tiny_patch4_window7_224",
+    "mobilevit_xxs",
+    "mixer_s16_224",
+    "resmlp_12_224",
+    "levit_128s",
+    "convnext_atto",
+    "efficientformer_l1",
+    "regnety_002",
+]
+HOW = (
+    "Commands: `python bench/coverage.py` (fxq), then `.bench-venv/bin/python bench/coverage.py --tool mct` (a "
+    "bench environment with model-compression-toolkit); `--table` rewrites this file from the two JSON files. "
+    "Random weights settled on random images; inputs 64 px (96 for Inception/GoogLeNet, 224 for the "
+    "transformers, 320 for the detectors); 4 calibration images, SQNR of the output on 2 others against the float "
+    "model (detectors: their raw head outputs). *input-only*: the float model's own SQNR when only its input is "
+    "rounded to 8 bits: a random network amplifies small perturbations, so a quantized one cannot do much better "
+    "than this. *EPTQ*: 2 rounding steps on 2 LFH probes at W4A8."
+)
+FIXED_SIZE = ("vit_", "swin", "maxvit", "deit", "mixer", "resmlp", "levit", "efficientformer", "mobilevit")
+
+
+def groups() -> dict[str, list[str]]:
+    return {
+        "torchvision": sorted(torchvision.models.list_models(module=torchvision.models)),
+        "detection": DETECTION,
+        "segmentation": SEGMENTATION,
+        "timm": TIMM,
+    }
+
+
+def _size(name: str) -> int:
+    if name.startswith(FIXED_SIZE):
+        return 224
+    if name in DETECTION:
+        return 320
+    return 96 if name.startswith(("inception", "googlenet")) else 64
+
+
+def _images(n: int, size: int, seed: int) -> torch.Tensor:
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def build(group: str, name: str) -> nn.Module:
+    from fxq.data.models import settle_random_weights_
+
+    torch.manual_seed(0)
+    if group == "timm":
+        import timm
+
+        model = timm.create_model(name, pretrained=False)
+    elif group == "detection":
+        model = torchvision.models.get_model(name, weights=None, weights_backbone=None)
+    elif group == "segmentation":
+        model = torchvision.models.get_model(name, weights=None, weights_backbone=None, aux_loss=False)
+    else:
+        model = torchvision.models.get_model(name)
+    size = _size(name)
+    if group == "detection":  # detectors in train mode want targets: settle their backbone alone
+        settle_random_weights_(model.backbone, lambda i: _images(8, size, 10 + i))
+        return model.eval()
+    return settle_random_weights_(model, lambda i: _images(8, size, 10 + i))
+
+
+def _first(out):
+    """The model output as one tensor, for the SQNR (a dict of heads: its first entry)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, dict):
+        return _first(next(iter(out.values())))
+    if isinstance(out, (list, tuple)) and out:
+        return _first(out[0])
+    raise TypeError(f"no tensor in the output ({type(out).__name__})")
+
+
+def _sqnr(ref: torch.Tensor, out: torch.Tensor) -> float:
+    ref, out = ref.detach().float(), out.detach().float()
+    if ref.shape != out.shape:
+        raise ValueError(f"output shape {tuple(out.shape)} differs from the float model's {tuple(ref.shape)}")
+    return float(10 * torch.log10(ref.pow(2).sum() / (ref - out).pow(2).sum().clamp_min(1e-30)))
+
+
+def _counts(model: nn.Module, qgm) -> dict:
+    from fxq.ir.meta import OpKind, q
+    from fxq.ir.ops import grid_source, kind_of
+    from fxq.quant.modules import ActQuant, QuantWeight
+
+    ops = quantized = 0
+    graphs = [m for m in qgm.modules() if isinstance(m, torch.fx.GraphModule)]  # the model, or its parts
+    for g, n in ((graph, n) for graph in graphs for n in graph.graph.nodes):
+        kind = q(n).kind if q(n).kind is not None else kind_of(g, n)
+        mod = g.get_submodule(n.target) if n.op == "call_module" else None
+        if isinstance(mod, QuantWeight):
+            ops, quantized = ops + 1, quantized + 1
+        elif kind in (OpKind.CONV, OpKind.LINEAR, OpKind.MATMUL):
+            ops += 1
+            inputs = [a for a in n.args[:2] if isinstance(a, torch.fx.Node)]
+            quantized += kind is OpKind.MATMUL and all(grid_source(g, a, ActQuant) for a in inputs)
+    weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)))
+    weights += sum(m.in_proj_weight.numel() for m in model.modules() if isinstance(m, nn.MultiheadAttention))
+    done = {id(m.layer.weight): m.layer.weight.numel() for m in qgm.modules() if isinstance(m, QuantWeight)}
+    return {"ops": ops, "quantized_ops": quantized, "weights_pct": 100.0 * sum(done.values()) / max(weights, 1)}
+
+
+def _head_output(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A detector's raw head outputs on `x`, flattened into one tensor: its detections are lists whose lengths
+    follow the scores, so the SQNR is taken before the post-processing."""
+    path = "head" if hasattr(model, "head") else "roi_heads.box_predictor"
+    seen = []
+    hook = model.get_submodule(path).register_forward_hook(lambda m, a, out: seen.append(out))
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        hook.remove()
+    leaves = [t for t in torch.utils._pytree.tree_leaves(seen[0]) if isinstance(t, torch.Tensor)]
+    return torch.cat([t.flatten() for t in leaves])
+
+
+def measure(group: str, name: str) -> dict:
+    """One row: trace with fx, else export; W8A8 and W4A8 RTN; a few EPTQ steps."""
+    import fxq
+    from fxq.config import LFHConfig, Method, PTQConfig, RoundingConfig
+    from fxq.targets import INT8
+
+    model = build(group, name)
+    size = _size(name)
+    calib = [_images(2, size, 1), _images(2, size, 3)]
+    x = _images(2, size, 2)
+    step = x.abs().max() / 127
+    output = (lambda m, inp: _head_output(m, inp)) if group == "detection" else (lambda m, inp: _first(m(inp)))
+    with torch.no_grad():
+        ref = output(model, x)
+        # the float model's own sensitivity: its output when only the input is rounded to 8 bits. A quantized model
+        # rounds the input too, so it cannot do much better; a random network can be chaotic (batch norm at
+        # initialisation amplifies perturbations layer by layer), and this shows where that bounds a row
+        input_only = _sqnr(ref, output(model, torch.round(x / step) * step))
+    row: dict = {"group": group, "model": name, "size": size, "sqnr_input_only": round(input_only, 2)}
+    errors = []
+    for frontend in ("fx", "export", "auto"):  # auto: part by part where neither traces the whole model
+        try:
+            start = time.perf_counter()
+            qgm, report = fxq.quantize(model, calib, PTQConfig(frontend=frontend, progress=False))
+            row["seconds"] = round(time.perf_counter() - start, 1)
+            with torch.no_grad():
+                row["sqnr_w8a8"] = round(_sqnr(ref, output(qgm, x)), 2)
+            row["frontend"] = report.frontend if report.frontend == "parts" else frontend
+            if report.frontend == "parts":
+                row["parts"] = report.settings["parts"]
+            break
+        except Exception as e:  # noqa: BLE001 - a row records any failure
+            errors.append(f"{frontend}: {type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else ''}")
+    if "frontend" not in row:
+        row["error"] = " | ".join(errors)
+        return row
+    row.update(_counts(model, qgm))
+    frontend = "auto" if row["frontend"] == "parts" else row["frontend"]
+    cfg = PTQConfig(target=INT8.with_bits(4, 8), frontend=frontend, progress=False)
+    try:
+        q4, _ = fxq.quantize(model, calib, cfg)
+        with torch.no_grad():
+            row["sqnr_w4a8"] = round(_sqnr(ref, output(q4, x)), 2)
+    except Exception as e:  # noqa: BLE001
+        row["error"] = f"W4A8: {type(e).__name__}: {str(e).splitlines()[0][:300]}"
+    eptq = PTQConfig(
+        target=INT8.with_bits(4, 8),
+        method=Method.EPTQ,
+        frontend=frontend,
+        lfh=LFHConfig(images=2, batch_size=2, min_probes=2, max_probes=2),
+        rounding=RoundingConfig(iterations=2, batch_size=2),
+        progress=False,
+    )
+    try:
+        fxq.quantize(model, calib, eptq)
+        row["eptq"] = "ok"
+    except Exception as e:  # noqa: BLE001
+        row["eptq"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+    return row
+
+
+def measure_mct(group: str, name: str) -> dict:
+    """The same row with model-compression-toolkit's PTQ (its default IMX500 TPC at W8A8, the anchors' 4-bit
+    rebuild at W4A8), for the side-by-side: run with a bench environment that has MCT installed."""
+    import model_compression_toolkit as mct
+
+    sys.path.insert(0, str(HERE.parent.parent / "shared" / "anchors" / "mct"))
+    from common import make_tpc  # the anchors' TPC with every kernel at the given width
+
+    model = build(group, name)
+    size = _size(name)
+    calib = [_images(2, size, 1), _images(2, size, 3)]
+    x = _images(2, size, 2)
+    output = (lambda m, inp: _head_output(m, inp)) if group == "detection" else (lambda m, inp: _first(m(inp)))
+    with torch.no_grad():
+        ref = output(model, x)
+    row: dict = {"group": group, "model": name, "size": size, "tool": f"mct {mct.__version__}"}
+
+    def gen():
+        for b in calib:
+            yield [b]
+
+    for bits in (8, 4):
+        try:
+            start = time.perf_counter()
+            qmodel, _ = mct.ptq.pytorch_post_training_quantization(
+                copy.deepcopy(model), gen, target_platform_capabilities=make_tpc(bits)
+            )
+            if bits == 8:
+                row["seconds"] = round(time.perf_counter() - start, 1)
+                row["frontend"] = "mct fx"
+                wrapped = [m for m in qmodel.modules() if type(m).__name__ == "PytorchQuantizationWrapper"]
+                row["quantized_ops"] = sum(bool(getattr(m, "weights_quantizers", None)) for m in wrapped)
+                row["ops"] = sum(isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)) for m in model.modules())
+            qmodel = qmodel.cpu().eval()
+            with torch.no_grad():
+                row[f"sqnr_w{bits}a8"] = round(_sqnr(ref, output(qmodel, x)), 2)
+        except Exception as e:  # noqa: BLE001 - a row records any failure
+            row["error"] = f"W{bits}A8: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:300]}"
+            break
+    return row
+
+
+def _run_one(group: str, name: str, timeout: float, tool: str = "fxq") -> dict:
+    """`measure` in a child process: a crash, a hang or an out-of-memory costs this row alone."""
+    cmd = [sys.executable, __file__, "--row", group, name, "--tool", tool]
+    start = time.perf_counter()
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=HERE.parent)
+    except subprocess.TimeoutExpired:
+        return {"group": group, "model": name, "error": f"over the {timeout:.0f} s limit"}
+    lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
+    if done.returncode != 0 or not lines:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1][:300]
+        return {"group": group, "model": name, "error": f"exit {done.returncode}: {tail}"}
+    row = json.loads(lines[-1])
+    row["wall_seconds"] = round(time.perf_counter() - start, 1)
+    return row
+
+
+def table(rows: list[dict], mct: dict[tuple[str, str], dict]) -> str:
+    """The fxq rows, with model-compression-toolkit's figures for the same model beside them where measured."""
+    head = (
+        "| group | model | front-end | quantized ops | weights % | input-only dB | W8A8 dB | W4A8 dB | EPTQ | s "
+        "| error | MCT quantized | MCT W8A8 dB | MCT W4A8 dB | MCT s | MCT error |"
+    )
+    out = [head, "|" + "---|" * 16]
+    num = lambda r, k, f="{:.1f}": f.format(r[k]) if k in r else ""  # noqa: E731
+    for r in rows:
+        m = mct.get((r["group"], r["model"]), {})
+        cells = [
+            r["group"],
+            r["model"],
+            r.get("frontend", "-"),
+            f"{r['quantized_ops']}/{r['ops']}" if "ops" in r else "",
+            num(r, "weights_pct", "{:.0f}"),
+            num(r, "sqnr_input_only"),
+            num(r, "sqnr_w8a8"),
+            num(r, "sqnr_w4a8"),
+            r.get("eptq", ""),
+            num(r, "seconds", "{:.0f}"),
+            (r.get("error") or "").replace("|", "/")[:160],
+            f"{m['quantized_ops']}/{m['ops']}" if "ops" in m else ("" if m else "not run"),
+            num(m, "sqnr_w8a8"),
+            num(m, "sqnr_w4a8"),
+            num(m, "seconds", "{:.0f}"),
+            (m.get("error") or "").replace("|", "/")[:120],
+        ]
+        out.append("| " + " | ".join(str(c) for c in cells) + " |")
+    through = sum("frontend" in r for r in rows)
+    tried = [m for m in mct.values()]
+    out += ["", f"fxq: {through} of {len(rows)} models through end to end."]
+    if tried:
+        ok = sum("sqnr_w8a8" in m for m in tried)
+        both = [(r, mct[(r["group"], r["model"])]) for r in rows if (r["group"], r["model"]) in mct]
+        fxq_ok = sum("frontend" in r for r, _ in both)
+        out.append(
+            f"MCT: {ok} of {len(tried)} models it was run on through W8A8 (fxq: {fxq_ok} of the same {len(both)})."
+        )
+    return "\n".join(out)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--group", default="all", choices=["all", *groups()])
+    p.add_argument("--only", nargs="*", default=None, help="these models only")
+    p.add_argument("--json", type=Path, default=None, help="default: bench/coverage.json (mct: coverage_mct.json)")
+    p.add_argument("--markdown", type=Path, default=HERE / "COVERAGE.md")
+    p.add_argument("--timeout", type=float, default=900.0, help="seconds per model")
+    p.add_argument("--redo", action="store_true", help="measure rows already in the JSON again")
+    p.add_argument("--table", action="store_true", help="write the table from the JSON files, measure nothing")
+    p.add_argument("--tool", default="fxq", choices=["fxq", "mct"], help="mct: run with an environment that has it")
+    p.add_argument("--row", nargs=2, metavar=("GROUP", "NAME"), help=argparse.SUPPRESS)  # the child process
+    a = p.parse_args()
+    if a.row:
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
+        try:
+            print(json.dumps((measure if a.tool == "fxq" else measure_mct)(*a.row)))
+        except Exception as e:  # noqa: BLE001 - building the model failed: still one row
+            traceback.print_exc()
+            print(json.dumps({"group": a.row[0], "model": a.row[1], "error": f"{type(e).__name__}: {e}"[:300]}))
+        return
+
+    from fxq.io.files import write_atomic, write_json_atomic
+
+    a.json = a.json or HERE / ("coverage.json" if a.tool == "fxq" else "coverage_mct.json")
+    rows = json.loads(a.json.read_text())["rows"] if a.json.exists() else []
+    if not a.table:
+        todo = [(g, n) for g, names in groups().items() if a.group in ("all", g) for n in names]
+        if a.group == "timm" or a.group == "all":
+            try:
+                import timm  # noqa: F401
+            except ImportError:
+                print("timm is not installed: its rows are left out (pip install timm)")
+                todo = [(g, n) for g, n in todo if g != "timm"]
+        todo = [(g, n) for g, n in todo if a.only is None or n in a.only]
+        have = {(r["group"], r["model"]) for r in rows}
+        todo = [t for t in todo if a.redo or t not in have]
+        start = time.perf_counter()
+        for i, (g, n) in enumerate(todo):
+            row = _run_one(g, n, a.timeout, a.tool)
+            rows = [r for r in rows if (r["group"], r["model"]) != (g, n)] + [row]
+            write_json_atomic(a.json, {"cpu": _cpu(), "torch": torch.__version__, "rows": rows})
+            spent = time.perf_counter() - start
+            eta = spent / (i + 1) * (len(todo) - i - 1)
+            status = row.get("error") or f"{row.get('sqnr_w8a8')} dB"
+            print(f"[{i + 1}/{len(todo)} eta {eta / 60:.0f} min] {g} {n}: {status}", flush=True)
+    order = {g: k for k, g in enumerate(groups())}
+    fxq_rows = rows if a.tool == "fxq" else _rows(HERE / "coverage.json")
+    mct_rows = rows if a.tool == "mct" else _rows(HERE / "coverage_mct.json")
+    fxq_rows.sort(key=lambda r: (order.get(r["group"], 9), r["model"]))
+    text = table(fxq_rows, {(r["group"], r["model"]): r for r in mct_rows})
+    print(text)
+    body = f"# Coverage\n\n{HOW}\n\nMeasured on {_cpu()}.\n\n{text}\n"
+    write_atomic(a.markdown, lambda path: path.write_text(body))  # also after --table: it follows the JSON files
+
+
+def _rows(path: Path) -> list[dict]:
+    return json.loads(path.read_text())["rows"] if path.exists() else []
+
+
+def _cpu() -> str:
+    from fxq.targets import cpu_description
+
+    return cpu_description()
+
+
+if __name__ == "__main__":
+    main()

@@ -54,7 +54,7 @@ TIMM = [
 HOW = (
     "Commands: `python bench/coverage.py` (fxq), then `.bench-venv/bin/python bench/coverage.py --tool mct` (a "
     "bench environment with model-compression-toolkit); `--table` rewrites this file from the two JSON files. "
-    "Random weights settled on random images; inputs 64 px (96 for Inception/GoogLeNet, 224 for the "
+    "Random weights settled on random images; inputs 64 px (96 for GoogLeNet, 299 for Inception, 224 for the "
     "transformers, 320 for the detectors); 4 calibration images, SQNR of the output on 2 others against the float "
     "model (detectors: their raw head outputs). *input-only*: the float model's own SQNR when only its input is "
     "rounded to 8 bits: a random network amplifies small perturbations, so a quantized one cannot do much better "
@@ -77,7 +77,9 @@ def _size(name: str) -> int:
         return 224
     if name in DETECTION:
         return 320
-    return 96 if name.startswith(("inception", "googlenet")) else 64
+    if name.startswith("inception"):
+        return 299  # its auxiliary head (run while the batch norms settle) needs the full size
+    return 96 if name.startswith("googlenet") else 64
 
 
 def _images(n: int, size: int, seed: int) -> torch.Tensor:

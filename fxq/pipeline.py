@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import time
+import warnings
 from collections.abc import Iterable
 from enum import Enum
 from typing import NamedTuple
@@ -324,6 +325,11 @@ def _quantize_parts(model: nn.Module, batches: list, config: PTQConfig, failed: 
         raise failed
     for path, part in parts.items():
         model.set_submodule(path, part.model)
+    warnings.warn(
+        f"fxq: no front-end traced {type(model).__name__} whole ({first_line(failed)}); quantized its parts "
+        f"{sorted(parts)}, the rest runs float" + (f" (float: {sorted(left_float)})" if left_float else ""),
+        stacklevel=3,
+    )
     report = Report.of_parts(type(model).__name__, {p: q.report for p, q in parts.items()}, left_float)
     return Quantized(model, report)
 

@@ -60,7 +60,8 @@ def test_an_untraceable_model_is_quantized_part_by_part():
     model = _model()
     with pytest.raises(fxq.TraceFailed):
         fxq.quantize(model, CALIB, PTQConfig(frontend="fx", progress=False))  # a chosen front-end: no parts
-    qmodel, report = fxq.quantize(model, CALIB, PTQConfig(progress=False))
+    with pytest.warns(UserWarning, match=r"no front-end traced Detector whole .* quantized its parts"):
+        qmodel, report = fxq.quantize(model, CALIB, PTQConfig(progress=False))
     assert report.frontend == "parts"
     assert set(report.settings["parts"]) == {"backbone", "down", "head"}
     assert report.settings["parts"]["head"]["frontend"] == "export"  # a list input: fx cannot iterate it

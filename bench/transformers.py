@@ -5,7 +5,7 @@ each activation quantizer alone, under the two activation placements (Target.qua
 
 Same models and images as bench/coverage.py (random weights, 4 calibration images, the SQNR on 2 others). Rows:
 one per model, placement and weight width; `worst` lists the activation quantizers that cost the most when each
-is the only one applied.
+is the only one applied. Rows are written to --json as they finish and skipped when the script runs again.
 """
 
 from __future__ import annotations
@@ -66,14 +66,17 @@ def main() -> None:
     p.add_argument("--bits", default="8,4")
     p.add_argument("--json", type=Path, default=None)
     a = p.parse_args()
-    rows = []
+    rows = json.loads(a.json.read_text())["rows"] if a.json and a.json.exists() else []
     for name in a.models.split(","):
         for bits in (int(b) for b in a.bits.split(",")):
             for norm_inputs in (True, False):
+                key = (name, bits, norm_inputs)
+                if any((r["model"], r["weight_bits"], r["quantize_norm_inputs"]) == key for r in rows):
+                    continue  # measured by an earlier run into the same file
                 rows.append(measure(name, bits, norm_inputs))
                 print(json.dumps(rows[-1]), flush=True)
-    if a.json:
-        write_json_atomic(a.json, {"cpu": cpu_description(), "rows": rows})
+                if a.json:
+                    write_json_atomic(a.json, {"cpu": cpu_description(), "rows": rows})
 
 
 if __name__ == "__main__":

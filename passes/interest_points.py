@@ -1,7 +1,8 @@
 """InterestPoints: mark the tensors Z of the EPTQ loss and the LFH (arXiv 2309.11531).
 
 Z = outputs of linear ops (conv, linear, matmul) not followed by an activation, and outputs of add and
-cat. "Followed by" looks through ops that only move values (view, dropout, ...). The model output is the
+cat, among the values that depend on the model input (a tensor computed from parameters alone, as Swin v2's
+position-bias MLP over a fixed coordinate table, is the same for every image: no per-image term of the loss). "Followed by" looks through ops that only move values (view, dropout, ...). The model output is the
 LFH's probe point, not an interest tensor (MCT counts it; its trace is trivially the largest).
 """
 
@@ -48,6 +49,15 @@ def _model_outputs(gm: GraphModule) -> set[Node]:
     return found
 
 
+def _depends_on_inputs(gm: GraphModule) -> set[Node]:
+    """Nodes whose value depends on a graph input."""
+    found: set[Node] = set()
+    for node in gm.graph.nodes:  # topological order: inputs come first
+        if node.op == "placeholder" or any(a in found for a in node.all_input_nodes):
+            found.add(node)
+    return found
+
+
 class InterestPoints(FxqPass):
     """Set NodeQ.interest on every interest tensor (fxq.ir.taps.interest_nodes lists them in graph order)."""
 
@@ -57,10 +67,11 @@ class InterestPoints(FxqPass):
 
     def call(self, gm: GraphModule) -> PassResult:
         outputs = _model_outputs(gm)
+        per_image = _depends_on_inputs(gm)
         z = []
         for node in gm.graph.nodes:
             kind = q(node).kind
-            if node in outputs or kind not in _LINEAR_OPS | _MERGE_OPS:
+            if node in outputs or node not in per_image or kind not in _LINEAR_OPS | _MERGE_OPS:
                 continue
             after = list(_next_compute(node))
             if kind in _LINEAR_OPS and after and all(q(u).kind is OpKind.ACTIVATION for u in after):

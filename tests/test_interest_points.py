@@ -2,12 +2,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import fxq
 from fxq.frontend.trace import trace
+from fxq.ir.meta import q
 from fxq.ir.taps import interest_nodes
 from fxq.passes.annotate import Annotate
 from fxq.passes.interest_points import InterestPoints
 from fxq.passes.shapes import PropagateShapes
 from fxq.pipeline import run_passes
+from fxq.quant.modules import QuantWeight
 from fxq.targets import INT8
 
 
@@ -59,3 +62,29 @@ def test_output_behind_a_view_is_not_interest():
             return self.fc(x).view(-1, 2, 3)
 
     assert interest(Head().eval(), 2, 4) == []
+
+
+def test_a_tensor_computed_from_parameters_alone_is_not_an_interest_tensor():
+    class PositionBias(nn.Module):
+        """Swin v2's continuous position bias: an MLP over a fixed table, the same for every image."""
+
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("table", torch.linspace(-1, 1, 8).reshape(4, 2))
+            self.mlp = nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, 4))
+            self.proj = nn.Linear(4, 4)
+
+        def forward(self, x):
+            bias = self.mlp(self.table).mean(0)  # [4], no batch dimension
+            return self.proj(x) + bias
+
+    model = PositionBias().eval()
+    gm = fxq.analyze(model, [torch.randn(3, 4)], fxq.PTQConfig(progress=False))
+    names = {n.name for n in gm.graph.nodes if q(n).interest}
+    assert names == {"proj"}  # the add is the output; the MLP's linear layers read no image
+    qgm, _ = fxq.quantize(
+        model,
+        [torch.randn(8, 4)],
+        fxq.PTQConfig(method="eptq", rounding=fxq.RoundingConfig(iterations=2, batch_size=4), progress=False),
+    )
+    assert sum(isinstance(m, QuantWeight) for m in qgm.modules()) == 3

@@ -147,6 +147,11 @@ def _counts(model: nn.Module, qgm) -> dict:
     return {"ops": ops, "quantized_ops": quantized, "weights_pct": 100.0 * sum(done.values()) / max(weights, 1)}
 
 
+def _output_of(group: str):
+    """What a row compares: a detector's raw head outputs, any other model's output (its first tensor)."""
+    return _head_output if group == "detection" else (lambda model, x: _first(model(x)))
+
+
 def _head_output(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """A detector's raw head outputs on `x`, flattened into one tensor: its detections are lists whose lengths
     follow the scores, so the SQNR is taken before the post-processing."""
@@ -173,7 +178,7 @@ def measure(group: str, name: str) -> dict:
     calib = [_images(2, size, 1), _images(2, size, 3)]
     x = _images(2, size, 2)
     step = x.abs().max() / 127
-    output = (lambda m, inp: _head_output(m, inp)) if group == "detection" else (lambda m, inp: _first(m(inp)))
+    output = _output_of(group)
     with torch.no_grad():
         ref = output(model, x)
         # the float model's own sensitivity: its output when only the input is rounded to 8 bits. A quantized model
@@ -235,7 +240,7 @@ def measure_mct(group: str, name: str) -> dict:
     size = _size(name)
     calib = [_images(2, size, 1), _images(2, size, 3)]
     x = _images(2, size, 2)
-    output = (lambda m, inp: _head_output(m, inp)) if group == "detection" else (lambda m, inp: _first(m(inp)))
+    output = _output_of(group)
     with torch.no_grad():
         ref = output(model, x)
     row: dict = {"group": group, "model": name, "size": size, "tool": f"mct {mct.__version__}"}

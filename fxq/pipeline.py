@@ -339,7 +339,7 @@ def _quantize_part(part: nn.Module, calls: list[Call], config: PTQConfig) -> Qua
         batches = [c[0] for c in calls]
     else:  # EPTQ and mixed precision read image batches
         batches, config = calls, dataclasses.replace(config, method=Method.RTN, mixed_precision=None)
-    gm = analyze(part, batches, dataclasses.replace(config, frontend=Frontend.AUTO))
+    gm = analyze(part, batches, config)  # front-end auto, as the whole model's
     return quantize_analyzed(gm, batches, config, type(part).__name__)
 
 

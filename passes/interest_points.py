@@ -14,6 +14,7 @@ from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
 
 from fxq.errors import GraphCheckFailed
+from fxq.ir.graph import dataflow, downstream
 from fxq.ir.meta import OpKind, gq, q
 from fxq.ir.passbase import FxqPass, PassResult
 
@@ -49,15 +50,6 @@ def _model_outputs(gm: GraphModule) -> set[Node]:
     return found
 
 
-def _depends_on_inputs(gm: GraphModule) -> set[Node]:
-    """Nodes whose value depends on a graph input."""
-    found: set[Node] = set()
-    for node in gm.graph.nodes:  # topological order: inputs come first
-        if node.op == "placeholder" or any(a in found for a in node.all_input_nodes):
-            found.add(node)
-    return found
-
-
 class InterestPoints(FxqPass):
     """Set NodeQ.interest on every interest tensor (fxq.ir.taps.interest_nodes lists them in graph order)."""
 
@@ -67,7 +59,8 @@ class InterestPoints(FxqPass):
 
     def call(self, gm: GraphModule) -> PassResult:
         outputs = _model_outputs(gm)
-        per_image = _depends_on_inputs(gm)
+        inputs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        per_image = downstream(dataflow(gm), inputs)  # values that depend on the model input
         z = []
         for node in gm.graph.nodes:
             kind = q(node).kind

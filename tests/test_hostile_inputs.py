@@ -836,11 +836,11 @@ def _cli(args, **kw) -> subprocess.Popen:
     )
 
 
-def _wait_for(path: Path, proc: subprocess.Popen, seconds: float = 240) -> None:
-    t0 = time.time()
+def _wait_for(path: Path, proc: subprocess.Popen) -> None:
+    """Until `proc` writes `path` (it checkpoints within its first steps); a process that ends first fails the test
+    with its output. No clock: a slow machine only waits longer."""
     while not path.exists():
         assert proc.poll() is None, proc.communicate()
-        assert time.time() - t0 < seconds, f"{path} never appeared"
         time.sleep(0.2)
 
 

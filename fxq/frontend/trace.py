@@ -110,12 +110,11 @@ def _trace_fx(model: nn.Module, leaf_modules: tuple, concrete_args: dict[str, An
         cls = type(model.get_submodule(where) if where != "<root>" else model).__name__
         # keeping the failing module whole only helps below the root: the root whole would quantize nothing
         leaf = f"keep '{where}' whole with leaf_modules=('{where}',) (its weights then stay float)"
+        cause = f"symbolic_trace failed in module '{where}' ({cls}) at {_user_frame(e)}: {_first_line(e)}"
         failed = TraceFailed(
-            f"symbolic_trace failed in module '{where}' ({cls}) at {_user_frame(e)}: {_first_line(e)}. "
-            f"Try frontend='export' (--frontend export){', or ' + leaf if where != '<root>' else ''}."
+            f"{cause}. Try frontend='export' (--frontend export){', or ' + leaf if where != '<root>' else ''}."
         )
-        failed.cause = f"symbolic_trace failed in module '{where}' ({cls}) at {_user_frame(e)}: {_first_line(e)}"
-        failed.leaf_remedy = leaf if where != "<root>" else None
+        failed.cause, failed.leaf_remedy = cause, leaf if where != "<root>" else None
         raise failed from e
     return GraphModule(tracer.root, graph, type(model).__name__)
 
@@ -130,12 +129,12 @@ def _trace_export(model: nn.Module, example_inputs: tuple) -> GraphModule:
     try:
         ep = torch.export.export(model, tuple(example_inputs), dynamic_shapes=dims, strict=False)
     except Exception as e:
+        cause = f"torch.export failed at {_user_frame(e)}: {_first_line(e)}"
         failed = TraceFailed(
-            f"torch.export failed at {_user_frame(e)}: {_first_line(e)}. "
-            f"Try frontend='fx' (--frontend fx). If both fail on data-dependent code (a detector's box decoding and "
+            f"{cause}. Try frontend='fx' (--frontend fx). If both fail on data-dependent code (a detector's box decoding and "
             f"NMS), quantize the part that traces: the backbone and heads, with that code kept float"
         )
-        failed.cause = f"torch.export failed at {_user_frame(e)}: {_first_line(e)}"
+        failed.cause = cause
         raise failed from e
     return ep.module()
 
@@ -151,7 +150,7 @@ def _trace_either(
         try:
             return _trace_export(model, example_inputs), Frontend.EXPORT
         except TraceFailed as export_failed:
-            leaf = getattr(fx_failed, "leaf_remedy", None)
+            leaf = fx_failed.leaf_remedy
             raise TraceFailed(
                 f"neither front-end traced the model: {fx_failed.cause}; {export_failed.cause}. "
                 + (f"Try leaf_modules: {leaf}. " if leaf else "")

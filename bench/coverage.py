@@ -154,8 +154,9 @@ def _output_of(group: str):
 
 def _head_output(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """A detector's raw head outputs on `x`, flattened into one tensor: its detections are lists whose lengths
-    follow the scores, so the SQNR is taken before the post-processing."""
-    path = "head" if hasattr(model, "head") else "roi_heads.box_predictor"
+    follow the scores, so the SQNR is taken before the post-processing. A two-stage detector's first-stage head
+    (the RPN's): the second stage sees as many proposals as the first keeps, a count that differs between models."""
+    path = "head" if hasattr(model, "head") else "rpn.head"
     seen = []
     hook = model.get_submodule(path).register_forward_hook(lambda m, a, out: seen.append(out))
     try:

@@ -37,6 +37,15 @@ PATHS = {
     "layerwise": {"start": "layerwise"},  # from each layer's own error-feedback rounding (fxq.eptq.layerwise)
     "layerwise-adam": {"start": "layerwise", "optimizer": "adam"},
     "layerwise-256": {"start": "layerwise", "start_images": 256},  # the start reads 256 of the images
+    # the layer-local choice kept (confidence 1); the steps train only the biases and per-channel step factors
+    "layerwise-tune": {"start": "layerwise", "start_confidence": 1.0, "train_scale": True},
+    "layerwise-tune-fast": {
+        "start": "layerwise",
+        "start_confidence": 1.0,
+        "train_scale": True,
+        "lr_bias": 1e-2,
+        "lr_scale": 1e-2,
+    },
 }
 # the reference implementation on a 2-core CPU, Lite0 W4A8: (seconds, top-1), ../shared/anchors/README.md
 MCT_CPU = {(DEFAULT_MODEL, 4): [(1250.0, 61.38)]}

@@ -2,10 +2,13 @@
 each activation quantizer alone, under the two activation placements (Target.quantize_norm_inputs).
 
     python bench/transformers.py [--models vit_b_16,deit_tiny_patch16_224] [--bits 8,4] [--json FILE]
+    python bench/transformers.py --rounding-images 4,16,64 [--models ...] [--json FILE]
 
 Same models and images as bench/coverage.py (random weights, 4 calibration images, the SQNR on 2 others). Rows:
 one per model, placement and weight width; `worst` lists the activation quantizers that cost the most when each
-is the only one applied. Rows are written to --json as they finish and skipped when the script runs again.
+is the only one applied. With --rounding-images, W4A8 rows instead (default placement): round-to-nearest against
+the layer-local rounding (EPTQ's layer-local start with no whole-network steps), calibrated on N images each.
+Rows are written to --json as they finish and skipped when the script runs again.
 """
 
 from __future__ import annotations
@@ -60,23 +63,56 @@ def measure(name: str, bits: int, norm_inputs: bool) -> dict:
     }
 
 
+def measure_rounding(name: str, images: int, start: str | None) -> dict:
+    """W4A8 output SQNR after round-to-nearest (start None) or the layer-local rounding on `images` images."""
+    model = build(_group(name), name)
+    size = _size(name)
+    calib, x = [_images(2, size, 100 + i) for i in range(max(images // 2, 1))], _images(2, size, 2)
+    method = fxq.Method.RTN if start is None else fxq.Method.EPTQ
+    rounding = fxq.RoundingConfig(start=start or "float", iterations=0, batch_size=8)
+    cfg = fxq.PTQConfig(target=INT8.with_bits(4, 8), method=method, rounding=rounding, progress=False)
+    qgm, _ = fxq.quantize(model, calib, cfg)
+    with torch.no_grad():
+        sqnr = _sqnr(model(x), qgm(x))
+    return {
+        "model": name,
+        "weight_bits": 4,
+        "images": 2 * len(calib),
+        "rounding": start or "nearest",
+        "sqnr": round(sqnr, 2),
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="vit_b_16,deit_tiny_patch16_224")
     p.add_argument("--bits", default="8,4")
+    p.add_argument("--rounding-images", default="", help="e.g. 4,16,64: the W4A8 rounding rows")
     p.add_argument("--json", type=Path, default=None)
     a = p.parse_args()
     rows = json.loads(a.json.read_text())["rows"] if a.json and a.json.exists() else []
+
+    def add(row: dict) -> None:
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        if a.json:
+            write_json_atomic(a.json, {"cpu": cpu_description(), "rows": rows})
+
+    if a.rounding_images:
+        for name in a.models.split(","):
+            for images in (int(n) for n in a.rounding_images.split(",")):
+                for start in (None, "layerwise"):
+                    key = (name, images, start or "nearest")
+                    if not any((r["model"], r.get("images"), r.get("rounding")) == key for r in rows):
+                        add(measure_rounding(name, images, start))
+        return
     for name in a.models.split(","):
         for bits in (int(b) for b in a.bits.split(",")):
             for norm_inputs in (True, False):
                 key = (name, bits, norm_inputs)
-                if any((r["model"], r["weight_bits"], r["quantize_norm_inputs"]) == key for r in rows):
+                if any((r["model"], r["weight_bits"], r.get("quantize_norm_inputs")) == key for r in rows):
                     continue  # measured by an earlier run into the same file
-                rows.append(measure(name, bits, norm_inputs))
-                print(json.dumps(rows[-1]), flush=True)
-                if a.json:
-                    write_json_atomic(a.json, {"cpu": cpu_description(), "rows": rows})
+                add(measure(name, bits, norm_inputs))
 
 
 if __name__ == "__main__":

@@ -108,7 +108,7 @@ class RoundingConfig:
     lr_scale: float = 1e-3
     start: Start = Start.FLOAT  # where the rounding variables start
     start_images: int | None = None  # images the layer-local start reads (drawn with `seed`); None: all
-    start_confidence: float = 0.75  # h(V) on the layer-local choice's side at the start (0.5: undecided)
+    start_confidence: float = 0.75  # h(V) on the layer-local choice's side at the start (0.5: undecided; 1: kept)
     reg: float = 0.01  # lambda_reg of the rounding regulariser
     beta: tuple[float, float] = (20.0, 2.0)  # annealed linearly after the warm-up
     warmup: float = 0.2  # fraction of the iterations with the regulariser off
@@ -140,9 +140,9 @@ class RoundingConfig:
             raise ConfigError("resume needs checkpoint_dir: the folder an earlier run checkpointed to")
         if self.teacher_cache not in ("auto", "on", "off"):
             raise ConfigError(f"teacher_cache must be auto, on or off, got {self.teacher_cache!r}")
-        if (self.start_images is not None and self.start_images < 1) or not 0.5 < self.start_confidence < 1:
+        if (self.start_images is not None and self.start_images < 1) or not 0.5 < self.start_confidence <= 1:
             raise ConfigError(
-                f"need start_images >= 1 (or None) and start_confidence in (0.5, 1), got {self.start_images}, "
+                f"need start_images >= 1 (or None) and start_confidence in (0.5, 1], got {self.start_images}, "
                 f"{self.start_confidence}"
             )
         _coerce_enums_(self, loss_weights=LossWeights, optimizer=Optimizer, start=Start)

@@ -182,8 +182,27 @@ def test_soft_rounding_starts_at_the_choice_with_its_confidence():
     assert torch.equal(soft.v.detach()[soft.sizes[0] :], v1)  # a layer without a choice keeps its float start
     floor = _floor(layers[0])
     assert torch.equal((soft.hard_codes()[0] - floor) * free, choice * free)  # hardening now gives the choice
-    with pytest.raises(ConfigError, match=r"confidence must lie in \(0.5, 1\)"):
-        soft.start_from_([choice, None], 1.0)
+    with pytest.raises(ConfigError, match=r"confidence must lie in \(0.5, 1\]"):
+        soft.start_from_([choice, None], 1.5)
+    soft.close()
+
+
+def test_a_start_at_full_confidence_keeps_the_choice_and_trains_the_rest():
+    # confidence 1: the soft weight is the hard weight of the choice, V gets no gradient, the biases and step
+    # factors still do
+    torch.manual_seed(0)
+    layer = _quant(nn.Conv2d(4, 6, 3))
+    choice = (seeded(*layer.layer.weight.shape, seed=8) > 0).float()
+    soft = SoftRounding([layer], train_scale=True)
+    soft.start_from_([choice], 1.0)
+    soft.refresh()
+    step = layer.scale_like(layer.layer.weight)
+    free = (_floor(layer).abs() < 7).float()  # inside the grid: the choice is free there
+    assert torch.equal(layer.live[0].detach(), soft.hard_codes()[0] * step)
+    assert torch.equal((soft.hard_codes()[0] - _floor(layer)) * free, choice * free)
+    layer(seeded(2, 4, 8, 8, seed=3)).square().sum().backward()
+    assert soft.v.grad is None or not soft.v.grad.any()
+    assert soft.bias.grad.abs().sum() > 0 and soft.scale_factor.grad.abs().sum() > 0
     soft.close()
 
 

@@ -23,6 +23,7 @@ from fxq.quant.modules import QuantWeight, input_mean_map
 __all__ = ["SoftRounding", "memory_order", "rectified_sigmoid", "inverse_rectified_sigmoid"]
 
 ZETA, GAMMA = 1.1, -0.1  # AdaRound's stretch of the sigmoid, so h(V) reaches exactly 0 and 1
+_PAST_CLIP = 6.0  # |V| where h(V) is clipped to 0 or 1 with a margin (the clip starts at |V| = log 11 = 2.4)
 
 
 def rectified_sigmoid(v: Tensor) -> Tensor:
@@ -80,13 +81,18 @@ class SoftRounding:
     @torch.no_grad()
     def start_from_(self, choices: Sequence[Tensor | None], confidence: float) -> None:
         """Start each layer given a choice (1: floor(w/s) + 1, 0: floor(w/s), per weight) at that choice: h(V)
-        on the chosen side at `confidence` (0.5: undecided, below 1 so the gradient still reaches V)."""
-        if not 0.5 < confidence < 1:
-            raise ConfigError(f"soft rounding: a start's confidence must lie in (0.5, 1), not {confidence}")
+        on the chosen side at `confidence` (0.5: undecided). Below 1 the gradient still reaches V; at 1 each h
+        sits at 0 or 1, where the clip passes no gradient, so the choice is kept and only the biases and step
+        factors train."""
+        if not 0.5 < confidence <= 1:
+            raise ConfigError(f"soft rounding: a start's confidence must lie in (0.5, 1], not {confidence}")
         for v, choice, order in zip(self.v.split(self.sizes), choices, self._orders):
             if choice is not None:
-                h = choice.permute(order).reshape(-1) * (2 * confidence - 1) + (1 - confidence)
-                v.copy_(inverse_rectified_sigmoid(h.to(v)))
+                chosen = choice.permute(order).reshape(-1).to(v)
+                if confidence == 1:  # past the clip on either side: h(V) is exactly the choice
+                    v.copy_(chosen * 2 * _PAST_CLIP - _PAST_CLIP)
+                else:
+                    v.copy_(inverse_rectified_sigmoid(chosen * (2 * confidence - 1) + (1 - confidence)))
 
     def parameters(self) -> list[Tensor]:
         return [self.v, self.bias] + ([self.scale_factor] if self.scale_factor is not None else [])

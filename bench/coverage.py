@@ -10,7 +10,9 @@ they behave (fxq.data.models.settle_random_weights_). Each model runs in its own
 crash or a hang costs one row. Per row: the front-end that traced it (fx first, then export), the conv / linear /
 matmul ops quantized out of those in the graph, the share of the model's conv/linear weight elements quantized,
 the SQNR of the model output against float at W8A8 and W4A8 (4 calibration images, 2 other images) beside the
-float model's own output when only its input is rounded to 8 bits (the ceiling of a random network), whether
+float model's own output when only its input is rounded to 8 bits (the ceiling of a random network) and the W8A8
+model with each activation quantizer replaced by uniform noise of its step (what an ideal 8-bit grid of that
+step costs this network, clipping left out), whether
 EPTQ runs (a few steps), the W8A8 run's seconds, and the first line of any error. Rows go to --json as they
 finish (written atomically); the table goes to bench/COVERAGE.md.
 """
@@ -168,6 +170,22 @@ def _head_output(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return torch.cat([t.flatten() for t in leaves])
 
 
+def _step_noise_sqnr(qgm: nn.Module, output, ref: torch.Tensor, x: torch.Tensor) -> float:
+    """The output SQNR of `qgm` with each activation quantizer replaced by uniform noise of its step (seeded)."""
+    from fxq.quant.modules import ActQuant
+
+    acts = [m for m in qgm.modules() if isinstance(m, ActQuant)]
+    gen = torch.Generator().manual_seed(0)
+    for m in acts:
+        m.forward = lambda t, m=m: t + (torch.rand(t.shape, generator=gen) - 0.5).to(t) * m.scale
+    try:
+        with torch.no_grad():
+            return _sqnr(ref, output(qgm, x))
+    finally:
+        for m in acts:
+            del m.forward  # back to the class's
+
+
 def measure(group: str, name: str) -> dict:
     """One row: trace with fx, else export; W8A8 and W4A8 RTN; a few EPTQ steps."""
     import fxq
@@ -195,6 +213,7 @@ def measure(group: str, name: str) -> dict:
             row["seconds"] = round(time.perf_counter() - start, 1)
             with torch.no_grad():
                 row["sqnr_w8a8"] = round(_sqnr(ref, output(qgm, x)), 2)
+            row["sqnr_step_noise"] = round(_step_noise_sqnr(qgm, output, ref, x), 2)
             row["frontend"] = report.frontend if report.frontend == "parts" else frontend
             if report.frontend == "parts":
                 row["parts"] = report.settings["parts"]
@@ -288,13 +307,29 @@ def _run_one(group: str, name: str, timeout: float, tool: str = "fxq") -> dict:
     return row
 
 
+FLOOR_DB = 25.0  # the W8A8 output SQNR a row should keep unless the network itself cannot
+
+
+def _held_by(row: dict) -> str:
+    """Why a W8A8 row is below FLOOR_DB: the network (its output already below it when only the input is rounded,
+    or when every activation gets noise of its 8-bit step instead of the grid), else the quantizer."""
+    if "sqnr_w8a8" not in row or row["sqnr_w8a8"] >= FLOOR_DB:
+        return ""
+    if row.get("sqnr_input_only", FLOOR_DB) < FLOOR_DB:
+        return "network (input-only)"
+    if row.get("sqnr_step_noise", FLOOR_DB) < FLOOR_DB:
+        return "network (step noise)"
+    return "quantizer" if "sqnr_step_noise" in row else "quantizer?"
+
+
 def table(rows: list[dict], mct: dict[tuple[str, str], dict]) -> str:
     """The fxq rows, with model-compression-toolkit's figures for the same model beside them where measured."""
     head = (
-        "| group | model | front-end | quantized ops | weights % | input-only dB | W8A8 dB | W4A8 dB | EPTQ | s "
+        "| group | model | front-end | quantized ops | weights % | input-only dB | step-noise dB | W8A8 dB | below 25 dB "
+        "| W4A8 dB | EPTQ | s "
         "| error | MCT quantized | MCT W8A8 dB | MCT W4A8 dB | MCT s | MCT error |"
     )
-    out = [head, "|" + "---|" * 16]
+    out = [head, "|" + "---|" * 18]
     num = lambda r, k, f="{:.1f}": f.format(r[k]) if k in r else ""  # noqa: E731
     for r in rows:
         m = mct.get((r["group"], r["model"]), {})
@@ -305,7 +340,9 @@ def table(rows: list[dict], mct: dict[tuple[str, str], dict]) -> str:
             f"{r['quantized_ops']}/{r['ops']}" if "ops" in r else "",
             num(r, "weights_pct", "{:.0f}"),
             num(r, "sqnr_input_only"),
+            num(r, "sqnr_step_noise"),
             num(r, "sqnr_w8a8"),
+            _held_by(r),
             num(r, "sqnr_w4a8"),
             r.get("eptq", ""),
             num(r, "seconds", "{:.0f}"),
@@ -319,7 +356,14 @@ def table(rows: list[dict], mct: dict[tuple[str, str], dict]) -> str:
         out.append("| " + " | ".join(str(c) for c in cells) + " |")
     through = sum("frontend" in r for r in rows)
     tried = [m for m in mct.values()]
-    out += ["", f"fxq: {through} of {len(rows)} models through end to end."]
+    held = [_held_by(r) for r in rows]
+    out += [
+        "",
+        f"fxq: {through} of {len(rows)} models through end to end; W8A8 at {FLOOR_DB:.0f} dB or more: "
+        f"{sum('sqnr_w8a8' in r and not h for r, h in zip(rows, held))}; below it, held by the network: "
+        f"{sum(h.startswith('network') for h in held)}, by the quantizer: {held.count('quantizer')}, not yet "
+        f"told apart (no step-noise figure): {held.count('quantizer?')}.",
+    ]
     if tried:
         ok = sum("sqnr_w8a8" in m for m in tried)
         both = [(r, mct[(r["group"], r["model"])]) for r in rows if (r["group"], r["model"]) in mct]

@@ -54,7 +54,7 @@ MCT_CPU = {(DEFAULT_MODEL, 4): [(1250.0, 61.38)]}
 def configs(args) -> dict[str, PTQConfig]:
     def cfg(method: Method, budget: float | None = None, **rounding) -> PTQConfig:
         return PTQConfig(
-            target=INT8.with_bits(args.bits),
+            target=INT8.with_bits(args.bits, args.act_bits),
             method=method,
             rounding=RoundingConfig(**{"batch_size": args.batch_size, "seed": args.seed, **rounding}),
             lfh=LFHConfig(min_probes=10, max_probes=args.lfh_probes, seed=args.seed),
@@ -63,14 +63,16 @@ def configs(args) -> dict[str, PTQConfig]:
         )
 
     seed = f" seed {args.seed}" if args.seed else ""
-    out = {f"RTN W{args.bits}A8": cfg(Method.RTN)}
+    out = {f"RTN W{args.bits}A{args.act_bits}": cfg(Method.RTN)}
     for path in args.paths:
         for text in args.budgets:
-            out[f"{path} W{args.bits}A8 b{args.batch_size} budget {text}{seed}"] = cfg(
+            out[f"{path} W{args.bits}A{args.act_bits} b{args.batch_size} budget {text}{seed}"] = cfg(
                 Method.EPTQ, parse_duration(text), **PATHS[path]
             )
         for n in args.lengths:
-            out[f"{path} W{args.bits}A8 {n} x {args.batch_size}{seed}"] = cfg(Method.EPTQ, iterations=n, **PATHS[path])
+            out[f"{path} W{args.bits}A{args.act_bits} {n} x {args.batch_size}{seed}"] = cfg(
+                Method.EPTQ, iterations=n, **PATHS[path]
+            )
     return out
 
 
@@ -111,6 +113,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--bits", type=int, default=4)
+    p.add_argument("--act-bits", type=int, default=8)
     p.add_argument("--paths", type=lambda s: s.split(","), default=["radam"], help=f"from {','.join(PATHS)}")
     p.add_argument("--budgets", type=lambda s: [t for t in s.split(",") if t], default=[], help="e.g. 5m,15m")
     p.add_argument("--lengths", type=lambda s: [int(t) for t in s.split(",") if t], default=[], help="iterations")

@@ -56,6 +56,15 @@ class LFHReducer:
         if row in self._seen:
             raise RuntimeError(f"lfh: interest tensor {row} received two gradients in one backward")
         self._seen.add(row)
+        if grad.dim() > 0 and grad.shape[0] != self.batch:
+            # the batch folded into the leading dim with each image's rows together (windowed attention's
+            # (images x windows, ...)): each image's share is one row of the (batch, -1) view
+            if grad.shape[0] % self.batch:
+                raise RuntimeError(
+                    f"lfh: interest tensor {row}'s gradient has {grad.shape[0]} rows, not a multiple of the "
+                    f"{self.batch} images x probes of the pass"
+                )
+            grad = grad.reshape(self.batch, -1)
         if self.fused is None:
             self._values[row] = sumsq_per_sample(grad)
             return

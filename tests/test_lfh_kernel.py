@@ -126,6 +126,19 @@ def test_reducer_refuses_two_gradients_for_one_tensor():
         reducer.add(0, torch.ones(3, 2))
 
 
+def test_reducer_takes_a_batch_folded_into_the_leading_dim_image_by_image():
+    # windowed attention: (images x windows, ...), each image's windows together; its trace is each image's sum
+    grad = seeded(3 * 4, 5, seed=2)
+    folded, batch_first = (LFHReducer(1, 3, "cpu", 1, 0.1, fused=None) for _ in range(2))
+    folded.add(0, grad)
+    batch_first.add(0, grad.reshape(3, 4 * 5))
+    for r in (folded, batch_first):
+        r.finish()
+    torch.testing.assert_close(folded.stats.mean, batch_first.stats.mean, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="not a multiple of the 3 images x probes"):
+        LFHReducer(1, 3, "cpu", 1, 0.1, fused=None).add(0, torch.ones(4, 2))
+
+
 def test_reducer_on_cpu_uses_the_reference():
     assert LFHReducer(2, 3, "cpu", 1, 0.1).fused is None
 

@@ -41,6 +41,7 @@ DETECTION = [
     "fcos_resnet50_fpn",
 ]
 SEGMENTATION = ["deeplabv3_mobilenet_v3_large", "lraspp_mobilenet_v3_large", "fcn_resnet50"]
+TRAINED = ["efficientnet_lite0", "cifar10_resnet20", "cifar10_resnet32"]  # the shipped trained models, real images
 TIMM = [
     "deit_tiny_patch16_224",
     "vit_tiny_patch16_224",
@@ -60,7 +61,11 @@ HOW = (
     "transformers, 320 for the detectors); 4 calibration images, SQNR of the output on 2 others against the float "
     "model (detectors: their raw head outputs). *input-only*: the float model's own SQNR when only its input is "
     "rounded to 8 bits: a random network amplifies small perturbations, so a quantized one cannot do much better "
-    "than this. *EPTQ*: 2 rounding steps on 2 LFH probes at W4A8."
+    "than this. *step-noise*: the W8A8 model with each activation quantizer replaced by uniform noise of its step "
+    "(what an ideal 8-bit grid costs the network, clipping left out). *below 25 dB*: whether the network (input-only "
+    "or step-noise already below 25 dB) or the quantizer holds the row there. The *trained* rows are the shipped "
+    "trained models on real images (4 calibration images, 2 val images), for what a trained network keeps. "
+    "*EPTQ*: 2 rounding steps on 2 LFH probes at W4A8."
 )
 FIXED_SIZE = ("vit_", "swin", "maxvit", "deit", "mixer", "resmlp", "levit", "efficientformer", "mobilevit")
 
@@ -71,6 +76,7 @@ def groups() -> dict[str, list[str]]:
         "detection": DETECTION,
         "segmentation": SEGMENTATION,
         "timm": TIMM,
+        "trained": TRAINED,
     }
 
 
@@ -88,10 +94,31 @@ def _images(n: int, size: int, seed: int) -> torch.Tensor:
     return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
 
 
+def _inputs(group: str, name: str, calib_images: int = 4) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """A row's calibration batches (of 2 images) and the 2 images its SQNR is taken on: random images, or real
+    ones for the trained models."""
+    if group != "trained":
+        size = _size(name)
+        seeds = [1, 3, *range(100, 100 + calib_images // 2 - 2)]  # 4 images: the table's first protocol
+        return [_images(2, size, k) for k in seeds], _images(2, size, 2)
+    from fxq.data.images import load_images
+    from fxq.data.models import default_image_sets, load_model
+
+    calib_dir, val_dir = default_image_sets(name)
+    pre = load_model(name).preprocess
+    calib = load_images(calib_dir, pre, subset=calib_images, progress=False).x  # drawn with a fixed seed
+    x = load_images(val_dir, pre, subset=2, progress=False).x
+    return list(calib.split(2)), x
+
+
 def build(group: str, name: str) -> nn.Module:
     from fxq.data.models import settle_random_weights_
 
     torch.manual_seed(0)
+    if group == "trained":
+        from fxq.data.models import load_model
+
+        return load_model(name).model.eval()
     if group == "timm":
         import timm
 
@@ -186,16 +213,15 @@ def _step_noise_sqnr(qgm: nn.Module, output, ref: torch.Tensor, x: torch.Tensor)
             del m.forward  # back to the class's
 
 
-def measure(group: str, name: str) -> dict:
+def measure(group: str, name: str, calib_images: int = 4) -> dict:
     """One row: trace with fx, else export; W8A8 and W4A8 RTN; a few EPTQ steps."""
     import fxq
     from fxq.config import LFHConfig, Method, PTQConfig, RoundingConfig
     from fxq.targets import INT8
 
     model = build(group, name)
-    size = _size(name)
-    calib = [_images(2, size, 1), _images(2, size, 3)]
-    x = _images(2, size, 2)
+    calib, x = _inputs(group, name, calib_images)
+    size = x.shape[-1]
     step = x.abs().max() / 127
     output = _output_of(group)
     with torch.no_grad():
@@ -205,6 +231,7 @@ def measure(group: str, name: str) -> dict:
         # initialisation amplifies perturbations layer by layer), and this shows where that bounds a row
         input_only = _sqnr(ref, output(model, torch.round(x / step) * step))
     row: dict = {"group": group, "model": name, "size": size, "sqnr_input_only": round(input_only, 2)}
+    row["calib_images"] = calib_images
     errors = []
     for frontend in ("fx", "export", "auto"):  # auto: part by part where neither traces the whole model
         try:
@@ -248,7 +275,7 @@ def measure(group: str, name: str) -> dict:
     return row
 
 
-def measure_mct(group: str, name: str) -> dict:
+def measure_mct(group: str, name: str, calib_images: int = 4) -> dict:
     """The same row with model-compression-toolkit's PTQ (its default IMX500 TPC at W8A8, the anchors' 4-bit
     rebuild at W4A8), for the side-by-side: run with a bench environment that has MCT installed."""
     import model_compression_toolkit as mct
@@ -257,9 +284,8 @@ def measure_mct(group: str, name: str) -> dict:
     from common import make_tpc  # the anchors' TPC with every kernel at the given width
 
     model = build(group, name)
-    size = _size(name)
-    calib = [_images(2, size, 1), _images(2, size, 3)]
-    x = _images(2, size, 2)
+    calib, x = _inputs(group, name, calib_images)
+    size = x.shape[-1]
     output = _output_of(group)
     with torch.no_grad():
         ref = output(model, x)
@@ -290,9 +316,9 @@ def measure_mct(group: str, name: str) -> dict:
     return row
 
 
-def _run_one(group: str, name: str, timeout: float, tool: str = "fxq") -> dict:
+def _run_one(group: str, name: str, timeout: float, tool: str = "fxq", calib_images: int = 4) -> dict:
     """`measure` in a child process: a crash, a hang or an out-of-memory costs this row alone."""
-    cmd = [sys.executable, __file__, "--row", group, name, "--tool", tool]
+    cmd = [sys.executable, __file__, "--row", group, name, "--tool", tool, "--calib-images", str(calib_images)]
     start = time.perf_counter()
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=HERE.parent)
@@ -379,17 +405,20 @@ def main() -> None:
     p.add_argument("--group", default="all", choices=["all", *groups()])
     p.add_argument("--only", nargs="*", default=None, help="these models only")
     p.add_argument("--json", type=Path, default=None, help="default: bench/coverage.json (mct: coverage_mct.json)")
-    p.add_argument("--markdown", type=Path, default=HERE / "COVERAGE.md")
+    p.add_argument("--markdown", type=Path, default=None, help="default: bench/COVERAGE.md")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per model")
+    p.add_argument("--calib-images", type=int, default=4, help="even; other than 4: its own JSON file")
     p.add_argument("--redo", action="store_true", help="measure rows already in the JSON again")
     p.add_argument("--table", action="store_true", help="write the table from the JSON files, measure nothing")
     p.add_argument("--tool", default="fxq", choices=["fxq", "mct"], help="mct: run with an environment that has it")
     p.add_argument("--row", nargs=2, metavar=("GROUP", "NAME"), help=argparse.SUPPRESS)  # the child process
     a = p.parse_args()
+    if a.calib_images < 4 or a.calib_images % 2:
+        p.error(f"--calib-images must be even and at least 4, not {a.calib_images}")
     if a.row:
         torch.set_num_threads(max(1, os.cpu_count() or 1))
         try:
-            print(json.dumps((measure if a.tool == "fxq" else measure_mct)(*a.row)))
+            print(json.dumps((measure if a.tool == "fxq" else measure_mct)(*a.row, a.calib_images)))
         except Exception as e:  # noqa: BLE001 - building the model failed: still one row
             traceback.print_exc()
             print(json.dumps({"group": a.row[0], "model": a.row[1], "error": f"{type(e).__name__}: {e}"[:300]}))
@@ -397,7 +426,9 @@ def main() -> None:
 
     from fxq.io.files import write_atomic, write_json_atomic
 
-    a.json = a.json or HERE / ("coverage.json" if a.tool == "fxq" else "coverage_mct.json")
+    suffix = "" if a.calib_images == 4 else f"_calib{a.calib_images}"  # each protocol its own files
+    a.json = a.json or HERE / (f"coverage{suffix}.json" if a.tool == "fxq" else f"coverage_mct{suffix}.json")
+    a.markdown = a.markdown or HERE / f"COVERAGE{suffix}.md"
     rows = json.loads(a.json.read_text())["rows"] if a.json.exists() else []
     if not a.table:
         todo = [(g, n) for g, names in groups().items() if a.group in ("all", g) for n in names]
@@ -412,7 +443,7 @@ def main() -> None:
         todo = [t for t in todo if a.redo or t not in have]
         start = time.perf_counter()
         for i, (g, n) in enumerate(todo):
-            row = _run_one(g, n, a.timeout, a.tool)
+            row = _run_one(g, n, a.timeout, a.tool, a.calib_images)
             rows = [r for r in rows if (r["group"], r["model"]) != (g, n)] + [row]
             write_json_atomic(a.json, {"cpu": _cpu(), "torch": torch.__version__, "rows": rows})
             spent = time.perf_counter() - start
@@ -420,12 +451,12 @@ def main() -> None:
             status = row.get("error") or f"{row.get('sqnr_w8a8')} dB"
             print(f"[{i + 1}/{len(todo)} eta {eta / 60:.0f} min] {g} {n}: {status}", flush=True)
     order = {g: k for k, g in enumerate(groups())}
-    fxq_rows = rows if a.tool == "fxq" else _rows(HERE / "coverage.json")
-    mct_rows = rows if a.tool == "mct" else _rows(HERE / "coverage_mct.json")
+    fxq_rows = rows if a.tool == "fxq" else _rows(HERE / f"coverage{suffix}.json")
+    mct_rows = rows if a.tool == "mct" else _rows(HERE / f"coverage_mct{suffix}.json")
     fxq_rows.sort(key=lambda r: (order.get(r["group"], 9), r["model"]))
     text = table(fxq_rows, {(r["group"], r["model"]): r for r in mct_rows})
     print(text)
-    body = f"# Coverage\n\n{HOW}\n\nMeasured on {_cpu()}.\n\n{text}\n"
+    body = f"# Coverage\n\n{HOW}\n\nMeasured on {_cpu()}; this table: {a.calib_images} calibration images.\n\n{text}\n"
     write_atomic(a.markdown, lambda path: path.write_text(body))  # also after --table: it follows the JSON files
 
 

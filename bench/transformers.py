@@ -19,7 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from coverage import _images, _size, _sqnr, build
+from coverage import _images, _inputs, _size, _sqnr, build
 
 import fxq
 from fxq.io.files import write_json_atomic
@@ -35,8 +35,7 @@ def _group(name: str) -> str:
 
 def measure(name: str, bits: int, norm_inputs: bool) -> dict:
     model = build(_group(name), name)
-    size = _size(name)
-    calib, x = [_images(2, size, 1), _images(2, size, 3)], _images(2, size, 2)
+    calib, x = _inputs(_group(name), name)
     target = replace(INT8.with_bits(bits, 8), quantize_norm_inputs=norm_inputs)
     qgm, _ = fxq.quantize(model, calib, fxq.PTQConfig(target=target, progress=False))
     acts = {n: m for n, m in qgm.named_modules() if isinstance(m, ActQuant)}

@@ -7,6 +7,7 @@ import io
 import json
 import os
 import pickle
+import random
 import shutil
 import signal
 import subprocess
@@ -403,7 +404,9 @@ def test_bad_weights_file(tmp_path, sets, capsys, kind, monkeypatch):
 CHECKPOINT_CASES = {
     "no checkpoint": (None, "no checkpoint"),
     "empty": (b"", "damaged"),
-    "random": ("random", "damaged"),
+    # seeded random bytes on which torch's weights-only unpickler raises UnpicklingError, IndexError, KeyError
+    # and UnicodeDecodeError
+    **{f"random bytes {seed}": (seed, "damaged") for seed in (0, 2, 20, 195)},
     "truncated": ("truncated", "damaged"),
     "pickle with code": ("pickle", "damaged"),
     "not fxq's": ("foreign", "not an fxq checkpoint"),
@@ -420,8 +423,8 @@ def test_bad_checkpoint_is_refused_before_any_work(tmp_path, sets, capsys, case,
     path = ck / "rounding.pt"
     if how == b"":
         path.write_bytes(b"")
-    elif how == "random":
-        path.write_bytes(os.urandom(2048))
+    elif isinstance(how, int):
+        path.write_bytes(random.Random(how).randbytes(2048))
     elif how == "truncated":
         save_checkpoint(ck, "rounding.pt", {"fingerprint": {}, "step": 1, "v": torch.randn(1000)})
         path.write_bytes(path.read_bytes()[:300])

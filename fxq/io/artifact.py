@@ -18,7 +18,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import pickle
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -196,7 +195,7 @@ def _read_tensors(folder: Path) -> dict:
         data = torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise ModelError(f"'{folder}' holds no {TENSORS_FILE}; the folder is incomplete: quantize again") from None
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as e:
+    except Exception as e:  # damaged bytes make the weights-only unpickler raise almost any type (IndexError, ...)
         raise ModelError(
             f"'{path}' is not a file of plain tensors (torch.load with weights_only refused it: "
             f"{first_line(e)}); fxq loads no code from files. Quantize the model again"

@@ -23,6 +23,7 @@ import argparse
 import copy
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -213,8 +214,9 @@ def _step_noise_sqnr(qgm: nn.Module, output, ref: torch.Tensor, x: torch.Tensor)
             del m.forward  # back to the class's
 
 
-def measure(group: str, name: str, calib_images: int = 4) -> dict:
-    """One row: trace with fx, else export; W8A8 and W4A8 RTN; a few EPTQ steps."""
+def measure(group: str, name: str, calib_images: int = 4, partial=None) -> dict:
+    """One row: trace with fx, else export; W8A8 and W4A8 RTN; a few EPTQ steps. `partial(row)` gets the row
+    before the EPTQ steps, so a process killed there (out of memory) still leaves its RTN figures."""
     import fxq
     from fxq.config import LFHConfig, Method, PTQConfig, RoundingConfig
     from fxq.targets import INT8
@@ -259,6 +261,8 @@ def measure(group: str, name: str, calib_images: int = 4) -> dict:
             row["sqnr_w4a8"] = round(_sqnr(ref, output(q4, x)), 2)
     except Exception as e:  # noqa: BLE001
         row["error"] = f"W4A8: {type(e).__name__}: {str(e).splitlines()[0][:300]}"
+    if partial is not None:
+        partial({**row, "eptq": "not finished"})
     eptq = PTQConfig(
         target=INT8.with_bits(4, 8),
         method=Method.EPTQ,
@@ -325,10 +329,14 @@ def _run_one(group: str, name: str, timeout: float, tool: str = "fxq", calib_ima
     except subprocess.TimeoutExpired:
         return {"group": group, "model": name, "error": f"over the {timeout:.0f} s limit"}
     lines = [ln for ln in done.stdout.splitlines() if ln.startswith("{")]
-    if done.returncode != 0 or not lines:
-        tail = (done.stderr.strip().splitlines() or ["no output"])[-1][:300]
+    tail = (done.stderr.strip().splitlines() or ["no output"])[-1][:300]
+    if done.returncode == -signal.SIGKILL:
+        tail = "killed (out of memory?)"
+    if not lines:
         return {"group": group, "model": name, "error": f"exit {done.returncode}: {tail}"}
     row = json.loads(lines[-1])
+    if done.returncode != 0:  # the row as it stood before the EPTQ steps
+        row["eptq"] = f"exit {done.returncode}: {tail}"
     row["wall_seconds"] = round(time.perf_counter() - start, 1)
     return row
 
@@ -418,7 +426,11 @@ def main() -> None:
     if a.row:
         torch.set_num_threads(max(1, os.cpu_count() or 1))
         try:
-            print(json.dumps((measure if a.tool == "fxq" else measure_mct)(*a.row, a.calib_images)))
+            if a.tool == "fxq":
+                row = measure(*a.row, a.calib_images, partial=lambda r: print(json.dumps(r), flush=True))
+            else:
+                row = measure_mct(*a.row, a.calib_images)
+            print(json.dumps(row))
         except Exception as e:  # noqa: BLE001 - building the model failed: still one row
             traceback.print_exc()
             print(json.dumps({"group": a.row[0], "model": a.row[1], "error": f"{type(e).__name__}: {e}"[:300]}))

@@ -13,7 +13,9 @@ from __future__ import annotations
 import ctypes
 import platform
 
-__all__ = ["keep_freed_memory"]
+import torch
+
+__all__ = ["keep_freed_memory", "available_bytes"]
 
 # glibc's mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
@@ -30,3 +32,18 @@ def keep_freed_memory() -> bool:
     except OSError:
         return False
     return libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, _INT_MAX) == 1
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """Memory a new allocation on `device` can take now: free GPU memory, or the kernel's MemAvailable on Linux;
+    None where neither is known."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None

@@ -71,3 +71,27 @@ def test_cached_energies_and_low_precision_inputs_give_the_fp32_loss():
     assert loss.dtype == torch.float32 and abs(float(loss.detach()) / float(want) - 1) < 0.02
     loss.backward()
     assert all(t.grad.dtype == torch.bfloat16 and t.grad.shape == t.shape for t in q)
+
+
+def test_a_tensor_folding_the_batch_into_its_first_dimension_counts_image_by_image():
+    # windowed attention: (images x windows, tokens, channels), each image's windows together, beside an NCHW
+    # tensor read channels-last; the packed loss is the loss of its (images, -1) view, and so are the gradients
+    zf = [seeded(3, 4, 5, 6, seed=1), seeded(3 * 4, 7, 2, seed=2)]
+    zq = [z + 0.1 * seeded(*z.shape, seed=5) for z in zf]
+    nhwc = [zq[0].contiguous(memory_format=torch.channels_last), zq[1]]
+    viewed = [zf[0], zf[1].reshape(3, -1)]
+    w = torch.tensor([1.0, 3.0])
+    lengths = column_lengths(zf, batch=3)
+    assert lengths.tolist() == [120, 56]
+    packed = pack(zf, nhwc=True, batch=3)
+    assert torch.equal(packed[:, 120:], viewed[1])
+    q = [z.clone().requires_grad_() for z in nhwc]
+    loss = packed_loss(packed, q, lengths, w, nhwc=True, workspace=Workspace())
+    r = [zq[0].clone().requires_grad_(), zq[1].reshape(3, -1).clone().requires_grad_()]
+    want = distillation_loss(viewed, r, w)
+    torch.testing.assert_close(loss, want)
+    loss.backward()
+    want.backward()
+    torch.testing.assert_close(q[0].grad, r[0].grad)
+    assert q[1].grad.shape == zq[1].shape
+    torch.testing.assert_close(q[1].grad, r[1].grad.reshape(zq[1].shape))

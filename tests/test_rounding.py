@@ -230,6 +230,51 @@ def test_a_tensor_without_the_batch_first_is_refused_by_name():
         fxq.quantize(_SeqFirst().eval(), calib, cfg)
 
 
+class _Windows(nn.Module):
+    """A conv, then its output cut into 4 windows of 8x8 tokens folded into the batch (as windowed attention does),
+    mixed by a linear layer with a residual add: an interest tensor of (images x windows, tokens, channels). Its
+    offset is a 5-d buffer, as a windowed attention's mask is (channels-last conversion refuses those)."""
+
+    def __init__(self, image_major: bool):
+        super().__init__()
+        self.image_major = image_major
+        self.conv, self.mix, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8, 8), nn.Linear(8, 5)
+        self.register_buffer("offset", torch.full((1, 8, 1, 1, 1), 0.1))
+
+    def forward(self, x):  # (batch, 3, 16, 16)
+        y = self.conv(x).relu().reshape(x.shape[0], 8, 2, 8, 16) + self.offset
+        y = y.reshape(x.shape[0], 8, 2, 8, 2, 8)
+        y = y.permute(0, 2, 4, 3, 5, 1) if self.image_major else y.permute(2, 4, 0, 3, 5, 1)
+        w = y.reshape(-1, 64, 8)
+        w = w + self.mix(w)
+        return self.head(w.mean(1).reshape(-1, 4, 8).mean(1))
+
+
+def test_rounding_takes_a_tensor_with_the_batch_folded_in_image_by_image():
+    torch.manual_seed(0)
+    model = _Windows(image_major=True).eval()
+    qgm, report = _eptq(model, bits=3, loss_weights="mean", iterations=40)
+    losses = _losses(report)
+    assert losses[-1] < losses[0]
+    assert len(_quant_layers(qgm)) == 3
+
+
+def test_a_folded_batch_with_the_images_interleaved_is_refused():
+    # windows x images: the rows of one image are not together, so no (images, -1) view holds an image per row
+    torch.manual_seed(0)
+    with pytest.raises(GraphCheckFailed, match=r"\['mix', 'add_1'\] do not have the batch as their first dimension"):
+        _eptq(_Windows(image_major=False).eval(), bits=3, loss_weights="mean", iterations=2)
+
+
+def test_an_optimization_that_would_not_fit_in_free_memory_is_refused_before_it_starts(tiny_net, monkeypatch):
+    # a few thousand weights of about 100 bytes each: 10 kB free would not hold the state
+    monkeypatch.setattr(rounding_train, "available_bytes", lambda device: 10_000)
+    with pytest.raises(ConfigError, match=r"quantized weights needs about .* GiB, and 0\.0 GiB is free on cpu; .*RTN"):
+        _eptq(tiny_net, iterations=2)
+    monkeypatch.setattr(rounding_train, "available_bytes", lambda device: None)  # unknown: no check
+    _eptq(tiny_net, iterations=2)
+
+
 def test_a_plain_conv_stack_distils_its_output_alone():
     """conv/ReLU layers then a linear head (VGG, AlexNet): every conv output feeds an activation and the head's
     is the model output, so there is no interest tensor; the rounding distils the output alone."""

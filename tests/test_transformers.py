@@ -52,6 +52,22 @@ class FusedAttention(nn.Module):
         return self.proj(y.transpose(1, 2).reshape(b, n, c))
 
 
+class UnboundAttention(nn.Module):
+    """timm's attention written out (Swin's, or any block with fused attention off): q, k and v unbound from one
+    projection, a softmax behind dropout."""
+
+    def __init__(self, dim: int = 16, heads: int = 2):
+        super().__init__()
+        self.heads, self.scale = heads, (dim // heads) ** -0.5
+        self.qkv, self.proj, self.drop = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim), nn.Dropout(0.1)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = self.drop(((q * self.scale) @ k.transpose(-2, -1)).softmax(-1))
+        return self.proj((attn @ v).transpose(1, 2).reshape(b, n, c))
+
+
 def _on_grid(gm, node) -> bool:
     return grid_source(gm, node, ActQuant) is not None
 
@@ -129,3 +145,15 @@ def test_a_value_that_a_linear_layer_also_reads_keeps_its_grid():
     norm_y, norm_z = [n for n in qgm.graph.nodes if n.target == "norm"]
     assert _on_grid(qgm, c.args[0]) and _on_grid(qgm, norm_y.args[0])  # y: a linear layer reads it too
     assert not _on_grid(qgm, norm_z.args[0])  # z: only the norm reads it
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_attention_through_unbind_and_dropout_reads_grids(frontend):
+    # q, k, v reach the matmuls through unbind and getitem, the probabilities through dropout: values on the
+    # projection's and the softmax's grids, which the integer lowering must see
+    torch.manual_seed(2)
+    calib = [seeded(4, 5, 16, seed=i) for i in range(2)]
+    qgm, _ = fxq.quantize(UnboundAttention().eval(), calib, PTQConfig(frontend=frontend, progress=False))
+    matmuls = [n for n in qgm.graph.nodes if kind_of(qgm, n) is OpKind.MATMUL]
+    assert len(matmuls) == 2
+    assert all(_on_grid(qgm, a) for n in matmuls for a in n.args[:2])

@@ -182,6 +182,7 @@ def settle_random_weights_(model: nn.Module, make_input, passes: int = 3) -> nn.
         m.momentum = None  # a cumulative average over the passes
     if norms:
         model.train()
-        for i in range(passes):
-            model(make_input(i))
+        with torch.no_grad():  # statistics only: an autograd graph of the largest models' activations would not fit
+            for i in range(passes):
+                model(make_input(i))
     return model.eval()

@@ -16,15 +16,19 @@ from torch import Tensor
 __all__ = ["pack", "column_lengths", "row_energies", "packed_loss", "distillation_loss", "Workspace"]
 
 
-def pack(tensors: list[Tensor], nhwc: bool = False) -> Tensor:
+def pack(tensors: list[Tensor], nhwc: bool = False, batch: int | None = None) -> Tensor:
     """The tensors of one batch side by side, [B, sum of per-sample sizes]. With `nhwc` a 4-d tensor is read
-    channels-last, the order it lies in memory then, so packing a channels-last tensor is a plain copy."""
-    return torch.cat([_rows(t, nhwc) for t in tensors], dim=1)
+    channels-last, the order it lies in memory then, so packing a channels-last tensor is a plain copy.
+
+    `batch`: B, when a tensor folds it into its first dimension with each image's rows together (windowed
+    attention's (images x windows, ...)): each image's row is then its rows side by side. Without it every
+    tensor's first dimension is the batch."""
+    return torch.cat([_rows(t, nhwc, batch) for t in tensors], dim=1)
 
 
-def column_lengths(tensors: list[Tensor]) -> Tensor:
-    """Columns each tensor takes in `pack(tensors)`: its per-sample size."""
-    return torch.tensor([t[0].numel() for t in tensors], dtype=torch.int64)
+def column_lengths(tensors: list[Tensor], batch: int | None = None) -> Tensor:
+    """Columns each tensor takes in `pack(tensors, batch=batch)`: its per-sample size."""
+    return torch.tensor([t.numel() // (batch or len(t)) for t in tensors], dtype=torch.int64)
 
 
 def row_energies(z: Tensor, lengths: Tensor) -> Tensor:
@@ -64,7 +68,7 @@ def packed_loss(
     the teacher's ||Z_f||^2 per sample when known already (`row_energies` of a cache's rows, averaged).
     `samples`: the batch the loss is a mean over when these B rows are only a part of it (a rank's part of a
     data-parallel batch: the parts' losses then add up to the batch's); it needs `zf_energy` of the whole batch."""
-    columns = _PackedSquaredError.apply(zf, _Rows(nhwc, batched=True), workspace, *zq)
+    columns = _PackedSquaredError.apply(zf, _Rows(nhwc, batched=True, batch=len(zf)), workspace, *zq)
     return _loss(columns, zf, lengths, samples or len(zf), weights, normalize, zf_energy)
 
 
@@ -92,19 +96,22 @@ def _loss(columns, zf, lengths, samples, weights, normalize, zf_energy=None) -> 
 
 
 class _Rows:
-    """How a tensor lies in the packed matrix, and back: per sample (batched; channels-last with `nhwc`) or
-    whole, as one row."""
+    """How a tensor lies in the packed matrix, and back: per sample (batched, `batch` rows; channels-last with
+    `nhwc`) or whole, as one row."""
 
-    def __init__(self, nhwc: bool, batched: bool):
-        self.nhwc, self.batched = nhwc, batched
+    def __init__(self, nhwc: bool, batched: bool, batch: int | None = None):
+        self.nhwc, self.batched, self.batch = nhwc, batched, batch
 
     def __call__(self, t: Tensor) -> Tensor:
-        return _rows(t, self.nhwc) if self.batched else t.reshape(1, -1)
+        return _rows(t, self.nhwc, self.batch) if self.batched else t.reshape(1, -1)
 
     def back(self, block: Tensor, shape: torch.Size) -> Tensor:
-        """A [rows, columns] block of the packed matrix as a view of that tensor's `shape`."""
+        """A [rows, columns] block of the packed matrix as that tensor's `shape` (a view, unless the tensor
+        folds the batch into its first dimension)."""
         if not self.batched:
             return block.view(shape)
+        if shape[0] != len(block):
+            return block.reshape(shape)
         if self.nhwc and len(shape) == 4:
             return block.unflatten(1, (shape[2], shape[3], shape[1])).permute(0, 3, 1, 2)
         return block.unflatten(1, shape[1:])
@@ -135,10 +142,11 @@ class _PackedSquaredError(torch.autograd.Function):
         return None, None, None, *grads
 
 
-def _rows(t: Tensor, nhwc: bool) -> Tensor:
-    if nhwc and t.dim() == 4:
+def _rows(t: Tensor, nhwc: bool, batch: int | None = None) -> Tensor:
+    rows = batch or len(t)
+    if nhwc and t.dim() == 4 and len(t) == rows:
         t = t.permute(0, 2, 3, 1)
-    return t.reshape(len(t), -1)
+    return t.reshape(rows, -1)
 
 
 def _segment_sums(columns: Tensor, lengths: Tensor) -> Tensor:

@@ -61,11 +61,22 @@ class SoftRounding:
             raise ConfigError(f"soft rounding: layers {busy[:3]} are already soft-rounding; harden or close them")
         self.layers = list(layers)
         self._orders = [memory_order(qw.layer.weight) for qw in layers]
-        parts = [_layer_state(qw, order) for qw, order in zip(layers, self._orders)]
-        v, self.floor, self.free, self.step, self.weight, mean_map = (torch.cat(p) for p in zip(*parts))
-        self.mean_map = mean_map if any(qw.input_mean is not None for qw in layers) else None
         self.sizes = [qw.layer.weight.numel() for qw in layers]
         self.channels = [qw.layer.weight.shape[0] for qw in layers]
+        # one flat tensor per kind, filled layer by layer: what a step needs per weight is all it holds (the
+        # largest models' state is several times their weights)
+        corrected = any(qw.input_mean is not None for qw in layers)
+        w0 = layers[0].layer.weight
+        state = [w0.new_empty(sum(self.sizes)) for _ in range(5 if corrected else 3)]
+        self.channel_step = w0.new_empty(sum(self.channels))
+        for qw, order, step, *flat in zip(
+            layers, self._orders, self.channel_step.split(self.channels), *(t.split(self.sizes) for t in state)
+        ):
+            for dst, src in zip(flat, _layer_state(qw, order, corrected)):
+                dst.copy_(src)
+            step.copy_(qw.scale.detach().to(step.dtype).expand(len(step)))
+        v, self.floor, self.free = state[:3]
+        self.weight, self.mean_map = state[3:] if corrected else (None, None)
         # weights per output channel, as segment lengths: each channel's weights are contiguous in the flat form
         self.per_channel = torch.tensor(
             [n // c for n, c in zip(self.sizes, self.channels) for _ in range(c)], device=v.device
@@ -159,25 +170,23 @@ class SoftRounding:
             t.copy_(state[name])
 
     def _steps(self) -> Tensor:
-        if self.scale_factor is None:
-            return self.step
-        factor = self.scale_factor.repeat_interleave(self.per_channel, output_size=len(self.step))  # no host sync
-        return self.step * factor
+        """Every weight's step: its channel's, times the channel's trained factor."""
+        step = self.channel_step if self.scale_factor is None else self.channel_step * self.scale_factor
+        return step.repeat_interleave(self.per_channel, output_size=len(self.floor))  # no host sync
 
 
-def _layer_state(qw: QuantWeight, order: tuple[int, ...]) -> tuple[Tensor, ...]:
-    """V at the start, clamped floor, free mask, step, float weight and E[x] map of one layer, flat in memory order."""
+def _layer_state(qw: QuantWeight, order: tuple[int, ...], corrected: bool) -> tuple[Tensor, ...]:
+    """V at the start, clamped floor and free mask of one layer, and with `corrected` (some layer has a bias
+    correction) its float weight and E[x] map, each flat in memory order."""
     w = qw.layer.weight.detach()
-    step = qw.scale_like(w).expand_as(w)
-    ws = w / step
+    ws = w / qw.scale_like(w)
     # clamp(floor + h, qmin, qmax) = clamp(floor) + free * h for h in [0, 1]: no clamp per step
     lower, free = qw.rounding_bounds()
-    mean_map = (
-        input_mean_map(qw.layer, qw.input_mean.to(w.device)).to(w.dtype).expand_as(w)
-        if qw.input_mean is not None
-        else torch.zeros_like(w)
-    )
-    state = (inverse_rectified_sigmoid(ws - torch.floor(ws)), lower, free, step, w, mean_map)
+    state = [inverse_rectified_sigmoid(ws - torch.floor(ws)), lower, free]
+    if corrected:
+        has_mean = qw.input_mean is not None
+        mean_map = input_mean_map(qw.layer, qw.input_mean.to(w.device)).to(w.dtype) if has_mean else w.new_zeros(())
+        state += [w, mean_map.expand_as(w)]
     return tuple(t.permute(order).reshape(-1) for t in state)
 
 

@@ -66,13 +66,14 @@ class TeacherTargets:
                 "return one tensor from the model (or wrap it so it does)"
             )
         probes = {k: flat_outputs(out, self.out_is_tensor) for k, out in outputs.items()}
-        bad = [n for i, n in enumerate(names) if any(ts[i].dim() == 0 or len(ts[i]) != k for k, ts in probes.items())]
+        bad = [n for i, n in enumerate(names) if not _image_major([ts[i] for ts in probes.values()])]
         if bad:
             raise GraphCheckFailed(
-                f"rounding: tensors {bad[:3]} do not have the batch as their first dimension, and the loss compares "
-                f"them image by image; make the model batch-first (e.g. nn.MultiheadAttention(batch_first=True))"
+                f"rounding: tensors {bad[:3]} do not have the batch as their first dimension (or folded into it "
+                f"with each image's rows together), and the loss compares them image by image; make the model "
+                f"batch-first (e.g. nn.MultiheadAttention(batch_first=True))"
             )
-        self.lengths = column_lengths(probes[max(probes)]).to(images.device)
+        self.lengths = column_lengths(probes[max(probes)], max(probes)).to(images.device)
         if cfg.teacher_cache == "off":
             return
         owned = torch.tensor(list(world.shard(len(images))), dtype=torch.int64)
@@ -96,7 +97,7 @@ class TeacherTargets:
         energy = torch.empty(len(owned), len(self.lengths), device=images.device)
         for start in range(0, len(owned), 32):
             x = as_model_wants(images[owned[start : start + 32].to(images.device)], cfg)
-            z = pack(self._forward(x), self.nhwc)
+            z = pack(self._forward(x), self.nhwc, len(x))
             self.cache[start : start + len(x)].copy_(z)
             energy[start : start + len(x)] = row_energies(z, self.lengths)
         if self.world.solo:
@@ -117,7 +118,7 @@ class TeacherTargets:
         the loss takes them from the targets)."""
         w = self.world
         if self.cache is None:
-            zf = pack(self._forward(x), self.nhwc) if len(x) else x.new_empty(0, int(self.lengths.sum()))
+            zf = pack(self._forward(x), self.nhwc, len(x)) if len(x) else x.new_empty(0, int(self.lengths.sum()))
             if w.solo:
                 return zf, None
             energy = row_energies(zf, self.lengths).sum(0) if len(x) else zf.new_zeros(len(self.lengths))
@@ -152,3 +153,19 @@ class TeacherTargets:
 def flat_outputs(out, out_is_tensor: bool) -> list[Tensor]:
     """(output, z_1, ..., z_n) -> the tensors of the loss: the output too when it is one tensor."""
     return list(out) if out_is_tensor else list(out[1:])
+
+
+def _image_major(probes: list[Tensor]) -> bool:
+    """Whether an interest tensor, seen at batch 1 (and 2), has the batch first or folded into its first dimension
+    with each image's rows together: then row b of its (batch, -1) view is image b's. With two images the first
+    image's rows must come first, as they do alone."""
+    if any(t.dim() == 0 or len(t) % k for k, t in enumerate(probes, 1)):
+        return False
+    rows = {len(t) // k for k, t in enumerate(probes, 1)}
+    if len(rows) != 1:
+        return False
+    m = rows.pop()
+    if m == 1 or len(probes) == 1:
+        return True
+    alone, first = probes[0].float(), probes[1][:m].float()
+    return bool((first - alone).norm() <= 0.05 * alone.norm() + 1e-6)

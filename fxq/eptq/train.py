@@ -46,8 +46,9 @@ from fxq.io.checkpoint import (
     tensor_digest,
 )
 from fxq.ir.meta import Deadline
-from fxq.ir.ops import device_of, set_eval_
+from fxq.ir.ops import channels_last_, device_of, set_eval_
 from fxq.ir.taps import interest_nodes, quantized_value, with_taps
+from fxq.memory import available_bytes
 from fxq.quant.modules import ActQuant, QuantWeight
 
 __all__ = ["RoundingOptimizer", "use_fused_act_quant_", "check_resumable", "schedule_fields", "CHECKPOINT"]
@@ -55,6 +56,8 @@ __all__ = ["RoundingOptimizer", "use_fused_act_quant_", "check_resumable", "sche
 CHECKPOINT = "rounding.pt"
 _CHECK_IMAGES = 128  # calibration images of the keep-best check
 _START_BATCH = 32  # images per forward of the layer-local start (a forward, no backward: the batch can be large)
+_BYTES_PER_WEIGHT = 96  # what the optimization holds per quantized weight at a step's peak, rounded up: about 22
+# fp32 values (the soft-rounding state, the RTN copy, the optimizer's, a step's soft weights and their gradients)
 # settings a resumed run may change: where and how often it checkpoints, how it keeps the teacher's tensors
 _RESUMABLE_ACROSS = ("checkpoint_every", "checkpoint_dir", "resume", "teacher_cache")
 
@@ -92,6 +95,7 @@ class RoundingOptimizer:
         cfg, device = self.cfg, device_of(gm)
         set_eval_(gm)
         layers = [m for m in gm.modules() if isinstance(m, QuantWeight)]
+        _check_room(layers, device)
         nhwc = cfg.channels_last and self.images.dim() == 4
         student, teacher = self._tapped(gm)
         images = self.images.to(device) if device.type == "cuda" else self.images
@@ -103,8 +107,8 @@ class RoundingOptimizer:
         try:  # everything set up from here on is undone in `finally`
             use_fused_act_quant_(gm, True)
             if nhwc:  # before V is made from the weights, so V and its gradients are NHWC too
-                gm.to(memory_format=torch.channels_last)
-                self.teacher.to(memory_format=torch.channels_last)
+                channels_last_(gm)
+                channels_last_(self.teacher)
             t0 = time.perf_counter()
             start = self._layerwise(gm, layers, images) if cfg.start is Start.LAYERWISE and not cfg.resume else None
             start_seconds = time.perf_counter() - t0
@@ -374,6 +378,19 @@ def schedule_fields(cfg: RoundingConfig) -> dict:
             v = getattr(cfg, f.name)
             out[f.name] = v.value if isinstance(v, enum.Enum) else v
     return out
+
+
+def _check_room(layers: list[QuantWeight], device: torch.device) -> None:
+    """Refuse, before any of it is allocated, an optimization whose state would not fit in the memory free now
+    (the kernel would kill the process part way)."""
+    weights = sum(qw.layer.weight.numel() for qw in layers)
+    need, room = weights * _BYTES_PER_WEIGHT, available_bytes(device)
+    if room is not None and need > room:
+        raise ConfigError(
+            f"rounding: the optimization of {weights / 1e6:.0f}M quantized weights needs about "
+            f"{need / 2**30:.1f} GiB, and {room / 2**30:.1f} GiB is free on {device}; quantize this model with "
+            f"method RTN (--method rtn), or where that much memory is free"
+        )
 
 
 def check_resumable(cfg: RoundingConfig) -> None:

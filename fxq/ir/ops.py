@@ -15,6 +15,7 @@ from fxq.ir.meta import OpKind
 
 __all__ = [
     "set_eval_",
+    "channels_last_",
     "device_of",
     "pick_device",
     "kind_of",
@@ -155,6 +156,7 @@ _FUNCTIONS: dict[object, OpKind] = {
             F.max_pool3d,
             torch.chunk,
             torch.split,
+            torch.unbind,
             aten.view.default,
             aten.reshape.default,
             aten._unsafe_view.default,
@@ -173,6 +175,7 @@ _FUNCTIONS: dict[object, OpKind] = {
             aten.select.int,
             aten.split.Tensor,
             aten.chunk.default,
+            aten.unbind.int,
             aten.alias.default,
             aten.detach.default,
             aten.constant_pad_nd.default,
@@ -198,6 +201,7 @@ _METHODS: dict[str, OpKind] = {
             "expand",
             "chunk",
             "split",
+            "unbind",
             "unflatten",
             "clone",
             "detach",
@@ -231,6 +235,13 @@ _NONNEG_METHODS = {"relu", "relu_", "sigmoid", "softmax"}
 def set_eval_(module: nn.Module) -> nn.Module:
     """module.eval(), also for torch.export's unlifted modules, whose own eval() refuses (their graph is frozen)."""
     return nn.Module.train(module, False)
+
+
+def channels_last_(module: nn.Module) -> nn.Module:
+    """The module's 4-d parameters and buffers in channels-last memory order, the rest as they are (torch's
+    module.to(memory_format=torch.channels_last) also takes the 5-d ones, and refuses them: a windowed attention's
+    mask)."""
+    return module._apply(lambda t: t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t)
 
 
 def device_of(module: nn.Module) -> torch.device:

@@ -63,16 +63,15 @@ def configs(args) -> dict[str, PTQConfig]:
         )
 
     seed = f" seed {args.seed}" if args.seed else ""
-    out = {f"RTN W{args.bits}A{args.act_bits}": cfg(Method.RTN)}
+    width = f"W{args.bits}A{args.act_bits}"
+    out = {f"RTN {width}": cfg(Method.RTN)}
     for path in args.paths:
         for text in args.budgets:
-            out[f"{path} W{args.bits}A{args.act_bits} b{args.batch_size} budget {text}{seed}"] = cfg(
+            out[f"{path} {width} b{args.batch_size} budget {text}{seed}"] = cfg(
                 Method.EPTQ, parse_duration(text), **PATHS[path]
             )
         for n in args.lengths:
-            out[f"{path} W{args.bits}A{args.act_bits} {n} x {args.batch_size}{seed}"] = cfg(
-                Method.EPTQ, iterations=n, **PATHS[path]
-            )
+            out[f"{path} {width} {n} x {args.batch_size}{seed}"] = cfg(Method.EPTQ, iterations=n, **PATHS[path])
     return out
 
 

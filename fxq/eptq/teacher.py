@@ -13,6 +13,7 @@ from fxq.eptq.distillation import Workspace, column_lengths, pack, row_energies
 from fxq.errors import ConfigError, GraphCheckFailed
 from fxq.ir.graph import float_graph
 from fxq.ir.ops import set_eval_
+from fxq.memory import available_bytes
 
 __all__ = ["float_teacher", "bf16_autocast", "TeacherTargets", "flat_outputs", "as_model_wants"]
 
@@ -79,7 +80,7 @@ class TeacherTargets:
         owned = torch.tensor(list(world.shard(len(images))), dtype=torch.int64)
         need = int(self.lengths.sum()) * 2 * len(owned)
         on_gpu = images.device.type == "cuda"
-        room = 0.3 * torch.cuda.mem_get_info(images.device)[0] if on_gpu else 8 * 2**30
+        room = 0.3 * available_bytes(images.device) if on_gpu else 8 * 2**30
         if cfg.teacher_cache == "on" and need > room:
             raise ConfigError(
                 f"rounding: the teacher cache needs {need / 2**30:.1f} GiB, more than the {room / 2**30:.1f} GiB "

@@ -36,7 +36,7 @@ PATHS = {
     "adam": {"optimizer": "adam"},
     "layerwise": {"start": "layerwise"},  # from each layer's own error-feedback rounding (fxq.eptq.layerwise)
     "layerwise-adam": {"start": "layerwise", "optimizer": "adam"},
-    "layerwise-256": {"start": "layerwise", "start_images": 256},  # the start reads 256 of the images
+    "layerwise-all": {"start": "layerwise", "start_images": None},  # the start reads every calibration image
     # the layer-local choice kept (confidence 1); the steps train only the biases and per-channel step factors
     "layerwise-tune": {"start": "layerwise", "start_confidence": 1.0, "train_scale": True},
     "layerwise-tune-fast": {

@@ -1,18 +1,20 @@
 """Layer-local rounding: the input moments against the layer's own output error, the error-feedback choice
-against a plain column-by-column reference, and the rounding optimization started from it."""
+against a plain column-by-column reference, the float target against least squares, the choices made in graph
+order, and the rounding optimization started from them."""
 
 import pytest
 import torch
 from torch import nn
 
 import fxq.eptq.layerwise as layerwise
+import fxq.ir.frontier as frontier
 from fxq.config import RoundingConfig
-from fxq.eptq.layerwise import InputMoments, layerwise_choice
+from fxq.eptq.layerwise import Moments, float_target, layerwise_choice
 from fxq.eptq.soft_rounding import SoftRounding
 from fxq.errors import ConfigError
 from fxq.quant.modules import QuantWeight, layer_forward
 from tests.conftest import seeded
-from tests.test_rounding import _eptq, _quant_layers
+from tests.test_rounding import _eptq, _quant_layers, rounding_train
 from tests.test_soft_rounding import _quant
 
 LAYERS = {
@@ -31,13 +33,16 @@ def _floor(qw: QuantWeight) -> torch.Tensor:
     return torch.floor(w / qw.scale_like(w)).clamp(qw.spec.qmin, qw.spec.qmax)
 
 
+def _sums(qw: QuantWeight, x: torch.Tensor, f: torch.Tensor | None = None) -> Moments:
+    """The moments of quantized inputs x (and float inputs f, x itself by default), two images at a time."""
+    moments = Moments(qw.layer)
+    for xb, fb in zip(x.split(2), (x if f is None else f).split(2)):
+        moments.add_(qw.layer, xb, fb)
+    return moments
+
+
 def _moments(qw: QuantWeight, x: torch.Tensor, centred: bool) -> torch.Tensor:
-    moments = InputMoments([qw])
-    with torch.no_grad():
-        for xb in x.split(2):
-            qw(xb)
-    moments.close()
-    return moments.hessian(0, centred)
+    return _sums(qw, x).hessian(centred)
 
 
 def _output_error(qw: QuantWeight, h: torch.Tensor, dw: torch.Tensor) -> torch.Tensor:
@@ -167,6 +172,91 @@ def test_a_depthwise_choice_is_each_channel_s_own():
         assert torch.equal(layerwise_choice(one, _moments(one, x[:, c : c + 1], centred=True)), together[c : c + 1])
 
 
+def _float_and_quantized(n: int, features: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float inputs f with an offset, and quantized inputs x that carry an error correlated with f (a shrunk copy
+    plus noise, as clipping and rounding upstream leave it)."""
+    f = _correlated_inputs(n, features, seed) + 0.7
+    return f, 0.9 * f + 0.3 * seeded(n, features, seed=seed + 1)
+
+
+@pytest.mark.parametrize("centred", [False, True])
+def test_the_float_target_is_the_least_squares_fit_of_the_float_output(centred, monkeypatch):
+    # undamped, W E[f x^T] E[x x^T]^-1 is the T that minimises ||W f - T x||^2 over the inputs (each about its
+    # own mean when centred)
+    monkeypatch.setattr(layerwise, "DAMPING", 0.0)
+    torch.manual_seed(0)
+    qw = _quant(nn.Linear(10, 4))
+    f, x = _float_and_quantized(500, 10, seed=3)
+    f[:, 3] = x[:, 3] = 1.0  # a constant input: a dead column once centred, which the solve must get past
+    sums = _sums(qw, x, f)
+    target = float_target(qw, sums.hessian(centred), sums.cross(centred))
+    if centred:
+        f, x = f - f.mean(0), x - x.mean(0)
+    w = qw.layer.weight.detach().double()
+    fit = torch.linalg.lstsq(x.double(), f.double() @ w.T).solution.T
+    keep = [c for c in range(10) if not centred or c != 3]  # a dead column's weight does not matter
+    torch.testing.assert_close(target.double()[:, keep], fit[:, keep], rtol=1e-4, atol=1e-5)
+
+
+def test_rounding_the_float_target_lowers_the_error_against_the_float_layer():
+    # the error that counts is W f - W_q x: rounding W's target makes up for the inputs' error, rounding W does not
+    torch.manual_seed(0)
+    qw = _quant(nn.Linear(24, 8), bits=4)
+    f, x = _float_and_quantized(800, 24, seed=4)
+    sums = _sums(qw, x, f)
+    h = sums.hessian(centred=False)
+    w, floor = qw.layer.weight.detach(), _floor(qw)
+
+    def error(choice):
+        return (f @ w.T - x @ ((floor + choice) * qw.scale_like(w)).T).pow(2).sum(1).mean()
+
+    aimed, plain = layerwise_choice(qw, h, float_target(qw, h, sums.cross(False))), layerwise_choice(qw, h)
+    assert error(aimed) < 0.85 * error(plain), (float(error(aimed)), float(error(plain)))
+
+
+def test_each_layer_chooses_on_the_inputs_of_the_layers_above_at_their_choices(tiny_net, monkeypatch):
+    # reference: with every layer at its choice, one plain forward of each graph per batch; a layer's moments
+    # from its inputs there must give the choice the staged run made (values kept in float32 for the comparison)
+    monkeypatch.setattr(frontier, "_HALF_MAX", -1.0)
+    sequential, checked = layerwise.sequential_choices, []
+
+    def checking(student, teacher, layers, batches, world):
+        choices = sequential(student, teacher, layers, batches, world)
+        names = {qw: name for name, qw in student.named_modules() if isinstance(qw, QuantWeight)}
+        inputs = {}
+        hooks = [qw.register_forward_pre_hook(_keep_input(inputs, ("q", qw))) for qw in layers]
+        hooks += [
+            teacher.get_submodule(names[qw]).register_forward_pre_hook(_keep_input(inputs, ("f", qw))) for qw in layers
+        ]
+        for qw, choice in zip(layers, choices):
+            layerwise._use_choice_(qw, choice)
+        sums = {qw: Moments(qw.layer) for qw in layers}
+        for x in batches:
+            student(x), teacher(x)
+            for qw in layers:
+                sums[qw].add_(qw.layer, inputs["q", qw], inputs["f", qw])
+        for h in hooks:
+            h.remove()
+        for qw, choice in zip(layers, choices):
+            qw.live = None
+            h = sums[qw].hessian(qw.input_mean is not None)
+            expected = layerwise_choice(qw, h, float_target(qw, h, sums[qw].cross(qw.input_mean is not None)))
+            assert torch.equal(expected, choice), names[qw]
+            checked.append(names[qw])
+        return choices
+
+    monkeypatch.setattr(rounding_train, "sequential_choices", checking)
+    _eptq(tiny_net, bits=3, iterations=0, start="layerwise")
+    assert len(checked) == 4
+
+
+def _keep_input(store: dict, key):
+    def keep(module, args):
+        store[key] = args[0]
+
+    return keep
+
+
 def test_soft_rounding_starts_at_the_choice_with_its_confidence():
     torch.manual_seed(0)
     layers = [_quant(nn.Conv2d(4, 6, 3).to(memory_format=torch.channels_last)), _quant(nn.Linear(6, 3))]
@@ -238,6 +328,3 @@ def test_layers_whose_patches_do_not_unfold_keep_the_float_start():
     assert not layerwise.supports(nn.Conv2d(2, 2, 2, padding="same"))  # uneven padding
     assert not layerwise.supports(nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect"))
     assert not layerwise.supports(nn.Conv1d(2, 2, 3))
-    moments = InputMoments([_quant(nn.Conv1d(2, 2, 3))])
-    assert moments.hessian(0, centred=True) is None  # no hook: never seen
-    moments.close()

@@ -1,30 +1,40 @@
-"""Layer-local rounding: each quantized layer's codes chosen to minimise its own output error on its cached
-inputs, as a start for the whole-network rounding optimization.
+"""Layer-local rounding: each quantized layer's codes chosen, in graph order, to bring its output on the inputs
+the quantized graph gives it as near as it can to the float layer's output on the float graph's inputs, as a start
+for the whole-network rounding optimization.
 
 The codes come from GPTQ's column-by-column rounding with error feedback (Frantar et al. 2022, after Optimal
 Brain Quantization): the weights are rounded one input column at a time, and each column's rounding error is
 pushed onto the columns not yet rounded through the inverse of the layer's input second moment H = E[x x^T].
-Here every weight keeps to the two grid points around it, floor(w/s) or floor(w/s) + 1, so the choice is one
-that AdaRound's variables can hold and the whole-network optimization can start from and revise. With bias
-correction the bias absorbs the mean of the output error, so H is the inputs' covariance instead.
+What is rounded is not the float weight W but W E[f x^T] H^-1, with f the float graph's input at the same place
+(GPTAQ's asymmetric calibration, Li et al. 2025): the layer also makes up for the error its inputs carry from the
+layers above, which have chosen already. Every weight keeps to the two grid points around its float value,
+floor(w/s) or floor(w/s) + 1, so the choice is one that AdaRound's variables can hold and the whole-network
+optimization can start from and revise. With bias correction the bias absorbs the mean of the output error, so
+the moments are covariances instead.
 
-A layer's cost is one pass over its inputs to accumulate H and one Cholesky factorisation: for a whole CNN, a
-few forwards of the network, against hundreds for the whole-network optimization.
+The graph runs once over the images, in stages (fxq.ir.frontier), the float graph beside it; a layer costs its
+moments over its inputs and one Cholesky factorisation: for a whole CNN, about two forwards of the network,
+against hundreds for the whole-network optimization.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.fx import GraphModule
 
 from fxq.dist.world import World
+from fxq.errors import GraphCheckFailed
+from fxq.ir.frontier import Frontier
+from fxq.ir.graph import call_sites
 from fxq.quant.modules import QuantWeight
 
-__all__ = ["InputMoments", "supports", "layerwise_choice", "share_choices"]
+__all__ = ["Moments", "supports", "float_target", "layerwise_choice", "sequential_choices"]
 
 POSITIONS = 256  # output positions per image whose patches enter H (whole rows, evenly spaced): plenty for a
 # layer's few input columns, and the early layers' 12544 positions would make H cost more than the forward
@@ -76,65 +86,46 @@ def _same_padding(layer: nn.Conv2d) -> tuple[int, int]:
     return tuple(d * (k - 1) // 2 for d, k in zip(layer.dilation, layer.kernel_size))
 
 
-class InputMoments:
-    """Running sums of each layer's input patches and their outer products, fed by forward pre-hooks on the
-    QuantWeight modules (so the inputs are the quantized graph's, activation quantization included)."""
+class Moments:
+    """Running sums of one layer's input patches in the quantized graph (x) and in the float graph (f), at the same
+    positions of the same images: E[x x^T], E[f x^T] and their means, per group."""
 
-    def __init__(self, layers: Sequence[QuantWeight]):
-        self.layers = list(layers)
-        self.outer: list[Tensor | None] = [None] * len(layers)
-        self.total: list[Tensor | None] = [None] * len(layers)
-        self.count = [0] * len(layers)
-        self._hooks = [qw.register_forward_pre_hook(self._hook(i)) for i, qw in enumerate(layers) if supports(qw.layer)]
+    def __init__(self, layer: nn.Module):
+        groups, cols = getattr(layer, "groups", 1), layer.weight[0].numel()
+        new = functools.partial(torch.zeros, dtype=torch.float32, device=layer.weight.device)
+        self.xx, self.fx = new(groups, cols, cols), new(groups, cols, cols)
+        self.x, self.f = new(groups, cols), new(groups, cols)
+        self.count = 0
 
-    def _hook(self, i: int):
-        def record(module: QuantWeight, args: tuple) -> None:
-            with torch.no_grad():
-                cols = _patches(module.layer, args[0].detach().float())
-                outer, total = torch.bmm(cols, cols.transpose(1, 2)), cols.sum(2)
-                if self.outer[i] is None:
-                    self.outer[i], self.total[i] = outer, total
-                else:
-                    self.outer[i] += outer
-                    self.total[i] += total
-                self.count[i] += cols.shape[2]
+    def add_(self, layer: nn.Module, x: Tensor, f: Tensor) -> None:
+        """The patches of a batch's quantized input `x` and float input `f`."""
+        px, pf = _patches(layer, x.float()), _patches(layer, f.float())
+        self.xx.baddbmm_(px, px.transpose(1, 2))
+        self.fx.baddbmm_(pf, px.transpose(1, 2))
+        self.x += px.sum(2)
+        self.f += pf.sum(2)
+        self.count += px.shape[2]
 
-        return record
-
-    @torch.no_grad()
     def merge_(self, world: World) -> None:
-        """Sums over every rank's images (a rank that saw none of a layer's inputs adds zeros)."""
+        """Sums over every rank's images."""
         if world.solo:
             return
-        for i, qw in enumerate(self.layers):
-            if not supports(qw.layer):
-                continue
-            if self.outer[i] is None:
-                groups = getattr(qw.layer, "groups", 1)
-                cols = qw.layer.weight[0].numel()
-                self.outer[i] = qw.layer.weight.new_zeros(groups, cols, cols, dtype=torch.float32)
-                self.total[i] = qw.layer.weight.new_zeros(groups, cols, dtype=torch.float32)
-            world.sum_(self.outer[i], "the layer-local start's moments")
-            world.sum_(self.total[i], "the layer-local start's moments")
-        self.count = [int(c) for c in world.sum_(torch.tensor(self.count), "the layer-local start's moments")]
-        self.outer = [o if c else None for o, c in zip(self.outer, self.count)]
-        self.total = [t if c else None for t, c in zip(self.total, self.count)]
+        for t in (self.xx, self.fx, self.x, self.f):
+            world.sum_(t, "the layer-local start's moments")
+        self.count = int(world.sum_(torch.tensor([self.count]), "the layer-local start's moments"))
 
-    def close(self) -> None:
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
+    def hessian(self, centred: bool) -> Tensor:
+        """E[x x^T] of the quantized input's patches (their covariance when `centred`)."""
+        return self._moment(self.xx, self.x, centred)
 
-    def hessian(self, i: int, centred: bool) -> Tensor | None:
-        """E[x x^T] of layer i's input patches per group (the covariance when `centred`), None if never seen."""
-        if self.outer[i] is None:
-            return None
-        n = self.count[i]
-        h = self.outer[i] / n
-        if centred:
-            mean = self.total[i] / n
-            h = h - mean.unsqueeze(2) * mean.unsqueeze(1)
-        return h
+    def cross(self, centred: bool) -> Tensor:
+        """E[f x^T] between the float and the quantized input's patches (centred: each about its own mean)."""
+        return self._moment(self.fx, self.f, centred)
+
+    def _moment(self, outer: Tensor, left: Tensor, centred: bool) -> Tensor:
+        n = self.count
+        m = outer / n
+        return m - (left / n).unsqueeze(2) * (self.x / n).unsqueeze(1) if centred else m
 
 
 def _damped(hessian: Tensor) -> Tensor:
@@ -147,16 +138,32 @@ def _damped(hessian: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def layerwise_choice(qw: QuantWeight, hessian: Tensor, act_order: bool = True) -> Tensor:
+def float_target(qw: QuantWeight, hessian: Tensor, cross: Tensor) -> Tensor:
+    """The weights whose output on the quantized inputs comes nearest, in the mean square, to the float layer's
+    on the float inputs: W E[f x^T] H^-1 with H = E[x x^T], per group. Written W + W (E[f x^T] - H) H^-1 and
+    solved with H damped as the choice damps it, so that where the inputs carry no error the target is W itself
+    (the damping shrinks only the correction). Rounding it against H minimises E||W f - W_q x||^2, the layer's
+    error against the float graph, its inputs' error included."""
+    w = qw.layer.weight.detach()
+    groups = hessian.shape[0]
+    rows = w.reshape(groups, w.shape[0] // groups, -1).double()
+    drift = rows @ (cross.double() - hessian.double())  # W (E[f x^T] - E[x x^T])
+    correction = torch.linalg.solve(_damped(hessian), drift.transpose(1, 2)).transpose(1, 2)  # H symmetric
+    return (rows + correction).reshape(w.shape).to(w.dtype)
+
+
+@torch.no_grad()
+def layerwise_choice(qw: QuantWeight, hessian: Tensor, target: Tensor | None = None, act_order: bool = True) -> Tensor:
     """For every weight of `qw`, 1 where its code is floor(w/s) + 1 and 0 where it is floor(w/s) (within the
-    grid), chosen column by column with error feedback through `hessian` (groups, columns, columns).
+    grid), chosen column by column with error feedback through `hessian` (groups, columns, columns), to round
+    `target` (default: the float weights; the two codes stay those around the float weight either way).
 
     `act_order` rounds the columns of larger input energy first (GPTQ's heuristic: they can still pass their
     error to many columns)."""
     w = qw.layer.weight.detach().float()
     out, groups, cols = w.shape[0], hessian.shape[0], hessian.shape[1]
     step = qw.scale.detach().float().reshape(out, 1)
-    w2 = w.reshape(out, -1)
+    w2 = (w if target is None else target.float()).reshape(out, -1)
     lower, free = (t.float().reshape(out, -1) for t in qw.rounding_bounds())
     # (groups, rows, columns): each group's output channels read only that group's columns
     shape = (groups, out // groups, cols)
@@ -186,19 +193,62 @@ def layerwise_choice(qw: QuantWeight, hessian: Tensor, act_order: bool = True) -
     return (codes.reshape(out, -1) > lower).reshape(w.shape).to(w.dtype)
 
 
-def share_choices(
-    mine: list[Tensor | None], layers: Sequence[QuantWeight], present: list[bool], world: World
+@torch.no_grad()
+def sequential_choices(
+    student: GraphModule, teacher: GraphModule, layers: Sequence[QuantWeight], batches: list[Tensor], world: World
 ) -> list[Tensor | None]:
-    """Every layer's choice on every rank, where the choice of layer i (one of the `present` ones, whose inputs
-    were seen) was made by the rank that owns i (round-robin); the others stay None."""
+    """Every layer's choice, made in graph order on `batches` (this rank's share of the images): a layer's
+    quantized inputs come from the layers above it at their choices, and it rounds its `float_target`. A layer
+    called at several sites decides at its last, on the inputs of all of them. Layers whose patches do not unfold
+    (`supports`) get None (they keep the float start, and their round-to-nearest weights meanwhile)."""
+    teacher_nodes = {n.name: n for n in teacher.graph.nodes}
+    sites = {
+        name: ns for name, ns in call_sites(student).items() if isinstance(student.get_submodule(name), QuantWeight)
+    }
+    missing = [ns[0].name for ns in sites.values() if any(n.name not in teacher_nodes for n in ns)]
+    if missing:
+        raise GraphCheckFailed(f"layer-local start: the float graph lacks the layer calls {missing[:3]}")
+    index = {qw: i for i, qw in enumerate(layers)}
+    remedy = "start the rounding from fewer images (RoundingConfig.start_images) or from the float weights"
+    quantized, float_ = (Frontier(gm, batches, remedy) for gm in (student, teacher))
+    moments: dict[int, Moments] = {}
+    choices: list[Tensor | None] = [None] * len(layers)
+    try:
+        for node in sorted((n for ns in sites.values() for n in ns), key=quantized.index.__getitem__):
+            qw, twin = student.get_submodule(node.target), teacher_nodes[node.name]
+            quantized.advance_to(node)
+            float_.advance_to(twin)
+            if not supports(qw.layer):
+                continue
+            m = moments.setdefault(index[qw], Moments(qw.layer))
+            for k in range(len(batches)):
+                m.add_(qw.layer, *quantized.values_of(k, node.args[:1]), *float_.values_of(k, twin.args[:1]))
+            if node is sites[node.target][-1]:
+                choices[index[qw]] = _choose(qw, moments.pop(index[qw]), index[qw], world)
+                _use_choice_(qw, choices[index[qw]])
+    finally:
+        for qw in layers:
+            qw.live = None
+    return choices
+
+
+def _choose(qw: QuantWeight, moments: Moments, i: int, world: World) -> Tensor:
+    """Layer i's choice on the moments of every rank's images: made by the rank that owns i, sent to the rest."""
+    moments.merge_(world)
+    centred = qw.input_mean is not None  # bias correction takes the mean error: the covariances are what is left
+    h = moments.hessian(centred)
+    mine = layerwise_choice(qw, h, float_target(qw, h, moments.cross(centred))) if world.owns(i) else None
     if world.solo:
         return mine
-    owned = [[i for i in range(len(layers)) if present[i] and i % world.size == r] for r in range(world.size)]
-    flat = [mine[i].reshape(-1).to(torch.uint8) for i in owned[world.rank]]
-    parts = world.gather(torch.cat(flat) if flat else torch.empty(0, dtype=torch.uint8), "the layer-local start")
-    out: list[Tensor | None] = [None] * len(layers)
-    for ids, part in zip(owned, parts):
-        for i, c in zip(ids, part.split([layers[i].layer.weight.numel() for i in ids])):
-            w = layers[i].layer.weight
-            out[i] = c.to(device=w.device, dtype=w.dtype).reshape(w.shape)
-    return out
+    # both in the weights' logical layout (a channels-last zeros_like would add up other elements)
+    w = qw.layer.weight
+    mine = mine.contiguous() if mine is not None else torch.zeros(w.shape, dtype=w.dtype, device=w.device)
+    return world.sum_(mine, "the layer-local start")
+
+
+def _use_choice_(qw: QuantWeight, choice: Tensor) -> None:
+    """The layer computes with the weights of `choice` (and their bias correction) until its `live` is reset."""
+    lower, free = qw.rounding_bounds()
+    weight = ((lower + free * choice) * qw.scale_like(lower)).to(qw.layer.weight.dtype)
+    shift = qw.bias_shift(weight)
+    qw.live = (weight, qw.ensure_bias().detach() if shift is None else qw.float_bias - shift)

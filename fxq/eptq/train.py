@@ -31,7 +31,7 @@ from fxq.data.subset import Subset, choose
 from fxq.dist.world import World
 from fxq.eptq.budget import PLAN_AFTER, planned_iterations
 from fxq.eptq.distillation import packed_loss
-from fxq.eptq.layerwise import InputMoments, layerwise_choice, share_choices
+from fxq.eptq.layerwise import sequential_choices
 from fxq.eptq.schedule import batch_indices, beta_at
 from fxq.eptq.soft_rounding import SoftRounding
 from fxq.eptq.teacher import TeacherTargets, as_model_wants, bf16_autocast, flat_outputs
@@ -55,7 +55,7 @@ __all__ = ["RoundingOptimizer", "use_fused_act_quant_", "check_resumable", "sche
 
 CHECKPOINT = "rounding.pt"
 _CHECK_IMAGES = 128  # calibration images of the keep-best check
-_START_BATCH = 32  # images per forward of the layer-local start (a forward, no backward: the batch can be large)
+_START_BATCH = 32  # images per batch of the layer-local start (forwards, no backward: the batch can be large)
 _BYTES_PER_WEIGHT = 96  # what the optimization holds per quantized weight at a step's peak, rounded up: about 22
 # fp32 values (the soft-rounding state, the RTN copy, the optimizer's, a step's soft weights and their gradients)
 # settings a resumed run may change: where and how often it checkpoints, how it keeps the teacher's tensors
@@ -147,26 +147,16 @@ class RoundingOptimizer:
 
     @torch.no_grad()
     def _layerwise(self, gm: GraphModule, layers: list[QuantWeight], images: Tensor) -> list[Tensor | None]:
-        """Each layer's layer-local rounding choice (fxq.eptq.layerwise) on the inputs it sees in the quantized
-        graph, over `start_images` images drawn with the schedule's seed, or all of them (covariances where bias
-        correction takes the mean)."""
-        device, w = device_of(gm), self.world
+        """Each layer's layer-local rounding choice (fxq.eptq.layerwise), made in graph order on `start_images`
+        images drawn with the schedule's seed (or all of them), each rank on its share of the batches."""
+        device = device_of(gm)
         drawn = torch.randperm(len(images), generator=torch.Generator().manual_seed(self.cfg.seed))
-        moments = InputMoments(layers)
-        try:  # each rank its share of the batches, then the sums of all
-            for k, idx in enumerate(drawn[: self.cfg.start_images].split(_START_BATCH)):
-                if w.owns(k):
-                    gm(as_model_wants(images[idx.to(images.device)].to(device), self.cfg))
-        finally:
-            moments.close()
-        moments.merge_(w)
-        hessians = [moments.hessian(i, centred=qw.input_mean is not None) for i, qw in enumerate(layers)]
-        # each layer's choice made by one rank, then shared
-        mine = [
-            layerwise_choice(qw, h) if h is not None and w.owns(i) else None
-            for i, (qw, h) in enumerate(zip(layers, hessians))
+        batches = [
+            as_model_wants(images[idx.to(images.device)].to(device), self.cfg)
+            for k, idx in enumerate(drawn[: self.cfg.start_images].split(_START_BATCH))
+            if self.world.owns(k)
         ]
-        return share_choices(mine, layers, [h is not None for h in hessians], w)
+        return sequential_choices(gm, self.teacher.to(device), layers, batches, self.world)
 
     def _tapped(self, gm: GraphModule) -> tuple[GraphModule, GraphModule]:
         z = interest_nodes(gm)

@@ -250,5 +250,4 @@ def _use_choice_(qw: QuantWeight, choice: Tensor) -> None:
     """The layer computes with the weights of `choice` (and their bias correction) until its `live` is reset."""
     lower, free = qw.rounding_bounds()
     weight = ((lower + free * choice) * qw.scale_like(lower)).to(qw.layer.weight.dtype)
-    shift = qw.bias_shift(weight)
-    qw.live = (weight, qw.ensure_bias().detach() if shift is None else qw.float_bias - shift)
+    qw.live = (weight, qw.bias_for(weight))

@@ -227,13 +227,17 @@ class QuantWeight(nn.Module):
         dw = (w_q - self.layer.weight.detach()).float()
         return mean_output_shift(self.layer, dw, self.input_mean.to(dw.device)).to(self.layer.weight.dtype)
 
+    def bias_for(self, w_q: Tensor) -> Tensor:
+        """The bias that goes with weight w_q: with bias correction float bias - E[x] (W_q - W), else the layer's."""
+        shift = self.bias_shift(w_q)
+        return self.ensure_bias().detach() if shift is None else self.float_bias - shift
+
     @torch.no_grad()
     def correct_bias_(self, input_mean: Tensor) -> None:
         """Empirical bias correction (Nagel et al. 2019, MCT's default): b = b_float - E[x] (W_q - W)."""
-        layer = self.layer
         self.float_bias = self.ensure_bias().detach().clone()
         self.input_mean = input_mean.detach().float()
-        layer.bias.copy_(self.float_bias - self.bias_shift(self.quantized_weight().detach()))
+        self.layer.bias.copy_(self.bias_for(self.quantized_weight().detach()))
 
     def ensure_bias(self) -> nn.Parameter:
         """The layer's bias, created as zeros when it has none (bias correction and the rounding need one)."""

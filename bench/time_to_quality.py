@@ -10,7 +10,8 @@ The wall time is fxq.quantize's: trace, calibration, LFH and rounding (image loa
 counted). Every row calibrates on all calibration images without labels and is evaluated on every val image;
 rows are written to --json as they finish and skipped when the script runs again, so an interrupted run resumes.
 `--plot` draws top-1 against wall time, with RTN, float and the reference implementation's CPU run (MCT 2.6.1,
-../shared/anchors/README.md) where the model is EfficientNet-Lite0.
+../shared/anchors/README.md) where the model is EfficientNet-Lite0; `--plot-from` adds the rows of other --json
+files of the same setting (other seeds, paths or budgets run apart).
 """
 
 from __future__ import annotations
@@ -75,37 +76,55 @@ def configs(args) -> dict[str, PTQConfig]:
     return out
 
 
-def plot(done: dict, model: str, bits: int, path: str) -> None:
+def plot(rows: dict, model: str, bits: int, path: str) -> None:
+    """Top-1 against wall time: one line per path and seed (its budgets and lengths), RTN, float and MCT."""
     from fxq.io.plots import _pyplot
 
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    rows = done["rows"]
+    fig, ax = plt.subplots(figsize=(7.0, 4.6))
     ax.axhline(rows["float"]["top1"], color="k", lw=0.8, label="float")
     rtn = rows.get(f"RTN W{bits}A8")
     if rtn:
-        ax.axhline(rtn["top1"], color="gray", ls="--", lw=0.8, label=f"RTN ({rtn['quantize_seconds']:.0f} s)")
+        ax.axhline(rtn["top1"], color="gray", ls="--", lw=0.8)
+        ax.plot([rtn["quantize_seconds"]], [rtn["top1"]], "s", color="gray", label="RTN")
+    line = 0
     for name in PATHS:
-        pts = sorted(
-            (r["quantize_seconds"], r["top1"], k.split(f"W{bits}A8 ")[1], r["rounding"]["iterations"])
-            for k, r in rows.items()
-            if k.startswith(f"{name} W{bits}A8")
-        )
-        if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"fxq EPTQ ({name})")
-            for t, acc, what, steps in pts:
-                ax.annotate(f"{what}: {steps} steps", (t, acc), textcoords="offset points", xytext=(4, -12), fontsize=7)
+        for seed in sorted({r.get("seed", 0) for k, r in rows.items() if k.startswith(f"{name} W{bits}A8 ")}):
+            pts = sorted(
+                (r["quantize_seconds"], r["top1"], r["rounding"]["iterations"])
+                for k, r in rows.items()
+                if k.startswith(f"{name} W{bits}A8 ") and r.get("seed", 0) == seed
+            )
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"fxq EPTQ, {name}, seed {seed}")
+            for t, acc, steps in pts:  # labels of alternate lines below and above their points
+                ax.annotate(
+                    f"{steps}", (t, acc), textcoords="offset points", xytext=(4, 5 - 15 * (line % 2)), fontsize=7
+                )
+            line += 1
     for t, acc in MCT_CPU.get((model, bits), []):
         ax.plot([t], [acc], "x", color="tab:red", ms=9, label="MCT 2.6.1 EPTQ path (reference)")
     ax.set_xscale("log")
-    ax.set_xlabel("wall time of the quantization, s (log; 2-core CPU)")
+    ax.set_xlabel("wall time of the quantization, s (log; 2-core CPU); numbers: whole-network steps")
     ax.set_ylabel(f"top-1 on {rows['float']['images']} val images, %")
     ax.set_title(f"{model} W{bits}A8: accuracy against time", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def merged_rows(files: list[str], setting: dict) -> dict:
+    """The rows of several --json files of one model, machine and thread count; a row in two files (RTN, float)
+    is taken from the first."""
+    rows: dict = {}
+    for f in files:
+        done = json.loads(Path(f).read_text())
+        if done["setting"] != setting:
+            raise SystemExit(f"{f} was measured with {done['setting']}, not {setting}: plot files of one setting")
+        for k, r in done["rows"].items():
+            rows.setdefault(k, r)
+    return rows
 
 
 def main() -> None:
@@ -121,6 +140,7 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="default: runs/time_to_quality_MODEL.json")
     p.add_argument("--plot", default=None)
+    p.add_argument("--plot-from", type=lambda s: s.split(","), default=[], help="more --json files to plot beside")
     p.add_argument("--quiet", action="store_true")
     args = p.parse_args()
     fxq.keep_freed_memory()  # as the command line does (fxq.memory)
@@ -156,7 +176,7 @@ def main() -> None:
             f"{name:<40} top-1 {row['top1']:6.2f} ({row['correct1']}/{row['images']})  {seconds:7.1f} s  {steps} steps"
         )
     if args.plot:
-        plot(done, args.model, args.bits, args.plot)
+        plot(merged_rows([str(path), *args.plot_from], setting), args.model, args.bits, args.plot)
 
 
 if __name__ == "__main__":

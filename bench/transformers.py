@@ -3,11 +3,13 @@ each activation quantizer alone, under the two activation placements (Target.qua
 
     python bench/transformers.py [--models vit_b_16,deit_tiny_patch16_224] [--bits 8,4] [--json FILE]
     python bench/transformers.py --rounding-images 4,16,64 [--models ...] [--json FILE]
+    python bench/transformers.py --layers-alone 64 --models vit_b_16 [--json FILE]
 
 Same models and images as bench/coverage.py (random weights, 4 calibration images, the SQNR on 2 others). Rows:
 one per model, placement and weight width; `worst` lists the activation quantizers that cost the most when each
 is the only one applied. With --rounding-images, W4A8 rows instead (default placement): round-to-nearest against
 the layer-local rounding (EPTQ's layer-local start with no whole-network steps), calibrated on N images each.
+With --layers-alone N, activations float: the SQNR with every weight layer at 4 bits and with each alone.
 Rows are written to --json as they finish and skipped when the script runs again.
 """
 
@@ -23,7 +25,7 @@ from coverage import _images, _inputs, _size, _sqnr, build
 
 import fxq
 from fxq.io.files import write_json_atomic
-from fxq.quant.modules import ActQuant
+from fxq.quant.modules import ActQuant, QuantWeight
 from fxq.targets import INT8, cpu_description
 
 
@@ -62,8 +64,9 @@ def measure(name: str, bits: int, norm_inputs: bool) -> dict:
     }
 
 
-def measure_rounding(name: str, images: int, start: str | None) -> dict:
-    """W4A8 output SQNR after round-to-nearest (start None) or the layer-local rounding on `images` images."""
+def _rounded(name: str, images: int, start: str | None):
+    """The float model, its W4A8 graph after round-to-nearest (start None) or the layer-local rounding on `images`
+    calibration images, and the 2 images the SQNR is taken on."""
     model = build(_group(name), name)
     size = _size(name)
     calib, x = [_images(2, size, 100 + i) for i in range(max(images // 2, 1))], _images(2, size, 2)
@@ -71,15 +74,41 @@ def measure_rounding(name: str, images: int, start: str | None) -> dict:
     rounding = fxq.RoundingConfig(start=start or "float", iterations=0, batch_size=8)
     cfg = fxq.PTQConfig(target=INT8.with_bits(4, 8), method=method, rounding=rounding, progress=False)
     qgm, _ = fxq.quantize(model, calib, cfg)
+    return model, qgm, x
+
+
+def measure_rounding(name: str, images: int, start: str | None) -> dict:
+    """W4A8 output SQNR after round-to-nearest (start None) or the layer-local rounding on `images` images."""
+    model, qgm, x = _rounded(name, images, start)
     with torch.no_grad():
         sqnr = _sqnr(model(x), qgm(x))
-    return {
-        "model": name,
-        "weight_bits": 4,
-        "images": 2 * len(calib),
-        "rounding": start or "nearest",
-        "sqnr": round(sqnr, 2),
-    }
+    return {"model": name, "weight_bits": 4, "images": images, "rounding": start or "nearest", "sqnr": round(sqnr, 2)}
+
+
+@torch.no_grad()
+def measure_layers_alone(name: str, images: int) -> dict:
+    """Activations float: the output SQNR with every weight layer at 4 bits, and with each one alone at 4 bits (the
+    others float), under round-to-nearest and the layer-local rounding."""
+    (model, rtn, x), (_, local, _) = _rounded(name, images, None), _rounded(name, images, "layerwise")
+    ref = model(x)
+    for g in (rtn, local):
+        for m in g.modules():
+            if isinstance(m, ActQuant):
+                m.forward = lambda t: t  # the quantizer passes its input through
+    every = {"nearest": round(_sqnr(ref, rtn(x)), 2), "layerwise": round(_sqnr(ref, local(x)), 2)}
+    nearest = {n: m for n, m in rtn.named_modules() if isinstance(m, QuantWeight)}
+    chosen = {n: m for n, m in local.named_modules() if isinstance(m, QuantWeight)}
+    quantized = {n: m.forward for n, m in nearest.items()}
+    for m in nearest.values():
+        m.forward = m.layer.forward  # float
+    alone = {}
+    for n, m in nearest.items():  # the RTN graph, one layer at a time at its RTN or its layer-local weights
+        m.forward = quantized[n]
+        at_nearest = _sqnr(ref, rtn(x))
+        m.forward = chosen[n].forward
+        alone[n] = (round(at_nearest, 2), round(_sqnr(ref, rtn(x)), 2))
+        m.forward = m.layer.forward
+    return {"model": name, "weight_bits": 4, "images": images, "every_layer": every, "alone": alone}
 
 
 def main() -> None:
@@ -87,6 +116,7 @@ def main() -> None:
     p.add_argument("--models", default="vit_b_16,deit_tiny_patch16_224")
     p.add_argument("--bits", default="8,4")
     p.add_argument("--rounding-images", default="", help="e.g. 4,16,64: the W4A8 rounding rows")
+    p.add_argument("--layers-alone", type=int, default=0, help="N: each weight layer alone at 4 bits, N images")
     p.add_argument("--json", type=Path, default=None)
     a = p.parse_args()
     rows = json.loads(a.json.read_text())["rows"] if a.json and a.json.exists() else []
@@ -97,6 +127,11 @@ def main() -> None:
         if a.json:
             write_json_atomic(a.json, {"cpu": cpu_description(), "rows": rows})
 
+    if a.layers_alone:
+        for name in a.models.split(","):
+            if not any(r["model"] == name and "alone" in r for r in rows):
+                add(measure_layers_alone(name, a.layers_alone))
+        return
     if a.rounding_images:
         for name in a.models.split(","):
             for images in (int(n) for n in a.rounding_images.split(",")):

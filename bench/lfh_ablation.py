@@ -15,8 +15,9 @@ rows take them apart, same images, quantizers and schedule:
 - `linear`: each tensor in proportion to its trace (the output at the largest), without the log and the
   subtraction of the smallest: the normalisation.
 
-Also printed: the weights themselves (effective number of tensors, the output's share) and, with two seeds,
-the Spearman correlation of the two seeds' traces (the probes' noise). Rows go to --json as they finish and are
+Also printed: the weights themselves (effective number of tensors, the output's share) and, with two seeds, the
+Spearman correlation of the two seeds' traces (the probes' noise); with --structure only that, for the LFH of each
+seed on 32 calibration images, and no rounding. Rows go to --json as they finish and are
 skipped when the script runs again.
 """
 
@@ -79,6 +80,29 @@ def spearman(a: list[float], b: list[float]) -> float:
     return float(torch.corrcoef(torch.stack([ra, rb]))[0, 1])
 
 
+def structure(lm, calib_dir: str, seeds: list[int]) -> dict:
+    """The LFH weights alone (no rounding), for each seed on the same 32 calibration images: their summary, the
+    spread of the traces, the tensors at weight 0, the largest relative standard error and the seeds' agreement."""
+    x = load_images(calib_dir, lm.preprocess, 32, progress=False).x
+    out, traces = {}, {}
+    for seed in seeds:
+        cfg = LFHConfig(min_probes=10, max_probes=32, seed=seed)
+        _, report = fxq.label_free_hessian(lm.model, [x], cfg, PTQConfig(progress=False))
+        z = [lr for lr in report.layers if lr.interest]
+        lam = torch.tensor([lr.lfh_weight for lr in z])
+        t = torch.tensor([lr.lfh for lr in z])
+        traces[seed] = t.tolist()
+        out[f"seed {seed}"] = {
+            **summary(torch.cat([lam.max().reshape(1), lam])),
+            "trace_max_over_min": round(float(t.max() / t.min()), 2),
+            "at_weight_0": [lr.node for lr in z if lr.lfh_weight == 0],
+            "largest_relative_stderr": round(max(lr.lfh_stderr / lr.lfh for lr in z), 4),
+        }
+    if len(seeds) > 1:
+        out["spearman_traces"] = round(spearman(traces[seeds[0]], traces[seeds[1]]), 4)
+    return out
+
+
 def table(rows: dict, a) -> None:
     """Top-1 per variant (rows) and seed (columns), with the mean over the seeds, for each width."""
     seeds = [int(s) for s in a.seeds.split(",")]
@@ -99,6 +123,7 @@ def main() -> None:
     p.add_argument("--variants", default=",".join(VARIANTS))
     p.add_argument("--iterations", type=int, default=2000)
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--structure", action="store_true", help="the LFH weights' structure alone, no rounding runs")
     p.add_argument("--json", type=Path, default=None, help="default: runs/lfh_ablation_MODEL.json")
     a = p.parse_args()
     fxq.keep_freed_memory()
@@ -109,6 +134,9 @@ def main() -> None:
     done = json.loads(path.read_text()) if path.is_file() else {"rows": {}, "weights": {}}
     lm = load_model(a.model)
     calib_dir, val_dir = default_image_sets(a.model)
+    if a.structure:
+        print(json.dumps(structure(lm, calib_dir, [int(s) for s in a.seeds.split(",")]), indent=1))
+        return
     calib = load_images(calib_dir, lm.preprocess, progress=False)
     val = load_images(val_dir, lm.preprocess, labeled=True, progress=False)
     if "float" not in done["rows"]:

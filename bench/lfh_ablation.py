@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+from lfh import spearman  # run as a script from bench/
 
 import fxq
 import fxq.eptq.train as train
@@ -72,12 +73,6 @@ def summary(w: torch.Tensor) -> dict:
         "hidden_max_over_mean": round(float(w[1:].max() / w[1:].mean()), 3),
         "hidden_zero": int((w[1:] == 0).sum()),
     }
-
-
-def spearman(a: list[float], b: list[float]) -> float:
-    ra = torch.tensor(a).argsort().argsort().double()
-    rb = torch.tensor(b).argsort().argsort().double()
-    return float(torch.corrcoef(torch.stack([ra, rb]))[0, 1])
 
 
 def structure(lm, calib_dir: str, seeds: list[int]) -> dict:

@@ -15,7 +15,7 @@ import platform
 
 import torch
 
-__all__ = ["keep_freed_memory", "available_bytes"]
+__all__ = ["keep_freed_memory", "available_bytes", "size_text"]
 
 # glibc's mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
@@ -47,3 +47,11 @@ def available_bytes(device: torch.device) -> int | None:
     except OSError:
         return None
     return None
+
+
+def size_text(n: float) -> str:
+    """A byte count for a message: '1.5 GiB', '12.0 MiB' or '900 B'."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size or unit == "KiB" and n >= 1000:
+            return f"{n / size:.1f} {unit}"
+    return f"{n:.0f} B"

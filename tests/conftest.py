@@ -43,6 +43,23 @@ class TinyNet(nn.Module):
         return self.head(z.mean((2, 3)))
 
 
+def conv_stack() -> nn.Module:
+    """conv/ReLU layers of 216, 576, 576 and 576 weights, global pool and a linear head of 40: balanced enough to
+    cut into groups."""
+    torch.manual_seed(0)
+    convs = [nn.Conv2d(3, 8, 3, padding=1)] + [nn.Conv2d(8, 8, 3, padding=1) for _ in range(3)]
+    layers = [m for conv in convs for m in (conv, nn.ReLU())]
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5)).eval()
+
+
+def room_for(model: nn.Module, share: float) -> int:
+    """Free memory for `share` of the model's whole rounding state."""
+    from fxq.eptq.train import _BYTES_PER_WEIGHT
+
+    weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
+    return int(share * weights * _BYTES_PER_WEIGHT)
+
+
 def randomize_bn_(model: nn.Module) -> nn.Module:
     """Give BatchNorms non-trivial statistics so folding is actually tested."""
     g = torch.Generator().manual_seed(1)

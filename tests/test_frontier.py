@@ -73,7 +73,7 @@ def test_a_stop_whose_values_would_not_fit_is_refused_with_the_remedy(monkeypatc
     gm = fx.symbolic_trace(nn.Sequential(nn.Conv2d(3, 16, 1), nn.ReLU(), nn.Conv2d(16, 3, 1)))
     monkeypatch.setattr(frontier, "available_bytes", lambda device: 1000)
     run = Frontier(gm, [seeded(2, 3, 6, 6, seed=s) for s in range(4)], remedy="use fewer images")
-    with pytest.raises(ConfigError, match=r"at _2 for 4 batches take about .* GiB more.*use fewer images"):
+    with pytest.raises(ConfigError, match=r"at _2 for 4 batches take about .* (GiB|MiB|KiB|B) more.*use fewer images"):
         run.advance_to(list(gm.graph.nodes)[3])
     monkeypatch.setattr(frontier, "available_bytes", lambda device: 10**6)
     Frontier(gm, [seeded(2, 3, 6, 6, seed=s) for s in range(4)], remedy="").advance_to(list(gm.graph.nodes)[3])

@@ -229,7 +229,7 @@ def test_each_layer_chooses_on_the_inputs_of_the_layers_above_at_their_choices(t
             teacher.get_submodule(names[qw]).register_forward_pre_hook(_keep_input(inputs, ("f", qw))) for qw in layers
         ]
         for qw, choice in zip(layers, choices):
-            layerwise._use_choice_(qw, choice)
+            layerwise.use_choice_(qw, choice)
         sums = {qw: Moments(qw.layer) for qw in layers}
         for x in batches:
             student(x), teacher(x)

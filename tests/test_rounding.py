@@ -11,7 +11,7 @@ from fxq.eptq.schedule import batch_indices, beta_at
 from fxq.errors import CheckpointError, ConfigError, GraphCheckFailed
 from fxq.quant.modules import QuantWeight, layer_forward, mean_output_shift
 from fxq.targets import INT8
-from tests.conftest import seeded
+from tests.conftest import conv_stack, room_for, seeded
 
 CALIB = [seeded(8, 3, 16, 16, seed=i) for i in range(4)]
 
@@ -266,13 +266,85 @@ def test_a_folded_batch_with_the_images_interleaved_is_refused():
         _eptq(_Windows(image_major=False).eval(), bits=3, loss_weights="mean", iterations=2)
 
 
-def test_an_optimization_that_would_not_fit_in_free_memory_is_refused_before_it_starts(tiny_net, monkeypatch):
-    # a few thousand weights of about 100 bytes each: 10 kB free would not hold the state
+def test_an_optimization_whose_largest_layer_would_not_fit_in_free_memory_is_refused_before_it_starts(
+    tiny_net, monkeypatch
+):
+    # conv_a's 576 weights at about 100 bytes each: 10 kB free would not hold its state
     monkeypatch.setattr(rounding_train, "available_bytes", lambda device: 10_000)
-    with pytest.raises(ConfigError, match=r"quantized weights needs about .* GiB, and 0\.0 GiB is free on cpu; .*RTN"):
+    with pytest.raises(
+        ConfigError, match=r"a layer of 576 weights needs about 54\.0 KiB to optimize, and 9\.8 KiB is "
+    ):
         _eptq(tiny_net, iterations=2)
     monkeypatch.setattr(rounding_train, "available_bytes", lambda device: None)  # unknown: no check
     _eptq(tiny_net, iterations=2)
+
+
+def test_a_state_too_large_for_free_memory_is_optimized_in_groups_of_layers(monkeypatch):
+    """With memory for 90 % of the state, the layers go in graph order into groups of at most half of it, each
+    optimized in turn: every layer's rounding moves off round-to-nearest and the result lies on its grid."""
+    model = conv_stack()
+    room = room_for(model, 0.9)
+    monkeypatch.setattr(rounding_train, "available_bytes", lambda device: room)
+    held = []
+    soft_rounding = rounding_train.SoftRounding
+
+    def recording(layers, *args):
+        held.append(sum(qw.layer.weight.numel() for qw in layers) * rounding_train._BYTES_PER_WEIGHT)
+        return soft_rounding(layers, *args)
+
+    monkeypatch.setattr(rounding_train, "SoftRounding", recording)
+    qgm, report = _eptq(model, bits=2, iterations=60, lr_rounding=5e-2)
+    assert report.rounding["groups"] == [2, 1, 2]  # 216 + 576, 576, 576 + 40 weights
+    assert len(held) == 3 and max(held) <= 0.5 * room
+    assert report.rounding["iterations"] == 60 and [s for s, _ in report.rounding["history"]][:1] == [0]
+    monkeypatch.setattr(rounding_train, "available_bytes", lambda device: None)
+    rtn, _ = fxq.quantize(model, CALIB, PTQConfig(target=INT8.with_bits(2), progress=False))
+    for name, qw in _quant_layers(qgm).items():
+        w = qw.layer.weight.detach()
+        torch.testing.assert_close(qw.quantized_weight(), w, rtol=0, atol=0)  # on its grid
+        assert not torch.equal(w, _quant_layers(rtn)[name].layer.weight), f"{name} kept its RTN rounding"
+
+
+def test_the_groups_to_come_compute_at_their_layer_local_start(monkeypatch):
+    """At confidence 1 the soft weights are the start's choice, so the first step's loss is the same whether all
+    layers are optimized at once or the first group alone with the others held at their start."""
+    model = conv_stack()
+    settings = dict(bits=2, iterations=6, start="layerwise", start_confidence=1.0)
+    monkeypatch.setattr(rounding_train, "available_bytes", lambda device: None)
+    _, whole = _eptq(model, **settings)
+    monkeypatch.setattr(rounding_train, "available_bytes", lambda device: room_for(model, 0.9))
+    _, grouped = _eptq(model, **settings)
+    assert whole.rounding["groups"] == [5] and len(grouped.rounding["groups"]) == 3
+    assert _losses(grouped)[0] == pytest.approx(_losses(whole)[0], rel=1e-5)
+
+
+@pytest.mark.parametrize("start", ["float", "layerwise"])
+def test_a_run_in_groups_resumes_in_its_second_group_to_the_same_model(tmp_path, monkeypatch, start):
+    """Interrupted in the second of three groups: the checkpoint holds the first group hardened and the second's
+    state; the third starts where it would have (a layer-local start is made again)."""
+    model = conv_stack()
+    monkeypatch.setattr(rounding_train, "available_bytes", lambda device: room_for(model, 0.9))
+    settings = {"bits": 2, "iterations": 24, "checkpoint_every": 4, "start": start}
+    straight, report = _eptq(model, checkpoint_dir=str(tmp_path / "a"), **settings)
+    assert len(report.rounding["groups"]) == 3
+    real = rounding_train.batch_indices
+
+    def interrupt_at_step_14(n, batch, step, seed):  # the second group's seventh step of eight
+        if step == 14:
+            raise KeyboardInterrupt
+        return real(n, batch, step, seed)
+
+    monkeypatch.setattr(rounding_train, "batch_indices", interrupt_at_step_14)
+    with pytest.raises(KeyboardInterrupt):
+        _eptq(model, checkpoint_dir=str(tmp_path / "b"), **settings)
+    monkeypatch.setattr(rounding_train, "batch_indices", real)
+    saved = torch.load(tmp_path / "b" / "rounding.pt", weights_only=True)
+    assert (saved["group"], saved["step"], len(saved["done"]), len(saved["parts"])) == (1, 4, 2, 1)
+    resumed, report = _eptq(model, checkpoint_dir=str(tmp_path / "b"), resume=True, **settings)
+    assert report.rounding["resumed_at"] == 12 and report.rounding["iterations"] == 24
+    for (name, a), b in zip(_quant_layers(straight).items(), _quant_layers(resumed).values()):
+        assert torch.equal(a.layer.weight, b.layer.weight), name
+        assert torch.equal(a.layer.bias, b.layer.bias), name
 
 
 def test_a_plain_conv_stack_distils_its_output_alone():

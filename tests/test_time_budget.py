@@ -15,7 +15,7 @@ from fxq.eptq.budget import LFH_SHARE, PLAN_AFTER, parse_duration, planned_itera
 from fxq.errors import ConfigError
 from fxq.ir import meta
 from fxq.quant.modules import QuantWeight
-from tests.conftest import seeded
+from tests.conftest import conv_stack, room_for, seeded
 
 CALIB = [seeded(8, 3, 16, 16, seed=i) for i in range(4)]
 
@@ -90,6 +90,18 @@ def test_a_run_that_slows_down_stops_early_on_the_grid(tiny_net, step_clock):
         if isinstance(m, QuantWeight):
             w = m.layer.weight.detach()
             assert torch.equal((w / m.scale_like(w)).round() * m.scale_like(w), w)
+
+
+def test_groups_of_layers_share_the_budget(step_clock, monkeypatch):
+    """Three groups (the state does not fit at once): each plans its steps inside an equal share of the time left
+    when it starts, and the run ends inside the budget."""
+    model = conv_stack()
+    monkeypatch.setattr(rounding_train, "available_bytes", lambda device: room_for(model, 0.9))
+    _, report = fxq.quantize(model, CALIB, _cfg(30.0))
+    r = report.rounding
+    # shares of 10, 11 and 13 s: PLAN_AFTER steps, then those that leave each group 2 steps' reserve: 8 + 9 + 11
+    assert len(r["groups"]) == 3 and r["iterations"] == 28
+    assert r["seconds_left_in_budget"] == pytest.approx(2.0)
 
 
 def test_a_budget_spent_before_the_rounding_leaves_rtn(tiny_net):

@@ -34,7 +34,7 @@ from fxq.ir.frontier import Frontier
 from fxq.ir.graph import call_sites
 from fxq.quant.modules import QuantWeight
 
-__all__ = ["Moments", "supports", "float_target", "layerwise_choice", "sequential_choices"]
+__all__ = ["Moments", "supports", "float_target", "layerwise_choice", "sequential_choices", "use_choice_"]
 
 POSITIONS = 256  # output positions per image whose patches enter H (whole rows, evenly spaced): plenty for a
 # layer's few input columns, and the early layers' 12544 positions would make H cost more than the forward
@@ -225,7 +225,7 @@ def sequential_choices(
                 m.add_(qw.layer, *quantized.values_of(k, node.args[:1]), *float_.values_of(k, twin.args[:1]))
             if node is sites[node.target][-1]:
                 choices[index[qw]] = _choose(qw, moments.pop(index[qw]), index[qw], world)
-                _use_choice_(qw, choices[index[qw]])
+                use_choice_(qw, choices[index[qw]])
     finally:
         for qw in layers:
             qw.live = None
@@ -246,7 +246,7 @@ def _choose(qw: QuantWeight, moments: Moments, i: int, world: World) -> Tensor:
     return world.sum_(mine, "the layer-local start")
 
 
-def _use_choice_(qw: QuantWeight, choice: Tensor) -> None:
+def use_choice_(qw: QuantWeight, choice: Tensor) -> None:
     """The layer computes with the weights of `choice` (and their bias correction) until its `live` is reset."""
     lower, free = qw.rounding_bounds()
     weight = ((lower + free * choice) * qw.scale_like(lower)).to(qw.layer.weight.dtype)

@@ -13,7 +13,7 @@ from fxq.eptq.distillation import Workspace, column_lengths, pack, row_energies
 from fxq.errors import ConfigError, GraphCheckFailed
 from fxq.ir.graph import float_graph
 from fxq.ir.ops import set_eval_
-from fxq.memory import available_bytes
+from fxq.memory import available_bytes, size_text
 
 __all__ = ["float_teacher", "bf16_autocast", "TeacherTargets", "flat_outputs", "as_model_wants"]
 
@@ -83,7 +83,7 @@ class TeacherTargets:
         room = 0.3 * available_bytes(images.device) if on_gpu else 8 * 2**30
         if cfg.teacher_cache == "on" and need > room:
             raise ConfigError(
-                f"rounding: the teacher cache needs {need / 2**30:.1f} GiB, more than the {room / 2**30:.1f} GiB "
+                f"rounding: the teacher cache needs {size_text(need)}, more than the {size_text(room)} "
                 f"allowed; use teacher_cache='off' (recompute) or fewer images"
             )
         # every rank takes the same decision: on the largest shard's size

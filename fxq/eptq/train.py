@@ -10,6 +10,11 @@ the regulariser off. At the end every weight is rounded hard onto its grid.
 
 Each tensor's squared error is taken relative to its float energy (as MCT does), so that tensors of very
 different scales weigh by their lambda alone; the model output joins Z with the largest lambda.
+
+Where the state of every layer at once would not fit in the memory free, the layers are cut, in graph order, into
+groups that fit, and the groups are optimized one after the other on the same whole-network loss, each with its
+share of the iterations and of the time budget, and hardened before the next begins; the layers of the groups to
+come compute meanwhile at their start (round-to-nearest, or the layer-local choice).
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from fxq.data.subset import Subset, choose
 from fxq.dist.world import World
 from fxq.eptq.budget import PLAN_AFTER, planned_iterations
 from fxq.eptq.distillation import packed_loss
-from fxq.eptq.layerwise import sequential_choices
+from fxq.eptq.layerwise import sequential_choices, use_choice_
 from fxq.eptq.schedule import batch_indices, beta_at
 from fxq.eptq.soft_rounding import SoftRounding
 from fxq.eptq.teacher import TeacherTargets, as_model_wants, bf16_autocast, flat_outputs
@@ -48,7 +53,7 @@ from fxq.io.checkpoint import (
 from fxq.ir.meta import Deadline
 from fxq.ir.ops import channels_last_, device_of, set_eval_
 from fxq.ir.taps import interest_nodes, quantized_value, with_taps
-from fxq.memory import available_bytes
+from fxq.memory import available_bytes, size_text
 from fxq.quant.modules import ActQuant, QuantWeight
 
 __all__ = ["RoundingOptimizer", "use_fused_act_quant_", "check_resumable", "schedule_fields", "CHECKPOINT"]
@@ -58,6 +63,7 @@ _CHECK_IMAGES = 128  # calibration images of the keep-best check
 _START_BATCH = 32  # images per batch of the layer-local start (forwards, no backward: the batch can be large)
 _BYTES_PER_WEIGHT = 96  # what the optimization holds per quantized weight at a step's peak, rounded up: about 22
 # fp32 values (the soft-rounding state, the RTN copy, the optimizer's, a step's soft weights and their gradients)
+_GROUP_SHARE = 0.5  # of the free memory, the most a group's state may take when the layers are optimized in groups
 # settings a resumed run may change: where and how often it checkpoints, how it keeps the teacher's tensors
 _RESUMABLE_ACROSS = ("checkpoint_every", "checkpoint_dir", "resume", "teacher_cache")
 
@@ -95,7 +101,7 @@ class RoundingOptimizer:
         cfg, device = self.cfg, device_of(gm)
         set_eval_(gm)
         layers = [m for m in gm.modules() if isinstance(m, QuantWeight)]
-        _check_room(layers, device)
+        groups = _layer_groups(layers, device, self.world)
         nhwc = cfg.channels_last and self.images.dim() == 4
         student, teacher = self._tapped(gm)
         images = self.images.to(device) if device.type == "cuda" else self.images
@@ -110,26 +116,43 @@ class RoundingOptimizer:
                 channels_last_(gm)
                 channels_last_(self.teacher)
             t0 = time.perf_counter()
-            start = self._layerwise(gm, layers, images) if cfg.start is Start.LAYERWISE and not cfg.resume else None
+            # a resumed run takes V from its checkpoint, but the groups not begun yet start where they would have
+            layerwise = cfg.start is Start.LAYERWISE and (not cfg.resume or len(groups) > 1)
+            start = self._layerwise(gm, layers, images) if layerwise else None
             start_seconds = time.perf_counter() - t0
-            soft = SoftRounding(layers, cfg.train_scale)
-            if start is not None:
-                soft.start_from_(start, cfg.start_confidence)
-            soft.bias.requires_grad_(cfg.train_bias)
-            adam = torch.optim.Adam if cfg.optimizer is Optimizer.ADAM else torch.optim.RAdam
-            opt_v = adam([soft.v], lr=cfg.lr_rounding)
-            groups = [{"params": [soft.bias], "lr": cfg.lr_bias}]
-            if soft.scale_factor is not None:
-                groups.append({"params": [soft.scale_factor], "lr": cfg.lr_scale})
-            opt_b = torch.optim.SGD(groups, foreach=True)
+            if start is not None and len(groups) > 1:  # the groups to come compute at their start meanwhile
+                for qw, choice in zip(layers, start):
+                    if choice is not None:
+                        use_choice_(qw, choice)
             t0 = time.perf_counter()
             targets = TeacherTargets(teacher, images, cfg, [n.name for n in interest_nodes(gm)], self.world)
             cache_seconds = time.perf_counter() - t0
             weights = interest_weights(gm, cfg.loss_weights_read, targets.out_is_tensor).to(device)
-            stats = self._optimize(soft, student, targets, images, weights, opt_v, opt_b)
+            # hashing the weights and images costs a pass over them: only a run that checkpoints needs it
+            fingerprint = self._fingerprint(gm, layers, groups, weights) if cfg.checkpoint_dir else None
+            resumed = self._resume_state(fingerprint) if cfg.resume else None
+            first, parts = (resumed.get("group", 0), resumed.get("parts", [])) if resumed is not None else (0, [])
+            for qw, hard in zip((qw for group in groups[:first] for qw in group), resumed["done"] if first else []):
+                qw.load_hardened_(hard)
+            index = {qw: i for i, qw in enumerate(layers)}
+            for g in range(first, len(groups)):
+                soft = SoftRounding(groups[g], cfg.train_scale)
+                if start is not None:
+                    soft.start_from_([start[index[qw]] for qw in groups[g]], cfg.start_confidence)
+                share = math.ceil(cfg.iterations / len(groups))  # every group takes a step when any is asked
+                deadline = self.deadline.share(len(groups) - g) if self.deadline is not None else None
+                # a checkpoint of group g also holds the finished groups: their hard layers and statistics
+                done = [qw.hardened_state() for group in groups[:g] for qw in group] if cfg.checkpoint_dir else []
+                saved = {"fingerprint": fingerprint, "group": g, "done": done, "parts": parts}
+                state = resumed if g == first else None
+                parts.append(
+                    self._optimize(soft, student, targets, images, weights, share, deadline, g * share, state, saved)
+                )
+                soft.harden_()
+            stats = _merged(parts) if len(parts) > 1 else parts[0]
+            stats.update(groups=[len(group) for group in groups])
             stats.update(teacher_cache=targets.cache is not None, teacher_cache_seconds=cache_seconds)
             stats.update(start=cfg.start.value, start_seconds=start_seconds if start is not None else None)
-            soft.harden_()
             if cfg.keep_best:
                 stats.update(self._keep_best(layers, rtn, student, targets, images, weights))
             if self.deadline is not None:
@@ -137,6 +160,8 @@ class RoundingOptimizer:
         finally:
             if soft is not None:
                 soft.close()
+            for qw in layers:  # the groups a failure left at their start
+                qw.live = None
             for p, flag in trainable.items():
                 p.requires_grad_(flag)
             use_fused_act_quant_(gm, False)
@@ -170,9 +195,10 @@ class RoundingOptimizer:
             student, teacher = torch.compile(student), torch.compile(teacher)
         return student, teacher
 
-    def _fingerprint(self, gm: GraphModule, layers: list[QuantWeight], weights: Tensor) -> dict:
+    def _fingerprint(self, gm: GraphModule, layers: list[QuantWeight], groups: list[list], weights: Tensor) -> dict:
         """Everything that changes what the optimization computes, as named fields: the float weights, the
-        calibration images, each quantizer's grid and step, the loss weights and every setting of the schedule."""
+        calibration images, each quantizer's grid and step, the groups of layers, the loss weights and every
+        setting of the schedule."""
         acts = [m for m in gm.modules() if isinstance(m, ActQuant)]
         return {
             "model_weights": tensor_digest(self.teacher.state_dict().values()),
@@ -185,6 +211,7 @@ class RoundingOptimizer:
             "act_steps": Measured(torch.stack([m.scale.float() for m in acts]).tolist() if acts else []),
             "weight_steps": Measured(torch.cat([qw.scale.float().reshape(-1) for qw in layers]).tolist()),
             "interest_weights": Measured(weights.tolist()),
+            "layer_groups": [len(group) for group in groups],
             **schedule_fields(self.cfg),
             "state": "flat",  # SoftRounding's flat V, biases and factors (earlier checkpoints held them per layer)
         }
@@ -202,20 +229,41 @@ class RoundingOptimizer:
             zf, zq, targets.lengths, weights, cfg.normalize_loss, zf_energy, targets.nhwc, targets.workspace, len(batch)
         )
 
-    def _optimize(self, soft: SoftRounding, student, targets, images, weights, opt_v, opt_b) -> dict:
+    def _optimizers(self, soft: SoftRounding) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
+        """The optimizer of the rounding variables and the SGD of the biases (and step factors)."""
+        cfg = self.cfg
+        soft.bias.requires_grad_(cfg.train_bias)
+        adam = torch.optim.Adam if cfg.optimizer is Optimizer.ADAM else torch.optim.RAdam
+        groups = [{"params": [soft.bias], "lr": cfg.lr_bias}]
+        if soft.scale_factor is not None:
+            groups.append({"params": [soft.scale_factor], "lr": cfg.lr_scale})
+        return adam([soft.v], lr=cfg.lr_rounding), torch.optim.SGD(groups, foreach=True)
+
+    def _optimize(
+        self,
+        soft: SoftRounding,
+        student,
+        targets,
+        images,
+        weights,
+        iterations: int,
+        budget: Deadline | None,
+        offset: int,
+        state: dict | None,
+        saved: dict,
+    ) -> dict:
+        """`iterations` steps of `soft`'s layers (fewer to end inside `budget`), the batches those of the steps
+        from `offset` on; continued from the checkpoint `state` when given. Each checkpoint holds `saved` too."""
         cfg, device = self.cfg, soft.v.device
-        # hashing the weights and images costs a pass over them: only a run that checkpoints needs it
-        fingerprint = self._fingerprint(student, soft.layers, weights) if cfg.checkpoint_dir else None
-        start, planned = 0, cfg.iterations  # planned: the iteration count, shortened to fit a time budget
+        opt_v, opt_b = self._optimizers(soft)
+        start, planned = 0, iterations  # planned: the iteration count, shortened to fit a time budget
         history: list[tuple[int, float]] = []
-        if cfg.resume:
-            state = self._resume_state(fingerprint)
+        if state is not None:
             soft.load_state_dict(state["soft"])
             opt_v.load_state_dict(state["opt_v"])
             opt_b.load_state_dict(state["opt_b"])
             start, history = state["step"], state["history"]
-            planned = state.get("planned", cfg.iterations)
-        budget = self.deadline
+            planned = state.get("planned", iterations)
         plan_at = start + PLAN_AFTER if budget is not None else None
         reserve = 0.0
         if budget is not None and budget.left() <= 0:
@@ -226,7 +274,7 @@ class RoundingOptimizer:
         bar = tqdm(total=planned, initial=start, desc="rounding", unit="it", disable=not self.progress)
         step, w = start, self.world
         while step < planned:
-            batch = batch_indices(len(images), cfg.batch_size, step, cfg.seed)
+            batch = batch_indices(len(images), cfg.batch_size, offset + step, cfg.seed)
             mine = batch[w.part(len(batch))]
             x = as_model_wants(images[mine.to(images.device)].to(device, non_blocking=True), cfg)
             soft.refresh()
@@ -242,7 +290,7 @@ class RoundingOptimizer:
             opt_v.step()
             opt_b.step()
             if step % log_every == 0 or step == planned - 1:  # the host syncs of the loop (and the next)
-                history.append((step, float(w.sum_(loss.detach().reshape(1), "the rounding's loss"))))
+                history.append((offset + step, float(w.sum_(loss.detach().reshape(1), "the rounding's loss"))))
                 bar.set_postfix(loss=f"{history[-1][1]:.4g}", beta="warm-up" if beta is None else f"{beta:.1f}")
             if step == start:  # the first step pays for compiling and warming up: time the rest apart
                 if device.type == "cuda":
@@ -276,7 +324,7 @@ class RoundingOptimizer:
                     cfg.checkpoint_dir,
                     CHECKPOINT,
                     {
-                        "fingerprint": fingerprint,
+                        **saved,
                         "step": step,
                         "planned": planned,
                         "soft": soft.state_dict(),
@@ -291,8 +339,8 @@ class RoundingOptimizer:
         seconds = t_end - t0
         return {
             "iterations": planned,
-            "iterations_limit": cfg.iterations,
-            "resumed_at": start,
+            "iterations_limit": iterations,
+            "resumed_at": offset + start if state is not None else 0,  # the run's step it resumed at
             "batch_size": cfg.batch_size,
             "images": len(images),
             "images_chosen": self.chosen,
@@ -370,17 +418,48 @@ def schedule_fields(cfg: RoundingConfig) -> dict:
     return out
 
 
-def _check_room(layers: list[QuantWeight], device: torch.device) -> None:
-    """Refuse, before any of it is allocated, an optimization whose state would not fit in the memory free now
-    (the kernel would kill the process part way)."""
-    weights = sum(qw.layer.weight.numel() for qw in layers)
-    need, room = weights * _BYTES_PER_WEIGHT, available_bytes(device)
-    if room is not None and need > room:
+def _layer_groups(layers: list[QuantWeight], device: torch.device, world: World) -> list[list[QuantWeight]]:
+    """The layers, in graph order, as groups whose optimization state fits in the memory free now (the least of any
+    rank's): one group where all of it fits or free memory is unknown, else consecutive groups of at most
+    _GROUP_SHARE of it each (the rest is the steps'). Refuses, before any of it is allocated, a layer that alone
+    would not fit (the kernel would kill the process part way)."""
+    room = available_bytes(device)
+    if not world.solo:  # every rank groups alike
+        room = -int(world.max_(torch.tensor([-(room if room is not None else 2**62)]), "the free memory"))
+    sizes = [qw.layer.weight.numel() * _BYTES_PER_WEIGHT for qw in layers]
+    if room is None or sum(sizes) <= room:
+        return [list(layers)]
+    cap = _GROUP_SHARE * room
+    if max(sizes) > cap:
         raise ConfigError(
-            f"rounding: the optimization of {weights / 1e6:.0f}M quantized weights needs about "
-            f"{need / 2**30:.1f} GiB, and {room / 2**30:.1f} GiB is free on {device}; quantize this model with "
-            f"method RTN (--method rtn), or where that much memory is free"
+            f"rounding: a layer of {max(sizes) // _BYTES_PER_WEIGHT:,} weights needs about {size_text(max(sizes))} to "
+            f"optimize, and {size_text(room)} is free on {device}; quantize this model with method RTN "
+            f"(--method rtn), or where that much memory is free"
         )
+    groups, held = [[]], 0.0
+    for qw, need in zip(layers, sizes):
+        if groups[-1] and held + need > cap:
+            groups.append([])
+            held = 0.0
+        groups[-1].append(qw)
+        held += need
+    return groups
+
+
+def _merged(parts: list[dict]) -> dict:
+    """The statistics of groups optimized one after the other, as one run's."""
+    steps = sum(p["iterations"] for p in parts)
+    seconds = sum(p["seconds"] for p in parts)
+    return {
+        **parts[-1],
+        "iterations": steps,
+        "iterations_limit": sum(p["iterations_limit"] for p in parts),
+        "resumed_at": max(p["resumed_at"] for p in parts),
+        "seconds": seconds,
+        "seconds_per_step": seconds / steps if steps else None,
+        "seconds_per_step_after_first": None,  # each group's first step warms up again
+        "history": [h for p in parts for h in p["history"]],
+    }
 
 
 def check_resumable(cfg: RoundingConfig) -> None:

@@ -10,7 +10,7 @@ from torch import Tensor
 from torch.fx import GraphModule, Interpreter, Node
 
 from fxq.errors import ConfigError, GraphCheckFailed
-from fxq.memory import available_bytes
+from fxq.memory import available_bytes, size_text
 
 __all__ = ["Frontier"]
 
@@ -70,8 +70,8 @@ class Frontier(Interpreter):
         room = available_bytes(device)
         if room is not None and more > room:
             raise ConfigError(
-                f"the values held at {stop.name} for {len(self.held)} batches take about {more / 2**30:.1f} GiB more, "
-                f"and {room / 2**30:.1f} GiB is free; {self.remedy}"
+                f"the values held at {stop.name} for {len(self.held)} batches take about {size_text(more)} more, "
+                f"and {size_text(room)} is free; {self.remedy}"
             )
 
     def placeholder(self, target, args, kwargs):

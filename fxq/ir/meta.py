@@ -82,6 +82,10 @@ class Deadline:
         """True once `share` of the budget is spent."""
         return time.monotonic() - self.start >= share * self.seconds
 
+    def share(self, parts: int) -> Deadline:
+        """The first of `parts` equal shares of the time left, starting now (already past when none is left)."""
+        return Deadline(time.monotonic(), self.left() / parts)
+
 
 @dataclass
 class GraphQ:

@@ -276,6 +276,22 @@ class QuantWeight(nn.Module):
         w.copy_(hard)
         self.input_mean = self.float_bias = None
 
+    def hardened_state(self) -> dict[str, Tensor]:
+        """What a hardened layer holds (its integer codes, steps and bias), for a checkpoint to restore exactly."""
+        narrow = self.spec.qmin >= -128 and self.spec.qmax <= 127
+        codes = self.hard_codes().to(torch.int8 if narrow else torch.int16)
+        return {"codes": codes, "scale": self.scale.detach().clone(), "bias": self.ensure_bias().detach().clone()}
+
+    @torch.no_grad()
+    def load_hardened_(self, state: dict[str, Tensor]) -> None:
+        """The layer as `hardened_state` found it: weight codes * step, the bias as it was (already corrected)."""
+        w = self.layer.weight
+        self.scale.copy_(state["scale"])
+        w.copy_(state["codes"].to(w.device, w.dtype) * self.scale_like(w))
+        self.ensure_bias().copy_(state["bias"])
+        self.input_mean = self.float_bias = None
+        self.live = None
+
     def quantized_weight(self) -> Tensor:
         if self.live is not None:
             return self.live[0]

@@ -2,14 +2,15 @@
 each activation quantizer alone, under the two activation placements (Target.quantize_norm_inputs).
 
     python bench/transformers.py [--models vit_b_16,deit_tiny_patch16_224] [--bits 8,4] [--json FILE]
-    python bench/transformers.py --rounding-images 4,16,64 [--models ...] [--json FILE]
+    python bench/transformers.py --rounding-images 4,16,64 [--steps N] [--models ...] [--json FILE]
     python bench/transformers.py --layers-alone 64 --models vit_b_16 [--json FILE]
 
 Same models and images as bench/coverage.py (random weights, 4 calibration images, the SQNR on 2 others). Rows:
 one per model, placement and weight width; `worst` lists the activation quantizers that cost the most when each
 is the only one applied. With --rounding-images, W4A8 rows instead (default placement): round-to-nearest against
 the layer-local rounding (EPTQ's layer-local start with no whole-network steps), calibrated on N images each.
-With --layers-alone N, activations float: the SQNR with every weight layer at 4 bits and with each alone.
+With --steps N, also the layer-local rounding followed by N whole-network steps of 8 images (the distillation
+terms weighted alike, no LFH). With --layers-alone N, activations float: the SQNR with every weight layer at 4 bits and with each alone.
 Rows are written to --json as they finish and skipped when the script runs again.
 """
 
@@ -64,25 +65,28 @@ def measure(name: str, bits: int, norm_inputs: bool) -> dict:
     }
 
 
-def _rounded(name: str, images: int, start: str | None):
+def _rounded(name: str, images: int, start: str | None, steps: int = 0):
     """The float model, its W4A8 graph after round-to-nearest (start None) or the layer-local rounding on `images`
-    calibration images, and the 2 images the SQNR is taken on."""
+    calibration images (then `steps` whole-network steps of 8 images, the distillation terms weighted alike), and
+    the 2 images the SQNR is taken on."""
     model = build(_group(name), name)
     size = _size(name)
     calib, x = [_images(2, size, 100 + i) for i in range(max(images // 2, 1))], _images(2, size, 2)
     method = fxq.Method.RTN if start is None else fxq.Method.EPTQ
-    rounding = fxq.RoundingConfig(start=start or "float", iterations=0, batch_size=8)
+    rounding = fxq.RoundingConfig(start=start or "float", iterations=steps, batch_size=8, loss_weights="mean")
     cfg = fxq.PTQConfig(target=INT8.with_bits(4, 8), method=method, rounding=rounding, progress=False)
     qgm, _ = fxq.quantize(model, calib, cfg)
     return model, qgm, x
 
 
-def measure_rounding(name: str, images: int, start: str | None) -> dict:
-    """W4A8 output SQNR after round-to-nearest (start None) or the layer-local rounding on `images` images."""
-    model, qgm, x = _rounded(name, images, start)
+def measure_rounding(name: str, images: int, start: str | None, steps: int = 0) -> dict:
+    """W4A8 output SQNR after round-to-nearest (start None) or the layer-local rounding on `images` images, and
+    `steps` whole-network steps after it."""
+    model, qgm, x = _rounded(name, images, start, steps)
     with torch.no_grad():
         sqnr = _sqnr(model(x), qgm(x))
-    return {"model": name, "weight_bits": 4, "images": images, "rounding": start or "nearest", "sqnr": round(sqnr, 2)}
+    rounding = (start or "nearest") + (f"+{steps}" if steps else "")
+    return {"model": name, "weight_bits": 4, "images": images, "rounding": rounding, "sqnr": round(sqnr, 2)}
 
 
 @torch.no_grad()
@@ -116,6 +120,7 @@ def main() -> None:
     p.add_argument("--models", default="vit_b_16,deit_tiny_patch16_224")
     p.add_argument("--bits", default="8,4")
     p.add_argument("--rounding-images", default="", help="e.g. 4,16,64: the W4A8 rounding rows")
+    p.add_argument("--steps", type=int, default=0, help="with --rounding-images: also N whole-network steps after")
     p.add_argument("--layers-alone", type=int, default=0, help="N: each weight layer alone at 4 bits, N images")
     p.add_argument("--json", type=Path, default=None)
     a = p.parse_args()
@@ -135,10 +140,10 @@ def main() -> None:
     if a.rounding_images:
         for name in a.models.split(","):
             for images in (int(n) for n in a.rounding_images.split(",")):
-                for start in (None, "layerwise"):
-                    key = (name, images, start or "nearest")
+                for start, steps in [(None, 0), ("layerwise", 0)] + [("layerwise", a.steps)] * (a.steps > 0):
+                    key = (name, images, (start or "nearest") + (f"+{steps}" if steps else ""))
                     if not any((r["model"], r.get("images"), r.get("rounding")) == key for r in rows):
-                        add(measure_rounding(name, images, start))
+                        add(measure_rounding(name, images, start, steps))
         return
     for name in a.models.split(","):
         for bits in (int(b) for b in a.bits.split(",")):

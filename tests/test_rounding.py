@@ -280,10 +280,10 @@ def test_an_optimization_whose_largest_layer_would_not_fit_in_free_memory_is_ref
 
 
 def test_a_state_too_large_for_free_memory_is_optimized_in_groups_of_layers(monkeypatch):
-    """With memory for 90 % of the state, the layers go in graph order into groups of at most half of it, each
+    """With memory for 95 % of the state, the layers go in graph order into groups of at most half of it, each
     optimized in turn: every layer's rounding moves off round-to-nearest and the result lies on its grid."""
     model = conv_stack()
-    room = room_for(model, 0.9)
+    room = room_for(model, 0.95)
     monkeypatch.setattr(rounding_train, "available_bytes", lambda device: room)
     held = []
     soft_rounding = rounding_train.SoftRounding
@@ -312,7 +312,7 @@ def test_the_groups_to_come_compute_at_their_layer_local_start(monkeypatch):
     settings = dict(bits=2, iterations=6, start="layerwise", start_confidence=1.0)
     monkeypatch.setattr(rounding_train, "available_bytes", lambda device: None)
     _, whole = _eptq(model, **settings)
-    monkeypatch.setattr(rounding_train, "available_bytes", lambda device: room_for(model, 0.9))
+    monkeypatch.setattr(rounding_train, "available_bytes", lambda device: room_for(model, 0.95))
     _, grouped = _eptq(model, **settings)
     assert whole.rounding["groups"] == [5] and len(grouped.rounding["groups"]) == 3
     assert _losses(grouped)[0] == pytest.approx(_losses(whole)[0], rel=1e-5)
@@ -323,7 +323,7 @@ def test_a_run_in_groups_resumes_in_its_second_group_to_the_same_model(tmp_path,
     """Interrupted in the second of three groups: the checkpoint holds the first group hardened and the second's
     state; the third starts where it would have (a layer-local start is made again)."""
     model = conv_stack()
-    monkeypatch.setattr(rounding_train, "available_bytes", lambda device: room_for(model, 0.9))
+    monkeypatch.setattr(rounding_train, "available_bytes", lambda device: room_for(model, 0.95))
     settings = {"bits": 2, "iterations": 24, "checkpoint_every": 4, "start": start}
     straight, report = _eptq(model, checkpoint_dir=str(tmp_path / "a"), **settings)
     assert len(report.rounding["groups"]) == 3

@@ -64,6 +64,8 @@ _START_BATCH = 32  # images per batch of the layer-local start (forwards, no bac
 _BYTES_PER_WEIGHT = 96  # what the optimization holds per quantized weight at a step's peak, rounded up: about 22
 # fp32 values (the soft-rounding state, the RTN copy, the optimizer's, a step's soft weights and their gradients)
 _GROUP_SHARE = 0.5  # of the free memory, the most a group's state may take when the layers are optimized in groups
+_HELD_PER_WEIGHT = 10  # bytes per weight of every layer held beside a group's state: the RTN copy (fp32), the
+# quantized weights a step's backward keeps (fp32) and the keep-best check's copy of the result (codes), rounded up
 # settings a resumed run may change: where and how often it checkpoints, how it keeps the teacher's tensors
 _RESUMABLE_ACROSS = ("checkpoint_every", "checkpoint_dir", "resume", "teacher_cache")
 
@@ -109,7 +111,6 @@ class RoundingOptimizer:
         for p in trainable:
             p.requires_grad_(False)
         rtn = [(qw.quantized_weight().detach().clone(), qw.ensure_bias().detach().clone()) for qw in layers]
-        soft = None
         try:  # everything set up from here on is undone in `finally`
             use_fused_act_quant_(gm, True)
             if nhwc:  # before V is made from the weights, so V and its gradients are NHWC too
@@ -128,29 +129,7 @@ class RoundingOptimizer:
             targets = TeacherTargets(teacher, images, cfg, [n.name for n in interest_nodes(gm)], self.world)
             cache_seconds = time.perf_counter() - t0
             weights = interest_weights(gm, cfg.loss_weights_read, targets.out_is_tensor).to(device)
-            # hashing the weights and images costs a pass over them: only a run that checkpoints needs it
-            fingerprint = self._fingerprint(gm, layers, groups, weights) if cfg.checkpoint_dir else None
-            resumed = self._resume_state(fingerprint) if cfg.resume else None
-            first, parts = (resumed.get("group", 0), resumed.get("parts", [])) if resumed is not None else (0, [])
-            for qw, hard in zip((qw for group in groups[:first] for qw in group), resumed["done"] if first else []):
-                qw.load_hardened_(hard)
-            index = {qw: i for i, qw in enumerate(layers)}
-            for g in range(first, len(groups)):
-                soft = SoftRounding(groups[g], cfg.train_scale)
-                if start is not None:
-                    soft.start_from_([start[index[qw]] for qw in groups[g]], cfg.start_confidence)
-                share = math.ceil(cfg.iterations / len(groups))  # every group takes a step when any is asked
-                deadline = self.deadline.share(len(groups) - g) if self.deadline is not None else None
-                # a checkpoint of group g also holds the finished groups: their hard layers and statistics
-                done = [qw.hardened_state() for group in groups[:g] for qw in group] if cfg.checkpoint_dir else []
-                saved = {"fingerprint": fingerprint, "group": g, "done": done, "parts": parts}
-                state = resumed if g == first else None
-                parts.append(
-                    self._optimize(soft, student, targets, images, weights, share, deadline, g * share, state, saved)
-                )
-                soft.harden_()
-            stats = _merged(parts) if len(parts) > 1 else parts[0]
-            stats.update(groups=[len(group) for group in groups])
+            stats = self._optimize_groups(gm, layers, groups, start, student, targets, images, weights)
             stats.update(teacher_cache=targets.cache is not None, teacher_cache_seconds=cache_seconds)
             stats.update(start=cfg.start.value, start_seconds=start_seconds if start is not None else None)
             if cfg.keep_best:
@@ -158,8 +137,6 @@ class RoundingOptimizer:
             if self.deadline is not None:
                 stats.update(time_budget_s=self.deadline.seconds, seconds_left_in_budget=self.deadline.left())
         finally:
-            if soft is not None:
-                soft.close()
             for qw in layers:  # the groups a failure left at their start
                 qw.live = None
             for p, flag in trainable.items():
@@ -228,6 +205,37 @@ class RoundingOptimizer:
         return packed_loss(
             zf, zq, targets.lengths, weights, cfg.normalize_loss, zf_energy, targets.nhwc, targets.workspace, len(batch)
         )
+
+    def _optimize_groups(self, gm, layers, groups, start, student, targets, images, weights) -> dict:
+        """Each group of layers optimized in turn from its start (`start`: the layer-local choices, or None) and
+        hardened; a resumed run hardens the groups its checkpoint finished and continues the one it was in."""
+        cfg = self.cfg
+        # hashing the weights and images costs a pass over them: only a run that checkpoints needs it
+        fingerprint = self._fingerprint(gm, layers, groups, weights) if cfg.checkpoint_dir else None
+        resumed = self._resume_state(fingerprint) if cfg.resume else None
+        first, parts = (resumed.get("group", 0), resumed.get("parts", [])) if resumed is not None else (0, [])
+        for qw, hard in zip((qw for group in groups[:first] for qw in group), resumed["done"] if first else []):
+            qw.load_hardened_(hard)
+        index = {qw: i for i, qw in enumerate(layers)}
+        share = math.ceil(cfg.iterations / len(groups))  # every group takes a step when any is asked
+        for g in range(first, len(groups)):
+            soft = SoftRounding(groups[g], cfg.train_scale)
+            try:
+                if start is not None:
+                    soft.start_from_([start[index[qw]] for qw in groups[g]], cfg.start_confidence)
+                deadline = self.deadline.share(len(groups) - g) if self.deadline is not None else None
+                # a checkpoint of group g also holds the finished groups: their hard layers and statistics
+                done = [qw.hardened_state() for group in groups[:g] for qw in group] if cfg.checkpoint_dir else []
+                saved = {"fingerprint": fingerprint, "group": g, "done": done, "parts": parts}
+                state = resumed if g == first else None
+                parts.append(
+                    self._optimize(soft, student, targets, images, weights, share, deadline, g * share, state, saved)
+                )
+                soft.harden_()
+            finally:
+                soft.close()
+        stats = _merged(parts) if len(parts) > 1 else parts[0]
+        return {**stats, "groups": [len(group) for group in groups]}
 
     def _optimizers(self, soft: SoftRounding) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
         """The optimizer of the rounding variables and the SGD of the biases (and step factors)."""
@@ -390,11 +398,12 @@ class RoundingOptimizer:
             return float(w.sum_(torch.tensor([total], dtype=torch.float64), "the keep-best check"))
 
         eptq = loss()
-        chosen = [(qw.layer.weight.detach().clone(), qw.ensure_bias().detach().clone()) for qw in layers]
+        chosen = [qw.hardened_state() for qw in layers]  # its integer codes: a quarter of the weights' memory
         _load_weights(layers, rtn)
         rtn_loss = loss()
         if eptq <= rtn_loss:
-            _load_weights(layers, chosen)
+            for qw, hard in zip(layers, chosen):
+                qw.load_hardened_(hard)
         return {"check_loss": eptq, "rtn_check_loss": rtn_loss, "kept": "eptq" if eptq <= rtn_loss else "rtn"}
 
 
@@ -421,15 +430,15 @@ def schedule_fields(cfg: RoundingConfig) -> dict:
 def _layer_groups(layers: list[QuantWeight], device: torch.device, world: World) -> list[list[QuantWeight]]:
     """The layers, in graph order, as groups whose optimization state fits in the memory free now (the least of any
     rank's): one group where all of it fits or free memory is unknown, else consecutive groups of at most
-    _GROUP_SHARE of it each (the rest is the steps'). Refuses, before any of it is allocated, a layer that alone
-    would not fit (the kernel would kill the process part way)."""
+    _GROUP_SHARE of what the copies of every layer (_HELD_PER_WEIGHT) leave (the rest is the steps'). Refuses,
+    before any of it is allocated, a layer that alone would not fit (the kernel would kill the process part way)."""
     room = available_bytes(device)
     if not world.solo:  # every rank groups alike
         room = -int(world.max_(torch.tensor([-(room if room is not None else 2**62)]), "the free memory"))
     sizes = [qw.layer.weight.numel() * _BYTES_PER_WEIGHT for qw in layers]
     if room is None or sum(sizes) <= room:
         return [list(layers)]
-    cap = _GROUP_SHARE * room
+    cap = _GROUP_SHARE * (room - _HELD_PER_WEIGHT * sum(qw.layer.weight.numel() for qw in layers))
     if max(sizes) > cap:
         raise ConfigError(
             f"rounding: a layer of {max(sizes) // _BYTES_PER_WEIGHT:,} weights needs about {size_text(max(sizes))} to "

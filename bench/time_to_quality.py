@@ -38,6 +38,10 @@ PATHS = {
     "layerwise": {"start": "layerwise"},  # from each layer's own error-feedback rounding (fxq.eptq.layerwise)
     "layerwise-adam": {"start": "layerwise", "optimizer": "adam"},
     "layerwise-all": {"start": "layerwise", "start_images": None},  # the start reads every calibration image
+    # schedule settings after the layer-local start
+    "layerwise-sure": {"start": "layerwise", "start_confidence": 0.95},  # V starts nearer the choice (0.75)
+    "layerwise-nowarm": {"start": "layerwise", "warmup": 0.0},  # the regulariser from the first step (0.2)
+    "layerwise-lr1e-2": {"start": "layerwise", "lr_rounding": 1e-2},  # a third of the learning rate
     # the layer-local choice kept (confidence 1); the steps train only the biases and per-channel step factors
     "layerwise-tune": {"start": "layerwise", "start_confidence": 1.0, "train_scale": True},
     "layerwise-tune-fast": {

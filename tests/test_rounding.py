@@ -84,6 +84,21 @@ def test_zero_learning_rates_reproduce_rtn_exactly(tiny_net):
     torch.testing.assert_close(eptq(x), rtn(x), rtol=0, atol=0)
 
 
+def test_keep_best_falling_back_restores_rtn_exactly_steps_included(tiny_net):
+    """Step factors trained far off (and V, biases frozen): the result distils worse than RTN, so the check keeps
+    RTN: its weights, biases and steps bit for bit, though hardening had multiplied the steps."""
+    rtn, _ = fxq.quantize(tiny_net, CALIB, PTQConfig(target=INT8.with_bits(3), progress=False))
+    settings = dict(lr_rounding=0.0, lr_bias=0.0, train_scale=True, lr_scale=50.0, keep_best=True)
+    eptq, report = _eptq(tiny_net, iterations=10, **settings)
+    assert report.rounding["kept"] == "rtn" and report.rounding["check_loss"] > report.rounding["rtn_check_loss"]
+    for (name, a), b in zip(_quant_layers(rtn).items(), _quant_layers(eptq).values()):
+        assert torch.equal(a.scale, b.scale), name
+        assert torch.equal(a.quantized_weight(), b.quantized_weight()), name
+        assert torch.equal(a.layer.bias, b.layer.bias), name
+    x = seeded(4, 3, 16, 16, seed=11)
+    torch.testing.assert_close(eptq(x), rtn(x), rtol=0, atol=0)
+
+
 def test_the_distillation_loss_falls(tiny_net):
     _, report = _eptq(tiny_net, bits=2, iterations=150, warmup=0.9, lr_rounding=5e-2)
     losses = _losses(report)

@@ -64,8 +64,8 @@ _START_BATCH = 32  # images per batch of the layer-local start (forwards, no bac
 _BYTES_PER_WEIGHT = 96  # what the optimization holds per quantized weight at a step's peak, rounded up: about 22
 # fp32 values (the soft-rounding state, the RTN copy, the optimizer's, a step's soft weights and their gradients)
 _GROUP_SHARE = 0.5  # of the free memory, the most a group's state may take when the layers are optimized in groups
-_HELD_PER_WEIGHT = 10  # bytes per weight of every layer held beside a group's state: the RTN copy (fp32), the
-# quantized weights a step's backward keeps (fp32) and the keep-best check's copy of the result (codes), rounded up
+_HELD_PER_WEIGHT = 6  # bytes per weight of every layer held beside a group's state: the quantized weights a step's
+# backward keeps (fp32), and the integer codes of round-to-nearest and of the result (the keep-best check's copies)
 # settings a resumed run may change: where and how often it checkpoints, how it keeps the teacher's tensors
 _RESUMABLE_ACROSS = ("checkpoint_every", "checkpoint_dir", "resume", "teacher_cache")
 
@@ -110,7 +110,7 @@ class RoundingOptimizer:
         trainable = {p: p.requires_grad for p in gm.parameters()}
         for p in trainable:
             p.requires_grad_(False)
-        rtn = [(qw.quantized_weight().detach().clone(), qw.ensure_bias().detach().clone()) for qw in layers]
+        rtn = [qw.hardened_state() for qw in layers]  # integer codes: round-to-nearest's weights exactly, in a quarter
         try:  # everything set up from here on is undone in `finally`
             use_fused_act_quant_(gm, True)
             if nhwc:  # before V is made from the weights, so V and its gradients are NHWC too
@@ -399,7 +399,8 @@ class RoundingOptimizer:
 
         eptq = loss()
         chosen = [qw.hardened_state() for qw in layers]  # its integer codes: a quarter of the weights' memory
-        _load_weights(layers, rtn)
+        for qw, hard in zip(layers, rtn):
+            qw.load_hardened_(hard)
         rtn_loss = loss()
         if eptq <= rtn_loss:
             for qw, hard in zip(layers, chosen):
@@ -486,10 +487,3 @@ def use_fused_act_quant_(gm: nn.Module, on: bool) -> None:
     for m in gm.modules():
         if isinstance(m, ActQuant):
             m.fused_kernel = on
-
-
-@torch.no_grad()
-def _load_weights(layers: list[QuantWeight], values: list[tuple[Tensor, Tensor]]) -> None:
-    for qw, (w, b) in zip(layers, values):
-        qw.layer.weight.copy_(w)
-        qw.ensure_bias().copy_(b)

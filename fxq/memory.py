@@ -15,11 +15,12 @@ import platform
 
 import torch
 
-__all__ = ["keep_freed_memory", "available_bytes", "size_text"]
+__all__ = ["keep_freed_memory", "keeps_freed_memory", "available_bytes", "size_text"]
 
 # glibc's mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 _INT_MAX = 2**31 - 1
+_kept = False  # keep_freed_memory() took effect in this process
 
 
 def keep_freed_memory() -> bool:
@@ -31,7 +32,15 @@ def keep_freed_memory() -> bool:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return False
-    return libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, _INT_MAX) == 1
+    global _kept
+    _kept = libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, _INT_MAX) == 1
+    return _kept
+
+
+def keeps_freed_memory() -> bool:
+    """Whether keep_freed_memory() is in effect: the process's memory then stays at its high-water mark, and the
+    freed buffers it reuses fragment, so a run needs more of the machine's memory than it holds live."""
+    return _kept
 
 
 def available_bytes(device: torch.device) -> int | None:

@@ -54,10 +54,16 @@ def conv_stack() -> nn.Module:
 
 def room_for(model: nn.Module, share: float) -> int:
     """Free memory for `share` of the model's whole rounding state."""
-    from fxq.eptq.train import _BYTES_PER_WEIGHT
-
     weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear)))
-    return int(share * weights * _BYTES_PER_WEIGHT)
+    return int(share * weights * bytes_per_weight())
+
+
+def bytes_per_weight() -> int:
+    """The rounding's estimate per quantized weight under the memory policy in effect now."""
+    from fxq.eptq.train import _BYTES_PER_WEIGHT
+    from fxq.memory import keeps_freed_memory
+
+    return _BYTES_PER_WEIGHT[keeps_freed_memory()]
 
 
 def randomize_bn_(model: nn.Module) -> nn.Module:

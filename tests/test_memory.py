@@ -16,16 +16,18 @@ class Info(ctypes.Structure):
                  "keepcost")]
 libc = ctypes.CDLL("libc.so.6")
 libc.mallinfo2.restype = Info
+before = fxq.memory.keeps_freed_memory()
 applied = fxq.keep_freed_memory() if sys.argv[1] == "keep" else None
 x = torch.ones(50 * 2**20)  # 200 MB, freed at once
 del x
-print(applied, libc.mallinfo2().fordblks)
+print(applied, libc.mallinfo2().fordblks, before, fxq.memory.keeps_freed_memory())
 """
 
 
 def _free_bytes_kept(mode: str) -> tuple[str, int]:
     out = subprocess.run([sys.executable, "-c", _PROBE, mode], capture_output=True, text=True, check=True)
-    applied, kept = out.stdout.split()
+    applied, kept, before, after = out.stdout.split()
+    assert before == "False" and after == str(mode == "keep")  # what the rounding's memory estimate reads
     return applied, int(kept)
 
 

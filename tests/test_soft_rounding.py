@@ -5,7 +5,7 @@ import pytest
 import torch
 from torch import nn
 
-from fxq.eptq.soft_rounding import SoftRounding, rectified_sigmoid
+from fxq.eptq.soft_rounding import SoftRounding, rectified_sigmoid, rounding_penalty
 from fxq.errors import ConfigError
 from fxq.quant.modules import QuantWeight, layer_forward, mean_output_shift
 from fxq.quant.qmath import QSpec, weight_thresholds
@@ -200,3 +200,20 @@ def test_state_round_trip_and_refusals():
     other.close()
     with pytest.raises(ConfigError, match="shape"):
         SoftRounding(layers[:2], train_scale=True).load_state_dict(state)
+
+
+@pytest.mark.parametrize("beta", [20.0, 7.5, 2.0])
+def test_the_rounding_penalty_and_its_gradient_are_the_formulas(beta):
+    """The hand-written penalty against autograd through the plain formula, h on both sides of 1/2 and at 0 and 1."""
+    h = torch.cat([torch.rand(64, dtype=torch.float64), torch.tensor([0.0, 1.0, 0.25, 0.75], dtype=torch.float64)])
+    plain = h.clone().requires_grad_()
+    ours = h.clone().requires_grad_()
+    want = (1 - (2 * plain - 1).abs().pow(beta)).sum()
+    got = rounding_penalty(ours, beta)
+    want.backward()
+    got.backward()
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(ours.grad, plain.grad)
+    assert torch.autograd.gradcheck(
+        lambda t: rounding_penalty(t, beta), (torch.rand(16, dtype=torch.float64) * 0.98 + 0.01).requires_grad_()
+    )

@@ -20,7 +20,7 @@ from torch import Tensor
 from fxq.errors import ConfigError
 from fxq.quant.modules import QuantWeight, input_mean_map
 
-__all__ = ["SoftRounding", "memory_order", "rectified_sigmoid", "inverse_rectified_sigmoid"]
+__all__ = ["SoftRounding", "memory_order", "rectified_sigmoid", "inverse_rectified_sigmoid", "rounding_penalty"]
 
 ZETA, GAMMA = 1.1, -0.1  # AdaRound's stretch of the sigmoid, so h(V) reaches exactly 0 and 1
 _PAST_CLIP = 6.0  # |V| where h(V) is clipped to 0 or 1 with a margin (the clip starts at |V| = log 11 = 2.4)
@@ -36,6 +36,28 @@ def inverse_rectified_sigmoid(h: Tensor) -> Tensor:
     """V with h(V) = h for h in (0, 1): the initialisation that makes the soft weight equal the float one."""
     p = ((h - GAMMA) / (ZETA - GAMMA)).clamp(1e-6, 1 - 1e-6)
     return torch.log(p / (1 - p))
+
+
+class _RoundingPenalty(torch.autograd.Function):
+    """sum(1 - |2h - 1|^beta) and its gradient -2 beta |2h - 1|^(beta - 1) sign(2h - 1), holding only h for the
+    backward (the step keeps it anyway): the plain formula's autograd holds four more tensors the size of h."""
+
+    @staticmethod
+    def forward(ctx, h: Tensor, beta: float) -> Tensor:
+        ctx.save_for_backward(h)
+        ctx.beta = beta
+        return (2 * h - 1).abs_().pow_(beta).neg_().add_(1).sum()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        (h,) = ctx.saved_tensors
+        d = 2 * h - 1
+        return d.sign().mul_(d.abs_().pow_(ctx.beta - 1)).mul_(-2 * ctx.beta * grad), None
+
+
+def rounding_penalty(h: Tensor, beta: float) -> Tensor:
+    """AdaRound's regulariser sum(1 - |2h - 1|^beta): zero only when each h is exactly 0 or 1."""
+    return _RoundingPenalty.apply(h, beta)
 
 
 def memory_order(t: Tensor) -> tuple[int, ...]:
@@ -127,7 +149,7 @@ class SoftRounding:
         h(V) of this step's `refresh` (same V) instead of computing it again."""
         fresh = self._h is not None and self._h.requires_grad and self._h_version == self.v._version
         h = self._h if fresh else rectified_sigmoid(self.v)
-        return (1 - (2 * h - 1).abs().pow(beta)).sum()
+        return rounding_penalty(h, beta)
 
     @torch.no_grad()
     def hard_codes(self) -> list[Tensor]:

@@ -53,7 +53,7 @@ from fxq.io.checkpoint import (
 from fxq.ir.meta import Deadline
 from fxq.ir.ops import channels_last_, device_of, set_eval_
 from fxq.ir.taps import interest_nodes, quantized_value, with_taps
-from fxq.memory import available_bytes, size_text
+from fxq.memory import available_bytes, keeps_freed_memory, size_text
 from fxq.quant.modules import ActQuant, QuantWeight
 
 __all__ = ["RoundingOptimizer", "use_fused_act_quant_", "check_resumable", "schedule_fields", "CHECKPOINT"]
@@ -61,8 +61,11 @@ __all__ = ["RoundingOptimizer", "use_fused_act_quant_", "check_resumable", "sche
 CHECKPOINT = "rounding.pt"
 _CHECK_IMAGES = 128  # calibration images of the keep-best check
 _START_BATCH = 32  # images per batch of the layer-local start (forwards, no backward: the batch can be large)
-_BYTES_PER_WEIGHT = 96  # what the optimization holds per quantized weight at a step's peak, rounded up: about 22
-# fp32 values (the soft-rounding state, the RTN copy, the optimizer's, a step's soft weights and their gradients)
+# what the optimization takes per quantized weight at a step's peak (the soft-rounding state, the optimizer's, a
+# step's soft weights and their gradients), measured with bench/rounding_memory.py and rounded up: by the memory
+# it holds live, and with freed memory kept in the process (fxq.keep_freed_memory), where the heap's high-water
+# mark and its fragments count too
+_BYTES_PER_WEIGHT = {False: 72, True: 128}
 _GROUP_SHARE = 0.5  # of the free memory, the most a group's state may take when the layers are optimized in groups
 _HELD_PER_WEIGHT = 6  # bytes per weight of every layer held beside a group's state: the quantized weights a step's
 # backward keeps (fp32), and the integer codes of round-to-nearest and of the result (the keep-best check's copies)
@@ -436,13 +439,14 @@ def _layer_groups(layers: list[QuantWeight], device: torch.device, world: World)
     room = available_bytes(device)
     if not world.solo:  # every rank groups alike
         room = -int(world.max_(torch.tensor([-(room if room is not None else 2**62)]), "the free memory"))
-    sizes = [qw.layer.weight.numel() * _BYTES_PER_WEIGHT for qw in layers]
+    per_weight = _BYTES_PER_WEIGHT[keeps_freed_memory()]
+    sizes = [qw.layer.weight.numel() * per_weight for qw in layers]
     if room is None or sum(sizes) <= room:
         return [list(layers)]
     cap = _GROUP_SHARE * (room - _HELD_PER_WEIGHT * sum(qw.layer.weight.numel() for qw in layers))
     if max(sizes) > cap:
         raise ConfigError(
-            f"rounding: a layer of {max(sizes) // _BYTES_PER_WEIGHT:,} weights needs about {size_text(max(sizes))} to "
+            f"rounding: a layer of {max(sizes) // per_weight:,} weights needs about {size_text(max(sizes))} to "
             f"optimize, and {size_text(room)} is free on {device}; quantize this model with method RTN "
             f"(--method rtn), or where that much memory is free"
         )

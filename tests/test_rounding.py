@@ -121,29 +121,36 @@ def test_plain_mean_weights_need_no_lfh(tiny_net):
     assert "LFH" not in report.stage_seconds and report.rounding["loss_weights"] == "mean"
 
 
+def _interrupted_and_resumed(model, tmp_path, monkeypatch, step: int, **settings) -> tuple[dict, object]:
+    """A run interrupted at `step` and resumed from its last checkpoint gives the model of an uninterrupted run,
+    bit for bit; returns that checkpoint and the resumed run's report."""
+    straight, _ = _eptq(model, checkpoint_dir=str(tmp_path / "a"), **settings)
+    real = rounding_train.batch_indices
+
+    def interrupted(n, batch, at, seed):
+        if at == step:
+            raise KeyboardInterrupt
+        return real(n, batch, at, seed)
+
+    monkeypatch.setattr(rounding_train, "batch_indices", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _eptq(model, checkpoint_dir=str(tmp_path / "b"), **settings)
+    monkeypatch.setattr(rounding_train, "batch_indices", real)
+    saved = torch.load(tmp_path / "b" / "rounding.pt", weights_only=True)
+    resumed, report = _eptq(model, checkpoint_dir=str(tmp_path / "b"), resume=True, **settings)
+    for (name, a), b in zip(_quant_layers(straight).items(), _quant_layers(resumed).values()):
+        assert torch.equal(a.layer.weight, b.layer.weight), name
+        assert torch.equal(a.layer.bias, b.layer.bias), name
+    return saved, report
+
+
 @pytest.mark.parametrize("start", ["float", "layerwise"])
 def test_resume_after_an_interrupt_gives_the_same_model(tiny_net, tmp_path, monkeypatch, start):
     # a resumed layer-local start takes its V from the checkpoint, not from a new layer-local rounding
     settings = {"iterations": 24, "checkpoint_every": 8, "start": start}
-    straight, _ = _eptq(tiny_net, checkpoint_dir=str(tmp_path / "a"), **settings)
-
-    real = rounding_train.batch_indices
-
-    def interrupt_at_step_13(n, batch, step, seed):
-        if step == 13:
-            raise KeyboardInterrupt
-        return real(n, batch, step, seed)
-
-    monkeypatch.setattr(rounding_train, "batch_indices", interrupt_at_step_13)
-    with pytest.raises(KeyboardInterrupt):
-        _eptq(tiny_net, checkpoint_dir=str(tmp_path / "b"), **settings)
-    monkeypatch.setattr(rounding_train, "batch_indices", real)
-    assert torch.load(tmp_path / "b" / "rounding.pt", weights_only=False)["step"] == 8
-    resumed, report = _eptq(tiny_net, checkpoint_dir=str(tmp_path / "b"), resume=True, **settings)
+    saved, report = _interrupted_and_resumed(tiny_net, tmp_path, monkeypatch, 13, **settings)
+    assert saved["step"] == 8
     assert report.rounding["resumed_at"] == 8 and report.rounding["start_seconds"] is None
-    for (name, a), b in zip(_quant_layers(straight).items(), _quant_layers(resumed).values()):
-        assert torch.equal(a.layer.weight, b.layer.weight), name
-        assert torch.equal(a.layer.bias, b.layer.bias), name
 
 
 def test_resume_refuses_a_checkpoint_of_another_run(tiny_net, tmp_path):
@@ -335,31 +342,15 @@ def test_the_groups_to_come_compute_at_their_layer_local_start(monkeypatch):
 
 @pytest.mark.parametrize("start", ["float", "layerwise"])
 def test_a_run_in_groups_resumes_in_its_second_group_to_the_same_model(tmp_path, monkeypatch, start):
-    """Interrupted in the second of three groups: the checkpoint holds the first group hardened and the second's
-    state; the third starts where it would have (a layer-local start is made again)."""
+    """Interrupted in the second of three groups (its seventh step of eight): the checkpoint holds the first group
+    hardened and the second's state; the third starts where it would have (a layer-local start is made again)."""
     model = conv_stack()
     monkeypatch.setattr(rounding_train, "available_bytes", lambda device: room_for(model, 0.95))
     settings = {"bits": 2, "iterations": 24, "checkpoint_every": 4, "start": start}
-    straight, report = _eptq(model, checkpoint_dir=str(tmp_path / "a"), **settings)
-    assert len(report.rounding["groups"]) == 3
-    real = rounding_train.batch_indices
-
-    def interrupt_at_step_14(n, batch, step, seed):  # the second group's seventh step of eight
-        if step == 14:
-            raise KeyboardInterrupt
-        return real(n, batch, step, seed)
-
-    monkeypatch.setattr(rounding_train, "batch_indices", interrupt_at_step_14)
-    with pytest.raises(KeyboardInterrupt):
-        _eptq(model, checkpoint_dir=str(tmp_path / "b"), **settings)
-    monkeypatch.setattr(rounding_train, "batch_indices", real)
-    saved = torch.load(tmp_path / "b" / "rounding.pt", weights_only=True)
+    saved, report = _interrupted_and_resumed(model, tmp_path, monkeypatch, 14, **settings)
     assert (saved["group"], saved["step"], len(saved["done"]), len(saved["parts"])) == (1, 4, 2, 1)
-    resumed, report = _eptq(model, checkpoint_dir=str(tmp_path / "b"), resume=True, **settings)
+    assert len(report.rounding["groups"]) == 3
     assert report.rounding["resumed_at"] == 12 and report.rounding["iterations"] == 24
-    for (name, a), b in zip(_quant_layers(straight).items(), _quant_layers(resumed).values()):
-        assert torch.equal(a.layer.weight, b.layer.weight), name
-        assert torch.equal(a.layer.bias, b.layer.bias), name
 
 
 def test_a_plain_conv_stack_distils_its_output_alone():

@@ -4,10 +4,12 @@
     python bench/rounding_step.py --batch-sizes 32 --cache on --amp auto,off --compile off,on   # on a GPU
     python bench/rounding_step.py --tree /tmp/old ...                   # an older commit's worktree, same script
     python bench/rounding_step.py --model cifar10_resnet20 --bits 2 --batch-sizes 32 --steps 300 --cache on
+    python bench/rounding_step.py --batch-sizes 8 --cache on --frozen-share 0,0.01   # past a frozen prefix
 
 The bound is one teacher forward (no grad) + one student forward and backward of the same batch with fxq's own
 graphs (`bench/step_bound.py`). The rounding runs `--steps` steps with the regulariser on (warm-up 0)
-so every step pays for it. Each setting gives seconds per step over all `--steps` and after the first (which
+so every step pays for it. With --frozen-share it starts from the layer-local rounding, and the steps run past the
+first layers holding up to that share of the weights (fxq.eptq.prefix; 0: the whole graph). Each setting gives seconds per step over all `--steps` and after the first (which
 compiles and warms up); the ratio to the bound uses the latter.
 """
 
@@ -50,6 +52,12 @@ def main() -> None:
     p.add_argument("--cache", type=_words, default=["on", "off"], help="teacher cache settings to time")
     p.add_argument("--amp", type=_words, default=["auto"], help="bf16 autocast settings to time: auto,on,off")
     p.add_argument("--compile", type=_words, default=["off"], help="torch.compile settings to time: off,on")
+    p.add_argument(
+        "--frozen-share",
+        type=lambda s: [float(v) for v in _words(s)],
+        default=[None],
+        help="with the layer-local start: the frozen prefix's largest share of the weights to time, e.g. 0,0.01",
+    )
     p.add_argument("--json", default=None)
     p.add_argument(
         "--allocator",
@@ -70,8 +78,10 @@ def main() -> None:
     lfh = LFHConfig(min_probes=2, max_probes=2)
     for b in (int(v) for v in args.batch_sizes.split(",")):
         timed = {}
-        for cache, amp, comp in itertools.product(args.cache, args.amp, args.compile):
+        for cache, amp, comp, share in itertools.product(args.cache, args.amp, args.compile, args.frozen_share):
+            start = {} if share is None else {"start": "layerwise", "frozen_share": share}
             rc = RoundingConfig(
+                **start,
                 iterations=args.steps,
                 batch_size=b,
                 warmup=0.0,
@@ -88,6 +98,7 @@ def main() -> None:
                 f"batch{b}_cache_{cache}"
                 + (f"_amp_{amp}" if amp != "auto" else "")
                 + ("_compiled" if comp == "on" else "")
+                + (f"_frozen_{share:g}" if share is not None else "")
             )
             out[f"{name}_s"] = report.rounding["seconds_per_step"]
             after_first = report.rounding.get("seconds_per_step_after_first")  # older trees lack it

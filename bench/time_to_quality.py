@@ -38,6 +38,9 @@ PATHS = {
     "layerwise": {"start": "layerwise"},  # from each layer's own error-feedback rounding (fxq.eptq.layerwise)
     "layerwise-adam": {"start": "layerwise", "optimizer": "adam"},
     "layerwise-all": {"start": "layerwise", "start_images": None},  # the start reads every calibration image
+    # the steps through the whole graph: no frozen prefix (fxq.eptq.prefix)
+    "layerwise-whole": {"start": "layerwise", "frozen_share": 0.0},
+    "layerwise-all-whole": {"start": "layerwise", "start_images": None, "frozen_share": 0.0},
     # schedule settings after the layer-local start
     "layerwise-sure": {"start": "layerwise", "start_confidence": 0.95},  # V starts nearer the choice (0.75)
     "layerwise-nowarm": {"start": "layerwise", "warmup": 0.0},  # the regulariser from the first step (0.2)

@@ -111,6 +111,9 @@ class RoundingConfig:
     # about the same choices)
     start_images: int | None = 256
     start_confidence: float = 0.75  # h(V) on the layer-local choice's side at the start (0.5: undecided; 1: kept)
+    # with the layer-local start: the largest share of the quantized weights that the first layers may hold and
+    # stay at their start, so that the steps read the graph's value past them, computed once (fxq.eptq.prefix)
+    frozen_share: float = 0.01
     reg: float = 0.01  # lambda_reg of the rounding regulariser
     beta: tuple[float, float] = (20.0, 2.0)  # annealed linearly after the warm-up
     warmup: float = 0.2  # fraction of the iterations with the regulariser off
@@ -147,6 +150,8 @@ class RoundingConfig:
                 f"need start_images >= 1 (or None) and start_confidence in (0.5, 1], got {self.start_images}, "
                 f"{self.start_confidence}"
             )
+        if not 0 <= self.frozen_share < 1:
+            raise ConfigError(f"frozen_share is a share of the weights in [0, 1), got {self.frozen_share}")
         _coerce_enums_(self, loss_weights=LossWeights, optimizer=Optimizer, start=Start)
 
     @property

@@ -69,6 +69,7 @@ def test_quantize_then_eval_round_trip(tmp_path, image_dirs, capsys):
         (["quantize", "--out", "x", "--calib", "/no/such/folder"], "image folder '/no/such/folder' does not exist"),
         (["eval", "--model", "/tmp"], "'/tmp' holds no model.json; give a folder written by fxq.save"),
         (["quantize", "--out", "x", "--method", "eptq", "--resume"], "resume needs checkpoint_dir"),
+        (["quantize", "--out", "x", "--frozen-share", "1"], "1 is not a share: give a number from 0 up to"),
         (["bench", "--backends", "eager,tensorrt"], r"unknown backend\(s\) \['tensorrt'\] in --backends"),
         (["quantize", "--out", "x", "--device", "tpu9"], "unknown device 'tpu9'; give cpu, cuda, cuda:N or auto"),
         pytest.param(
@@ -242,6 +243,10 @@ def test_eptq_quantize_reports_its_schedule(tmp_path, image_dirs, capsys, budget
     report = json.loads((out / "report.json").read_text())
     assert report["method"] == "eptq" and report["rounding"]["iterations"] == steps
     assert report["rounding"]["start"] == start
+    # the first layers (under 1 % of the weights) stay at their start where steps follow it
+    frozen = report["rounding"]["frozen_prefix"]
+    assert (frozen is not None) == (start == "layerwise" and steps > 0)
+    assert frozen is None or 0 < frozen["weight_share"] <= 0.01
     if budget:  # the loading counts against the budget; an hour leaves the 3 iterations asked for
         assert "planned to end within 3600 s" in stdout
         assert 3000 < report["settings"]["time_budget_s"] < 3600

@@ -69,6 +69,7 @@ def rounding_schedule(args) -> tuple[str, RoundingConfig, LFHConfig]:
             "images": args.rounding_images,
             "checkpoint_dir": args.checkpoint_dir,
             "checkpoint_every": args.checkpoint_every,
+            "frozen_share": args.frozen_share,
         }.items()
         if v is not None
     }

@@ -43,13 +43,25 @@ def duration_arg(text: str) -> float:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
-def positive_float_arg(text: str) -> float:
+def _number(text: str) -> float:
     try:
-        value = float(text)
+        return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+
+
+def positive_float_arg(text: str) -> float:
+    value = _number(text)
     if not math.isfinite(value) or value <= 0:
         raise argparse.ArgumentTypeError(f"{text} must be a finite number above 0")
+    return value
+
+
+def share_arg(text: str) -> float:
+    """A share in [0, 1): 0.01 is 1 %."""
+    value = _number(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a share: give a number from 0 up to (not including) 1")
     return value
 
 
@@ -158,6 +170,13 @@ def quant_args(p: argparse.ArgumentParser) -> None:
         choices=[s.value for s in Start],
         help="where the rounding starts: float (the soft weights at the float weights, EPTQ's) or layerwise (at "
         "each layer's own error-feedback rounding on its cached inputs; fewer steps to the same accuracy)",
+    )
+    r.add_argument(
+        "--frozen-share",
+        type=share_arg,
+        default=None,
+        help="with --start layerwise: the largest share of the weights (default 0.01) that the first layers may "
+        "hold and stay at their start, so that the steps skip them (0: every step runs the whole model)",
     )
     r.add_argument(
         "--lfh-probes", type=count_arg, default=None, help="max Hutchinson probes (default: 100 full, 16 short)"

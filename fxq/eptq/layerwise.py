@@ -34,7 +34,15 @@ from fxq.ir.frontier import Frontier
 from fxq.ir.graph import call_sites
 from fxq.quant.modules import QuantWeight
 
-__all__ = ["Moments", "supports", "float_target", "layerwise_choice", "sequential_choices", "use_choice_"]
+__all__ = [
+    "Moments",
+    "supports",
+    "float_target",
+    "layerwise_choice",
+    "sequential_choices",
+    "use_choice_",
+    "harden_choice_",
+]
 
 POSITIONS = 256  # output positions per image whose patches enter H (whole rows, evenly spaced): plenty for a
 # layer's few input columns, and the early layers' 12544 positions would make H cost more than the forward
@@ -251,3 +259,11 @@ def use_choice_(qw: QuantWeight, choice: Tensor) -> None:
     lower, free = qw.rounding_bounds()
     weight = ((lower + free * choice) * qw.scale_like(lower)).to(qw.layer.weight.dtype)
     qw.live = (weight, qw.bias_for(weight))
+
+
+def harden_choice_(qw: QuantWeight, choice: Tensor | None) -> None:
+    """The layer's weight becomes the codes of `choice` (round-to-nearest's where None) for good, its bias the
+    float one corrected for them."""
+    lower, free = qw.rounding_bounds()
+    codes = qw.hard_codes() if choice is None else lower + free * choice
+    qw.harden_to_(codes, qw.float_bias if qw.float_bias is not None else qw.ensure_bias().detach().clone())

@@ -15,6 +15,10 @@ Where the state of every layer at once would not fit in the memory free, the lay
 groups that fit, and the groups are optimized one after the other on the same whole-network loss, each with its
 share of the iterations and of the time budget, and hardened before the next begins; the layers of the groups to
 come compute meanwhile at their start (round-to-nearest, or the layer-local choice).
+
+After the layer-local start the first layers may stay at their choice (a frozen prefix, fxq.eptq.prefix): the steps
+then run the graph from the quantized value past them, computed once per image; the keep-best check still runs the
+whole graph.
 """
 
 from __future__ import annotations
@@ -36,7 +40,8 @@ from fxq.data.subset import Subset, choose
 from fxq.dist.world import World
 from fxq.eptq.budget import PLAN_AFTER, planned_iterations
 from fxq.eptq.distillation import packed_loss
-from fxq.eptq.layerwise import sequential_choices, use_choice_
+from fxq.eptq.layerwise import harden_choice_, sequential_choices, use_choice_
+from fxq.eptq.prefix import Prefix, frozen_prefix, values_at
 from fxq.eptq.schedule import batch_indices, beta_at
 from fxq.eptq.soft_rounding import SoftRounding
 from fxq.eptq.teacher import TeacherTargets, as_model_wants, bf16_autocast, flat_outputs
@@ -52,7 +57,7 @@ from fxq.io.checkpoint import (
 )
 from fxq.ir.meta import Deadline
 from fxq.ir.ops import channels_last_, device_of, set_eval_
-from fxq.ir.taps import interest_nodes, quantized_value, with_taps
+from fxq.ir.taps import from_cut, interest_nodes, quantized_value, up_to, with_taps
 from fxq.memory import available_bytes, keeps_freed_memory, size_text
 from fxq.quant.modules import ActQuant, QuantWeight
 
@@ -67,6 +72,7 @@ _START_BATCH = 32  # images per batch of the layer-local start (forwards, no bac
 # mark and its fragments count too
 _BYTES_PER_WEIGHT = {False: 72, True: 128}
 _GROUP_SHARE = 0.5  # of the free memory, the most a group's state may take when the layers are optimized in groups
+_PREFIX_ROOM = 0.25  # of the free memory, the most the values at a frozen prefix's end may take (8 GiB where unknown)
 _HELD_PER_WEIGHT = 6  # bytes per weight of every layer held beside a group's state: the quantized weights a step's
 # backward keeps (fp32), and the integer codes of round-to-nearest and of the result (the keep-best check's copies)
 # settings a resumed run may change: where and how often it checkpoints, how it keeps the teacher's tensors
@@ -99,6 +105,7 @@ class RoundingOptimizer:
         # data-parallel: every rank takes its part of each batch and the gradients are summed over the ranks, so
         # each step is one process's step on the whole batch; rank 0 alone writes checkpoints
         self.world = world
+        self._check_extra = 0.0  # seconds the keep-best check takes beyond its forwards' share of a step
 
     @torch.enable_grad()  # it trains, whatever grad mode the caller is in (torch.compile's may be off)
     def run(self, gm: GraphModule) -> dict:
@@ -106,10 +113,12 @@ class RoundingOptimizer:
         cfg, device = self.cfg, device_of(gm)
         set_eval_(gm)
         layers = [m for m in gm.modules() if isinstance(m, QuantWeight)]
-        groups = _layer_groups(layers, device, self.world)
+        images = self.images.to(device) if device.type == "cuda" else self.images
+        prefix = self._prefix(gm, images)
+        frozen = {id(qw) for qw in prefix.layers} if prefix is not None else set()
+        groups = _layer_groups([qw for qw in layers if id(qw) not in frozen], device, self.world)
         nhwc = cfg.channels_last and self.images.dim() == 4
         student, teacher = self._tapped(gm)
-        images = self.images.to(device) if device.type == "cuda" else self.images
         trainable = {p: p.requires_grad for p in gm.parameters()}
         for p in trainable:
             p.requires_grad_(False)
@@ -120,23 +129,31 @@ class RoundingOptimizer:
                 channels_last_(gm)
                 channels_last_(self.teacher)
             t0 = time.perf_counter()
-            # a resumed run takes V from its checkpoint, but the groups not begun yet start where they would have
-            layerwise = cfg.start is Start.LAYERWISE and (not cfg.resume or len(groups) > 1)
+            # a resumed run takes V from its checkpoint, but the groups not begun yet (and a frozen prefix) start
+            # where they would have
+            layerwise = cfg.start is Start.LAYERWISE and (not cfg.resume or len(groups) > 1 or prefix is not None)
             start = self._layerwise(gm, layers, images) if layerwise else None
             start_seconds = time.perf_counter() - t0
-            if start is not None and len(groups) > 1:  # the groups to come compute at their start meanwhile
+            if start is not None:
                 for qw, choice in zip(layers, start):
-                    if choice is not None:
+                    if id(qw) in frozen:  # for good
+                        harden_choice_(qw, choice)
+                    elif len(groups) > 1 and choice is not None:  # the groups to come compute at their start
                         use_choice_(qw, choice)
             t0 = time.perf_counter()
-            targets = TeacherTargets(teacher, images, cfg, [n.name for n in interest_nodes(gm)], self.world)
+            if prefix is None:  # the steps and the keep-best check on the whole graph
+                targets = TeacherTargets(teacher, images, cfg, [n.name for n in interest_nodes(gm)], self.world)
+                weights = interest_weights(gm, cfg.loss_weights_read, targets.out_is_tensor).to(device)
+                steps = check = (student, targets, _Inputs(images), weights)
+            else:  # the steps from the values at the cut; the check on the whole graph (RTN's prefix differs)
+                steps, check, past = self._past_prefix(gm, prefix, images, student, teacher)
             cache_seconds = time.perf_counter() - t0
-            weights = interest_weights(gm, cfg.loss_weights_read, targets.out_is_tensor).to(device)
-            stats = self._optimize_groups(gm, layers, groups, start, student, targets, images, weights)
-            stats.update(teacher_cache=targets.cache is not None, teacher_cache_seconds=cache_seconds)
+            stats = self._optimize_groups(gm, layers, groups, start, *steps)
+            stats.update(teacher_cache=steps[1].cache is not None, teacher_cache_seconds=cache_seconds)
             stats.update(start=cfg.start.value, start_seconds=start_seconds if start is not None else None)
+            stats.update(frozen_prefix=past if prefix is not None else None)
             if cfg.keep_best:
-                stats.update(self._keep_best(layers, rtn, student, targets, images, weights))
+                stats.update(self._keep_best(layers, rtn, *check))
             if self.deadline is not None:
                 stats.update(time_budget_s=self.deadline.seconds, seconds_left_in_budget=self.deadline.left())
         finally:
@@ -162,6 +179,58 @@ class RoundingOptimizer:
             if self.world.owns(k)
         ]
         return sequential_choices(gm, self.teacher.to(device), layers, batches, self.world)
+
+    def _prefix(self, gm: GraphModule, images: Tensor) -> Prefix | None:
+        """The frozen prefix of this run (fxq.eptq.prefix): with the layer-local start and steps after it, where
+        the values at its end for every image fit in _PREFIX_ROOM of the free memory."""
+        cfg = self.cfg
+        if cfg.start is not Start.LAYERWISE or cfg.iterations == 0 or cfg.frozen_share == 0:
+            return None
+        prefix = frozen_prefix(gm, cfg.frozen_share)
+        if prefix is None:
+            return None
+        with torch.no_grad():
+            probe = up_to(gm, prefix.cut)(as_model_wants(images[:2].to(device_of(gm)), cfg))
+        free = available_bytes(images.device)
+        room = _PREFIX_ROOM * free if free is not None else 8 * 2**30
+        # its value is kept per image: a tensor with the batch first, of a size that fits
+        batch_first = isinstance(probe, Tensor) and probe.dim() > 0 and len(probe) == min(2, len(images))
+        per_image = probe[0].numel() * 4 if batch_first else None
+        unfit = per_image is None or len(images) * per_image > room
+        return prefix if not self.world.any(unfit, "the frozen prefix's size") else None
+
+    def _past_prefix(self, gm, prefix: Prefix, images: Tensor, student, teacher) -> tuple[tuple, tuple, dict]:
+        """The steps' (student, targets, inputs, weights) past the frozen `prefix`, whose layers are hard now: the
+        student from the cut, the teacher's tensors past it, the cut's value for every image, and the weights of the
+        tensors kept, scaled so that the loss is the whole graph's less its constant terms. Also the keep-best
+        check's on the whole graph (`student`, `teacher`: tapped at every interest tensor), with the teacher's
+        tensors of the check's images cached, and what the prefix left out and cost."""
+        cfg, device = self.cfg, device_of(gm)
+        t0 = time.perf_counter()
+        at_cut = values_at(gm, prefix.cut, images, _START_BATCH, lambda x: as_model_wants(x.to(device), cfg))
+        seconds = time.perf_counter() - t0
+        z = interest_nodes(gm)
+        kept = [z[k] for k in prefix.kept]
+        by_name = {n.name: n for n in self.teacher.graph.nodes}
+        past = from_cut(gm, prefix.cut, [quantized_value(n) for n in kept])
+        past_teacher = with_taps(self.teacher, [by_name[n.name] for n in kept])
+        if cfg.compile:
+            past, past_teacher = torch.compile(past), torch.compile(past_teacher)
+        targets = TeacherTargets(past_teacher, images, cfg, [n.name for n in kept], self.world)
+        out = targets.out_is_tensor
+        weights = interest_weights(gm, cfg.loss_weights_read, out).to(device)
+        rows = [0] * out + [k + out for k in prefix.kept]
+        steps = (past, targets, _Inputs(images, at_cut), weights[rows] * (len(rows) / len(weights)))
+        check = None
+        if cfg.keep_best:
+            held_out = images[: min(len(images), _CHECK_IMAGES)]
+            cached = dataclasses.replace(cfg, teacher_cache="on")
+            check_targets = TeacherTargets(teacher, held_out, cached, [n.name for n in z], self.world)
+            check = (student, check_targets, _Inputs(held_out), weights)
+            # its forwards run the prefix too, which a step's do not: the time that adds to the check's
+            self._check_extra = seconds * 2 * len(held_out) / len(images)
+        left_out = {"layers": len(prefix.layers), "weight_share": prefix.weight_share, "tensors": len(z) - len(kept)}
+        return steps, check, {**left_out, "cut": prefix.cut.name, "seconds": seconds}
 
     def _tapped(self, gm: GraphModule) -> tuple[GraphModule, GraphModule]:
         z = interest_nodes(gm)
@@ -196,14 +265,16 @@ class RoundingOptimizer:
             "state": "flat",  # SoftRounding's flat V, biases and factors (earlier checkpoints held them per layer)
         }
 
-    def _losses(self, student, targets: TeacherTargets, batch: Tensor, x: Tensor, weights: Tensor) -> Tensor:
-        """The loss of the images `batch`, of which `x` is this rank's part: its share of the batch's loss (the
-        whole loss alone), so that the ranks' shares and their gradients add up to one process's."""
+    def _losses(self, student, targets: TeacherTargets, batch: Tensor, xs: tuple, weights: Tensor) -> Tensor:
+        """The loss of the images `batch`, of which `xs` is this rank's part (the teacher's input and the student's
+        arguments, _Inputs.take): its share of the batch's loss (the whole loss alone), so that the ranks' shares
+        and their gradients add up to one process's."""
+        x, args = xs
         zf, zf_energy = targets(batch, x)
         if len(x) == 0:  # a part of a short batch (the keep-best check's last): a share of nothing
             return weights.new_zeros(weights.shape[:-1])
         with bf16_autocast(x.device, self.cfg.amp):
-            zq = flat_outputs(student(x), targets.out_is_tensor)
+            zq = flat_outputs(student(*args), targets.out_is_tensor)
         cfg = self.cfg
         return packed_loss(
             zf, zq, targets.lengths, weights, cfg.normalize_loss, zf_energy, targets.nhwc, targets.workspace, len(batch)
@@ -286,10 +357,9 @@ class RoundingOptimizer:
         step, w = start, self.world
         while step < planned:
             batch = batch_indices(len(images), cfg.batch_size, offset + step, cfg.seed)
-            mine = batch[w.part(len(batch))]
-            x = as_model_wants(images[mine.to(images.device)].to(device, non_blocking=True), cfg)
+            xs = images.take(batch[w.part(len(batch))], device, cfg)
             soft.refresh()
-            loss = self._losses(student, targets, batch, x, weights)
+            loss = self._losses(student, targets, batch, xs, weights)
             beta = beta_at(step, sched)
             # the regulariser does not depend on the images: one rank adds it, so the sum over ranks holds it once
             regularized = beta is not None and cfg.reg != 0 and w.main
@@ -316,7 +386,8 @@ class RoundingOptimizer:
                     "the time budget",
                 )
                 per_step, left = float(slowest[0]), -float(slowest[1])
-                reserve = per_step * (self._check_batches(len(images)) / 3 + 2)  # a check batch: a forward
+                # a check batch: a forward (and past a frozen prefix, the prefix's forward too)
+                reserve = per_step * (self._check_batches(len(images)) / 3 + 2) + self._check_extra
                 planned = planned_iterations(step + 1, planned, left, per_step, reserve)
                 last_left = left
                 sched = dataclasses.replace(cfg, iterations=planned)
@@ -396,8 +467,8 @@ class RoundingOptimizer:
         def loss() -> float:
             total = 0.0
             for batch in torch.arange(n).split(self.cfg.batch_size):
-                x = as_model_wants(images[batch[w.part(len(batch))].to(images.device)].to(device), self.cfg)
-                total += float(self._losses(student, targets, batch, x, weights))
+                xs = images.take(batch[w.part(len(batch))], device, self.cfg)
+                total += float(self._losses(student, targets, batch, xs, weights))
             return float(w.sum_(torch.tensor([total], dtype=torch.float64), "the keep-best check"))
 
         eptq = loss()
@@ -409,6 +480,26 @@ class RoundingOptimizer:
             for qw, hard in zip(layers, chosen):
                 qw.load_hardened_(hard)
         return {"check_loss": eptq, "rtn_check_loss": rtn_loss, "kept": "eptq" if eptq <= rtn_loss else "rtn"}
+
+
+@dataclasses.dataclass
+class _Inputs:
+    """What the steps read per image: the image (the teacher's input) and, past a frozen prefix, the quantized
+    graph's value at the prefix's end (the student's input), computed once."""
+
+    images: Tensor
+    at_cut: Tensor | None = None
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def take(self, idx: Tensor, device: torch.device, cfg: RoundingConfig) -> tuple[Tensor, tuple[Tensor, ...]]:
+        """The images `idx` for the teacher, and the student's arguments for them (the images, or the values at
+        the cut and the images: fxq.ir.taps.from_cut), on `device` in the graph's memory format."""
+        x = as_model_wants(self.images[idx.to(self.images.device)].to(device, non_blocking=True), cfg)
+        if self.at_cut is None:
+            return x, (x,)
+        return x, (as_model_wants(self.at_cut[idx.to(self.at_cut.device)].to(device, non_blocking=True), cfg), x)
 
 
 def _sum_gradients_(params: list[Tensor], world: World) -> None:

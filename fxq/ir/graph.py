@@ -23,6 +23,9 @@ __all__ = [
     "remap_nodes",
     "call_sites",
     "value_users",
+    "cuts",
+    "input_shape_nodes",
+    "shaped_like_input",
 ]
 
 # reads of a tensor that leave its values out: its shape, rank, dtype (timm's norm layers assert x.ndim)
@@ -101,6 +104,53 @@ def downstream(flow: nx.DiGraph, nodes: list[Node]) -> set[Node]:
     for n in nodes:
         seen |= nx.descendants(flow, n)
     return {n for n in seen if n.op != "output"}
+
+
+def cuts(gm: GraphModule) -> list[Node]:
+    """The nodes through which alone the rest of the graph reads what came before, in graph order: past such a
+    node nothing before it is read again but the input, constants (get_attr) and the input's shape (`input_shape_
+    nodes`), so the graph from there on is a function of its value and the input. None in a graph with several
+    inputs."""
+    nodes = list(gm.graph.nodes)
+    if sum(n.op == "placeholder" for n in nodes) != 1:
+        return []
+    free = input_shape_nodes(gm) | {n for n in nodes if n.op in ("placeholder", "get_attr")}
+    index = {n: i for i, n in enumerate(nodes)}
+    closing = [0] * len(nodes)  # how many values are read for the last time at each position
+    found, held = [], 0
+    for i, n in enumerate(nodes):
+        if n.op == "output":
+            break
+        held -= closing[i]
+        last = max((index[u] for u in n.users), default=i)
+        if last > i and n not in free:
+            held += 1
+            closing[last] += 1
+            if held == 1:
+                found.append(n)
+    return found
+
+
+def shaped_like_input(gm: GraphModule) -> set[Node]:
+    """The graph input and the activation quantizers of it (quantizing keeps a tensor's shape, dtype and device)."""
+    found: set[Node] = set()
+    for n in gm.graph.nodes:
+        if n.op == "placeholder" or (q(n).kind is OpKind.ACT_QUANT and q(n).observes in found):
+            found.add(n)
+    return found
+
+
+def input_shape_nodes(gm: GraphModule) -> set[Node]:
+    """The nodes that read only the input's metadata (its shape, dtype or device, here or through a node shaped
+    like it: `shaped_like_input`), and arithmetic on them: what a graph computes from `x.size(0)`."""
+    like, found = shaped_like_input(gm), set()
+    for n in gm.graph.nodes:
+        ins = n.all_input_nodes
+        if n.op not in ("call_function", "call_method") or not ins:
+            continue
+        if all(i in found or (i in like and _reads_metadata(n, i)) for i in ins):
+            found.add(n)
+    return found
 
 
 def call_sites(gm: GraphModule) -> dict[str, list[Node]]:

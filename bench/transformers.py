@@ -74,7 +74,8 @@ def _rounded(name: str, images: int, start: str | None, steps: int = 0):
     calib, x = [_images(2, size, 100 + i) for i in range(max(images // 2, 1))], _images(2, size, 2)
     method = fxq.Method.RTN if start is None else fxq.Method.EPTQ
     rounding = fxq.RoundingConfig(start=start or "float", iterations=steps, batch_size=8, loss_weights="mean")
-    cfg = fxq.PTQConfig(target=INT8.with_bits(4, 8), method=method, rounding=rounding, progress=False)
+    # the rows with steps take long on a CPU: their progress bars (with the ETA) go to stderr
+    cfg = fxq.PTQConfig(target=INT8.with_bits(4, 8), method=method, rounding=rounding, progress=steps > 0)
     qgm, _ = fxq.quantize(model, calib, cfg)
     return model, qgm, x
 

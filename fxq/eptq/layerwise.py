@@ -256,14 +256,18 @@ def _choose(qw: QuantWeight, moments: Moments, i: int, world: World) -> Tensor:
 
 def use_choice_(qw: QuantWeight, choice: Tensor) -> None:
     """The layer computes with the weights of `choice` (and their bias correction) until its `live` is reset."""
-    lower, free = qw.rounding_bounds()
-    weight = ((lower + free * choice) * qw.scale_like(lower)).to(qw.layer.weight.dtype)
+    codes = _codes(qw, choice)
+    weight = (codes * qw.scale_like(codes)).to(qw.layer.weight.dtype)
     qw.live = (weight, qw.bias_for(weight))
 
 
 def harden_choice_(qw: QuantWeight, choice: Tensor | None) -> None:
     """The layer's weight becomes the codes of `choice` (round-to-nearest's where None) for good, its bias the
     float one corrected for them."""
+    qw.harden_to_(qw.hard_codes() if choice is None else _codes(qw, choice), qw.uncorrected_bias())
+
+
+def _codes(qw: QuantWeight, choice: Tensor) -> Tensor:
+    """The integer codes of a choice: floor(w/s), plus 1 where it chose the upper and the upper is on the grid."""
     lower, free = qw.rounding_bounds()
-    codes = qw.hard_codes() if choice is None else lower + free * choice
-    qw.harden_to_(codes, qw.float_bias if qw.float_bias is not None else qw.ensure_bias().detach().clone())
+    return lower + free * choice

@@ -104,7 +104,7 @@ class SoftRounding:
             [n // c for n, c in zip(self.sizes, self.channels) for _ in range(c)], device=v.device
         )
         self.v = v.requires_grad_()
-        self.bias = torch.cat([_float_bias(qw) for qw in layers]).requires_grad_()
+        self.bias = torch.cat([qw.uncorrected_bias() for qw in layers]).requires_grad_()
         self.scale_factor = torch.ones(sum(self.channels), device=v.device, requires_grad=True) if train_scale else None
         self._h: Tensor | None = None
         self._h_version = -1
@@ -210,12 +210,6 @@ def _layer_state(qw: QuantWeight, order: tuple[int, ...], corrected: bool) -> tu
         mean_map = input_mean_map(qw.layer, qw.input_mean.to(w.device)).to(w.dtype) if has_mean else w.new_zeros(())
         state += [w, mean_map.expand_as(w)]
     return tuple(t.permute(order).reshape(-1) for t in state)
-
-
-def _float_bias(qw: QuantWeight) -> Tensor:
-    """The bias before any correction: the trainable part (the forward subtracts the live correction)."""
-    bias = qw.float_bias if qw.float_bias is not None else qw.ensure_bias()
-    return bias.detach().clone().to(qw.layer.weight.dtype)
 
 
 def _unflatten(flat: Tensor, shape: torch.Size, order: tuple[int, ...]) -> Tensor:

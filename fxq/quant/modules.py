@@ -239,6 +239,11 @@ class QuantWeight(nn.Module):
         self.input_mean = input_mean.detach().float()
         self.layer.bias.copy_(self.bias_for(self.quantized_weight().detach()))
 
+    def uncorrected_bias(self) -> Tensor:
+        """A copy of the bias before any bias correction (the float bias; the layer's own without correction)."""
+        bias = self.float_bias if self.float_bias is not None else self.ensure_bias()
+        return bias.detach().clone().to(self.layer.weight.dtype)
+
     def ensure_bias(self) -> nn.Parameter:
         """The layer's bias, created as zeros when it has none (bias correction and the rounding need one)."""
         layer = self.layer

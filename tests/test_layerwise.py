@@ -72,10 +72,18 @@ def test_input_moments_give_the_mean_squared_output_of_a_weight_change(kind, cen
     torch.testing.assert_close(_output_error(qw, h, dw), y.double().pow(2).sum(1).mean(), rtol=1e-4, atol=0)
 
 
-def test_subsampled_moments_are_those_of_evenly_spaced_output_rows(monkeypatch):
+@pytest.mark.parametrize(
+    "make, size",
+    [
+        (lambda: nn.Conv2d(3, 4, 3, padding=1), (6, 6)),
+        (lambda: nn.Conv2d(3, 3, 5, stride=2, padding=2, groups=3), (11, 12)),  # the kept rows read padding
+        (lambda: nn.Conv2d(3, 4, (3, 2), stride=(2, 1), padding=(0, 1)), (13, 5)),
+    ],
+)
+def test_subsampled_moments_are_those_of_evenly_spaced_output_rows(make, size, monkeypatch):
     monkeypatch.setattr(layerwise, "POSITIONS", 12)  # 6 x 6 outputs per image: every third row
-    qw = _quant(nn.Conv2d(3, 4, 3, padding=1))
-    x = seeded(4, 3, 6, 6, seed=3)
+    qw = _quant(make())
+    x = seeded(4, 3, *size, seed=3).contiguous(memory_format=torch.channels_last)
     h = _moments(qw, x, centred=False)
     dw = seeded(*qw.layer.weight.shape, seed=4)
     y = layer_forward(qw.layer, x, dw, None)[:, :, ::3]

@@ -7,6 +7,7 @@ from fxq.quant.qmath import (
     QSpec,
     activation_threshold,
     fake_quant,
+    fake_quant_values,
     quantize_int,
     scale_for,
     weight_thresholds,
@@ -42,6 +43,16 @@ def test_fake_quant_lands_on_grid_and_clips(bits):
     big = torch.full((6, 1, 1, 1), 10.0)
     torch.testing.assert_close(fake_quant(big, s, spec).flatten(), s * spec.qmax)
     torch.testing.assert_close(quantize_int(w, s, spec), codes.round(), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_fake_quant_values_without_gradient_are_fake_quant_s_bit_for_bit(signed):
+    spec = QSpec(8, signed=signed)
+    s = scale_for(torch.tensor(2.0), spec)
+    x = seeded(10_000) * 3  # inside and past the grid
+    ties = (torch.arange(-300, 300) + 0.5) * s  # halfway between two codes: round half to even in both
+    x = torch.cat([x, ties, -ties, torch.tensor([0.0, -0.0, 1e-30])])
+    assert torch.equal(fake_quant_values(x.clone(), s, spec), fake_quant(x, s, spec))
 
 
 def test_per_channel_scales_follow_each_channel():

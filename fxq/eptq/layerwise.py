@@ -69,17 +69,30 @@ def _patches(layer: nn.Module, x: Tensor) -> Tensor:
     g, (n, c) = layer.groups, x.shape[:2]
     if layer.kernel_size == (1, 1) and layer.stride == (1, 1) and layer.padding in ((0, 0), "valid"):
         views = x[:, :, :: _row_step(*x.shape[2:]), :, None, None]  # a 1x1 convolution's patches: its pixels
-    elif layer.dilation == (1, 1):  # views of the padded input: the one copy is the reshape below
-        padding = layer.padding if not isinstance(layer.padding, str) else _same_padding(layer)
-        (kh, kw), (sh, sw), (ph, pw) = layer.kernel_size, layer.stride, padding
-        views = F.pad(x, (pw, pw, ph, ph)).unfold(2, kh, sh).unfold(3, kw, sw)  # (n, c, ho, wo, kh, kw)
-        views = views[:, :, :: _row_step(*views.shape[2:4])]
+    elif layer.dilation == (1, 1):
+        views = _kept_row_views(layer, x)
     else:
         padding = layer.padding if not isinstance(layer.padding, str) else _same_padding(layer)
         cols = F.unfold(x, layer.kernel_size, layer.dilation, padding, layer.stride)  # (n, c*kh*kw, positions)
         return cols.view(n, g, -1, cols.shape[2]).permute(1, 2, 0, 3).reshape(g, -1, n * cols.shape[2])
     per_group = views.unflatten(1, (g, c // g))  # (n, g, c/g, ho, wo, kh, kw)
     return per_group.permute(1, 2, 5, 6, 0, 3, 4).reshape(g, (c // g) * views.shape[4] * views.shape[5], -1)
+
+
+def _kept_row_views(layer: nn.Conv2d, x: Tensor) -> Tensor:
+    """The patches of the kept output rows (every _row_step-th) as views (n, c, rows, wo, kh, kw) of a copy of the
+    input rows they read, zero-padded: the copy holds those rows alone, not the whole padded input (a depthwise
+    layer's input is large beside its few columns)."""
+    padding = layer.padding if not isinstance(layer.padding, str) else _same_padding(layer)
+    (kh, kw), (sh, sw), (ph, pw) = layer.kernel_size, layer.stride, padding
+    height, width = x.shape[2:]
+    out_rows, out_cols = (height + 2 * ph - kh) // sh + 1, (width + 2 * pw - kw) // sw + 1
+    kept = torch.arange(0, out_rows, _row_step(out_rows, out_cols), device=x.device)
+    rows = (kept[:, None] * sh + torch.arange(kh, device=x.device) - ph).reshape(-1)  # the input rows read, padded
+    inside = (rows >= 0) & (rows < height)
+    read = x.index_select(2, rows.clamp(0, height - 1)).masked_fill_(~inside[:, None], 0)  # padding rows: 0
+    read = F.pad(read, (pw, pw)).unflatten(2, (len(kept), kh))  # (n, c, rows, kh, width + 2 pw)
+    return read.unfold(4, kw, sw).transpose(3, 4)  # (n, c, rows, wo, kh, kw)
 
 
 def _row_step(rows: int, width: int) -> int:

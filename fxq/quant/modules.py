@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from fxq.dist.world import World
 from fxq.errors import ConfigError
 from fxq.ir.meta import OpKind
-from fxq.quant.qmath import QSpec, fake_quant, scale_for
+from fxq.quant.qmath import QSpec, fake_quant, fake_quant_values, scale_for
 
 __all__ = [
     "ActObserver",
@@ -159,6 +159,8 @@ class ActQuant(nn.Module):
             # has no meta kernel (torch.export/compile cannot trace it) and rounds x * (1/s), so a tie may differ
             zero = self.scale.new_zeros((), dtype=torch.int32)
             return torch.fake_quantize_per_tensor_affine(x, self.scale, zero, self.spec.qmin, self.spec.qmax)
+        if not x.requires_grad and not torch.compiler.is_compiling():  # in place: nothing traces or trains it
+            return fake_quant_values(x, self.scale, self.spec)
         return fake_quant(x, self.scale, self.spec)
 
     def extra_repr(self) -> str:

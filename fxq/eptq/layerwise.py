@@ -72,8 +72,7 @@ def _patches(layer: nn.Module, x: Tensor) -> Tensor:
     elif layer.dilation == (1, 1):
         views = _kept_row_views(layer, x)
     else:
-        padding = layer.padding if not isinstance(layer.padding, str) else _same_padding(layer)
-        cols = F.unfold(x, layer.kernel_size, layer.dilation, padding, layer.stride)  # (n, c*kh*kw, positions)
+        cols = F.unfold(x, layer.kernel_size, layer.dilation, _padding(layer), layer.stride)  # (n, c*kh*kw, positions)
         return cols.view(n, g, -1, cols.shape[2]).permute(1, 2, 0, 3).reshape(g, -1, n * cols.shape[2])
     per_group = views.unflatten(1, (g, c // g))  # (n, g, c/g, ho, wo, kh, kw)
     return per_group.permute(1, 2, 5, 6, 0, 3, 4).reshape(g, (c // g) * views.shape[4] * views.shape[5], -1)
@@ -83,8 +82,7 @@ def _kept_row_views(layer: nn.Conv2d, x: Tensor) -> Tensor:
     """The patches of the kept output rows (every _row_step-th) as views (n, c, rows, wo, kh, kw) of a copy of the
     input rows they read, zero-padded: the copy holds those rows alone, not the whole padded input (a depthwise
     layer's input is large beside its few columns)."""
-    padding = layer.padding if not isinstance(layer.padding, str) else _same_padding(layer)
-    (kh, kw), (sh, sw), (ph, pw) = layer.kernel_size, layer.stride, padding
+    (kh, kw), (sh, sw), (ph, pw) = layer.kernel_size, layer.stride, _padding(layer)
     height, width = x.shape[2:]
     out_rows, out_cols = (height + 2 * ph - kh) // sh + 1, (width + 2 * pw - kw) // sw + 1
     kept = torch.arange(0, out_rows, _row_step(out_rows, out_cols), device=x.device)
@@ -100,8 +98,11 @@ def _row_step(rows: int, width: int) -> int:
     return max(1, min(rows, math.ceil(rows * width / POSITIONS)))
 
 
-def _same_padding(layer: nn.Conv2d) -> tuple[int, int]:
-    """A string padding as numbers ('same' with an odd kernel extent: `supports` keeps the even ones out)."""
+def _padding(layer: nn.Conv2d) -> tuple[int, int]:
+    """The layer's padding as numbers (a string: 'valid', or 'same' with an odd kernel extent, which `supports`
+    requires)."""
+    if not isinstance(layer.padding, str):
+        return layer.padding
     if layer.padding == "valid":
         return (0, 0)
     return tuple(d * (k - 1) // 2 for d, k in zip(layer.dilation, layer.kernel_size))

@@ -45,6 +45,8 @@ PATHS = {
     "layerwise-sure": {"start": "layerwise", "start_confidence": 0.95},  # V starts nearer the choice (0.75)
     "layerwise-nowarm": {"start": "layerwise", "warmup": 0.0},  # the regulariser from the first step (0.2)
     "layerwise-lr1e-2": {"start": "layerwise", "lr_rounding": 1e-2},  # a third of the learning rate
+    # per-channel step factors trained beside V and the biases (SGD at 1e-2)
+    "layerwise-scale": {"start": "layerwise", "train_scale": True, "lr_scale": 1e-2},
     # the layer-local choice kept (confidence 1); the steps train only the biases and per-channel step factors
     "layerwise-tune": {"start": "layerwise", "start_confidence": 1.0, "train_scale": True},
     "layerwise-tune-fast": {
@@ -160,9 +162,9 @@ def main() -> None:
     val = load_images(val_dir, lm.preprocess, labeled=True, progress=False)
     path = Path(args.json or f"runs/time_to_quality_{args.model}.json")
     setting = {"model": args.model, "threads": torch.get_num_threads(), "calib": len(calib), "val": len(val)}
-    done = json.loads(path.read_text()) if path.is_file() else {}
-    if done.get("setting") != setting:
-        done = {"setting": setting, "rows": {}}
+    done = json.loads(path.read_text()) if path.is_file() else {"setting": setting, "rows": {}}
+    if done["setting"] != setting:  # its rows stay: another thread count or image set is another file's
+        raise SystemExit(f"{path} holds rows measured with {done['setting']}, not {setting}: give another --json")
     if "float" not in done["rows"]:
         done["rows"]["float"] = evaluate(lm.model, val.x, val.y, progress=False)
     for name, cfg in configs(args).items():

@@ -110,8 +110,21 @@ def plot(rows: dict, model: str, bits: int, path: str) -> None:
                     f"{steps}", (t, acc), textcoords="offset points", xytext=(4, 5 - 15 * (line % 2)), fontsize=7
                 )
             line += 1
-    for t, acc in MCT_CPU.get((model, bits), []):
+    mct = MCT_CPU.get((model, bits), [])
+    for t, acc in mct:
         ax.plot([t], [acc], "x", color="tab:red", ms=9, label="MCT 2.6.1 EPTQ path (reference)")
+    # the EPTQ rows sit within a few points of float: the axis spans them, and names the marks below it
+    eptq = [r["top1"] for k, r in rows.items() if "rounding" in r and k.split(" ")[0] in PATHS]
+    if eptq:
+        low = min(eptq) - 1.0
+        below = [
+            f"{what} {acc:.2f}"
+            for what, acc in [("RTN", rtn["top1"] if rtn else None)] + [("MCT", a) for _, a in mct]
+            if acc is not None and acc < low
+        ]
+        ax.set_ylim(low, rows["float"]["top1"] + 0.5)
+        if below:
+            ax.text(0.99, 0.02, "below the axis: " + ", ".join(below), transform=ax.transAxes, ha="right", fontsize=7)
     ax.set_xscale("log")
     ax.set_xlabel("wall time of the quantization, s (log; 2-core CPU); numbers: whole-network steps")
     ax.set_ylabel(f"top-1 on {rows['float']['images']} val images, %")

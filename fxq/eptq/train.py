@@ -496,10 +496,12 @@ class _Inputs:
     def take(self, idx: Tensor, device: torch.device, cfg: RoundingConfig) -> tuple[Tensor, tuple[Tensor, ...]]:
         """The images `idx` for the teacher, and the student's arguments for them (the images, or the values at
         the cut and the images: fxq.ir.taps.from_cut), on `device` in the graph's memory format."""
-        x = as_model_wants(self.images[idx.to(self.images.device)].to(device, non_blocking=True), cfg)
-        if self.at_cut is None:
-            return x, (x,)
-        return x, (as_model_wants(self.at_cut[idx.to(self.at_cut.device)].to(device, non_blocking=True), cfg), x)
+
+        def rows(t: Tensor) -> Tensor:
+            return as_model_wants(t[idx.to(t.device)].to(device, non_blocking=True), cfg)
+
+        x = rows(self.images)
+        return x, (x,) if self.at_cut is None else (rows(self.at_cut), x)
 
 
 def _sum_gradients_(params: list[Tensor], world: World) -> None:

@@ -67,11 +67,12 @@ def from_cut(gm: GraphModule, cut: Node, taps: list[Node]) -> GraphModule:
         return env[n]
 
     recomputed, like_input = input_shape_nodes(gm), shaped_like_input(gm)
+    image = next(n for n in nodes if n.op == "placeholder")
     for n in nodes[: nodes.index(cut)]:  # the input, constants and the input's shape may be read anywhere
         if n.op in ("placeholder", "get_attr"):
             env[n] = graph.node_copy(n, read)
         elif n in recomputed:  # its metadata reads take the input's own (the same shape, dtype and device)
-            env[n] = graph.node_copy(n, lambda a: env[a] if a in env or a not in like_input else env[_input(nodes)])
+            env[n] = graph.node_copy(n, lambda a: env[a] if a in env or a not in like_input else env[image])
     for n in nodes[nodes.index(cut) + 1 :]:
         if n.op == "output":
             graph.output((map_arg(n.args[0], read), *[read(t) for t in taps]))
@@ -85,7 +86,3 @@ def _pruned(gm: GraphModule) -> GraphModule:
     gm.graph.eliminate_dead_code()
     gm.recompile()
     return gm
-
-
-def _input(nodes: list[Node]) -> Node:
-    return next(n for n in nodes if n.op == "placeholder")

@@ -1,10 +1,12 @@
 """Fingerprints of quantized models, to pin a run's integer codes, scales, biases, widths and LFH values.
 
-`tests/test_golden.py` compares today's runs against the fingerprints in tests/golden/. On the machine that
-recorded them (same torch, CPU capability, caches and thread count) every number must be identical; on another
-machine float kernels sum in another order, so the comparison there allows what that changes (a code at a tie,
-a threshold one candidate away) and nothing more. Rewrite them with FXQ_WRITE_GOLDEN=1 only when a change of
-numbers is intended, and say why in the commit.
+`tests/test_golden.py` compares today's runs against the fingerprints in tests/golden/, one record per machine
+that recorded them. On a machine with a record (same torch, CPU capability, caches and thread count) every number
+must be identical to it; on another machine float kernels sum in another order, so the comparison with the first
+record allows what that changes (a code at a tie, a threshold one candidate away, and the rounding's trained
+biases following such a threshold) and nothing more. FXQ_WRITE_GOLDEN=1 rewrites a file with this machine's
+record alone, only when a change of numbers is intended (say why in the commit); FXQ_WRITE_GOLDEN=add adds this
+machine's record beside the others, after it passed the comparison with the first.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 from fxq.quant.modules import ActQuant, QuantWeight
 
 GOLDEN_DIR = Path(__file__).parent / "golden"
-WRITE = os.environ.get("FXQ_WRITE_GOLDEN") == "1"
+WRITE = os.environ.get("FXQ_WRITE_GOLDEN")  # "1": rewrite; "add": add this machine
 
 
 def machine_key() -> str:
@@ -62,27 +64,43 @@ def lfh_values(report) -> dict[str, float]:
 
 
 def check(name: str, found: dict) -> None:
-    """Compare `found` with tests/golden/NAME.json (or write it with FXQ_WRITE_GOLDEN=1)."""
+    """Compare `found` with tests/golden/NAME.json (or write it, FXQ_WRITE_GOLDEN)."""
     path = GOLDEN_DIR / f"{name}.json"
-    if WRITE:
-        GOLDEN_DIR.mkdir(exist_ok=True)
-        path.write_text(json.dumps({"machine": machine_key(), **found}, indent=1) + "\n")
+    here = {"machine": machine_key(), **found}
+    if WRITE == "1":
+        _write(path, [here])
         return
-    golden = json.loads(path.read_text())
-    exact = golden.pop("machine") == machine_key()
-    assert golden.keys() == found.keys(), f"{name}: sections {sorted(found)} != golden {sorted(golden)}"
-    for section, want in golden.items():
-        _compare(f"{name}/{section}", want, found[section], exact)
+    records = json.loads(path.read_text())["records"]
+    mine = [r for r in records if r["machine"] == here["machine"]]
+    want = dict(mine[0] if mine else records[0])
+    exact = bool(mine)
+    want.pop("machine")
+    assert want.keys() == found.keys(), f"{name}: sections {sorted(found)} != golden {sorted(want)}"
+    for section, values in want.items():
+        _compare(f"{name}/{section}", values, found[section], exact, trained=section.startswith("eptq"))
+    if WRITE == "add" and not mine:
+        _write(path, [*records, here])
 
 
-def _compare(where: str, want, got, exact: bool) -> None:
+def _write(path: Path, records: list[dict]) -> None:
+    GOLDEN_DIR.mkdir(exist_ok=True)
+    path.write_text(json.dumps({"records": records}, indent=1) + "\n")
+
+
+def _compare(where: str, want, got, exact: bool, trained: bool) -> None:
     if exact:
         assert got == want, f"{where}: not bit-identical to the golden run ({_first_difference(want, got)})"
         return
     if all(isinstance(v, dict) for v in want.values()):
-        _compare_quantizers(where, want, got)
+        _compare_quantizers(where, want, got, BIAS_TRAINED if trained else BIAS)
     else:  # LFH values or widths by layer
         _compare_values(where, want, got)
+
+
+# on another machine, of the layer's largest bias: a bias set once (bias correction) moves with the sums it is
+# made of; one the rounding trains follows its inputs, so an activation threshold one candidate away upstream
+# (1.2 % of its step) moved a trained bias by 3.3 % between two of the project's machines (Xeon, EPYC)
+BIAS, BIAS_TRAINED = 0.02, 0.06
 
 
 def _close(a, b, rel: float) -> bool:
@@ -90,9 +108,10 @@ def _close(a, b, rel: float) -> bool:
     return ta.shape == tb.shape and bool(((ta - tb).abs() <= rel * ta.abs().max().clamp_min(1e-12)).all())
 
 
-def _compare_quantizers(where: str, want: dict, got: dict) -> None:
-    """Another machine: widths equal, scales and biases within 2 % of the layer's largest, codes' histogram within
-    2 % of the code count (float sums in another order move codes at ties and thresholds by one candidate)."""
+def _compare_quantizers(where: str, want: dict, got: dict, bias_rel: float) -> None:
+    """Another machine: widths equal, scales within 2 % of the layer's largest and biases within `bias_rel`,
+    codes' histogram within 2 % of the code count (float sums in another order move codes at ties and thresholds
+    by one candidate)."""
     assert want.keys() == got.keys(), f"{where}: quantizers differ"
     for layer, w in want.items():
         g = got[layer]
@@ -102,7 +121,7 @@ def _compare_quantizers(where: str, want: dict, got: dict) -> None:
             hw, hg = torch.tensor(w["codes_hist"]), torch.tensor(g["codes_hist"])
             assert (hw - hg).abs().sum() <= 0.02 * hw.sum(), f"{where}/{layer}: codes moved"
             assert (w["bias"] is None) == (g["bias"] is None) and (
-                w["bias"] is None or _close(w["bias"], g["bias"], 0.02)
+                w["bias"] is None or _close(w["bias"], g["bias"], bias_rel)
             ), f"{where}/{layer}: biases moved"
 
 

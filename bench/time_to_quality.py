@@ -47,6 +47,10 @@ PATHS = {
     "layerwise-lr1e-2": {"start": "layerwise", "lr_rounding": 1e-2},  # a third of the learning rate
     # per-channel step factors trained beside V and the biases (SGD at 1e-2)
     "layerwise-scale": {"start": "layerwise", "train_scale": True, "lr_scale": 1e-2},
+    # every activation step trained beside V (LSQ's gradient on a log factor, at lr_act_steps 1e-3)
+    "radam-act": {"train_act_steps": True},
+    "layerwise-act": {"start": "layerwise", "train_act_steps": True},
+    "layerwise-all-act": {"start": "layerwise", "start_images": None, "train_act_steps": True},
     # the layer-local choice kept (confidence 1); the steps train only the biases and per-channel step factors
     "layerwise-tune": {"start": "layerwise", "start_confidence": 1.0, "train_scale": True},
     "layerwise-tune-fast": {

@@ -106,6 +106,10 @@ class RoundingConfig:
     train_bias: bool = True
     train_scale: bool = False  # a trainable per-channel factor on each weight step (SGD, lr_scale)
     lr_scale: float = 1e-3
+    # every activation quantizer's step trained beside V (LSQ's gradient, on a log factor: fxq.eptq.act_steps),
+    # with the rounding's optimizer at lr_act_steps
+    train_act_steps: bool = False
+    lr_act_steps: float = 1e-3
     start: Start = Start.FLOAT  # where the rounding variables start
     # images the layer-local start reads (drawn with `seed`); None: all (a quarter of the time and memory of 1000,
     # about the same choices)
@@ -135,7 +139,7 @@ class RoundingConfig:
     def __post_init__(self):
         if self.iterations < 0 or self.batch_size < 1:
             raise ConfigError(f"need iterations >= 0 and batch_size >= 1, got {self.iterations}, {self.batch_size}")
-        if min(self.lr_rounding, self.lr_bias, self.lr_scale, self.reg) < 0:
+        if min(self.lr_rounding, self.lr_bias, self.lr_scale, self.lr_act_steps, self.reg) < 0:
             raise ConfigError("learning rates and reg must be >= 0")
         if not 0 <= self.warmup < 1:
             raise ConfigError(f"warmup is a fraction of the iterations in [0, 1), got {self.warmup}")

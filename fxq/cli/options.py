@@ -74,7 +74,11 @@ def rounding_schedule(args) -> tuple[str, RoundingConfig, LFHConfig]:
         if v is not None
     }
     overrides.update(
-        loss_weights=args.loss_weights, train_bias=not args.no_bias_training, resume=args.resume, start=args.start
+        loss_weights=args.loss_weights,
+        train_bias=not args.no_bias_training,
+        train_act_steps=args.train_act_steps,
+        resume=args.resume,
+        start=args.start,
     )
     rounding = RoundingConfig.short(**overrides) if name == "short" else RoundingConfig(**overrides)
     probes = args.lfh_probes or (16 if name == "short" else 100)

@@ -179,6 +179,11 @@ def quant_args(p: argparse.ArgumentParser) -> None:
         "hold and stay at their start, so that the steps skip them (0: every step runs the whole model)",
     )
     r.add_argument(
+        "--train-act-steps",
+        action="store_true",
+        help="train every activation quantizer's step beside the rounding (for 4-bit and narrower activations)",
+    )
+    r.add_argument(
         "--lfh-probes", type=count_arg, default=None, help="max Hutchinson probes (default: 100 full, 16 short)"
     )
     r.add_argument(

@@ -1,7 +1,8 @@
 """EPTQ's rounding optimization, one knowledge distillation over the whole network (arXiv 2309.11531).
 
 Every weight quantizer gets AdaRound variables V (soft weight s * clamp(floor(w/s) + h(V))), every
-quantized layer's bias is trainable, activations stay quantized. All layers' V and biases are flat tensors
+quantized layer's bias is trainable, activations stay quantized (their steps trained too with
+`train_act_steps`: fxq.eptq.act_steps). All layers' V and biases are flat tensors
 (fxq.eptq.soft_rounding) and the interest tensors travel packed (fxq.eptq.distillation), so a step's extra
 kernels beyond the forward and backward number a few dozen, not some twenty per layer. The loss compares the
 quantized graph's interest tensors with the float graph's on unlabeled images, weighted by the LFH (lambda_z),
@@ -38,6 +39,7 @@ from tqdm.auto import tqdm
 from fxq.config import Optimizer, RoundingConfig, Start
 from fxq.data.subset import Subset, choose
 from fxq.dist.world import World
+from fxq.eptq.act_steps import ActSteps
 from fxq.eptq.budget import PLAN_AFTER, planned_iterations
 from fxq.eptq.distillation import packed_loss
 from fxq.eptq.layerwise import harden_choice_, sequential_choices, use_choice_
@@ -123,6 +125,7 @@ class RoundingOptimizer:
         for p in trainable:
             p.requires_grad_(False)
         rtn = [qw.hardened_state() for qw in layers]  # integer codes: round-to-nearest's weights exactly, in a quarter
+        acts = ActSteps([m for m in gm.modules() if isinstance(m, ActQuant)]) if cfg.train_act_steps else None
         try:  # everything set up from here on is undone in `finally`
             use_fused_act_quant_(gm, True)
             if nhwc:  # before V is made from the weights, so V and its gradients are NHWC too
@@ -148,17 +151,22 @@ class RoundingOptimizer:
             else:  # the steps from the values at the cut; the check on the whole graph (RTN's prefix differs)
                 steps, check, past = self._past_prefix(gm, prefix, images, student, teacher)
             cache_seconds = time.perf_counter() - t0
-            stats = self._optimize_groups(gm, layers, groups, start, *steps)
+            stats = self._optimize_groups(gm, layers, groups, start, acts, *steps)
+            if acts is not None:
+                acts.harden_()
+                stats.update(acts.summary())
             stats.update(teacher_cache=steps[1].cache is not None, teacher_cache_seconds=cache_seconds)
             stats.update(start=cfg.start.value, start_seconds=start_seconds if start is not None else None)
             stats.update(frozen_prefix=past if prefix is not None else None)
             if cfg.keep_best:
-                stats.update(self._keep_best(layers, rtn, *check))
+                stats.update(self._keep_best(layers, rtn, acts, *check))
             if self.deadline is not None:
                 stats.update(time_budget_s=self.deadline.seconds, seconds_left_in_budget=self.deadline.left())
         finally:
             for qw in layers:  # the groups a failure left at their start
                 qw.live = None
+            if acts is not None:
+                acts.close()
             for p, flag in trainable.items():
                 p.requires_grad_(flag)
             use_fused_act_quant_(gm, False)
@@ -280,9 +288,10 @@ class RoundingOptimizer:
             zf, zq, targets.lengths, weights, cfg.normalize_loss, zf_energy, targets.nhwc, targets.workspace, len(batch)
         )
 
-    def _optimize_groups(self, gm, layers, groups, start, student, targets, images, weights) -> dict:
+    def _optimize_groups(self, gm, layers, groups, start, acts, student, targets, images, weights) -> dict:
         """Each group of layers optimized in turn from its start (`start`: the layer-local choices, or None) and
-        hardened; a resumed run hardens the groups its checkpoint finished and continues the one it was in."""
+        hardened; a resumed run hardens the groups its checkpoint finished and continues the one it was in. The
+        activation steps (`acts`, or None) train beside every group."""
         cfg = self.cfg
         # hashing the weights and images costs a pass over them: only a run that checkpoints needs it
         fingerprint = self._fingerprint(gm, layers, groups, weights) if cfg.checkpoint_dir else None
@@ -303,7 +312,9 @@ class RoundingOptimizer:
                 saved = {"fingerprint": fingerprint, "group": g, "done": done, "parts": parts}
                 state = resumed if g == first else None
                 parts.append(
-                    self._optimize(soft, student, targets, images, weights, share, deadline, g * share, state, saved)
+                    self._optimize(
+                        soft, acts, student, targets, images, weights, share, deadline, g * share, state, saved
+                    )
                 )
                 soft.harden_()
             finally:
@@ -311,19 +322,26 @@ class RoundingOptimizer:
         stats = _merged(parts) if len(parts) > 1 else parts[0]
         return {**stats, "groups": [len(group) for group in groups]}
 
-    def _optimizers(self, soft: SoftRounding) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
-        """The optimizer of the rounding variables and the SGD of the biases (and step factors)."""
+    def _optimizers(
+        self, soft: SoftRounding, acts: ActSteps | None
+    ) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
+        """The optimizer of the rounding variables (and activation steps) and the SGD of the biases (and step
+        factors)."""
         cfg = self.cfg
         soft.bias.requires_grad_(cfg.train_bias)
         adam = torch.optim.Adam if cfg.optimizer is Optimizer.ADAM else torch.optim.RAdam
         groups = [{"params": [soft.bias], "lr": cfg.lr_bias}]
         if soft.scale_factor is not None:
             groups.append({"params": [soft.scale_factor], "lr": cfg.lr_scale})
-        return adam([soft.v], lr=cfg.lr_rounding), torch.optim.SGD(groups, foreach=True)
+        adaptive = [{"params": [soft.v]}]
+        if acts is not None:
+            adaptive.append({"params": [acts.log_factor], "lr": cfg.lr_act_steps})
+        return adam(adaptive, lr=cfg.lr_rounding), torch.optim.SGD(groups, foreach=True)
 
     def _optimize(
         self,
         soft: SoftRounding,
+        acts: ActSteps | None,
         student,
         targets,
         images,
@@ -334,14 +352,18 @@ class RoundingOptimizer:
         state: dict | None,
         saved: dict,
     ) -> dict:
-        """`iterations` steps of `soft`'s layers (fewer to end inside `budget`), the batches those of the steps
-        from `offset` on; continued from the checkpoint `state` when given. Each checkpoint holds `saved` too."""
+        """`iterations` steps of `soft`'s layers and `acts` (fewer to end inside `budget`), the batches those of
+        the steps from `offset` on; continued from the checkpoint `state` when given. Each checkpoint holds `saved`
+        too."""
         cfg, device = self.cfg, soft.v.device
-        opt_v, opt_b = self._optimizers(soft)
+        opt_v, opt_b = self._optimizers(soft, acts)
+        trained = [*soft.parameters(), *([acts.log_factor] if acts is not None else [])]
         start, planned = 0, iterations  # planned: the iteration count, shortened to fit a time budget
         history: list[tuple[int, float]] = []
         if state is not None:
             soft.load_state_dict(state["soft"])
+            if acts is not None:
+                acts.load_state_dict(state["acts"])
             opt_v.load_state_dict(state["opt_v"])
             opt_b.load_state_dict(state["opt_b"])
             start, history = state["step"], state["history"]
@@ -359,6 +381,8 @@ class RoundingOptimizer:
             batch = batch_indices(len(images), cfg.batch_size, offset + step, cfg.seed)
             xs = images.take(batch[w.part(len(batch))], device, cfg)
             soft.refresh()
+            if acts is not None:
+                acts.refresh()
             loss = self._losses(student, targets, batch, xs, weights)
             beta = beta_at(step, sched)
             # the regulariser does not depend on the images: one rank adds it, so the sum over ranks holds it once
@@ -367,7 +391,7 @@ class RoundingOptimizer:
             opt_v.zero_grad(set_to_none=True)
             opt_b.zero_grad(set_to_none=True)
             total.backward()
-            _sum_gradients_(soft.parameters(), w)
+            _sum_gradients_(trained, w)
             opt_v.step()
             opt_b.step()
             if step % log_every == 0 or step == planned - 1:  # the host syncs of the loop (and the next)
@@ -410,6 +434,7 @@ class RoundingOptimizer:
                         "step": step,
                         "planned": planned,
                         "soft": soft.state_dict(),
+                        "acts": acts.state_dict() if acts is not None else None,
                         "opt_v": opt_v.state_dict(),
                         "opt_b": opt_b.state_dict(),
                         "history": history,
@@ -459,8 +484,9 @@ class RoundingOptimizer:
         return 2 * math.ceil(min(n_images, _CHECK_IMAGES) / self.cfg.batch_size) if self.cfg.keep_best else 0
 
     @torch.no_grad()
-    def _keep_best(self, layers, rtn, student, targets, images, weights) -> dict:
-        """Distillation loss of the hard-rounded model vs RTN on fixed calibration images; keep the lower."""
+    def _keep_best(self, layers, rtn, acts, student, targets, images, weights) -> dict:
+        """Distillation loss of the hard-rounded model (with its learned activation steps, `acts`) vs RTN (with
+        calibration's) on fixed calibration images; keep the lower."""
         n = min(len(images), _CHECK_IMAGES)
         device, w = weights.device, self.world
 
@@ -475,10 +501,14 @@ class RoundingOptimizer:
         chosen = [qw.hardened_state() for qw in layers]  # its integer codes: a quarter of the weights' memory
         for qw, hard in zip(layers, rtn):
             qw.load_hardened_(hard)
+        if acts is not None:
+            acts.use_start_()
         rtn_loss = loss()
         if eptq <= rtn_loss:
             for qw, hard in zip(layers, chosen):
                 qw.load_hardened_(hard)
+            if acts is not None:
+                acts.harden_()
         return {"check_loss": eptq, "rtn_check_loss": rtn_loss, "kept": "eptq" if eptq <= rtn_loss else "rtn"}
 
 

@@ -24,6 +24,8 @@ __all__ = [
     "MAX_BITS",
     "scale_for",
     "fake_quant",
+    "fake_quant_values",
+    "fake_quant_learned_step",
     "quantize_int",
     "weight_thresholds",
     "activation_threshold",
@@ -121,6 +123,16 @@ def fake_quant_values(x: Tensor, scale: Tensor, spec: QSpec) -> Tensor:
     takes six and five, for the forwards that train nothing. The same values bit for bit: the straight-through
     sum xs + (round(xs) - xs) is round(xs) exactly (the difference is exact, Sterbenz)."""
     return torch.round(x / scale).clamp_(spec.qmin, spec.qmax).mul_(scale)
+
+
+def fake_quant_learned_step(x: Tensor, scale: Tensor, spec: QSpec) -> Tensor:
+    """fake_quant per tensor with LSQ's gradient for a trainable `scale`: round(x/s) - x/s where round(x/s) lies
+    on the grid, the grid's bound where it does not (x's gradient there: 0). torch's fused learnable kernel
+    computes the same; fake_quant's clamp would treat codes equal to a bound as clipped."""
+    xs = x / scale
+    codes = torch.round(xs).detach()
+    inside = (codes >= spec.qmin) & (codes <= spec.qmax)
+    return torch.where(inside, xs + (codes - xs).detach(), codes.clamp(spec.qmin, spec.qmax)) * scale
 
 
 def quantize_int(x: Tensor, scale: Tensor, spec: QSpec) -> Tensor:

@@ -41,6 +41,9 @@ PATHS = {
     # the steps through the whole graph: no frozen prefix (fxq.eptq.prefix)
     "layerwise-whole": {"start": "layerwise", "frozen_share": 0.0},
     "layerwise-all-whole": {"start": "layerwise", "start_images": None, "frozen_share": 0.0},
+    # a larger frozen prefix: the first layers up to 3 % / 10 % of the weights stay at their layer-local choice
+    "layerwise-f03": {"start": "layerwise", "frozen_share": 0.03},
+    "layerwise-f10": {"start": "layerwise", "frozen_share": 0.1},
     # schedule settings after the layer-local start
     "layerwise-sure": {"start": "layerwise", "start_confidence": 0.95},  # V starts nearer the choice (0.75)
     "layerwise-nowarm": {"start": "layerwise", "warmup": 0.0},  # the regulariser from the first step (0.2)

@@ -4,6 +4,7 @@ each activation quantizer alone, under the two activation placements (Target.qua
     python bench/transformers.py [--models vit_b_16,deit_tiny_patch16_224] [--bits 8,4] [--json FILE]
     python bench/transformers.py --rounding-images 4,16,64 [--steps N] [--models ...] [--json FILE]
     python bench/transformers.py --layers-alone 64 --models vit_b_16 [--json FILE]
+    python bench/transformers.py --feedback-gain 64 [--models ...] [--json FILE]
 
 Same models and images as bench/coverage.py (random weights, 4 calibration images, the SQNR on 2 others). Rows:
 one per model, placement and weight width; `worst` lists the activation quantizers that cost the most when each
@@ -11,6 +12,8 @@ is the only one applied. With --rounding-images, W4A8 rows instead (default plac
 the layer-local rounding (EPTQ's layer-local start with no whole-network steps), calibrated on N images each.
 With --steps N, also the layer-local rounding followed by N whole-network steps of 8 images (the distillation
 terms weighted alike, no LFH). With --layers-alone N, activations float: the SQNR with every weight layer at 4 bits and with each alone.
+With --feedback-gain N, what error feedback can win over round-to-nearest in each linear layer, from the float
+inputs' second moments on N images (measure_feedback_gain).
 Rows are written to --json as they finish and skipped when the script runs again.
 """
 
@@ -116,6 +119,49 @@ def measure_layers_alone(name: str, images: int) -> dict:
     return {"model": name, "weight_bits": 4, "images": images, "every_layer": every, "alone": alone}
 
 
+@torch.no_grad()
+def measure_feedback_gain(name: str, images: int) -> dict:
+    """What error feedback can win over round-to-nearest in each linear layer, from its float inputs alone: with
+    input second moments H = L L^T (damped as the layer-local rounding damps them), rounding each input column in
+    turn and passing its error on leaves column i an error of variance proportional to L_ii^2 where rounding to
+    nearest leaves H_ii (at a fine grid, the same step), so the layer's output error shrinks by sum(H_ii) /
+    sum(L_ii^2). Near-isotropic inputs give 0 dB: no rounding of that layer's weights beats round-to-nearest by
+    much. Layers called as modules (torchvision's attention projections are not: they are read through the
+    attention's input)."""
+    from torch import nn
+
+    from fxq.eptq.layerwise import DAMPING
+
+    model = build(_group(name), name)
+    size = _size(name)
+    sums: dict[str, torch.Tensor] = {}
+
+    def hook(layer_name: str):
+        def take(_module, args):
+            x = args[0].reshape(-1, args[0].shape[-1]).double()
+            sums[layer_name] = sums.get(layer_name, 0) + x.T @ x
+
+        return take
+
+    for n, m in model.named_modules():
+        if isinstance(m, (nn.Linear, nn.MultiheadAttention)):
+            m.register_forward_pre_hook(hook(n))
+    for i in range(max(images // 2, 1)):
+        model(_images(2, size, 100 + i))
+    gains = {}
+    for n, h in sums.items():
+        d = h + DAMPING * h.diagonal().mean() * torch.eye(len(h), dtype=h.dtype)
+        chol = torch.linalg.cholesky(d).diagonal().square()
+        gains[n] = round(10 * float(torch.log10(d.diagonal().sum() / chol.sum())), 2)
+    values = torch.tensor(list(gains.values()))
+    return {
+        "model": name,
+        "images": images,
+        "feedback_gain_db": {"median": round(float(values.median()), 2), "max": round(float(values.max()), 2)},
+        "layers": gains,
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="vit_b_16,deit_tiny_patch16_224")
@@ -123,6 +169,7 @@ def main() -> None:
     p.add_argument("--rounding-images", default="", help="e.g. 4,16,64: the W4A8 rounding rows")
     p.add_argument("--steps", type=int, default=0, help="with --rounding-images: also N whole-network steps after")
     p.add_argument("--layers-alone", type=int, default=0, help="N: each weight layer alone at 4 bits, N images")
+    p.add_argument("--feedback-gain", type=int, default=0, help="N: each linear layer's error-feedback gain, N images")
     p.add_argument("--json", type=Path, default=None)
     a = p.parse_args()
     rows = json.loads(a.json.read_text())["rows"] if a.json and a.json.exists() else []
@@ -133,6 +180,11 @@ def main() -> None:
         if a.json:
             write_json_atomic(a.json, {"cpu": cpu_description(), "rows": rows})
 
+    if a.feedback_gain:
+        for name in a.models.split(","):
+            if not any(r["model"] == name and "feedback_gain_db" in r for r in rows):
+                add(measure_feedback_gain(name, a.feedback_gain))
+        return
     if a.layers_alone:
         for name in a.models.split(","):
             if not any(r["model"] == name and "alone" in r for r in rows):

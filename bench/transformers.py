@@ -29,7 +29,7 @@ from coverage import _images, _inputs, _size, _sqnr, build
 
 import fxq
 from fxq.io.files import write_json_atomic
-from fxq.quant.modules import ActQuant, QuantWeight
+from fxq.quant.modules import ActQuant, QuantWeight, layer_forward
 from fxq.targets import INT8, cpu_description
 
 
@@ -93,6 +93,12 @@ def measure_rounding(name: str, images: int, start: str | None, steps: int = 0) 
     return {"model": name, "weight_bits": 4, "images": images, "rounding": rounding, "sqnr": round(sqnr, 2)}
 
 
+def _float_forward(qw: QuantWeight):
+    """The layer's float forward: its float weight and its bias before bias correction (the layer's own bias holds
+    the correction for its quantized weight, which on a float weight is an error of its own)."""
+    return lambda t: layer_forward(qw.layer, t, qw.layer.weight, qw.uncorrected_bias())
+
+
 @torch.no_grad()
 def measure_layers_alone(name: str, images: int) -> dict:
     """Activations float: the output SQNR with every weight layer at 4 bits, and with each one alone at 4 bits (the
@@ -108,14 +114,14 @@ def measure_layers_alone(name: str, images: int) -> dict:
     chosen = {n: m for n, m in local.named_modules() if isinstance(m, QuantWeight)}
     quantized = {n: m.forward for n, m in nearest.items()}
     for m in nearest.values():
-        m.forward = m.layer.forward  # float
+        m.forward = _float_forward(m)
     alone = {}
     for n, m in nearest.items():  # the RTN graph, one layer at a time at its RTN or its layer-local weights
         m.forward = quantized[n]
         at_nearest = _sqnr(ref, rtn(x))
         m.forward = chosen[n].forward
         alone[n] = (round(at_nearest, 2), round(_sqnr(ref, rtn(x)), 2))
-        m.forward = m.layer.forward
+        m.forward = _float_forward(m)
     return {"model": name, "weight_bits": 4, "images": images, "every_layer": every, "alone": alone}
 
 
@@ -162,6 +168,69 @@ def measure_feedback_gain(name: str, images: int) -> dict:
     }
 
 
+@torch.no_grad()
+def measure_class_token_weighting(name: str, images: int) -> dict:
+    """Activations float, one weight layer at 4 bits at a time (the others float): the output SQNR under
+    round-to-nearest, under error feedback on its inputs' second moments over every token (the layer-local
+    rounding's H), and under error feedback with the class token's rows weighing as much as all the others."""
+    from fxq.eptq.layerwise import layerwise_choice, use_choice_
+
+    model, rtn, x = _rounded(name, images, None)
+    size = _size(name)
+    for m in rtn.modules():
+        if isinstance(m, ActQuant):
+            m.forward = lambda t: t
+        elif isinstance(m, QuantWeight) and not isinstance(m.layer, torch.nn.Linear):
+            m.forward = _float_forward(m)  # the patch embedding
+    layers = {
+        n: m for n, m in rtn.named_modules() if isinstance(m, QuantWeight) and isinstance(m.layer, torch.nn.Linear)
+    }
+    quantized = {n: m.forward for n, m in layers.items()}
+    every, first = {}, {}
+
+    def hook(n: str):
+        def take(_module, args):
+            t = args[0].double()
+            rows = t.reshape(-1, t.shape[-1])
+            every[n] = every.get(n, 0) + rows.T @ rows
+            if t.dim() == 3:  # (batch, tokens, features): the class token first
+                cls = t[:, 0]
+                first[n] = first.get(n, 0) + cls.T @ cls
+
+        return take
+
+    for n, m in layers.items():
+        m.forward = _float_forward(m)
+        m.register_forward_pre_hook(hook(n))
+    for i in range(max(images // 2, 1)):
+        rtn(_images(2, size, 100 + i))
+    ref = model(x)
+    rows = {}
+    for n, m in layers.items():
+        m._forward_pre_hooks.clear()
+        m.forward = quantized[n]
+        nearest = _sqnr(ref, rtn(x))
+        h_all = every[n] / every[n].diagonal().sum()
+        m.forward = m.__class__.forward.__get__(m)
+        use_choice_(m, layerwise_choice(m, h_all.float().unsqueeze(0)))
+        feedback = _sqnr(ref, rtn(x))
+        weighted = None
+        if n in first:
+            h_cls = h_all + first[n] / first[n].diagonal().sum()
+            use_choice_(m, layerwise_choice(m, h_cls.float().unsqueeze(0)))
+            weighted = round(_sqnr(ref, rtn(x)), 2)
+        m.live = None
+        m.forward = _float_forward(m)
+        rows[n] = (round(nearest, 2), round(feedback, 2), weighted)
+    table = torch.tensor([[r[0], r[1], r[2] if r[2] is not None else float("nan")] for r in rows.values()])
+    return {
+        "model": name,
+        "images": images,
+        "class_token_median_db": [round(float(v), 2) for v in table.nanmedian(0).values],
+        "class_token_layers": rows,
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default="vit_b_16,deit_tiny_patch16_224")
@@ -170,6 +239,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=0, help="with --rounding-images: also N whole-network steps after")
     p.add_argument("--layers-alone", type=int, default=0, help="N: each weight layer alone at 4 bits, N images")
     p.add_argument("--feedback-gain", type=int, default=0, help="N: each linear layer's error-feedback gain, N images")
+    p.add_argument(
+        "--class-token", type=int, default=0, help="N: each layer alone, its H with the class token weighted"
+    )
     p.add_argument("--json", type=Path, default=None)
     a = p.parse_args()
     rows = json.loads(a.json.read_text())["rows"] if a.json and a.json.exists() else []
@@ -180,6 +252,11 @@ def main() -> None:
         if a.json:
             write_json_atomic(a.json, {"cpu": cpu_description(), "rows": rows})
 
+    if a.class_token:
+        for name in a.models.split(","):
+            if not any(r["model"] == name and "class_token_median_db" in r for r in rows):
+                add(measure_class_token_weighting(name, a.class_token))
+        return
     if a.feedback_gain:
         for name in a.models.split(","):
             if not any(r["model"] == name and "feedback_gain_db" in r for r in rows):

@@ -252,21 +252,18 @@ def main() -> None:
         if a.json:
             write_json_atomic(a.json, {"cpu": cpu_description(), "rows": rows})
 
-    if a.class_token:
-        for name in a.models.split(","):
-            if not any(r["model"] == name and "class_token_median_db" in r for r in rows):
-                add(measure_class_token_weighting(name, a.class_token))
-        return
-    if a.feedback_gain:
-        for name in a.models.split(","):
-            if not any(r["model"] == name and "feedback_gain_db" in r for r in rows):
-                add(measure_feedback_gain(name, a.feedback_gain))
-        return
-    if a.layers_alone:
-        for name in a.models.split(","):
-            if not any(r["model"] == name and "alone" in r for r in rows):
-                add(measure_layers_alone(name, a.layers_alone))
-        return
+    # the per-layer modes: one row per model, N images each, a row found by its key
+    per_layer = [
+        (a.class_token, "class_token_median_db", measure_class_token_weighting),
+        (a.feedback_gain, "feedback_gain_db", measure_feedback_gain),
+        (a.layers_alone, "alone", measure_layers_alone),
+    ]
+    for images, key, measure_one in per_layer:
+        if images:
+            for name in a.models.split(","):
+                if not any(r["model"] == name and key in r for r in rows):
+                    add(measure_one(name, images))
+            return
     if a.rounding_images:
         for name in a.models.split(","):
             for images in (int(n) for n in a.rounding_images.split(",")):

@@ -106,3 +106,14 @@ def test_resume_with_learned_steps_gives_the_same_model(tiny_net, tmp_path, monk
     saved, report = _interrupted_and_resumed(tiny_net, tmp_path, monkeypatch, 13, **settings)
     assert saved["step"] == 8 and saved["acts"]["log_factor"].abs().max() > 0
     assert report.rounding["resumed_at"] == 8 and report.rounding["act_steps_moved_1pct"] > 0
+
+
+def test_a_graph_without_activation_quantizers_trains_no_steps():
+    """Every activation kept float: nothing to train, and every call is a no-op rather than an error."""
+    steps = ActSteps([])
+    steps.refresh()
+    steps.harden_()
+    steps.use_start_()
+    steps.load_state_dict(steps.state_dict())
+    assert steps.log_factor.numel() == 0
+    assert steps.summary() == {"act_steps_trained": 0}

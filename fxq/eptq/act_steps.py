@@ -26,7 +26,8 @@ class ActSteps:
 
     def __init__(self, quantizers: Sequence[ActQuant]):
         self.quantizers = list(quantizers)
-        self.start = torch.stack([q.scale.detach().float().reshape(()) for q in self.quantizers])
+        steps = [q.scale.detach().float().reshape(1) for q in self.quantizers]
+        self.start = torch.cat(steps) if steps else torch.zeros(0)  # a graph may keep every activation float
         self.log_factor = torch.zeros_like(self.start, requires_grad=True)
 
     def refresh(self) -> None:
@@ -66,6 +67,8 @@ class ActSteps:
     def summary(self) -> dict:
         """How far the steps moved from calibration's: the factor's range and how many moved by over 1 %."""
         factor = self.log_factor.detach().exp()
+        if factor.numel() == 0:
+            return {"act_steps_trained": 0}
         return {
             "act_steps_trained": len(self.quantizers),
             "act_step_factor_min": float(factor.min()),

@@ -44,6 +44,8 @@ PATHS = {
     # a larger frozen prefix: the first layers up to 3 % / 10 % of the weights stay at their layer-local choice
     "layerwise-f03": {"start": "layerwise", "frozen_share": 0.03},
     "layerwise-f10": {"start": "layerwise", "frozen_share": 0.1},
+    # half of each layer's start objective weighs its output positions by the output's sensitivity to them
+    "layerwise-s05": {"start": "layerwise", "start_sensitivity": 0.5},
     # schedule settings after the layer-local start
     "layerwise-sure": {"start": "layerwise", "start_confidence": 0.95},  # V starts nearer the choice (0.75)
     "layerwise-nowarm": {"start": "layerwise", "warmup": 0.0},  # the regulariser from the first step (0.2)

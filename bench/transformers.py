@@ -2,18 +2,23 @@
 each activation quantizer alone, under the two activation placements (Target.quantize_norm_inputs).
 
     python bench/transformers.py [--models vit_b_16,deit_tiny_patch16_224] [--bits 8,4] [--json FILE]
-    python bench/transformers.py --rounding-images 4,16,64 [--steps N] [--models ...] [--json FILE]
+    python bench/transformers.py --rounding-images 4,16,64 [--steps N] [--starts s0.8,noaim] [--models ...]
     python bench/transformers.py --layers-alone 64 --models vit_b_16 [--json FILE]
     python bench/transformers.py --feedback-gain 64 [--models ...] [--json FILE]
+    python bench/transformers.py --class-token 32 [--models ...] [--json FILE]
 
 Same models and images as bench/coverage.py (random weights, 4 calibration images, the SQNR on 2 others). Rows:
 one per model, placement and weight width; `worst` lists the activation quantizers that cost the most when each
 is the only one applied. With --rounding-images, W4A8 rows instead (default placement): round-to-nearest against
 the layer-local rounding (EPTQ's layer-local start with no whole-network steps), calibrated on N images each.
 With --steps N, also the layer-local rounding followed by N whole-network steps of 8 images (the distillation
-terms weighted alike, no LFH). With --layers-alone N, activations float: the SQNR with every weight layer at 4 bits and with each alone.
+terms weighted alike, no LFH). With --layers-alone N, activations float: the SQNR with every weight layer at 4
+bits and with each alone. With --starts, also the layer-local rounding with other settings, '+'-joined: sS, a share
+S of each layer's objective weighing its output positions by the output's sensitivity (RoundingConfig.
+start_sensitivity); noaim, each layer rounding its float weights (RoundingConfig.start_aim off).
 With --feedback-gain N, what error feedback can win over round-to-nearest in each linear layer, from the float
-inputs' second moments on N images (measure_feedback_gain).
+inputs' second moments on N images (measure_feedback_gain). With --class-token N, each linear layer alone at 4
+bits under three roundings (measure_class_token_weighting).
 Rows are written to --json as they finish and skipped when the script runs again.
 """
 
@@ -21,11 +26,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 from coverage import _images, _inputs, _size, _sqnr, build
+from torch import nn
 
 import fxq
 from fxq.io.files import write_json_atomic
@@ -68,29 +75,56 @@ def measure(name: str, bits: int, norm_inputs: bool) -> dict:
     }
 
 
-def _rounded(name: str, images: int, start: str | None, steps: int = 0):
+def _start_settings(variant: str) -> dict:
+    """The RoundingConfig settings of a --starts entry ('' for the defaults)."""
+    out = {}
+    for part in filter(None, variant.split("+")):
+        if part == "noaim":
+            out["start_aim"] = False
+        elif part.startswith("s"):
+            out["start_sensitivity"] = float(part[1:])
+        else:
+            raise SystemExit(f"--starts: {part!r} is neither sS (a share) nor noaim")
+    return out
+
+
+def _rounded(name: str, images: int, start: str | None, steps: int = 0, variant: str = ""):
     """The float model, its W4A8 graph after round-to-nearest (start None) or the layer-local rounding on `images`
-    calibration images (then `steps` whole-network steps of 8 images, the distillation terms weighted alike), and
-    the 2 images the SQNR is taken on."""
+    calibration images (with the settings of `variant`, a --starts entry; then `steps` whole-network steps of 8
+    images, the distillation terms weighted alike), and the 2 images the SQNR is taken on."""
     model = build(_group(name), name)
     size = _size(name)
     calib, x = [_images(2, size, 100 + i) for i in range(max(images // 2, 1))], _images(2, size, 2)
     method = fxq.Method.RTN if start is None else fxq.Method.EPTQ
-    rounding = fxq.RoundingConfig(start=start or "float", iterations=steps, batch_size=8, loss_weights="mean")
+    rounding = fxq.RoundingConfig(
+        start=start or "float", iterations=steps, batch_size=8, loss_weights="mean", **_start_settings(variant)
+    )
     # the rows with steps take long on a CPU: their progress bars (with the ETA) go to stderr
     cfg = fxq.PTQConfig(target=INT8.with_bits(4, 8), method=method, rounding=rounding, progress=steps > 0)
     qgm, _ = fxq.quantize(model, calib, cfg)
     return model, qgm, x
 
 
-def measure_rounding(name: str, images: int, start: str | None, steps: int = 0) -> dict:
-    """W4A8 output SQNR after round-to-nearest (start None) or the layer-local rounding on `images` images, and
-    `steps` whole-network steps after it."""
-    model, qgm, x = _rounded(name, images, start, steps)
+def _rounding_label(start: str | None, steps: int, variant: str) -> str:
+    return (start or "nearest") + (f"@{variant}" if variant else "") + (f"+{steps}" if steps else "")
+
+
+def measure_rounding(name: str, images: int, start: str | None, steps: int = 0, variant: str = "") -> dict:
+    """W4A8 output SQNR after round-to-nearest (start None) or the layer-local rounding on `images` images (with
+    the settings of `variant`), and `steps` whole-network steps after it; the seconds fxq.quantize took."""
+    t0 = time.perf_counter()
+    model, qgm, x = _rounded(name, images, start, steps, variant)
+    seconds = time.perf_counter() - t0
     with torch.no_grad():
         sqnr = _sqnr(model(x), qgm(x))
-    rounding = (start or "nearest") + (f"+{steps}" if steps else "")
-    return {"model": name, "weight_bits": 4, "images": images, "rounding": rounding, "sqnr": round(sqnr, 2)}
+    return {
+        "model": name,
+        "weight_bits": 4,
+        "images": images,
+        "rounding": _rounding_label(start, steps, variant),
+        "sqnr": round(sqnr, 2),
+        "seconds": round(seconds, 1),
+    }
 
 
 def _float_forward(qw: QuantWeight):
@@ -125,6 +159,30 @@ def measure_layers_alone(name: str, images: int) -> dict:
     return {"model": name, "weight_bits": 4, "images": images, "every_layer": every, "alone": alone}
 
 
+def _input_moments(run, layers: dict, size: int, images: int) -> tuple[dict, dict]:
+    """Each of `layers`' input second moments, summed over `images` calibration images run through `run`: over
+    every row (token), and over the class token's rows alone (3-d inputs: batch, tokens, features)."""
+    every: dict[str, torch.Tensor] = {}
+    first: dict[str, torch.Tensor] = {}
+
+    def hook(n: str):
+        def take(_module, args):
+            t = args[0].double()
+            rows = t.reshape(-1, t.shape[-1])
+            every[n] = every.get(n, 0) + rows.T @ rows
+            if t.dim() == 3:
+                first[n] = first.get(n, 0) + t[:, 0].T @ t[:, 0]
+
+        return take
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers.items()]
+    for i in range(max(images // 2, 1)):
+        run(_images(2, size, 100 + i))
+    for h in handles:
+        h.remove()
+    return every, first
+
+
 @torch.no_grad()
 def measure_feedback_gain(name: str, images: int) -> dict:
     """What error feedback can win over round-to-nearest in each linear layer, from its float inputs alone: with
@@ -134,26 +192,11 @@ def measure_feedback_gain(name: str, images: int) -> dict:
     sum(L_ii^2). Near-isotropic inputs give 0 dB: no rounding of that layer's weights beats round-to-nearest by
     much. Layers called as modules (torchvision's attention projections are not: they are read through the
     attention's input)."""
-    from torch import nn
-
     from fxq.eptq.layerwise import DAMPING
 
     model = build(_group(name), name)
-    size = _size(name)
-    sums: dict[str, torch.Tensor] = {}
-
-    def hook(layer_name: str):
-        def take(_module, args):
-            x = args[0].reshape(-1, args[0].shape[-1]).double()
-            sums[layer_name] = sums.get(layer_name, 0) + x.T @ x
-
-        return take
-
-    for n, m in model.named_modules():
-        if isinstance(m, (nn.Linear, nn.MultiheadAttention)):
-            m.register_forward_pre_hook(hook(n))
-    for i in range(max(images // 2, 1)):
-        model(_images(2, size, 100 + i))
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.MultiheadAttention))}
+    sums, _ = _input_moments(model, layers, _size(name), images)
     gains = {}
     for n, h in sums.items():
         d = h + DAMPING * h.diagonal().mean() * torch.eye(len(h), dtype=h.dtype)
@@ -172,7 +215,8 @@ def measure_feedback_gain(name: str, images: int) -> dict:
 def measure_class_token_weighting(name: str, images: int) -> dict:
     """Activations float, one weight layer at 4 bits at a time (the others float): the output SQNR under
     round-to-nearest, under error feedback on its inputs' second moments over every token (the layer-local
-    rounding's H), and under error feedback with the class token's rows weighing as much as all the others."""
+    rounding's H), and under error feedback with the class token's rows weighing as much as all the others; then
+    each of the three with every linear layer at its choice at once."""
     from fxq.eptq.layerwise import layerwise_choice, use_choice_
 
     model, rtn, x = _rounded(name, images, None)
@@ -180,53 +224,48 @@ def measure_class_token_weighting(name: str, images: int) -> dict:
     for m in rtn.modules():
         if isinstance(m, ActQuant):
             m.forward = lambda t: t
-        elif isinstance(m, QuantWeight) and not isinstance(m.layer, torch.nn.Linear):
+        elif isinstance(m, QuantWeight) and not isinstance(m.layer, nn.Linear):
             m.forward = _float_forward(m)  # the patch embedding
-    layers = {
-        n: m for n, m in rtn.named_modules() if isinstance(m, QuantWeight) and isinstance(m.layer, torch.nn.Linear)
-    }
+    layers = {n: m for n, m in rtn.named_modules() if isinstance(m, QuantWeight) and isinstance(m.layer, nn.Linear)}
     quantized = {n: m.forward for n, m in layers.items()}
-    every, first = {}, {}
-
-    def hook(n: str):
-        def take(_module, args):
-            t = args[0].double()
-            rows = t.reshape(-1, t.shape[-1])
-            every[n] = every.get(n, 0) + rows.T @ rows
-            if t.dim() == 3:  # (batch, tokens, features): the class token first
-                cls = t[:, 0]
-                first[n] = first.get(n, 0) + cls.T @ cls
-
-        return take
-
-    for n, m in layers.items():
+    for m in layers.values():
         m.forward = _float_forward(m)
-        m.register_forward_pre_hook(hook(n))
-    for i in range(max(images // 2, 1)):
-        rtn(_images(2, size, 100 + i))
+    every, first = _input_moments(rtn, layers, size, images)
     ref = model(x)
-    rows = {}
+    rows, chosen = {}, {"feedback": {}, "weighted": {}}
     for n, m in layers.items():
-        m._forward_pre_hooks.clear()
         m.forward = quantized[n]
         nearest = _sqnr(ref, rtn(x))
         h_all = every[n] / every[n].diagonal().sum()
         m.forward = m.__class__.forward.__get__(m)
-        use_choice_(m, layerwise_choice(m, h_all.float().unsqueeze(0)))
+        chosen["feedback"][n] = chosen["weighted"][n] = layerwise_choice(m, h_all.float().unsqueeze(0))
+        use_choice_(m, chosen["feedback"][n])
         feedback = _sqnr(ref, rtn(x))
         weighted = None
         if n in first:
             h_cls = h_all + first[n] / first[n].diagonal().sum()
-            use_choice_(m, layerwise_choice(m, h_cls.float().unsqueeze(0)))
+            chosen["weighted"][n] = layerwise_choice(m, h_cls.float().unsqueeze(0))
+            use_choice_(m, chosen["weighted"][n])
             weighted = round(_sqnr(ref, rtn(x)), 2)
         m.live = None
         m.forward = _float_forward(m)
         rows[n] = (round(nearest, 2), round(feedback, 2), weighted)
     table = torch.tensor([[r[0], r[1], r[2] if r[2] is not None else float("nan")] for r in rows.values()])
+    # the same choices, every linear layer at once (the patch embedding float): what adding the powers predicts
+    together = {}
+    for n, m in layers.items():
+        m.forward = quantized[n]
+    together["nearest"] = round(_sqnr(ref, rtn(x)), 2)
+    for label, choices in chosen.items():
+        for n, m in layers.items():
+            m.forward = m.__class__.forward.__get__(m)
+            use_choice_(m, choices[n])
+        together[label] = round(_sqnr(ref, rtn(x)), 2)
     return {
         "model": name,
         "images": images,
         "class_token_median_db": [round(float(v), 2) for v in table.nanmedian(0).values],
+        "class_token_every_layer_db": together,
         "class_token_layers": rows,
     }
 
@@ -242,6 +281,7 @@ def main() -> None:
     p.add_argument(
         "--class-token", type=int, default=0, help="N: each layer alone, its H with the class token weighted"
     )
+    p.add_argument("--starts", default="", help="e.g. s0.8,noaim,noaim+s0.8: with --rounding-images, more starts")
     p.add_argument("--json", type=Path, default=None)
     a = p.parse_args()
     rows = json.loads(a.json.read_text())["rows"] if a.json and a.json.exists() else []
@@ -267,10 +307,13 @@ def main() -> None:
     if a.rounding_images:
         for name in a.models.split(","):
             for images in (int(n) for n in a.rounding_images.split(",")):
-                for start, steps in [(None, 0), ("layerwise", 0)] + [("layerwise", a.steps)] * (a.steps > 0):
-                    key = (name, images, (start or "nearest") + (f"+{steps}" if steps else ""))
+                variants = [v for v in a.starts.split(",") if v]
+                runs = [(None, 0, ""), ("layerwise", 0, "")] + [("layerwise", 0, v) for v in variants]
+                runs += [("layerwise", a.steps, "")] * (a.steps > 0)
+                for start, steps, variant in runs:
+                    key = (name, images, _rounding_label(start, steps, variant))
                     if not any((r["model"], r.get("images"), r.get("rounding")) == key for r in rows):
-                        add(measure_rounding(name, images, start, steps))
+                        add(measure_rounding(name, images, start, steps, variant))
         return
     for name in a.models.split(","):
         for bits in (int(b) for b in a.bits.split(",")):

@@ -114,6 +114,12 @@ class RoundingConfig:
     # images the layer-local start reads (drawn with `seed`); None: all (a quarter of the time and memory of 1000,
     # about the same choices)
     start_images: int | None = 256
+    # with the layer-local start: the share of each layer's objective that weighs its output positions by the model
+    # output's sensitivity to them (fxq.eptq.layerwise.Sensitivity); 0: every position alike
+    start_sensitivity: float = 0.0
+    # with the layer-local start: each layer rounds the weights that bring its output on its quantized inputs nearest
+    # the float graph's (GPTAQ's target: it makes up for the error of the layers above); off: its own float weights
+    start_aim: bool = True
     start_confidence: float = 0.75  # h(V) on the layer-local choice's side at the start (0.5: undecided; 1: kept)
     # with the layer-local start: the largest share of the quantized weights that the first layers may hold and
     # stay at their start, so that the steps read the graph's value past them, computed once (fxq.eptq.prefix)
@@ -154,6 +160,8 @@ class RoundingConfig:
                 f"need start_images >= 1 (or None) and start_confidence in (0.5, 1], got {self.start_images}, "
                 f"{self.start_confidence}"
             )
+        if not 0 <= self.start_sensitivity < 1:  # at 1 the positions the output does not read leave H singular
+            raise ConfigError(f"start_sensitivity is a share in [0, 1), got {self.start_sensitivity}")
         if not 0 <= self.frozen_share < 1:
             raise ConfigError(f"frozen_share is a share of the weights in [0, 1), got {self.frozen_share}")
         _coerce_enums_(self, loss_weights=LossWeights, optimizer=Optimizer, start=Start)

@@ -236,8 +236,8 @@ def test_eptq_quantize_reports_its_schedule(tmp_path, image_dirs, capsys, budget
     args = ["quantize", "--model", "mobilenet_v3_small", "--random-weights", "--quiet", "--calib", str(calib)]
     args += ["--no-eval", "--weight-bits", "4", "--method", "eptq", "--schedule", "short", "--iterations", str(steps)]
     args += ["--rounding-batch", "2", "--lfh-probes", "1", "--batch-size", "2", "--out", str(out), "--start", start]
-    act_steps = start == "float"  # one case also trains the activation steps
-    args += ["--train-act-steps"] if act_steps else []
+    act_steps = start == "float"  # one case also trains the activation steps, the others weigh positions
+    args += ["--train-act-steps"] if act_steps else ["--start-sensitivity", "0.5"]
     code, stdout, _ = run(args + (["--time-budget", budget] if budget else []), capsys)
     assert code == 0
     length = f"up to {steps} iterations" if budget else f"{steps} iterations"
@@ -245,6 +245,7 @@ def test_eptq_quantize_reports_its_schedule(tmp_path, image_dirs, capsys, budget
     report = json.loads((out / "report.json").read_text())
     assert report["method"] == "eptq" and report["rounding"]["iterations"] == steps
     assert report["rounding"]["start"] == start
+    assert report["rounding"].get("start_sensitivity") == (0.5 if start == "layerwise" else None)
     assert (
         report["rounding"].get("act_steps_trained", 0) > 0
         if act_steps

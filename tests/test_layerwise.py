@@ -6,13 +6,15 @@ import pytest
 import torch
 from torch import nn
 
+import fxq
 import fxq.eptq.layerwise as layerwise
 import fxq.ir.frontier as frontier
-from fxq.config import RoundingConfig
+from fxq.config import LFHConfig, Method, PTQConfig, RoundingConfig
 from fxq.eptq.layerwise import Moments, float_target, layerwise_choice
 from fxq.eptq.soft_rounding import SoftRounding
 from fxq.errors import ConfigError
 from fxq.quant.modules import QuantWeight, layer_forward
+from fxq.targets import INT8
 from tests.conftest import seeded
 from tests.test_rounding import _eptq, _quant_layers, rounding_train
 from tests.test_soft_rounding import _quant
@@ -41,8 +43,20 @@ def _sums(qw: QuantWeight, x: torch.Tensor, f: torch.Tensor | None = None) -> Mo
     return moments
 
 
-def _moments(qw: QuantWeight, x: torch.Tensor, centred: bool) -> torch.Tensor:
-    return _sums(qw, x).hessian(centred)
+def _moments(qw: QuantWeight, x: torch.Tensor, centred: bool, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """H of inputs x, two images at a time, each output position weighted by `weights` where given."""
+    if weights is None:
+        return _sums(qw, x).hessian(centred)
+    moments = Moments(qw.layer)
+    for xb, wb in zip(x.split(2), weights.split(2)):
+        moments.add_(qw.layer, xb, xb, wb)
+    return moments.hessian(centred)
+
+
+def _position_shape(qw: QuantWeight, x: torch.Tensor) -> tuple[int, ...]:
+    """The layer output's shape without its channels."""
+    y = layer_forward(qw.layer, x, qw.layer.weight, None)
+    return tuple(y.shape[:-1]) if isinstance(qw.layer, nn.Linear) else (y.shape[0], *y.shape[2:])
 
 
 def _output_error(qw: QuantWeight, h: torch.Tensor, dw: torch.Tensor) -> torch.Tensor:
@@ -54,22 +68,27 @@ def _output_error(qw: QuantWeight, h: torch.Tensor, dw: torch.Tensor) -> torch.T
 
 @pytest.mark.parametrize("kind", LAYERS)
 @pytest.mark.parametrize("centred", [False, True])
-def test_input_moments_give_the_mean_squared_output_of_a_weight_change(kind, centred, monkeypatch):
+@pytest.mark.parametrize("weighted", [False, True], ids=["positions alike", "positions weighted"])
+def test_input_moments_give_the_mean_squared_output_of_a_weight_change(kind, centred, weighted, monkeypatch):
     # every output position counted (no subsampling): dw H dw^T equals the mean over positions of the layer's
-    # output for weight dw, squared (its variance per channel when centred), whatever the layout
+    # output for weight dw, squared (its variance per channel when centred), whatever the layout; with position
+    # weights, the weighted mean (about the weighted mean when centred)
     monkeypatch.setattr(layerwise, "POSITIONS", 10**9)
     make, shape = LAYERS[kind]
     torch.manual_seed(0)
     qw = _quant(make())
     x = seeded(*shape, seed=1) + 0.5
-    h = _moments(qw, x, centred)
+    w = torch.rand(_position_shape(qw, x), generator=torch.Generator().manual_seed(5)) * 3 if weighted else None
+    h = _moments(qw, x, centred, w)
     dw = seeded(*qw.layer.weight.shape, seed=2)
     y = layer_forward(qw.layer, x, dw, None)
     y = y.movedim(1, -1) if isinstance(qw.layer, nn.Conv2d) else y  # output channels last
-    y = y.reshape(-1, y.shape[-1])
+    y = y.reshape(-1, y.shape[-1]).double()
+    p = torch.ones(len(y), dtype=y.dtype) if w is None else w.reshape(-1).double()
     if centred:
-        y = y - y.mean(0)
-    torch.testing.assert_close(_output_error(qw, h, dw), y.double().pow(2).sum(1).mean(), rtol=1e-4, atol=0)
+        y = y - (p[:, None] * y).sum(0) / p.sum()
+    expected = (p * y.pow(2).sum(1)).sum() / p.sum()
+    torch.testing.assert_close(_output_error(qw, h, dw), expected, rtol=1e-4, atol=0)
 
 
 @pytest.mark.parametrize(
@@ -80,14 +99,17 @@ def test_input_moments_give_the_mean_squared_output_of_a_weight_change(kind, cen
         (lambda: nn.Conv2d(3, 4, (3, 2), stride=(2, 1), padding=(0, 1)), (13, 5)),
     ],
 )
-def test_subsampled_moments_are_those_of_evenly_spaced_output_rows(make, size, monkeypatch):
+@pytest.mark.parametrize("weighted", [False, True], ids=["positions alike", "positions weighted"])
+def test_subsampled_moments_are_those_of_evenly_spaced_output_rows(make, size, weighted, monkeypatch):
     monkeypatch.setattr(layerwise, "POSITIONS", 12)  # 6 x 6 outputs per image: every third row
     qw = _quant(make())
     x = seeded(4, 3, *size, seed=3).contiguous(memory_format=torch.channels_last)
-    h = _moments(qw, x, centred=False)
+    w = torch.rand(_position_shape(qw, x), generator=torch.Generator().manual_seed(6)) + 0.1 if weighted else None
+    h = _moments(qw, x, centred=False, weights=w)
     dw = seeded(*qw.layer.weight.shape, seed=4)
     y = layer_forward(qw.layer, x, dw, None)[:, :, ::3]
-    expected = y.double().pow(2).sum(1).mean()
+    p = torch.ones(y[:, 0].shape) if w is None else w[:, ::3]  # the weights of the kept rows
+    expected = (p.double() * y.double().pow(2).sum(1)).sum() / p.sum()
     torch.testing.assert_close(_output_error(qw, h, dw), expected, rtol=1e-4, atol=0)
 
 
@@ -222,14 +244,16 @@ def test_rounding_the_float_target_lowers_the_error_against_the_float_layer():
     assert error(aimed) < 0.85 * error(plain), (float(error(aimed)), float(error(plain)))
 
 
-def test_each_layer_chooses_on_the_inputs_of_the_layers_above_at_their_choices(tiny_net, monkeypatch):
+@pytest.mark.parametrize("aim", [True, False], ids=["aimed at the float graph", "at the float weights"])
+def test_each_layer_chooses_on_the_inputs_of_the_layers_above_at_their_choices(tiny_net, monkeypatch, aim):
     # reference: with every layer at its choice, one plain forward of each graph per batch; a layer's moments
-    # from its inputs there must give the choice the staged run made (values kept in float32 for the comparison)
+    # from its inputs there must give the choice the staged run made (values kept in float32 for the comparison),
+    # rounding the float target with `start_aim` and the float weights without
     monkeypatch.setattr(frontier, "_HALF_MAX", -1.0)
     sequential, checked = layerwise.sequential_choices, []
 
-    def checking(student, teacher, layers, batches, world):
-        choices = sequential(student, teacher, layers, batches, world)
+    def checking(student, teacher, layers, batches, world, sensitivity=None, aim=True):
+        choices = sequential(student, teacher, layers, batches, world, sensitivity, aim)
         names = {qw: name for name, qw in student.named_modules() if isinstance(qw, QuantWeight)}
         inputs = {}
         hooks = [qw.register_forward_pre_hook(_keep_input(inputs, ("q", qw))) for qw in layers]
@@ -248,13 +272,14 @@ def test_each_layer_chooses_on_the_inputs_of_the_layers_above_at_their_choices(t
         for qw, choice in zip(layers, choices):
             qw.live = None
             h = sums[qw].hessian(qw.input_mean is not None)
-            expected = layerwise_choice(qw, h, float_target(qw, h, sums[qw].cross(qw.input_mean is not None)))
+            target = float_target(qw, h, sums[qw].cross(qw.input_mean is not None)) if aim else None
+            expected = layerwise_choice(qw, h, target)
             assert torch.equal(expected, choice), names[qw]
             checked.append(names[qw])
         return choices
 
     monkeypatch.setattr(rounding_train, "sequential_choices", checking)
-    _eptq(tiny_net, bits=3, iterations=0, start="layerwise")
+    _eptq(tiny_net, bits=3, iterations=0, start="layerwise", start_aim=aim)
     assert len(checked) == 4
 
 
@@ -336,3 +361,86 @@ def test_layers_whose_patches_do_not_unfold_keep_the_float_start():
     assert not layerwise.supports(nn.Conv2d(2, 2, 2, padding="same"))  # uneven padding
     assert not layerwise.supports(nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect"))
     assert not layerwise.supports(nn.Conv1d(2, 2, 3))
+
+
+class _ClassToken(nn.Module):
+    """A class token put before the tokens, two linear layers with a mixing of the tokens between them, and a head
+    that reads the class token alone, as a ViT's does."""
+
+    def __init__(self, width: int = 6, classes: int = 4):
+        super().__init__()
+        self.cls = nn.Parameter(torch.randn(1, 1, width) * 3)
+        self.a, self.b = nn.Linear(width, width), nn.Linear(width, width)
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x):
+        return self.after_a(self.a(torch.cat([self.cls.expand(x.shape[0], 1, -1), x], 1)))
+
+    def after_a(self, y):
+        h = torch.tanh(y)
+        return self.after_b(self.b(h + h.mean(1, keepdim=True)))
+
+    def after_b(self, y):
+        return self.head(torch.tanh(y)[:, 0])
+
+
+def _jacobian_norms(f, y: torch.Tensor) -> torch.Tensor:
+    """sum over outputs and channels of (d f / d y)^2 at each image and token of y (images do not interact)."""
+    jac = torch.autograd.functional.jacobian(f, y.detach())  # (images, outputs, images, tokens, channels)
+    return jac.square().sum((1, 4)).diagonal(dim1=0, dim2=1).t()
+
+
+def test_position_sensitivity_is_the_output_jacobians_norm_at_each_position():
+    # exact reference: the Jacobian of the output with respect to each layer's output at each token, squared and
+    # summed; the tokens of b the output does not read get exactly the uniform share
+    torch.manual_seed(0)
+    model = _ClassToken().eval()
+    gm = torch.fx.symbolic_trace(model)
+    x = seeded(3, 5, 6, seed=1)
+    with torch.no_grad():
+        y_a = model.a(torch.cat([model.cls.expand(3, 1, -1), x], 1))
+        h = torch.tanh(y_a)
+        y_b = model.b(h + h.mean(1, keepdim=True))
+    exact = {"a": _jacobian_norms(model.after_a, y_a), "b": _jacobian_norms(model.after_b, y_b)}
+    channels = {"a": -1, "b": -1}
+    full = layerwise._position_weights_of(gm, channels, x, layerwise.Sensitivity(1.0, 4000, (0,)), seed=0)
+    for name, s in exact.items():
+        torch.testing.assert_close(full[name], s / s.mean(), rtol=0.1, atol=1e-6, msg=name)
+    half = layerwise._position_weights_of(gm, channels, x, layerwise.Sensitivity(0.5, 4, (0,)), seed=0)
+    assert torch.equal(half["b"][:, 1:], torch.full((3, 5), 0.5))
+    # the class token holds all of b's sensitivity, normalised over 6 tokens of 3 images
+    torch.testing.assert_close(half["b"][:, 0].mean(), torch.tensor(0.5 + 0.5 * 6))
+
+
+def test_sensitivity_weighted_start_lowers_the_error_on_what_the_output_reads():
+    # a 3-bit layer-local start that weighs every token alike spends its error feedback on the tokens, whose
+    # inputs differ from the class token's; half its weight on the output's sensitivity aims it at what counts
+    torch.manual_seed(0)
+    model = _ClassToken(width=32, classes=8).eval()
+    calib = [seeded(8, 12, 32, seed=i) for i in range(4)]
+    held_out = seeded(32, 12, 32, seed=99)
+
+    def output_error(share: float) -> float:
+        cfg = PTQConfig(
+            target=INT8.with_bits(3),
+            method=Method.EPTQ,
+            rounding=RoundingConfig(iterations=0, start="layerwise", keep_best=False, start_sensitivity=share),
+            lfh=LFHConfig(min_probes=2, max_probes=2, images=8, batch_size=8),
+            progress=False,
+        )
+        qgm, _ = fxq.quantize(model, calib, cfg)
+        with torch.no_grad():
+            return float((qgm(held_out) - model(held_out)).square().mean())
+
+    uniform, weighted = output_error(0.0), output_error(0.5)
+    assert weighted < 0.6 * uniform, (weighted, uniform)
+
+
+def test_moments_short_of_positive_definite_get_more_damping_not_an_error():
+    # float32 sums of a near-constant input can leave H with a small negative eigenvalue past the 1 % damping
+    qw = _quant(nn.Linear(2, 4))
+    h = torch.tensor([[[1.0, 1.1], [1.1, 1.0]]])  # eigenvalues 2.1 and -0.1
+    choice = layerwise_choice(qw, h)
+    assert choice.shape == qw.layer.weight.shape and set(choice.unique().tolist()) <= {0.0, 1.0}
+    with pytest.raises(torch.linalg.LinAlgError):
+        torch.linalg.cholesky(layerwise._damped(h))  # the damping alone does not make it factor

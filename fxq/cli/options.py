@@ -70,6 +70,7 @@ def rounding_schedule(args) -> tuple[str, RoundingConfig, LFHConfig]:
             "checkpoint_dir": args.checkpoint_dir,
             "checkpoint_every": args.checkpoint_every,
             "frozen_share": args.frozen_share,
+            "start_sensitivity": args.start_sensitivity,
         }.items()
         if v is not None
     }

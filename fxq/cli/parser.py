@@ -179,6 +179,13 @@ def quant_args(p: argparse.ArgumentParser) -> None:
         "hold and stay at their start, so that the steps skip them (0: every step runs the whole model)",
     )
     r.add_argument(
+        "--start-sensitivity",
+        type=share_arg,
+        default=None,
+        help="with --start layerwise: the share of each layer's objective that weighs its output positions by the "
+        "model output's sensitivity to them (for transformers, whose head reads the class token alone)",
+    )
+    r.add_argument(
         "--train-act-steps",
         action="store_true",
         help="train every activation quantizer's step beside the rounding (for 4-bit and narrower activations)",

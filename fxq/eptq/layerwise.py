@@ -10,7 +10,8 @@ What is rounded is not the float weight W but W E[f x^T] H^-1, with f the float 
 layers above, which have chosen already. Every weight keeps to the two grid points around its float value,
 floor(w/s) or floor(w/s) + 1, so the choice is one that AdaRound's variables can hold and the whole-network
 optimization can start from and revise. With bias correction the bias absorbs the mean of the output error, so
-the moments are covariances instead.
+the moments are covariances instead. Each output position can weigh by how much the model output depends on the
+layer there (`Sensitivity`): a transformer's head reads its class token alone, one row in each layer's ~200.
 
 The graph runs once over the images, in stages (fxq.ir.frontier), the float graph beside it; a layer costs its
 moments over its inputs and one Cholesky factorisation: for a whole CNN, about two forwards of the network,
@@ -22,13 +23,16 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.fx import GraphModule
+from torch.fx import GraphModule, Interpreter, Node
 
+from fxq.config import Probe
 from fxq.dist.world import World
+from fxq.eptq.lfh import probe, probe_points
 from fxq.errors import GraphCheckFailed
 from fxq.ir.frontier import Frontier
 from fxq.ir.graph import call_sites
@@ -36,6 +40,7 @@ from fxq.quant.modules import QuantWeight
 
 __all__ = [
     "Moments",
+    "Sensitivity",
     "supports",
     "float_target",
     "layerwise_choice",
@@ -76,6 +81,13 @@ def _patches(layer: nn.Module, x: Tensor) -> Tensor:
         return cols.view(n, g, -1, cols.shape[2]).permute(1, 2, 0, 3).reshape(g, -1, n * cols.shape[2])
     per_group = views.unflatten(1, (g, c // g))  # (n, g, c/g, ho, wo, kh, kw)
     return per_group.permute(1, 2, 5, 6, 0, 3, 4).reshape(g, (c // g) * views.shape[4] * views.shape[5], -1)
+
+
+def _position_weights(layer: nn.Module, weights: Tensor) -> Tensor:
+    """Per-position `weights` in the order and at the positions `_patches` keeps, as (1, 1, positions)."""
+    if isinstance(layer, nn.Linear) or layer.dilation != (1, 1):
+        return weights.reshape(1, 1, -1)
+    return weights[:, :: _row_step(*weights.shape[1:])].reshape(1, 1, -1)
 
 
 def _kept_row_views(layer: nn.Conv2d, x: Tensor) -> Tensor:
@@ -119,14 +131,18 @@ class Moments:
         self.x, self.f = new(groups, cols), new(groups, cols)
         self.count = 0
 
-    def add_(self, layer: nn.Module, x: Tensor, f: Tensor) -> None:
-        """The patches of a batch's quantized input `x` and float input `f`."""
+    def add_(self, layer: nn.Module, x: Tensor, f: Tensor, weights: Tensor | None = None) -> None:
+        """The patches of a batch's quantized input `x` and float input `f`, each output position weighted by
+        `weights` (the layer output's shape without its channels: (images, rows, columns), or a linear layer's
+        leading dimensions) where given, and alike otherwise."""
         px, pf = _patches(layer, x.float()), _patches(layer, f.float())
-        self.xx.baddbmm_(px, px.transpose(1, 2))
-        self.fx.baddbmm_(pf, px.transpose(1, 2))
-        self.x += px.sum(2)
-        self.f += pf.sum(2)
-        self.count += px.shape[2]
+        w = None if weights is None else _position_weights(layer, weights.float())
+        wx, wf = (px, pf) if w is None else (px * w, pf * w)
+        self.xx.baddbmm_(wx, px.transpose(1, 2))
+        self.fx.baddbmm_(wf, px.transpose(1, 2))
+        self.x += wx.sum(2)
+        self.f += wf.sum(2)
+        self.count += px.shape[2] if w is None else float(w.sum())
 
     def merge_(self, world: World) -> None:
         """Sums over every rank's images."""
@@ -134,7 +150,8 @@ class Moments:
             return
         for t in (self.xx, self.fx, self.x, self.f):
             world.sum_(t, "the layer-local start's moments")
-        self.count = int(world.sum_(torch.tensor([self.count]), "the layer-local start's moments"))
+        count = torch.tensor([float(self.count)], dtype=torch.float64)
+        self.count = float(world.sum_(count, "the layer-local start's moments"))
 
     def hessian(self, centred: bool) -> Tensor:
         """E[x x^T] of the quantized input's patches (their covariance when `centred`)."""
@@ -145,9 +162,10 @@ class Moments:
         return self._moment(self.fx, self.f, centred)
 
     def _moment(self, outer: Tensor, left: Tensor, centred: bool) -> Tensor:
+        """In float64: the centring subtracts two near-equal terms where the inputs are far from zero."""
         n = self.count
-        m = outer / n
-        return m - (left / n).unsqueeze(2) * (self.x / n).unsqueeze(1) if centred else m
+        m = outer.double() / n
+        return m - (left.double() / n).unsqueeze(2) * (self.x.double() / n).unsqueeze(1) if centred else m
 
 
 def _damped(hessian: Tensor) -> Tensor:
@@ -157,6 +175,26 @@ def _damped(hessian: Tensor) -> Tensor:
     dead = diag <= 0  # inputs that were always zero: any code does; keep their columns out of the solve
     diag.add_(DAMPING * diag.clamp_min(0).mean(1, keepdim=True) + dead.double())
     return h
+
+
+def _inverse_factor(h: Tensor) -> Tensor:
+    """The upper Cholesky factor of H^-1 (row j: how column j's error spreads over the later columns). Where the
+    moments' float32 sums leave H short of positive definite (a near-constant input: a class token), the damping
+    grows tenfold until it factors."""
+    extra = h.diagonal(dim1=1, dim2=2).abs().mean(1)[:, None] * DAMPING
+    for _ in range(_RETRIES):
+        lower, info = torch.linalg.cholesky_ex(h)
+        if not info.any():
+            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(lower), upper=True)
+            if not info.any():
+                return upper
+        h = h.clone()
+        h.diagonal(dim1=1, dim2=2).add_(extra)
+        extra = extra * 10
+    raise GraphCheckFailed("layer-local start: a layer's input moments do not factor even damped; use start='float'")
+
+
+_RETRIES = 6  # tenfold damping steps before the layer-local start gives up on a layer
 
 
 @torch.no_grad()
@@ -197,9 +235,7 @@ def layerwise_choice(qw: QuantWeight, hessian: Tensor, target: Tensor | None = N
     h = torch.take_along_dim(torch.take_along_dim(h, order.unsqueeze(2), 1), order.unsqueeze(1), 2)
     perm = order.unsqueeze(1).expand(shape)
     work, lo_g, hi_g = (torch.take_along_dim(t, perm, 2) for t in (work, lo_g, hi_g))
-    # the upper Cholesky factor of H^-1: row j holds how column j's error spreads over the later columns
-    inv = torch.cholesky_inverse(torch.linalg.cholesky(h))
-    u = torch.linalg.cholesky(inv, upper=True).float()
+    u = _inverse_factor(h).float()
     codes = torch.empty_like(work)
     for b0 in range(0, cols, BLOCK):  # GPTQ's lazy updates: columns past the block get the block's errors at once
         b1 = min(b0 + BLOCK, cols)
@@ -215,14 +251,35 @@ def layerwise_choice(qw: QuantWeight, hessian: Tensor, target: Tensor | None = N
     return (codes.reshape(out, -1) > lower).reshape(w.shape).to(w.dtype)
 
 
+@dataclass(frozen=True)
+class Sensitivity:
+    """How the output positions of a layer weigh in its layer-local objective: a `share` of the weight follows the
+    model output's sensitivity to the layer's output at each position, the rest is spread alike. The sensitivity
+    is the label-free Hessian's diagonal there summed over the channels, E_v sum_c (J^T v)_c^2, from `probes`
+    Rademacher probes on the model output (seeded seeds[k] for batch k: each batch gets its probes wherever it
+    runs). Where the output reads a few positions of a layer (a transformer's class token), uniform weights
+    spend the layer's error budget on positions that do not reach it."""
+
+    share: float
+    probes: int
+    seeds: tuple[int, ...]
+
+
 @torch.no_grad()
 def sequential_choices(
-    student: GraphModule, teacher: GraphModule, layers: Sequence[QuantWeight], batches: list[Tensor], world: World
+    student: GraphModule,
+    teacher: GraphModule,
+    layers: Sequence[QuantWeight],
+    batches: list[Tensor],
+    world: World,
+    sensitivity: Sensitivity | None = None,
+    aim: bool = True,
 ) -> list[Tensor | None]:
     """Every layer's choice, made in graph order on `batches` (this rank's share of the images): a layer's
-    quantized inputs come from the layers above it at their choices, and it rounds its `float_target`. A layer
-    called at several sites decides at its last, on the inputs of all of them. Layers whose patches do not unfold
-    (`supports`) get None (they keep the float start, and their round-to-nearest weights meanwhile)."""
+    quantized inputs come from the layers above it at their choices, and it rounds its `float_target` (with `aim`;
+    otherwise its float weights), its output positions weighted by `sensitivity` (alike where None). A layer called at several sites decides at its last,
+    on the inputs of all of them. Layers whose patches do not unfold (`supports`) get None (they keep the float
+    start, and their round-to-nearest weights meanwhile)."""
     teacher_nodes = {n.name: n for n in teacher.graph.nodes}
     sites = {
         name: ns for name, ns in call_sites(student).items() if isinstance(student.get_submodule(name), QuantWeight)
@@ -230,6 +287,17 @@ def sequential_choices(
     missing = [ns[0].name for ns in sites.values() if any(n.name not in teacher_nodes for n in ns)]
     if missing:
         raise GraphCheckFailed(f"layer-local start: the float graph lacks the layer calls {missing[:3]}")
+    weights: list[dict[str, Tensor]] = [{} for _ in batches]
+    if sensitivity is not None and sensitivity.share > 0:
+        channel = {
+            n.name: -1 if isinstance(student.get_submodule(name).layer, nn.Linear) else 1
+            for name, ns in sites.items()
+            if supports(student.get_submodule(name).layer)
+            for n in ns
+        }
+        weights = [
+            _position_weights_of(teacher, channel, x, sensitivity, seed) for x, seed in zip(batches, sensitivity.seeds)
+        ]
     index = {qw: i for i, qw in enumerate(layers)}
     remedy = "start the rounding from fewer images (RoundingConfig.start_images) or from the float weights"
     quantized, float_ = (Frontier(gm, batches, remedy) for gm in (student, teacher))
@@ -244,9 +312,10 @@ def sequential_choices(
                 continue
             m = moments.setdefault(index[qw], Moments(qw.layer))
             for k in range(len(batches)):
-                m.add_(qw.layer, *quantized.values_of(k, node.args[:1]), *float_.values_of(k, twin.args[:1]))
+                x, f = quantized.values_of(k, node.args[:1]) + float_.values_of(k, twin.args[:1])
+                m.add_(qw.layer, x, f, weights[k].get(node.name))
             if node is sites[node.target][-1]:
-                choices[index[qw]] = _choose(qw, moments.pop(index[qw]), index[qw], world)
+                choices[index[qw]] = _choose(qw, moments.pop(index[qw]), index[qw], world, aim)
                 use_choice_(qw, choices[index[qw]])
     finally:
         for qw in layers:
@@ -254,12 +323,61 @@ def sequential_choices(
     return choices
 
 
-def _choose(qw: QuantWeight, moments: Moments, i: int, world: World) -> Tensor:
-    """Layer i's choice on the moments of every rank's images: made by the rank that owns i, sent to the rest."""
+SENSITIVITY_CHUNK = 8  # images per forward and backward of the sensitivity probes (the graph of a chunk is held)
+
+
+@torch.enable_grad()
+def _position_weights_of(
+    teacher: GraphModule, channel: dict[str, int], batch: Tensor, sensitivity: Sensitivity, seed: int
+) -> dict[str, Tensor]:
+    """For each node named in `channel` (mapped to its value's channel dimension): the weight of each of its
+    output positions in `batch`, (1 - share) + share * s / mean(s) with s the sensitivity there (`Sensitivity`),
+    1 throughout where the output does not depend on the node."""
+    gen = torch.Generator().manual_seed(seed)
+    parts: dict[str, list[Tensor]] = {n: [] for n in channel}
+    for chunk in batch.split(SENSITIVITY_CHUNK):
+        keep = _Keep(teacher, set(channel))
+        outs = probe_points(keep.run(chunk.detach().requires_grad_(True)), len(chunk))
+        values = [keep.values[n] for n in channel]
+        sums = [v.new_zeros(v.shape).sum(channel[n]).detach() for n, v in zip(channel, values)]
+        for _ in range(sensitivity.probes):
+            probed = sum((out * probe(out.shape, Probe.RADEMACHER, gen, out.device)).sum() for out in outs)
+            grads = torch.autograd.grad(probed, values, retain_graph=True, allow_unused=True)
+            for acc, g, n in zip(sums, grads, channel):
+                if g is not None:  # None: the output does not read this value
+                    acc += g.square().sum(channel[n])
+        for n, acc in zip(channel, sums):
+            parts[n].append(acc)
+    weights = {}
+    for n, chunks in parts.items():
+        s = torch.cat(chunks).float()
+        relative = s / s.mean() if s.mean() > 0 else torch.ones_like(s)
+        weights[n] = (1 - sensitivity.share) + sensitivity.share * relative
+    return weights
+
+
+class _Keep(Interpreter):
+    """Runs the graph and keeps the values of the nodes named in `names`."""
+
+    def __init__(self, gm: GraphModule, names: set[str]):
+        super().__init__(gm)
+        self.names, self.values = names, {}
+
+    def run_node(self, n: Node):
+        out = super().run_node(n)
+        if n.name in self.names:
+            self.values[n.name] = out
+        return out
+
+
+def _choose(qw: QuantWeight, moments: Moments, i: int, world: World, aim: bool) -> Tensor:
+    """Layer i's choice on the moments of every rank's images (rounding its float target with `aim`, its float
+    weights otherwise): made by the rank that owns i, sent to the rest."""
     moments.merge_(world)
     centred = qw.input_mean is not None  # bias correction takes the mean error: the covariances are what is left
     h = moments.hessian(centred)
-    mine = layerwise_choice(qw, h, float_target(qw, h, moments.cross(centred))) if world.owns(i) else None
+    target = float_target(qw, h, moments.cross(centred)) if aim else None
+    mine = layerwise_choice(qw, h, target) if world.owns(i) else None
     if world.solo:
         return mine
     # both in the weights' logical layout (a channels-last zeros_like would add up other elements)

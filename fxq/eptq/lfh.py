@@ -30,7 +30,7 @@ from fxq.ir.ops import device_of, set_eval_
 from fxq.kernels.lfh import LFHReducer
 from fxq.kernels.lfh_reduce import RunningStats, merge_stats
 
-__all__ = ["LFHTraces", "lfh_traces", "log_normalize"]
+__all__ = ["LFHTraces", "lfh_traces", "log_normalize", "probe", "probe_points"]
 
 
 class _Tap(Interpreter):
@@ -51,7 +51,7 @@ class _Tap(Interpreter):
         return out
 
 
-def _probe(shape: torch.Size, kind: Probe, gen: torch.Generator, device: torch.device) -> Tensor:
+def probe(shape: torch.Size, kind: Probe, gen: torch.Generator, device: torch.device) -> Tensor:
     if kind is Probe.RADEMACHER:
         return (torch.randint(0, 2, shape, generator=gen) * 2 - 1).float().to(device)
     return torch.randn(shape, generator=gen).to(device)
@@ -130,11 +130,11 @@ def _batch(
     merged = _Merged(world, len(z), cfg)
     done = 0
     while done < cfg.max_probes:
-        outs = _probe_points(_Tap(gm, z, reducer).run(xr), xr.shape[0])
+        outs = probe_points(_Tap(gm, z, reducer).run(xr), xr.shape[0])
         probed = 0
         for out in outs:  # several outputs (a dict of heads): one probe over all of them together
             # the whole batch's probes, then this rank's rows: every image gets the probe one process would give it
-            v = _probe(torch.Size((p * n, *out.shape[1:])), cfg.probe, gen, out.device)
+            v = probe(torch.Size((p * n, *out.shape[1:])), cfg.probe, gen, out.device)
             v = v.view(p, n, *out.shape[1:])[:, part].reshape(out.shape)
             probed = probed + (out * v).sum()
         torch.autograd.grad(probed, xr)  # the hooks do the work; the input gradient is dropped
@@ -153,7 +153,7 @@ def _batch(
     return stats, done
 
 
-def _probe_points(out, rows: int) -> list[Tensor]:
+def probe_points(out, rows: int) -> list[Tensor]:
     """The model's float output tensors (one, or the leaves of a dict / list / tuple), each batch-first."""
     leaves = [t for t in tree_leaves(out) if isinstance(t, Tensor) and t.is_floating_point() and t.requires_grad]
     if not leaves or any(t.dim() == 0 or t.shape[0] != rows for t in leaves):

@@ -42,7 +42,7 @@ from fxq.dist.world import World
 from fxq.eptq.act_steps import ActSteps
 from fxq.eptq.budget import PLAN_AFTER, planned_iterations
 from fxq.eptq.distillation import packed_loss
-from fxq.eptq.layerwise import harden_choice_, sequential_choices, use_choice_
+from fxq.eptq.layerwise import Sensitivity, harden_choice_, sequential_choices, use_choice_
 from fxq.eptq.prefix import Prefix, frozen_prefix, values_at
 from fxq.eptq.schedule import batch_indices, beta_at
 from fxq.eptq.soft_rounding import SoftRounding
@@ -67,6 +67,9 @@ __all__ = ["RoundingOptimizer", "use_fused_act_quant_", "check_resumable", "sche
 
 CHECKPOINT = "rounding.pt"
 _CHECK_IMAGES = 128  # calibration images of the keep-best check
+_SENSITIVITY_PROBES = (
+    4  # probes per image of the layer-local start's position weights (RoundingConfig.start_sensitivity)
+)
 _START_BATCH = 32  # images per batch of the layer-local start (forwards, no backward: the batch can be large)
 # what the optimization takes per quantized weight at a step's peak (the soft-rounding state, the optimizer's, a
 # step's soft weights and their gradients), measured with bench/rounding_memory.py and rounded up: by the memory
@@ -157,6 +160,8 @@ class RoundingOptimizer:
                 stats.update(acts.summary())
             stats.update(teacher_cache=steps[1].cache is not None, teacher_cache_seconds=cache_seconds)
             stats.update(start=cfg.start.value, start_seconds=start_seconds if start is not None else None)
+            if start is not None:
+                stats.update(start_sensitivity=cfg.start_sensitivity, start_aim=cfg.start_aim)
             stats.update(frozen_prefix=past if prefix is not None else None)
             if cfg.keep_best:
                 stats.update(self._keep_best(layers, rtn, acts, *check))
@@ -181,12 +186,14 @@ class RoundingOptimizer:
         images drawn with the schedule's seed (or all of them), each rank on its share of the batches."""
         device = device_of(gm)
         drawn = torch.randperm(len(images), generator=torch.Generator().manual_seed(self.cfg.seed))
-        batches = [
-            as_model_wants(images[idx.to(images.device)].to(device), self.cfg)
-            for k, idx in enumerate(drawn[: self.cfg.start_images].split(_START_BATCH))
-            if self.world.owns(k)
+        mine = [
+            (k, idx) for k, idx in enumerate(drawn[: self.cfg.start_images].split(_START_BATCH)) if self.world.owns(k)
         ]
-        return sequential_choices(gm, self.teacher.to(device), layers, batches, self.world)
+        batches = [as_model_wants(images[idx.to(images.device)].to(device), self.cfg) for _, idx in mine]
+        seeds = tuple(self.cfg.seed * 1_000_003 + k for k, _ in mine)  # batch k's probes, on whichever rank
+        sensitivity = Sensitivity(self.cfg.start_sensitivity, _SENSITIVITY_PROBES, seeds)
+        teacher = self.teacher.to(device)
+        return sequential_choices(gm, teacher, layers, batches, self.world, sensitivity, self.cfg.start_aim)
 
     def _prefix(self, gm: GraphModule, images: Tensor) -> Prefix | None:
         """The frozen prefix of this run (fxq.eptq.prefix): with the layer-local start and steps after it, where

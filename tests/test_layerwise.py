@@ -444,3 +444,27 @@ def test_moments_short_of_positive_definite_get_more_damping_not_an_error():
     assert choice.shape == qw.layer.weight.shape and set(choice.unique().tolist()) <= {0.0, 1.0}
     with pytest.raises(torch.linalg.LinAlgError):
         torch.linalg.cholesky(layerwise._damped(h))  # the damping alone does not make it factor
+
+
+class _ConstantTable(nn.Module):
+    """A linear layer on a constant table (as a relative-position bias network is) beside one on the input."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("table", torch.randn(5, 3))
+        self.bias_net, self.a = nn.Linear(3, 4), nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.a(x) + self.bias_net(self.table)
+
+
+def test_a_value_made_of_constants_alone_weighs_its_positions_alike():
+    torch.manual_seed(0)
+    model = _ConstantTable().eval().requires_grad_(False)
+    gm = torch.fx.symbolic_trace(model)
+    channels = {"bias_net": -1, "a": -1}
+    weights = layerwise._position_weights_of(
+        gm, channels, seeded(2, 5, 4, seed=1), layerwise.Sensitivity(0.5, 2, (0,)), seed=0
+    )
+    assert torch.equal(weights["bias_net"], torch.ones(5))
+    assert weights["a"].shape == (2, 5)

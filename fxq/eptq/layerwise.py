@@ -338,16 +338,17 @@ def _position_weights_of(
     for chunk in batch.split(SENSITIVITY_CHUNK):
         keep = _Keep(teacher, set(channel))
         outs = probe_points(keep.run(chunk.detach().requires_grad_(True)), len(chunk))
-        values = [keep.values[n] for n in channel]
-        sums = [v.new_zeros(v.shape).sum(channel[n]).detach() for n, v in zip(channel, values)]
-        for _ in range(sensitivity.probes):
+        sums = {n: torch.zeros_like(v.detach().select(channel[n], 0)) for n, v in keep.values.items()}
+        # a value computed from constants alone (a table of relative positions) has no gradient: it stays uniform
+        live = [n for n, v in keep.values.items() if v.requires_grad]
+        for _ in range(sensitivity.probes if live else 0):
             probed = sum((out * probe(out.shape, Probe.RADEMACHER, gen, out.device)).sum() for out in outs)
-            grads = torch.autograd.grad(probed, values, retain_graph=True, allow_unused=True)
-            for acc, g, n in zip(sums, grads, channel):
+            grads = torch.autograd.grad(probed, [keep.values[n] for n in live], retain_graph=True, allow_unused=True)
+            for n, g in zip(live, grads):
                 if g is not None:  # None: the output does not read this value
-                    acc += g.square().sum(channel[n])
-        for n, acc in zip(channel, sums):
-            parts[n].append(acc)
+                    sums[n] += g.square().sum(channel[n])
+        for n in channel:
+            parts[n].append(sums[n])
     weights = {}
     for n, chunks in parts.items():
         s = torch.cat(chunks).float()

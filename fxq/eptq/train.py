@@ -67,9 +67,8 @@ __all__ = ["RoundingOptimizer", "use_fused_act_quant_", "check_resumable", "sche
 
 CHECKPOINT = "rounding.pt"
 _CHECK_IMAGES = 128  # calibration images of the keep-best check
-_SENSITIVITY_PROBES = (
-    4  # probes per image of the layer-local start's position weights (RoundingConfig.start_sensitivity)
-)
+# probes per image of the layer-local start's position weights (RoundingConfig.start_sensitivity)
+_SENSITIVITY_PROBES = 4
 _START_BATCH = 32  # images per batch of the layer-local start (forwards, no backward: the batch can be large)
 # what the optimization takes per quantized weight at a step's peak (the soft-rounding state, the optimizer's, a
 # step's soft weights and their gradients), measured with bench/rounding_memory.py and rounded up: by the memory

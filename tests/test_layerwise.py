@@ -13,6 +13,7 @@ from fxq.config import LFHConfig, Method, PTQConfig, RoundingConfig
 from fxq.eptq.layerwise import Moments, float_target, layerwise_choice
 from fxq.eptq.soft_rounding import SoftRounding
 from fxq.errors import ConfigError
+from fxq.ir.taps import with_taps
 from fxq.quant.modules import QuantWeight, layer_forward
 from fxq.targets import INT8
 from tests.conftest import seeded
@@ -390,6 +391,12 @@ def _jacobian_norms(f, y: torch.Tensor) -> torch.Tensor:
     return jac.square().sum((1, 4)).diagonal(dim1=0, dim2=1).t()
 
 
+def _tapped(gm, channels: dict):
+    """`gm` returning its output and the values of the nodes named in `channels`, as the start taps them."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    return with_taps(gm, [nodes[name] for name in channels])
+
+
 def test_position_sensitivity_is_the_output_jacobians_norm_at_each_position():
     # exact reference: the Jacobian of the output with respect to each layer's output at each token, squared and
     # summed; the tokens of b the output does not read get exactly the uniform share
@@ -403,10 +410,14 @@ def test_position_sensitivity_is_the_output_jacobians_norm_at_each_position():
         y_b = model.b(h + h.mean(1, keepdim=True))
     exact = {"a": _jacobian_norms(model.after_a, y_a), "b": _jacobian_norms(model.after_b, y_b)}
     channels = {"a": -1, "b": -1}
-    full = layerwise._position_weights_of(gm, channels, x, layerwise.Sensitivity(1.0, 4000, (0,)), seed=0)
+    full = layerwise._position_weights_of(
+        _tapped(gm, channels), channels, x, layerwise.Sensitivity(1.0, 4000, (0,)), seed=0
+    )
     for name, s in exact.items():
         torch.testing.assert_close(full[name], s / s.mean(), rtol=0.1, atol=1e-6, msg=name)
-    half = layerwise._position_weights_of(gm, channels, x, layerwise.Sensitivity(0.5, 4, (0,)), seed=0)
+    half = layerwise._position_weights_of(
+        _tapped(gm, channels), channels, x, layerwise.Sensitivity(0.5, 4, (0,)), seed=0
+    )
     assert torch.equal(half["b"][:, 1:], torch.full((3, 5), 0.5))
     # the class token holds all of b's sensitivity, normalised over 6 tokens of 3 images
     torch.testing.assert_close(half["b"][:, 0].mean(), torch.tensor(0.5 + 0.5 * 6))
@@ -464,7 +475,7 @@ def test_a_value_made_of_constants_alone_weighs_its_positions_alike():
     gm = torch.fx.symbolic_trace(model)
     channels = {"bias_net": -1, "a": -1}
     weights = layerwise._position_weights_of(
-        gm, channels, seeded(2, 5, 4, seed=1), layerwise.Sensitivity(0.5, 2, (0,)), seed=0
+        _tapped(gm, channels), channels, seeded(2, 5, 4, seed=1), layerwise.Sensitivity(0.5, 2, (0,)), seed=0
     )
     assert torch.equal(weights["bias_net"], torch.ones(5))
     assert weights["a"].shape == (2, 5)

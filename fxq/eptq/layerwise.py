@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.fx import GraphModule, Interpreter, Node
+from torch.fx import GraphModule
 
 from fxq.config import Probe
 from fxq.dist.world import World
@@ -36,6 +36,7 @@ from fxq.eptq.lfh import probe, probe_points
 from fxq.errors import GraphCheckFailed
 from fxq.ir.frontier import Frontier
 from fxq.ir.graph import call_sites
+from fxq.ir.taps import with_taps
 from fxq.quant.modules import QuantWeight
 
 __all__ = [
@@ -277,9 +278,9 @@ def sequential_choices(
 ) -> list[Tensor | None]:
     """Every layer's choice, made in graph order on `batches` (this rank's share of the images): a layer's
     quantized inputs come from the layers above it at their choices, and it rounds its `float_target` (with `aim`;
-    otherwise its float weights), its output positions weighted by `sensitivity` (alike where None). A layer called at several sites decides at its last,
-    on the inputs of all of them. Layers whose patches do not unfold (`supports`) get None (they keep the float
-    start, and their round-to-nearest weights meanwhile)."""
+    otherwise its float weights), its output positions weighted by `sensitivity` (alike where None). A layer
+    called at several sites decides at its last, on the inputs of all of them. Layers whose patches do not unfold
+    (`supports`) get None (they keep the float start, and their round-to-nearest weights meanwhile)."""
     teacher_nodes = {n.name: n for n in teacher.graph.nodes}
     sites = {
         name: ns for name, ns in call_sites(student).items() if isinstance(student.get_submodule(name), QuantWeight)
@@ -295,8 +296,9 @@ def sequential_choices(
             if supports(student.get_submodule(name).layer)
             for n in ns
         }
+        tapped = with_taps(teacher, [teacher_nodes[n] for n in channel])  # (output, each layer's value)
         weights = [
-            _position_weights_of(teacher, channel, x, sensitivity, seed) for x, seed in zip(batches, sensitivity.seeds)
+            _position_weights_of(tapped, channel, x, sensitivity, seed) for x, seed in zip(batches, sensitivity.seeds)
         ]
     index = {qw: i for i, qw in enumerate(layers)}
     remedy = "start the rounding from fewer images (RoundingConfig.start_images) or from the float weights"
@@ -328,22 +330,23 @@ SENSITIVITY_CHUNK = 8  # images per forward and backward of the sensitivity prob
 
 @torch.enable_grad()
 def _position_weights_of(
-    teacher: GraphModule, channel: dict[str, int], batch: Tensor, sensitivity: Sensitivity, seed: int
+    tapped: GraphModule, channel: dict[str, int], batch: Tensor, sensitivity: Sensitivity, seed: int
 ) -> dict[str, Tensor]:
-    """For each node named in `channel` (mapped to its value's channel dimension): the weight of each of its
-    output positions in `batch`, (1 - share) + share * s / mean(s) with s the sensitivity there (`Sensitivity`),
-    1 throughout where the output does not depend on the node."""
+    """For each node named in `channel` (mapped to its value's channel dimension; `tapped` returns the model output
+    and their values, in that order): the weight of each of its output positions in `batch`, (1 - share) + share *
+    s / mean(s) with s the sensitivity there (`Sensitivity`), 1 throughout where the output does not depend on
+    the node."""
     gen = torch.Generator().manual_seed(seed)
     parts: dict[str, list[Tensor]] = {n: [] for n in channel}
     for chunk in batch.split(SENSITIVITY_CHUNK):
-        keep = _Keep(teacher, set(channel))
-        outs = probe_points(keep.run(chunk.detach().requires_grad_(True)), len(chunk))
-        sums = {n: torch.zeros_like(v.detach().select(channel[n], 0)) for n, v in keep.values.items()}
+        out, *tapped_values = tapped(chunk.detach().requires_grad_(True))
+        outs, values = probe_points(out, len(chunk)), dict(zip(channel, tapped_values))
+        sums = {n: torch.zeros_like(v.detach().select(channel[n], 0)) for n, v in values.items()}
         # a value computed from constants alone (a table of relative positions) has no gradient: it stays uniform
-        live = [n for n, v in keep.values.items() if v.requires_grad]
+        live = [n for n, v in values.items() if v.requires_grad]
         for _ in range(sensitivity.probes if live else 0):
-            probed = sum((out * probe(out.shape, Probe.RADEMACHER, gen, out.device)).sum() for out in outs)
-            grads = torch.autograd.grad(probed, [keep.values[n] for n in live], retain_graph=True, allow_unused=True)
+            probed = sum((o * probe(o.shape, Probe.RADEMACHER, gen, o.device)).sum() for o in outs)
+            grads = torch.autograd.grad(probed, [values[n] for n in live], retain_graph=True, allow_unused=True)
             for n, g in zip(live, grads):
                 if g is not None:  # None: the output does not read this value
                     sums[n] += g.square().sum(channel[n])
@@ -355,20 +358,6 @@ def _position_weights_of(
         relative = s / s.mean() if s.mean() > 0 else torch.ones_like(s)
         weights[n] = (1 - sensitivity.share) + sensitivity.share * relative
     return weights
-
-
-class _Keep(Interpreter):
-    """Runs the graph and keeps the values of the nodes named in `names`."""
-
-    def __init__(self, gm: GraphModule, names: set[str]):
-        super().__init__(gm)
-        self.names, self.values = names, {}
-
-    def run_node(self, n: Node):
-        out = super().run_node(n)
-        if n.name in self.names:
-            self.values[n.name] = out
-        return out
 
 
 def _choose(qw: QuantWeight, moments: Moments, i: int, world: World, aim: bool) -> Tensor:

@@ -3,11 +3,15 @@ each activation quantizer alone, under the two activation placements (Target.qua
 
     python bench/transformers.py [--models vit_b_16,deit_tiny_patch16_224] [--bits 8,4] [--json FILE]
     python bench/transformers.py --rounding-images 4,16,64 [--steps N] [--starts s0.8,noaim] [--models ...]
+        [--real-images] [--eval-images 16]
     python bench/transformers.py --layers-alone 64 --models vit_b_16 [--json FILE]
     python bench/transformers.py --feedback-gain 64 [--models ...] [--json FILE]
     python bench/transformers.py --class-token 32 [--models ...] [--json FILE]
 
-Same models and images as bench/coverage.py (random weights, 4 calibration images, the SQNR on 2 others). Rows:
+Same models and images as bench/coverage.py (random weights, 4 calibration images, the SQNR on 2 others); with
+--real-images the rounding, feedback-gain and class-token modes read the shared ImageNet images instead
+(calibration images from imagenet/calib, the SQNR on --eval-images of imagenet/val): a patch embedding's inputs are
+pixel patches, whose second moments random images make isotropic and real ones do not. Rows:
 one per model, placement and weight width; `worst` lists the activation quantizers that cost the most when each
 is the only one applied. With --rounding-images, W4A8 rows instead (default placement): round-to-nearest against
 the layer-local rounding (EPTQ's layer-local start with no whole-network steps), calibrated on N images each.
@@ -27,14 +31,16 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from coverage import _images, _inputs, _size, _sqnr, build
 from torch import nn
 
 import fxq
+from fxq.data.images import Preprocess, default_data_dir, load_images
 from fxq.io.files import write_json_atomic
 from fxq.quant.modules import ActQuant, QuantWeight, layer_forward
 from fxq.targets import INT8, cpu_description
@@ -75,6 +81,34 @@ def measure(name: str, bits: int, norm_inputs: bool) -> dict:
     }
 
 
+@dataclass(frozen=True)
+class Images:
+    """Where a row's images come from: random images drawn by seed (the coverage table's), or the shared ImageNet
+    calibration and val images (`real`); the SQNR is taken on `evaluation` images."""
+
+    real: bool = False
+    evaluation: int = 2
+
+    @property
+    def label(self) -> str:
+        return "imagenet" if self.real else "random"
+
+    def calibration(self, size: int, images: int) -> list[torch.Tensor]:
+        """Batches of 2 of `images` calibration images."""
+        if not self.real:
+            return [_images(2, size, 100 + i) for i in range(max(images // 2, 1))]
+        return list(self._load("calib", size, images).split(2))
+
+    def held_out(self, size: int) -> torch.Tensor:
+        """The images the SQNR is taken on."""
+        return self._load("val", size, self.evaluation) if self.real else _images(self.evaluation, size, 2)
+
+    @staticmethod
+    def _load(folder: str, size: int, count: int) -> torch.Tensor:
+        pre = Preprocess(resize=size * 256 // 224, crop=size)  # torchvision's ImageNet evaluation transform
+        return load_images(default_data_dir() / "imagenet" / folder, pre, subset=count, progress=False).x
+
+
 def _start_settings(variant: str) -> dict:
     """The RoundingConfig settings of a --starts entry ('' for the defaults)."""
     out = {}
@@ -88,13 +122,13 @@ def _start_settings(variant: str) -> dict:
     return out
 
 
-def _rounded(name: str, images: int, start: str | None, steps: int = 0, variant: str = ""):
+def _rounded(name: str, images: int, start: str | None, steps: int = 0, variant: str = "", source=Images()):
     """The float model, its W4A8 graph after round-to-nearest (start None) or the layer-local rounding on `images`
-    calibration images (with the settings of `variant`, a --starts entry; then `steps` whole-network steps of 8
-    images, the distillation terms weighted alike), and the 2 images the SQNR is taken on."""
+    calibration images of `source` (with the settings of `variant`, a --starts entry; then `steps` whole-network
+    steps of 8 images, the distillation terms weighted alike), and the images the SQNR is taken on."""
     model = build(_group(name), name)
     size = _size(name)
-    calib, x = [_images(2, size, 100 + i) for i in range(max(images // 2, 1))], _images(2, size, 2)
+    calib, x = source.calibration(size, images), source.held_out(size)
     method = fxq.Method.RTN if start is None else fxq.Method.EPTQ
     rounding = fxq.RoundingConfig(
         start=start or "float", iterations=steps, batch_size=8, loss_weights="mean", **_start_settings(variant)
@@ -109,20 +143,26 @@ def _rounding_label(start: str | None, steps: int, variant: str) -> str:
     return (start or "nearest") + (f"@{variant}" if variant else "") + (f"+{steps}" if steps else "")
 
 
-def measure_rounding(name: str, images: int, start: str | None, steps: int = 0, variant: str = "") -> dict:
-    """W4A8 output SQNR after round-to-nearest (start None) or the layer-local rounding on `images` images (with
-    the settings of `variant`), and `steps` whole-network steps after it; the seconds fxq.quantize took."""
+def measure_rounding(
+    name: str, images: int, start: str | None, steps: int = 0, variant: str = "", source=Images()
+) -> dict:
+    """W4A8 output SQNR after round-to-nearest (start None) or the layer-local rounding on `images` images of
+    `source` (with the settings of `variant`), and `steps` whole-network steps after it; the seconds fxq.quantize
+    took, and the worst held-out image's SQNR."""
     t0 = time.perf_counter()
-    model, qgm, x = _rounded(name, images, start, steps, variant)
+    model, qgm, x = _rounded(name, images, start, steps, variant, source)
     seconds = time.perf_counter() - t0
     with torch.no_grad():
-        sqnr = _sqnr(model(x), qgm(x))
+        ref, out = model(x), qgm(x)
     return {
         "model": name,
         "weight_bits": 4,
         "images": images,
+        "images_from": source.label,
+        "eval_images": len(x),
         "rounding": _rounding_label(start, steps, variant),
-        "sqnr": round(sqnr, 2),
+        "sqnr": round(_sqnr(ref, out), 2),
+        "sqnr_worst_image": round(min(_sqnr(r, o) for r, o in zip(ref, out)), 2),
         "seconds": round(seconds, 1),
     }
 
@@ -134,10 +174,13 @@ def _float_forward(qw: QuantWeight):
 
 
 @torch.no_grad()
-def measure_layers_alone(name: str, images: int) -> dict:
+def measure_layers_alone(name: str, images: int, source=Images()) -> dict:
     """Activations float: the output SQNR with every weight layer at 4 bits, and with each one alone at 4 bits (the
     others float), under round-to-nearest and the layer-local rounding."""
-    (model, rtn, x), (_, local, _) = _rounded(name, images, None), _rounded(name, images, "layerwise")
+    (model, rtn, x), (_, local, _) = (
+        _rounded(name, images, None, source=source),
+        _rounded(name, images, "layerwise", source=source),
+    )
     ref = model(x)
     for g in (rtn, local):
         for m in g.modules():
@@ -156,19 +199,35 @@ def measure_layers_alone(name: str, images: int) -> dict:
         m.forward = chosen[n].forward
         alone[n] = (round(at_nearest, 2), round(_sqnr(ref, rtn(x)), 2))
         m.forward = _float_forward(m)
-    return {"model": name, "weight_bits": 4, "images": images, "every_layer": every, "alone": alone}
+    return {
+        "model": name,
+        "weight_bits": 4,
+        "images": images,
+        "images_from": source.label,
+        "eval_images": len(x),
+        "every_layer": every,
+        "alone": alone,
+    }
 
 
-def _input_moments(run, layers: dict, size: int, images: int) -> tuple[dict, dict]:
-    """Each of `layers`' input second moments, summed over `images` calibration images run through `run`: over
-    every row (token), and over the class token's rows alone (3-d inputs: batch, tokens, features)."""
+def _input_rows(module: nn.Module, t: torch.Tensor) -> torch.Tensor:
+    """A layer's input as the rows its weight multiplies: a convolution's patches, a linear layer's tokens."""
+    if isinstance(module, nn.Conv2d):
+        t = F.unfold(t, module.kernel_size, module.dilation, module.padding, module.stride).transpose(1, 2)
+    return t.reshape(-1, t.shape[-1])
+
+
+def _input_moments(run, layers: dict, batches: list[torch.Tensor]) -> tuple[dict, dict]:
+    """Each of `layers`' input second moments, summed over the calibration `batches` run through `run`: over
+    every row (token or patch), and over the class token's rows alone (linear layers' 3-d inputs: batch, tokens,
+    features)."""
     every: dict[str, torch.Tensor] = {}
     first: dict[str, torch.Tensor] = {}
 
     def hook(n: str):
-        def take(_module, args):
+        def take(module, args):
             t = args[0].double()
-            rows = t.reshape(-1, t.shape[-1])
+            rows = _input_rows(module, t)
             every[n] = every.get(n, 0) + rows.T @ rows
             if t.dim() == 3:
                 first[n] = first.get(n, 0) + t[:, 0].T @ t[:, 0]
@@ -176,27 +235,28 @@ def _input_moments(run, layers: dict, size: int, images: int) -> tuple[dict, dic
         return take
 
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers.items()]
-    for i in range(max(images // 2, 1)):
-        run(_images(2, size, 100 + i))
+    for batch in batches:
+        run(batch)
     for h in handles:
         h.remove()
     return every, first
 
 
 @torch.no_grad()
-def measure_feedback_gain(name: str, images: int) -> dict:
+def measure_feedback_gain(name: str, images: int, source=Images()) -> dict:
     """What error feedback can win over round-to-nearest in each linear layer, from its float inputs alone: with
     input second moments H = L L^T (damped as the layer-local rounding damps them), rounding each input column in
     turn and passing its error on leaves column i an error of variance proportional to L_ii^2 where rounding to
     nearest leaves H_ii (at a fine grid, the same step), so the layer's output error shrinks by sum(H_ii) /
     sum(L_ii^2). Near-isotropic inputs give 0 dB: no rounding of that layer's weights beats round-to-nearest by
     much. Layers called as modules (torchvision's attention projections are not: they are read through the
-    attention's input)."""
+    attention's input), the patch embedding's convolution included."""
     from fxq.eptq.layerwise import DAMPING
 
     model = build(_group(name), name)
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.MultiheadAttention))}
-    sums, _ = _input_moments(model, layers, _size(name), images)
+    kinds = (nn.Linear, nn.MultiheadAttention, nn.Conv2d)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, kinds)}
+    sums, _ = _input_moments(model, layers, source.calibration(_size(name), images))
     gains = {}
     for n, h in sums.items():
         d = h + DAMPING * h.diagonal().mean() * torch.eye(len(h), dtype=h.dtype)
@@ -206,21 +266,21 @@ def measure_feedback_gain(name: str, images: int) -> dict:
     return {
         "model": name,
         "images": images,
+        "images_from": source.label,
         "feedback_gain_db": {"median": round(float(values.median()), 2), "max": round(float(values.max()), 2)},
         "layers": gains,
     }
 
 
 @torch.no_grad()
-def measure_class_token_weighting(name: str, images: int) -> dict:
+def measure_class_token_weighting(name: str, images: int, source=Images()) -> dict:
     """Activations float, one weight layer at 4 bits at a time (the others float): the output SQNR under
     round-to-nearest, under error feedback on its inputs' second moments over every token (the layer-local
     rounding's H), and under error feedback with the class token's rows weighing as much as all the others; then
     each of the three with every linear layer at its choice at once."""
     from fxq.eptq.layerwise import layerwise_choice, use_choice_
 
-    model, rtn, x = _rounded(name, images, None)
-    size = _size(name)
+    model, rtn, x = _rounded(name, images, None, source=source)
     for m in rtn.modules():
         if isinstance(m, ActQuant):
             m.forward = lambda t: t
@@ -230,7 +290,7 @@ def measure_class_token_weighting(name: str, images: int) -> dict:
     quantized = {n: m.forward for n, m in layers.items()}
     for m in layers.values():
         m.forward = _float_forward(m)
-    every, first = _input_moments(rtn, layers, size, images)
+    every, first = _input_moments(rtn, layers, source.calibration(_size(name), images))
     ref = model(x)
     rows, chosen = {}, {"feedback": {}, "weighted": {}}
     for n, m in layers.items():
@@ -264,6 +324,8 @@ def measure_class_token_weighting(name: str, images: int) -> dict:
     return {
         "model": name,
         "images": images,
+        "images_from": source.label,
+        "eval_images": len(x),
         "class_token_median_db": [round(float(v), 2) for v in table.nanmedian(0).values],
         "class_token_every_layer_db": together,
         "class_token_layers": rows,
@@ -282,8 +344,16 @@ def main() -> None:
         "--class-token", type=int, default=0, help="N: each layer alone, its H with the class token weighted"
     )
     p.add_argument("--starts", default="", help="e.g. s0.8,noaim,noaim+s0.8: with --rounding-images, more starts")
+    p.add_argument("--real-images", action="store_true", help="the shared ImageNet images instead of random ones")
+    p.add_argument("--eval-images", type=int, default=2, help="the images the SQNR is taken on")
     p.add_argument("--json", type=Path, default=None)
     a = p.parse_args()
+    source = Images(a.real_images, a.eval_images)
+
+    def same_images(row: dict) -> bool:
+        """Whether `row` was measured on this run's images (rows without the keys: random, the SQNR on 2)."""
+        return (row.get("images_from", "random"), row.get("eval_images", 2)) == (source.label, source.evaluation)
+
     rows = json.loads(a.json.read_text())["rows"] if a.json and a.json.exists() else []
 
     def add(row: dict) -> None:
@@ -301,8 +371,8 @@ def main() -> None:
     for images, key, measure_one in per_layer:
         if images:
             for name in a.models.split(","):
-                if not any(r["model"] == name and key in r for r in rows):
-                    add(measure_one(name, images))
+                if not any(r["model"] == name and key in r and same_images(r) for r in rows):
+                    add(measure_one(name, images, source))
             return
     if a.rounding_images:
         for name in a.models.split(","):
@@ -312,8 +382,10 @@ def main() -> None:
                 runs += [("layerwise", a.steps, "")] * (a.steps > 0)
                 for start, steps, variant in runs:
                     key = (name, images, _rounding_label(start, steps, variant))
-                    if not any((r["model"], r.get("images"), r.get("rounding")) == key for r in rows):
-                        add(measure_rounding(name, images, start, steps, variant))
+                    if not any(
+                        (r["model"], r.get("images"), r.get("rounding")) == key and same_images(r) for r in rows
+                    ):
+                        add(measure_rounding(name, images, start, steps, variant, source))
         return
     for name in a.models.split(","):
         for bits in (int(b) for b in a.bits.split(",")):

@@ -46,6 +46,8 @@ PATHS = {
     "layerwise-f10": {"start": "layerwise", "frozen_share": 0.1},
     # half of each layer's start objective weighs its output positions by the output's sensitivity to them
     "layerwise-s05": {"start": "layerwise", "start_sensitivity": 0.5},
+    # each layer rounds its own float weights on its quantized inputs (GPTQ's aim) instead of the float output's
+    "layerwise-noaim": {"start": "layerwise", "start_aim": False},
     # schedule settings after the layer-local start
     "layerwise-sure": {"start": "layerwise", "start_confidence": 0.95},  # V starts nearer the choice (0.75)
     "layerwise-nowarm": {"start": "layerwise", "warmup": 0.0},  # the regulariser from the first step (0.2)

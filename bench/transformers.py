@@ -9,20 +9,20 @@ each activation quantizer alone, under the two activation placements (Target.qua
     python bench/transformers.py --class-token 32 [--models ...] [--json FILE]
 
 Same models and images as bench/coverage.py (random weights, 4 calibration images, the SQNR on 2 others); with
---real-images the rounding, feedback-gain and class-token modes read the shared ImageNet images instead
-(calibration images from imagenet/calib, the SQNR on --eval-images of imagenet/val): a patch embedding's inputs are
-pixel patches, whose second moments random images make isotropic and real ones do not. Rows:
-one per model, placement and weight width; `worst` lists the activation quantizers that cost the most when each
-is the only one applied. With --rounding-images, W4A8 rows instead (default placement): round-to-nearest against
-the layer-local rounding (EPTQ's layer-local start with no whole-network steps), calibrated on N images each.
-With --steps N, also the layer-local rounding followed by N whole-network steps of 8 images (the distillation
-terms weighted alike, no LFH). With --layers-alone N, activations float: the SQNR with every weight layer at 4
-bits and with each alone. With --starts, also the layer-local rounding with other settings, '+'-joined: sS, a share
-S of each layer's objective weighing its output positions by the output's sensitivity (RoundingConfig.
-start_sensitivity); noaim, each layer rounding its float weights (RoundingConfig.start_aim off).
-With --feedback-gain N, what error feedback can win over round-to-nearest in each linear layer, from the float
-inputs' second moments on N images (measure_feedback_gain). With --class-token N, each linear layer alone at 4
-bits under three roundings (measure_class_token_weighting).
+--real-images every mode but the first reads the shared ImageNet images instead (calibration
+images from imagenet/calib, the SQNR on --eval-images of imagenet/val): a patch embedding's inputs are pixel
+patches, whose second moments random images make isotropic and real ones do not. Rows: one per model, placement and
+weight width; `worst` lists the activation quantizers that cost the most when each is the only one applied. With
+--rounding-images, W4A8 rows instead (default placement; --rounding-bits for another weight width): round-to-nearest
+against the layer-local rounding (EPTQ's layer-local start with no whole-network steps), calibrated on N images
+each. With --steps N, also the layer-local rounding followed by N whole-network steps of 8 images (the distillation
+terms weighted alike, no LFH). With --layers-alone N, activations float: the SQNR with every weight layer at 4 bits
+and with each alone. With --starts, also the layer-local rounding with other settings, '+'-joined: sS, a share S of
+each layer's objective weighing its output positions by the output's sensitivity (RoundingConfig.
+start_sensitivity); noaim, each layer rounding its float weights (RoundingConfig.start_aim off). With
+--feedback-gain N, what error feedback can win over round-to-nearest in each linear layer, from the float inputs'
+second moments on N images (measure_feedback_gain). With --class-token N, each linear layer alone at 4 bits under
+three roundings (measure_class_token_weighting).
 Rows are written to --json as they finish and skipped when the script runs again.
 """
 
@@ -122,8 +122,10 @@ def _start_settings(variant: str) -> dict:
     return out
 
 
-def _rounded(name: str, images: int, start: str | None, steps: int = 0, variant: str = "", source=Images()):
-    """The float model, its W4A8 graph after round-to-nearest (start None) or the layer-local rounding on `images`
+def _rounded(
+    name: str, images: int, start: str | None, steps: int = 0, variant: str = "", source=Images(), bits: int = 4
+):
+    """The float model, its W`bits`A8 graph (W4A8 by default) after round-to-nearest (start None) or the layer-local rounding on `images`
     calibration images of `source` (with the settings of `variant`, a --starts entry; then `steps` whole-network
     steps of 8 images, the distillation terms weighted alike), and the images the SQNR is taken on."""
     model = build(_group(name), name)
@@ -134,7 +136,7 @@ def _rounded(name: str, images: int, start: str | None, steps: int = 0, variant:
         start=start or "float", iterations=steps, batch_size=8, loss_weights="mean", **_start_settings(variant)
     )
     # the rows with steps take long on a CPU: their progress bars (with the ETA) go to stderr
-    cfg = fxq.PTQConfig(target=INT8.with_bits(4, 8), method=method, rounding=rounding, progress=steps > 0)
+    cfg = fxq.PTQConfig(target=INT8.with_bits(bits, 8), method=method, rounding=rounding, progress=steps > 0)
     qgm, _ = fxq.quantize(model, calib, cfg)
     return model, qgm, x
 
@@ -144,19 +146,19 @@ def _rounding_label(start: str | None, steps: int, variant: str) -> str:
 
 
 def measure_rounding(
-    name: str, images: int, start: str | None, steps: int = 0, variant: str = "", source=Images()
+    name: str, images: int, start: str | None, steps: int = 0, variant: str = "", source=Images(), bits: int = 4
 ) -> dict:
-    """W4A8 output SQNR after round-to-nearest (start None) or the layer-local rounding on `images` images of
+    """W`bits`A8 output SQNR after round-to-nearest (start None) or the layer-local rounding on `images` images of
     `source` (with the settings of `variant`), and `steps` whole-network steps after it; the seconds fxq.quantize
     took, and the worst held-out image's SQNR."""
     t0 = time.perf_counter()
-    model, qgm, x = _rounded(name, images, start, steps, variant, source)
+    model, qgm, x = _rounded(name, images, start, steps, variant, source, bits)
     seconds = time.perf_counter() - t0
     with torch.no_grad():
         ref, out = model(x), qgm(x)
     return {
         "model": name,
-        "weight_bits": 4,
+        "weight_bits": bits,
         "images": images,
         "images_from": source.label,
         "eval_images": len(x),
@@ -337,6 +339,7 @@ def main() -> None:
     p.add_argument("--models", default="vit_b_16,deit_tiny_patch16_224")
     p.add_argument("--bits", default="8,4")
     p.add_argument("--rounding-images", default="", help="e.g. 4,16,64: the W4A8 rounding rows")
+    p.add_argument("--rounding-bits", type=int, default=4, help="with --rounding-images: the weight width")
     p.add_argument("--steps", type=int, default=0, help="with --rounding-images: also N whole-network steps after")
     p.add_argument("--layers-alone", type=int, default=0, help="N: each weight layer alone at 4 bits, N images")
     p.add_argument("--feedback-gain", type=int, default=0, help="N: each linear layer's error-feedback gain, N images")
@@ -381,11 +384,12 @@ def main() -> None:
                 runs = [(None, 0, ""), ("layerwise", 0, "")] + [("layerwise", 0, v) for v in variants]
                 runs += [("layerwise", a.steps, "")] * (a.steps > 0)
                 for start, steps, variant in runs:
-                    key = (name, images, _rounding_label(start, steps, variant))
+                    key = (name, a.rounding_bits, images, _rounding_label(start, steps, variant))
                     if not any(
-                        (r["model"], r.get("images"), r.get("rounding")) == key and same_images(r) for r in rows
+                        (r["model"], r["weight_bits"], r.get("images"), r.get("rounding")) == key and same_images(r)
+                        for r in rows
                     ):
-                        add(measure_rounding(name, images, start, steps, variant, source))
+                        add(measure_rounding(name, images, start, steps, variant, source, a.rounding_bits))
         return
     for name in a.models.split(","):
         for bits in (int(b) for b in a.bits.split(",")):

@@ -9,10 +9,10 @@ each activation quantizer alone, under the two activation placements (Target.qua
     python bench/transformers.py --class-token 32 [--models ...] [--json FILE]
 
 Same models and images as bench/coverage.py (random weights, 4 calibration images, the SQNR on 2 others); with
---real-images every mode but the first reads the shared ImageNet images instead (calibration
-images from imagenet/calib, the SQNR on --eval-images of imagenet/val): a patch embedding's inputs are pixel
-patches, whose second moments random images make isotropic and real ones do not. Rows: one per model, placement and
-weight width; `worst` lists the activation quantizers that cost the most when each is the only one applied. With
+--real-images every mode but the first reads the shared ImageNet images instead (calibration images from
+imagenet/calib, the SQNR on --eval-images of imagenet/val): a patch embedding's inputs are pixel patches, whose
+second moments random images make isotropic and real ones do not. Rows: one per model, placement and weight width;
+`worst` lists the activation quantizers that cost the most when each is the only one applied. With
 --rounding-images, W4A8 rows instead (default placement; --rounding-bits for another weight width): round-to-nearest
 against the layer-local rounding (EPTQ's layer-local start with no whole-network steps), calibrated on N images
 each. With --steps N, also the layer-local rounding followed by N whole-network steps of 8 images (the distillation
@@ -20,7 +20,7 @@ terms weighted alike, no LFH). With --layers-alone N, activations float: the SQN
 and with each alone. With --starts, also the layer-local rounding with other settings, '+'-joined: sS, a share S of
 each layer's objective weighing its output positions by the output's sensitivity (RoundingConfig.
 start_sensitivity); noaim, each layer rounding its float weights (RoundingConfig.start_aim off). With
---feedback-gain N, what error feedback can win over round-to-nearest in each linear layer, from the float inputs'
+--feedback-gain N, what error feedback can win over round-to-nearest in each weight layer, from the float inputs'
 second moments on N images (measure_feedback_gain). With --class-token N, each linear layer alone at 4 bits under
 three roundings (measure_class_token_weighting).
 Rows are written to --json as they finish and skipped when the script runs again.
@@ -125,9 +125,9 @@ def _start_settings(variant: str) -> dict:
 def _rounded(
     name: str, images: int, start: str | None, steps: int = 0, variant: str = "", source=Images(), bits: int = 4
 ):
-    """The float model, its W`bits`A8 graph (W4A8 by default) after round-to-nearest (start None) or the layer-local rounding on `images`
-    calibration images of `source` (with the settings of `variant`, a --starts entry; then `steps` whole-network
-    steps of 8 images, the distillation terms weighted alike), and the images the SQNR is taken on."""
+    """The float model, its W`bits`A8 graph after round-to-nearest (start None) or the layer-local rounding on
+    `images` calibration images of `source` (with the settings of `variant`, a --starts entry; then `steps`
+    whole-network steps of 8 images, the distillation terms weighted alike), and the images the SQNR is taken on."""
     model = build(_group(name), name)
     size = _size(name)
     calib, x = source.calibration(size, images), source.held_out(size)
@@ -246,18 +246,21 @@ def _input_moments(run, layers: dict, batches: list[torch.Tensor]) -> tuple[dict
 
 @torch.no_grad()
 def measure_feedback_gain(name: str, images: int, source=Images()) -> dict:
-    """What error feedback can win over round-to-nearest in each linear layer, from its float inputs alone: with
+    """What error feedback can win over round-to-nearest in each weight layer, from its float inputs alone: with
     input second moments H = L L^T (damped as the layer-local rounding damps them), rounding each input column in
     turn and passing its error on leaves column i an error of variance proportional to L_ii^2 where rounding to
     nearest leaves H_ii (at a fine grid, the same step), so the layer's output error shrinks by sum(H_ii) /
     sum(L_ii^2). Near-isotropic inputs give 0 dB: no rounding of that layer's weights beats round-to-nearest by
     much. Layers called as modules (torchvision's attention projections are not: they are read through the
-    attention's input), the patch embedding's convolution included."""
+    attention's input), and ungrouped convolutions (a patch embedding)."""
     from fxq.eptq.layerwise import DAMPING
 
     model = build(_group(name), name)
-    kinds = (nn.Linear, nn.MultiheadAttention, nn.Conv2d)
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, kinds)}
+    layers = {
+        n: m
+        for n, m in model.named_modules()
+        if isinstance(m, (nn.Linear, nn.MultiheadAttention)) or isinstance(m, nn.Conv2d) and m.groups == 1
+    }
     sums, _ = _input_moments(model, layers, source.calibration(_size(name), images))
     gains = {}
     for n, h in sums.items():

@@ -11,7 +11,7 @@ import torch
 import fxq
 from fxq.config import LFHConfig, Method, PTQConfig, RoundingConfig
 from fxq.eptq import train as rounding_train
-from fxq.eptq.budget import LFH_SHARE, PLAN_AFTER, parse_duration, planned_iterations
+from fxq.eptq.budget import LFH_SHARE, PLAN_AFTER, REPLAN_SHARE, parse_duration, planned_iterations
 from fxq.errors import ConfigError
 from fxq.ir import meta
 from fxq.quant.modules import QuantWeight
@@ -90,6 +90,17 @@ def test_a_run_that_slows_down_stops_early_on_the_grid(tiny_net, step_clock):
         if isinstance(m, QuantWeight):
             w = m.layer.weight.detach()
             assert torch.equal((w / m.scale_like(w)).round() * m.scale_like(w), w)
+
+
+def test_a_run_whose_first_steps_are_slow_plans_again_from_its_pace(tiny_net, step_clock):
+    """The timed steps cost 3 s, the rest 1 s: planned on the first window alone the run would end near step 127
+    with two thirds of its budget unused; planned again on each doubled window inside the first REPLAN_SHARE of its
+    length, it takes the steps the budget holds and still ends inside it."""
+    step_clock.cost = lambda step: 3.0 if step < PLAN_AFTER else 1.0
+    _, report = fxq.quantize(tiny_net, CALIB, _cfg(400.0))
+    r = report.rounding
+    assert REPLAN_SHARE * 127 > 2 * PLAN_AFTER  # the first plan leaves room for a second
+    assert r["iterations"] > 370 and 0 <= r["seconds_left_in_budget"] <= 3.0
 
 
 def test_groups_of_layers_share_the_budget(step_clock, monkeypatch):

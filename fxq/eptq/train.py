@@ -40,7 +40,7 @@ from fxq.config import Optimizer, RoundingConfig, Start
 from fxq.data.subset import Subset, choose
 from fxq.dist.world import World
 from fxq.eptq.act_steps import ActSteps
-from fxq.eptq.budget import PLAN_AFTER, planned_iterations
+from fxq.eptq.budget import PLAN_AFTER, REPLAN_SHARE, planned_iterations
 from fxq.eptq.distillation import packed_loss
 from fxq.eptq.layerwise import Sensitivity, harden_choice_, sequential_choices, use_choice_
 from fxq.eptq.prefix import Prefix, frozen_prefix, values_at
@@ -375,6 +375,7 @@ class RoundingOptimizer:
             start, history = state["step"], state["history"]
             planned = state.get("planned", iterations)
         plan_at = start + PLAN_AFTER if budget is not None else None
+        limit = planned  # a plan never goes past the schedule it was given
         reserve = 0.0
         if budget is not None and budget.left() <= 0:
             planned = start  # the budget was spent before the rounding began: RTN (or the checkpoint) as is
@@ -407,19 +408,21 @@ class RoundingOptimizer:
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 t1 = time.perf_counter()
-                left_after_first = budget.left() if budget is not None else None
-            if step + 1 == plan_at:  # time a few steps, then fit the schedule into what is left of the budget
+                window_left, window = (budget.left(), PLAN_AFTER - 1) if budget is not None else (None, 0)
+            if step + 1 == plan_at:  # time a window of steps, then fit the schedule into what is left of the budget
                 now = budget.left()
                 # every rank plans alike: for the slowest rank's steps and the least time left
                 slowest = w.max_(
-                    torch.tensor([(left_after_first - now) / (PLAN_AFTER - 1), -now], dtype=torch.float64),
-                    "the time budget",
+                    torch.tensor([(window_left - now) / window, -now], dtype=torch.float64), "the time budget"
                 )
                 per_step, left = float(slowest[0]), -float(slowest[1])
                 # a check batch: a forward (and past a frozen prefix, the prefix's forward too)
                 reserve = per_step * (self._check_batches(len(images)) / 3 + 2) + self._check_extra
-                planned = planned_iterations(step + 1, planned, left, per_step, reserve)
-                last_left = left
+                planned = planned_iterations(step + 1, limit, left, per_step, reserve)
+                last_left = window_left = left
+                window = step + 1 - start  # the next window doubles what has run, and is timed on its own
+                if step + 1 + window <= REPLAN_SHARE * planned:
+                    plan_at = step + 1 + window
                 sched = dataclasses.replace(cfg, iterations=planned)
                 log_every = max(planned // 100, 1)
                 bar.total = planned

@@ -2,12 +2,12 @@
 
 The clock (fxq.ir.meta.Deadline on the graph) starts when the run traces the model; the CLI counts image loading
 too. The LFH may use a share of the budget before it stops adding probes beyond its minimum; the rounding
-optimization times its first steps, then sets its iteration count so that the steps, the hardening and the
-keep-best check end before the deadline; it plans again on each doubled window of steps while it is in the first
-REPLAN_SHARE of its length, from the latest window's pace (a machine's first steps can run several times slower
-than the rest, and a plan from them alone would end far inside the budget). The iteration count the config gives stays an upper bound, so a budget
-never lengthens a schedule. A rounding that starts with time left takes at least its PLAN_AFTER timing steps;
-one that starts past the deadline takes none (RTN).
+optimization times its first steps, then sets its iteration count so that the steps, the hardening and the keep-best
+check end before the deadline; it plans again on each doubled window of steps while it is in the first REPLAN_SHARE
+of its length, from the latest window's pace (a machine's first steps can run several times slower than the rest,
+and a plan from them alone would end far inside the budget). The iteration count the config gives stays an upper
+bound, so a budget never lengthens a schedule. A rounding that starts with time left takes at least its PLAN_AFTER
+timing steps; one that starts past the deadline takes none (RTN).
 """
 
 from __future__ import annotations

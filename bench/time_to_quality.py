@@ -18,19 +18,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import torch
 
 import fxq
-from fxq.config import LFHConfig, Method, PTQConfig, RoundingConfig
+from fxq.config import LFHConfig, Method, PTQConfig, RoundingConfig, WeightError
 from fxq.data.evaluate import evaluate
 from fxq.data.images import batches, load_images
 from fxq.data.models import DEFAULT_MODEL, default_image_sets, load_model
 from fxq.eptq.budget import parse_duration
 from fxq.io.files import write_json_atomic
-from fxq.targets import INT8
+from fxq.targets import INT8, CpuClock
 
 PATHS = {
     "radam": {},
@@ -44,6 +43,10 @@ PATHS = {
     # a larger frozen prefix: the first layers up to 3 % / 10 % of the weights stay at their layer-local choice
     "layerwise-f03": {"start": "layerwise", "frozen_share": 0.03},
     "layerwise-f10": {"start": "layerwise", "frozen_share": 0.1},
+    # the steps train the tail alone: on Lite0 0.15 freezes every block down to 14 x 14 (0 to 10), 0.3 the first
+    # two at 7 x 7 too; the tail holds most of the error left after the start
+    "layerwise-f15": {"start": "layerwise", "frozen_share": 0.15},
+    "layerwise-f30": {"start": "layerwise", "frozen_share": 0.3},
     # half of each layer's start objective weighs its output positions by the output's sensitivity to them
     "layerwise-s05": {"start": "layerwise", "start_sensitivity": 0.5},
     # each layer rounds its own float weights on its quantized inputs (GPTQ's aim) instead of the float output's
@@ -79,12 +82,14 @@ def configs(args) -> dict[str, PTQConfig]:
             method=method,
             rounding=RoundingConfig(**{"batch_size": args.batch_size, "seed": args.seed, **rounding}),
             lfh=LFHConfig(min_probes=10, max_probes=args.lfh_probes, seed=args.seed),
+            weight_error=args.weight_error,
             time_budget=budget,
             progress=not args.quiet,
         )
 
     seed = f" seed {args.seed}" if args.seed else ""
-    width = f"W{args.bits}A{args.act_bits}"
+    # the weight thresholds are the RTN row's too: another choice of them is another row, RTN included
+    width = f"W{args.bits}A{args.act_bits}" + ("" if args.weight_error == "mse" else f" {args.weight_error}-thresholds")
     out = {f"RTN {width}": cfg(Method.RTN)}
     for path in args.paths:
         for text in args.budgets:
@@ -170,6 +175,12 @@ def main() -> None:
     p.add_argument("--lengths", type=lambda s: [int(t) for t in s.split(",") if t], default=[], help="iterations")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lfh-probes", type=int, default=16)
+    p.add_argument(
+        "--weight-error",
+        default=WeightError.MSE.value,
+        choices=[e.value for e in WeightError],
+        help="what each weight channel's threshold minimises (PTQConfig.weight_error)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="default: runs/time_to_quality_MODEL.json")
     p.add_argument("--plot", default=None)
@@ -194,10 +205,12 @@ def main() -> None:
     for name, cfg in configs(args).items():
         if name in done["rows"]:
             continue
-        t0 = time.perf_counter()
+        clock = CpuClock()
         qgm, report = fxq.quantize(lm.model, batches(calib.x, 32), cfg)
-        seconds = time.perf_counter() - t0
+        spent = clock.read()
+        seconds = spent["wall_seconds"]
         row = {**evaluate(qgm, val.x, val.y, progress=False), "quantize_seconds": seconds, "seed": args.seed}
+        row.update(cpu_seconds=spent["cpu_seconds"], stolen_share=spent["stolen_share"])
         row["stage_seconds"] = report.stage_seconds
         row["lfh_probes"] = report.lfh_probes
         row["rounding"] = {k: v for k, v in report.rounding.items() if k != "history"}
@@ -205,8 +218,10 @@ def main() -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(str(path), done)
         steps = row["rounding"].get("iterations", 0)
+        stolen = "" if spent["stolen_share"] is None else f", {spent['stolen_share']:.0%} stolen"
         print(
-            f"{name:<40} top-1 {row['top1']:6.2f} ({row['correct1']}/{row['images']})  {seconds:7.1f} s  {steps} steps"
+            f"{name:<40} top-1 {row['top1']:6.2f} ({row['correct1']}/{row['images']})  {seconds:7.1f} s "
+            f"({spent['cpu_seconds']:.0f} CPU s{stolen})  {steps} steps"
         )
     if args.plot:
         plot(merged_rows([str(path), *args.plot_from], setting), args.model, args.bits, args.plot)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import platform
+import time
 from dataclasses import dataclass, replace
 from enum import Enum
 from functools import cache
@@ -15,7 +16,7 @@ from functools import cache
 from fxq.errors import ConfigError
 from fxq.quant.qmath import MAX_BITS, MIN_BITS, QSpec
 
-__all__ = ["ISA", "Target", "INT8", "W248A8", "host_isa", "isa_named", "cpu_description"]
+__all__ = ["ISA", "Target", "INT8", "W248A8", "host_isa", "isa_named", "cpu_description", "CpuClock"]
 
 
 class ISA(Enum):
@@ -83,6 +84,41 @@ def cpu_description() -> str:
     caps = dict(getattr(torch.cpu, "get_capabilities", dict)())
     name = caps.get("cpu_name") or platform.processor() or platform.machine()
     return f"{name}, {torch.backends.cpu.get_cpu_capability()}, {host_isa().value}"
+
+
+class CpuClock:
+    """What a timed stretch cost this process's CPUs, beside its wall time: the process's CPU seconds (all its
+    threads) and the share of the machine's CPU time that the hypervisor gave other guests meanwhile (Linux's
+    steal time, /proc/stat; None elsewhere). On a shared virtual machine a timing taken while that share is high
+    is the neighbours', not the code's: the CPU seconds stay near the work."""
+
+    def __init__(self):
+        self._wall, self._cpu, self._ticks = time.perf_counter(), time.process_time(), _cpu_ticks()
+
+    def read(self) -> dict[str, float | None]:
+        """{'wall_seconds', 'cpu_seconds', 'stolen_share'} since the clock was made."""
+        ticks = _cpu_ticks()
+        stolen = None
+        if ticks is not None and self._ticks is not None and ticks[1] > self._ticks[1]:
+            stolen = (ticks[0] - self._ticks[0]) / (ticks[1] - self._ticks[1])
+        return {
+            "wall_seconds": time.perf_counter() - self._wall,
+            "cpu_seconds": time.process_time() - self._cpu,
+            "stolen_share": stolen,
+        }
+
+
+def _cpu_ticks() -> tuple[int, int] | None:
+    """(stolen, all) clock ticks of the machine's CPUs since boot, or None without /proc/stat."""
+    try:
+        with open("/proc/stat") as fh:
+            fields = fh.readline().split()
+    except OSError:
+        return None
+    if not fields or fields[0] != "cpu" or len(fields) < 9:
+        return None
+    ticks = [int(t) for t in fields[1:9]]  # user nice system idle iowait irq softirq steal (guest is in user)
+    return ticks[7], sum(ticks)
 
 
 def _x86_has_vnni() -> bool:

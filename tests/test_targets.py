@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 import fxq
+from fxq import targets
 from fxq.errors import ConfigError
 from fxq.quant.modules import QuantWeight
 from fxq.targets import INT8, ISA, host_isa, isa_named
@@ -64,3 +65,22 @@ def test_quantized_model_reports_its_grids():
     assert report.isa == "x86-avx2" and "7-bit grid" in report.integer_form
     assert "8 (7)" in report.table()
     assert isinstance(qgm.get_submodule("conv"), QuantWeight) and qgm.get_submodule("conv").spec.grid_bits == 7
+
+
+def test_cpu_clock_reads_the_stolen_share_from_the_machine_ticks(monkeypatch, tmp_path):
+    stat = tmp_path / "stat"
+    real_open = open
+
+    def fake_open(path, *args, **kwargs):
+        return real_open(stat if path == "/proc/stat" else path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", fake_open)
+    stat.write_text("cpu  100 0 50 800 10 0 0 40 0 0\ncpu0 1 2 3\n")
+    clock = targets.CpuClock()
+    torch.randn(256, 256).matmul(torch.randn(256, 256))  # some of this process's CPU time
+    stat.write_text("cpu  400 0 80 900 10 0 0 210 0 0\n")  # 600 more ticks, 170 of them stolen
+    spent = clock.read()
+    assert spent["stolen_share"] == pytest.approx(170 / 600)
+    assert spent["cpu_seconds"] > 0 and spent["wall_seconds"] > 0
+    stat.unlink()  # no /proc/stat (another OS): the share is unknown, not 0
+    assert targets.CpuClock().read()["stolen_share"] is None

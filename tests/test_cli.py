@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 import fxq
+from fxq import targets
 from fxq.cli import main
 from fxq.errors import ConfigError
 from fxq.targets import host_isa
@@ -230,7 +231,7 @@ def test_bench_refuses_cpu_only_backends_on_a_gpu():
 @pytest.mark.parametrize(
     ("budget", "start", "steps"), [(None, "float", 3), ("1h", "layerwise", 3), (None, "layerwise", 0)]
 )
-def test_eptq_quantize_reports_its_schedule(tmp_path, image_dirs, capsys, budget, start, steps):
+def test_eptq_quantize_reports_its_schedule(tmp_path, image_dirs, capsys, monkeypatch, budget, start, steps):
     calib, _ = image_dirs
     out = tmp_path / "eptq"
     args = ["quantize", "--model", "mobilenet_v3_small", "--random-weights", "--quiet", "--calib", str(calib)]
@@ -238,8 +239,15 @@ def test_eptq_quantize_reports_its_schedule(tmp_path, image_dirs, capsys, budget
     args += ["--rounding-batch", "2", "--lfh-probes", "1", "--batch-size", "2", "--out", str(out), "--start", start]
     act_steps = start == "float"  # one case also trains the activation steps, the others weigh positions
     args += ["--train-act-steps"] if act_steps else ["--start-sensitivity", "0.5"]
+
+    class Crowded(targets.CpuClock):  # the budgeted run's host gives half the CPU time to other guests
+        def read(self):
+            return {**super().read(), "stolen_share": 0.5 if budget else 0.0}
+
+    monkeypatch.setattr("fxq.cli.commands.CpuClock", Crowded)
     code, stdout, _ = run(args + (["--time-budget", budget] if budget else []), capsys)
     assert code == 0
+    assert ("other guests of this virtual machine's host took 50% of its CPU time" in stdout) == bool(budget)
     length = f"up to {steps} iterations" if budget else f"{steps} iterations"
     assert f"EPTQ schedule: short (the CPU one; --schedule full for the paper's 20K x 32): {length}" in stdout
     report = json.loads((out / "report.json").read_text())

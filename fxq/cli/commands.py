@@ -50,9 +50,11 @@ from fxq.ir.meta import gq
 from fxq.ir.ops import pick_device
 from fxq.memory import keep_freed_memory
 from fxq.pipeline import label_free_hessian, quantize
-from fxq.targets import ISA, cpu_description, isa_named
+from fxq.targets import ISA, CpuClock, cpu_description, isa_named
 
 __all__ = ["main", "COMMANDS"]
+
+STOLEN_NOTICE = 0.1  # of the machine's CPU time taken by other guests during a run, above which the run says so
 
 
 def _say_schedule(args, methods) -> None:
@@ -75,9 +77,17 @@ def cmd_quantize(args) -> None:
     lm, calib, val = model_and_images(args)
     if cfg.time_budget is not None:  # the budget counts the loading too
         cfg = dataclasses.replace(cfg, time_budget=max(cfg.time_budget - (time.monotonic() - t_load), 1e-3))
-    t0 = time.perf_counter()
+    clock = CpuClock()
     qgm, report = quantize(lm.model, batches(calib.x, args.batch_size), cfg)
-    report.stage_seconds["total_quantize"] = time.perf_counter() - t0
+    spent = clock.read()
+    report.stage_seconds["total_quantize"] = spent["wall_seconds"]
+    if spent["stolen_share"] is not None and spent["stolen_share"] > STOLEN_NOTICE:
+        print(
+            f"note: other guests of this virtual machine's host took {spent['stolen_share']:.0%} of its CPU time "
+            f"during the run ({spent['cpu_seconds']:.0f} CPU s in {spent['wall_seconds']:.0f} s): timings, and the "
+            "steps a time budget buys, are the host's load as much as this run's",
+            flush=True,
+        )
     report.model = lm.name
     report.images = {"calibration": calib.chosen, **({"val": val.chosen} if val is not None else {})}
     print(report.table())

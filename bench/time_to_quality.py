@@ -113,6 +113,7 @@ def plot(rows: dict, model: str, bits: int, path: str) -> None:
         ax.axhline(rtn["top1"], color="gray", ls="--", lw=0.8)
         ax.plot([rtn["quantize_seconds"]], [rtn["top1"]], "s", color="gray", label="RTN")
     line = 0
+    rows = {k: r for k, r in rows.items() if "-thresholds" not in k}  # the default weight thresholds' rows alone
     for name in PATHS:
         for seed in sorted({r.get("seed", 0) for k, r in rows.items() if k.startswith(f"{name} W{bits}A8 ")}):
             pts = sorted(

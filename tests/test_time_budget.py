@@ -103,6 +103,25 @@ def test_a_run_whose_first_steps_are_slow_plans_again_from_its_pace(tiny_net, st
     assert r["iterations"] > 370 and 0 <= r["seconds_left_in_budget"] <= 3.0
 
 
+def test_the_budget_keeps_the_time_the_check_takes(tiny_net, step_clock, monkeypatch):
+    """Each batch of the keep-best check costs as much as a step (as past a large frozen prefix, where a step is
+    cheap beside a forward of the whole graph): the run times a check batch before its steps and ends inside the
+    budget. Modelled as a third of a step, the check's 8 batches ran 3 s past it."""
+    losses = rounding_train.RoundingOptimizer._losses
+
+    def counted(self, *args):
+        if not torch.is_grad_enabled():  # the check's batches, and the two that time one
+            step_clock.now += 1.0
+        return losses(self, *args)
+
+    monkeypatch.setattr(rounding_train.RoundingOptimizer, "_losses", counted)
+    _, report = fxq.quantize(tiny_net, CALIB, _cfg(40.0, keep_best=True))
+    r = report.rounding
+    assert r["kept"] in ("eptq", "rtn") and r["iterations"] > PLAN_AFTER
+    # 2 s timing a check batch, then the check's 8 batches of 1 s inside the reserve, and its 2 steps left over
+    assert r["seconds_left_in_budget"] == pytest.approx(2.0)
+
+
 def test_groups_of_layers_share_the_budget(step_clock, monkeypatch):
     """Three groups (the state does not fit at once): each plans its steps inside an equal share of the time left
     when it starts, and the run ends inside the budget."""

@@ -109,7 +109,7 @@ class RoundingOptimizer:
         # data-parallel: every rank takes its part of each batch and the gradients are summed over the ranks, so
         # each step is one process's step on the whole batch; rank 0 alone writes checkpoints
         self.world = world
-        self._check_extra = 0.0  # seconds the keep-best check takes beyond its forwards' share of a step
+        self._check_batch_seconds = 0.0  # one batch of the keep-best check, timed before the steps (with a budget)
 
     @torch.enable_grad()  # it trains, whatever grad mode the caller is in (torch.compile's may be off)
     def run(self, gm: GraphModule) -> dict:
@@ -153,6 +153,8 @@ class RoundingOptimizer:
             else:  # the steps from the values at the cut; the check on the whole graph (RTN's prefix differs)
                 steps, check, past = self._past_prefix(gm, prefix, images, student, teacher)
             cache_seconds = time.perf_counter() - t0
+            if cfg.keep_best and self.deadline is not None:
+                self._check_batch_seconds = self._time_check_batch(*check)
             stats = self._optimize_groups(gm, layers, groups, start, acts, *steps)
             if acts is not None:
                 acts.harden_()
@@ -241,8 +243,6 @@ class RoundingOptimizer:
             cached = dataclasses.replace(cfg, teacher_cache="on")
             check_targets = TeacherTargets(teacher, held_out, cached, [n.name for n in z], self.world)
             check = (student, check_targets, _Inputs(held_out), weights)
-            # its forwards run the prefix too, which a step's do not: the time that adds to the check's
-            self._check_extra = seconds * 2 * len(held_out) / len(images)
         left_out = {"layers": len(prefix.layers), "weight_share": prefix.weight_share, "tensors": len(z) - len(kept)}
         return steps, check, {**left_out, "cut": prefix.cut.name, "seconds": seconds}
 
@@ -411,13 +411,16 @@ class RoundingOptimizer:
                 window_left, window = (budget.left(), PLAN_AFTER - 1) if budget is not None else (None, 0)
             if step + 1 == plan_at:  # time a window of steps, then fit the schedule into what is left of the budget
                 now = budget.left()
-                # every rank plans alike: for the slowest rank's steps and the least time left
+                # every rank plans alike: for the slowest rank's steps and check batch and the least time left
                 slowest = w.max_(
-                    torch.tensor([(window_left - now) / window, -now], dtype=torch.float64), "the time budget"
+                    torch.tensor([(window_left - now) / window, -now, self._check_batch_seconds], dtype=torch.float64),
+                    "the time budget",
                 )
-                per_step, left = float(slowest[0]), -float(slowest[1])
-                # a check batch: a forward (and past a frozen prefix, the prefix's forward too)
-                reserve = per_step * (self._check_batches(len(images)) / 3 + 2) + self._check_extra
+                per_step, left, check_batch = float(slowest[0]), -float(slowest[1]), float(slowest[2])
+                # the end: two steps' time and the check's batches, each timed, and at least a step's forward (a
+                # third of a step); past a frozen prefix a check batch, through the whole graph, can cost more than
+                # a step
+                reserve = per_step * 2 + self._check_batches(len(images)) * max(per_step / 3, check_batch)
                 planned = planned_iterations(step + 1, limit, left, per_step, reserve)
                 last_left = window_left = left
                 window = step + 1 - start  # the next window doubles what has run, and is timed on its own
@@ -486,6 +489,19 @@ class RoundingOptimizer:
         if not data:
             raise CheckpointError(f"rank {w.rank}: rank 0 could not resume from its checkpoint; its error says why")
         return torch.load(io.BytesIO(data), weights_only=True)
+
+    @torch.no_grad()
+    def _time_check_batch(self, student, targets, images, weights) -> float:
+        """Seconds of one batch of the keep-best check on the run's clock, the second of two (the first pays for
+        warming up)."""
+        batch = torch.arange(min(len(images), self.cfg.batch_size))
+        xs = images.take(batch[self.world.part(len(batch))], weights.device, self.cfg)
+        seconds = 0.0
+        for _ in range(2):
+            before = self.deadline.left()
+            self._losses(student, targets, batch, xs, weights)
+            seconds = before - self.deadline.left()
+        return seconds
 
     def _check_batches(self, n_images: int) -> int:
         """Forward batches the end of a run costs (the keep-best check of the EPTQ and the RTN weights); each

@@ -500,12 +500,14 @@ class RoundingOptimizer:
         for _ in range(2):
             before = self.deadline.left()
             self._losses(student, targets, batch, xs, weights)
+            if weights.device.type == "cuda":  # its kernels done, not only launched
+                torch.cuda.synchronize(weights.device)
             seconds = before - self.deadline.left()
         return seconds
 
     def _check_batches(self, n_images: int) -> int:
         """Forward batches the end of a run costs (the keep-best check of the EPTQ and the RTN weights); each
-        costs about a third of a step (a forward, no backward)."""
+        costs at least a third of a step (a forward, no backward), and past a frozen prefix more."""
         return 2 * math.ceil(min(n_images, _CHECK_IMAGES) / self.cfg.batch_size) if self.cfg.keep_best else 0
 
     @torch.no_grad()

@@ -89,7 +89,9 @@ def configs(args) -> dict[str, PTQConfig]:
 
     seed = f" seed {args.seed}" if args.seed else ""
     # the weight thresholds are the RTN row's too: another choice of them is another row, RTN included
-    width = f"W{args.bits}A{args.act_bits}" + ("" if args.weight_error == "mse" else f" {args.weight_error}-thresholds")
+    width = f"W{args.bits}A{args.act_bits}" + (
+        "" if args.weight_error == WeightError.MSE.value else f" {args.weight_error}-thresholds"
+    )
     out = {f"RTN {width}": cfg(Method.RTN)}
     for path in args.paths:
         for text in args.budgets:

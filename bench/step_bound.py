@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from fxq.eptq.train import use_fused_act_quant_
+from fxq.eptq.train import use_training_kernels_
 
 
 def _sync(x: torch.Tensor) -> None:
@@ -19,7 +19,7 @@ def _sync(x: torch.Tensor) -> None:
 
 def step_bound(model, qgm, x: torch.Tensor, repeat: int = 5) -> float:
     """Median seconds of teacher forward + student forward + backward on batch x (with the rounding's kernels)."""
-    use_fused_act_quant_(qgm, True)
+    use_training_kernels_(qgm, True)
     params = [p for p in qgm.parameters()]
     flags = [p.requires_grad for p in params]
     for p in params:
@@ -36,5 +36,5 @@ def step_bound(model, qgm, x: torch.Tensor, repeat: int = 5) -> float:
     for p, f in zip(params, flags):
         p.requires_grad_(f)
         p.grad = None
-    use_fused_act_quant_(qgm, False)
+    use_training_kernels_(qgm, False)
     return statistics.median(times[1:])

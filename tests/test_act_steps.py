@@ -32,14 +32,14 @@ def _acts(gm) -> dict[str, ActQuant]:
     return {n: m for n, m in gm.named_modules() if isinstance(m, ActQuant)}
 
 
-@pytest.mark.parametrize("fused", [True, False], ids=["fused kernel", "formula"])
+@pytest.mark.parametrize("fused", [True, False], ids=["training kernel", "formula"])
 @pytest.mark.parametrize("signed", [True, False])
 def test_the_step_gradient_is_lsqs(fused, signed):
     """d out / d s = round(x/s) - x/s inside the grid and the grid's bound outside it; x gets the straight-through
     gradient; a log factor u (s = s0 e^u) gets s times it."""
     spec = QSpec(bits=4, signed=signed)
     q = ActQuant(spec, threshold=1.0)
-    q.fused_kernel = fused
+    q.training_kernels = fused
     x = (seeded(2, 3, 5, 5, seed=3) * 0.8).requires_grad_()
     steps = ActSteps([q])
     with torch.no_grad():

@@ -7,6 +7,7 @@ from fxq.quant.qmath import (
     QSpec,
     activation_threshold,
     fake_quant,
+    fake_quant_trained_input,
     fake_quant_values,
     quantize_int,
     scale_for,
@@ -53,6 +54,32 @@ def test_fake_quant_values_without_gradient_are_fake_quant_s_bit_for_bit(signed)
     ties = (torch.arange(-300, 300) + 0.5) * s  # halfway between two codes: round half to even in both
     x = torch.cat([x, ties, -ties, torch.tensor([0.0, -0.0, 1e-30])])
     assert torch.equal(fake_quant_values(x.clone(), s, spec), fake_quant(x, s, spec))
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_the_training_kernels_give_fake_quant_s_values_and_the_fused_kernel_s_gradient(signed):
+    spec = QSpec(4, signed=signed)
+    s = scale_for(torch.tensor(2.0), spec)
+    ties = (torch.arange(-12, 12) + 0.5) * s  # halfway between two codes, and the grid's two ends' halves
+    x = torch.cat([seeded(10_000) * 3, ties, torch.tensor([0.0, -0.0, 1e-30])]).reshape(-1, 1, 1)
+    g = seeded(*x.shape, seed=1)
+    ours = x.clone().requires_grad_()
+    out = fake_quant_trained_input(ours, s, spec)
+    (out * g).sum().backward()
+    assert torch.equal(out, fake_quant(x, s, spec))
+    codes = torch.round(x / s)
+    inside = (codes >= spec.qmin) & (codes <= spec.qmax)  # a code on the grid's bound is not clipped
+    assert torch.equal(ours.grad, g * inside)
+    assert 0 < int(inside.sum()) < len(x) and bool((codes == spec.qmax).any())
+    fused = seeded(10_000).mul(3).requires_grad_()  # torch's kernel rounds x * (1/s): no ties here
+    zero = torch.zeros((), dtype=torch.int32)
+    (torch.fake_quantize_per_tensor_affine(fused, s, zero, spec.qmin, spec.qmax) * g[:10_000, 0, 0]).sum().backward()
+    torch.testing.assert_close(ours.grad[:10_000, 0, 0], fused.grad, rtol=0, atol=0)
+
+
+def test_the_training_kernels_refuse_a_step_that_trains():
+    with pytest.raises(ConfigError, match="fake_quant_learned_step"):
+        fake_quant_trained_input(seeded(4), torch.tensor(0.1, requires_grad=True), QSpec(8))
 
 
 def test_per_channel_scales_follow_each_channel():

@@ -9,6 +9,7 @@ from fxq.config import LFHConfig, LossWeights, Method, PTQConfig, RoundingConfig
 from fxq.eptq import train as rounding_train
 from fxq.eptq.schedule import batch_indices, beta_at
 from fxq.errors import CheckpointError, ConfigError, GraphCheckFailed
+from fxq.quant import modules as quant_modules
 from fxq.quant.modules import QuantWeight, layer_forward, mean_output_shift
 from fxq.targets import INT8
 from tests.conftest import bytes_per_weight, conv_stack, room_for, seeded
@@ -198,15 +199,15 @@ def test_trainable_weight_steps_move_and_stay_consistent(tiny_net, tmp_path):
     assert "scale_factor" in torch.load(tmp_path / "rounding.pt", weights_only=False)["soft"]
 
 
-def test_the_optimized_model_exports_and_trains_with_the_fused_kernel_only_inside(tiny_net, monkeypatch):
+def test_the_optimized_model_exports_and_trains_with_the_training_kernels_only_inside(tiny_net, monkeypatch):
     seen = []
-    real = torch.fake_quantize_per_tensor_affine
-    monkeypatch.setattr(torch, "fake_quantize_per_tensor_affine", lambda *a: seen.append(1) or real(*a))
+    real = quant_modules.fake_quant_trained_input
+    monkeypatch.setattr(quant_modules, "fake_quant_trained_input", lambda *a: seen.append(1) or real(*a))
     qgm, _ = _eptq(tiny_net, iterations=3)
-    assert seen  # the optimization trained with torch's fused kernel
-    assert not any(getattr(m, "fused_kernel", False) for m in qgm.modules())  # and handed back the formula
+    assert seen  # the optimization trained with the CPU's training kernels
+    assert not any(getattr(m, "training_kernels", False) for m in qgm.modules())  # and handed back the formula
     x = seeded(2, 3, 16, 16, seed=4)
-    ep = torch.export.export(qgm, (x,))  # torch.export cannot trace the fused kernel: it must be off
+    ep = torch.export.export(qgm, (x,))  # torch.export cannot trace the training kernels: they must be off
     torch.testing.assert_close(ep.module()(x), qgm(x))
 
 

@@ -202,10 +202,11 @@ def test_state_round_trip_and_refusals():
         SoftRounding(layers[:2], train_scale=True).load_state_dict(state)
 
 
-@pytest.mark.parametrize("beta", [20.0, 7.5, 2.0])
+@pytest.mark.parametrize("beta", [20.0, 7.5, 2.0, 1.0])
 def test_the_rounding_penalty_and_its_gradient_are_the_formulas(beta):
-    """The hand-written penalty against autograd through the plain formula, h on both sides of 1/2 and at 0 and 1."""
-    h = torch.cat([torch.rand(64, dtype=torch.float64), torch.tensor([0.0, 1.0, 0.25, 0.75], dtype=torch.float64)])
+    """The hand-written penalty against autograd through the plain formula, h on both sides of 1/2, at 1/2 (where
+    the power's log is -inf) and at 0 and 1."""
+    h = torch.cat([torch.rand(64, dtype=torch.float64), torch.tensor([0.0, 1.0, 0.25, 0.75, 0.5], dtype=torch.float64)])
     plain = h.clone().requires_grad_()
     ours = h.clone().requires_grad_()
     want = (1 - (2 * plain - 1).abs().pow(beta)).sum()

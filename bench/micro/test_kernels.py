@@ -18,13 +18,13 @@ from fxq.backends.check import output_step
 from fxq.backends.inductor import FrozenCompiled, int8_inductor_available
 from fxq.backends.onnx import export_float_onnx, ort_session
 from fxq.eptq.distillation import Workspace, column_lengths, distillation_loss, pack, packed_loss
-from fxq.eptq.soft_rounding import SoftRounding, rectified_sigmoid
+from fxq.eptq.soft_rounding import SoftRounding, rectified_sigmoid, rounding_penalty
 from fxq.kernels import lfh_cuda
 from fxq.kernels.lfh import LFHReducer
 from fxq.kernels.lfh_reduce import RunningStats, fused_update_reference_
 from fxq.quant import qmath
 from fxq.quant.modules import QuantWeight
-from fxq.quant.qmath import QSpec, fake_quant, scale_for, weight_thresholds
+from fxq.quant.qmath import QSpec, fake_quant, fake_quant_trained_input, scale_for, weight_thresholds
 from fxq.targets import cpu_description
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -230,6 +230,33 @@ def test_fake_quant_activation_per_tensor_backward(benchmark, seeded):
     _check_ste_grad(x, s, A_SPEC)
 
 
+@pytest.mark.benchmark(group="fake-quant-training")
+def test_fake_quant_activation_training_kernels_backward(benchmark, seeded):
+    x, s = _activation(seeded)
+    x = x.contiguous(memory_format=torch.channels_last).requires_grad_()  # as the rounding's steps run
+
+    def step():
+        x.grad = None
+        fake_quant_trained_input(x, s, A_SPEC).sum().backward()
+
+    benchmark(step)
+    _check_ste_grad(x, s, A_SPEC)
+
+
+@pytest.mark.benchmark(group="fake-quant-training")
+def test_fake_quant_activation_torch_fused_kernel_backward(benchmark, seeded):
+    x, s = _activation(seeded)
+    x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+    zero = torch.zeros((), dtype=torch.int32)
+
+    def step():
+        x.grad = None
+        torch.fake_quantize_per_tensor_affine(x, s, zero, A_SPEC.qmin, A_SPEC.qmax).sum().backward()
+
+    benchmark(step)
+    _check_ste_grad(x, s, A_SPEC)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # 3. Soft rounding (AdaRound in flat tensors) over 10 conv layers of 32-64 channels
 
@@ -286,6 +313,36 @@ def test_soft_rounding_refresh_backward_10_convs(benchmark, soft):
     _check_live(soft)
     assert torch.isfinite(soft.v.grad).all() and soft.v.grad.abs().sum() > 0
     assert torch.isfinite(soft.bias.grad).all() and soft.bias.grad.abs().sum() > 0
+
+
+LITE0_WEIGHTS = 4_581_600  # h(V) of every quantized weight of EfficientNet-Lite0
+
+
+@pytest.fixture
+def lite0_h(seeded):
+    return torch.sigmoid(seeded(LITE0_WEIGHTS, seed=5) * 3).requires_grad_()
+
+
+@pytest.mark.benchmark(group="rounding-penalty")
+def test_rounding_penalty_lite0_backward(benchmark, lite0_h):
+    def step():
+        lite0_h.grad = None
+        rounding_penalty(lite0_h, 7.5).backward()
+
+    benchmark(step)
+    assert torch.isfinite(lite0_h.grad).all() and lite0_h.grad.abs().sum() > 0
+
+
+@pytest.mark.benchmark(group="rounding-penalty")
+def test_rounding_penalty_pow_formula_lite0_backward(benchmark, lite0_h):
+    """The plain formula through autograd (pow with a float exponent each way): the baseline."""
+
+    def step():
+        lite0_h.grad = None
+        (1 - (2 * lite0_h - 1).abs().pow(7.5)).sum().backward()
+
+    benchmark(step)
+    assert torch.isfinite(lite0_h.grad).all() and lite0_h.grad.abs().sum() > 0
 
 
 @pytest.mark.benchmark(group="soft-rounding")

@@ -63,7 +63,7 @@ from fxq.ir.taps import from_cut, interest_nodes, quantized_value, up_to, with_t
 from fxq.memory import available_bytes, keeps_freed_memory, size_text
 from fxq.quant.modules import ActQuant, QuantWeight
 
-__all__ = ["RoundingOptimizer", "use_fused_act_quant_", "check_resumable", "schedule_fields", "CHECKPOINT"]
+__all__ = ["RoundingOptimizer", "use_training_kernels_", "check_resumable", "schedule_fields", "CHECKPOINT"]
 
 CHECKPOINT = "rounding.pt"
 _CHECK_IMAGES = 128  # calibration images of the keep-best check
@@ -129,7 +129,7 @@ class RoundingOptimizer:
         rtn = [qw.hardened_state() for qw in layers]  # integer codes: round-to-nearest's weights exactly, in a quarter
         acts = ActSteps([m for m in gm.modules() if isinstance(m, ActQuant)]) if cfg.train_act_steps else None
         try:  # everything set up from here on is undone in `finally`
-            use_fused_act_quant_(gm, True)
+            use_training_kernels_(gm, True)
             if nhwc:  # before V is made from the weights, so V and its gradients are NHWC too
                 channels_last_(gm)
                 channels_last_(self.teacher)
@@ -175,7 +175,7 @@ class RoundingOptimizer:
                 acts.close()
             for p, flag in trainable.items():
                 p.requires_grad_(flag)
-            use_fused_act_quant_(gm, False)
+            use_training_kernels_(gm, False)
             if nhwc:
                 gm.to(memory_format=torch.contiguous_format)
                 self.teacher.to(memory_format=torch.contiguous_format)
@@ -636,8 +636,9 @@ def check_resumable(cfg: RoundingConfig) -> None:
     check_fingerprint(Path(cfg.checkpoint_dir) / CHECKPOINT, {k: saved.get(k) for k in ours}, ours)
 
 
-def use_fused_act_quant_(gm: nn.Module, on: bool) -> None:
-    """Activation quantizers on torch's fused training kernel (on) or the traceable formula (off, the default)."""
+def use_training_kernels_(gm: nn.Module, on: bool) -> None:
+    """Activation quantizers on their training kernels (on: fewer kernels, not traceable) or the traceable formula
+    (off, the default)."""
     for m in gm.modules():
         if isinstance(m, ActQuant):
-            m.fused_kernel = on
+            m.training_kernels = on

@@ -11,7 +11,14 @@ from torch import Tensor, nn
 from fxq.dist.world import World
 from fxq.errors import ConfigError
 from fxq.ir.meta import OpKind
-from fxq.quant.qmath import QSpec, fake_quant, fake_quant_learned_step, fake_quant_values, scale_for
+from fxq.quant.qmath import (
+    QSpec,
+    fake_quant,
+    fake_quant_learned_step,
+    fake_quant_trained_input,
+    fake_quant_values,
+    scale_for,
+)
 
 __all__ = [
     "ActObserver",
@@ -151,17 +158,20 @@ class ActQuant(nn.Module):
         super().__init__()
         self.spec = spec
         self.register_buffer("scale", scale_for(torch.tensor(float(threshold)), spec))
-        self.fused_kernel = False  # set by the rounding optimization while it trains
+        self.training_kernels = False  # set by the rounding optimization while it trains
         self.live_scale: Tensor | None = None  # a step being trained (fxq.eptq.act_steps), shape (1,)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.live_scale is not None and torch.is_grad_enabled():
             return self._learned(x)
-        if self.fused_kernel and x.requires_grad and x.dtype == torch.float32:
-            # training: torch's fused fake-quantize, one kernel each way where the formula below takes six. It
-            # has no meta kernel (torch.export/compile cannot trace it) and rounds x * (1/s), so a tie may differ
-            zero = self.scale.new_zeros((), dtype=torch.int32)
-            return torch.fake_quantize_per_tensor_affine(x, self.scale, zero, self.spec.qmin, self.spec.qmax)
+        if self.training_kernels and x.requires_grad:
+            # training: fewer kernels than the formula below, which torch.export and torch.compile trace. On a
+            # GPU torch's fused fake-quantize, one launch each way (it rounds x * (1/s), so a tie may differ); on
+            # a CPU, where that kernel is the slower, a straight-through function with the formula's values
+            if x.is_cuda and x.dtype == torch.float32:
+                zero = self.scale.new_zeros((), dtype=torch.int32)
+                return torch.fake_quantize_per_tensor_affine(x, self.scale, zero, self.spec.qmin, self.spec.qmax)
+            return fake_quant_trained_input(x, self.scale, self.spec)
         if not x.requires_grad and not torch.compiler.is_compiling():  # in place: nothing traces or trains it
             return fake_quant_values(x, self.scale, self.spec)
         return fake_quant(x, self.scale, self.spec)
@@ -169,7 +179,7 @@ class ActQuant(nn.Module):
     def _learned(self, x: Tensor) -> Tensor:
         """Fake quantization at the live step, with LSQ's gradient for it: round(x/s) - x/s inside the grid, its
         bound outside (torch's fused kernel, or the same formula through autograd)."""
-        if self.fused_kernel and x.dtype == torch.float32:
+        if self.training_kernels and x.dtype == torch.float32:
             zero = self.live_scale.new_zeros(1)
             return torch._fake_quantize_learnable_per_tensor_affine(
                 x, self.live_scale, zero, self.spec.qmin, self.spec.qmax, 1.0

@@ -117,6 +117,16 @@ def test_keep_best_never_ends_worse_than_rtn_on_its_check_images(tiny_net):
     )
 
 
+def test_the_check_loss_is_a_mean_over_its_images_whatever_the_batch(tiny_net):
+    """RTN's check loss at batches of 2 and of 8 (16 and 4 batches over the same images): about the same value, not
+    one in proportion to the number of batches. Each batch's loss is relative to its own images' energy, so the
+    two differ by how much that varies between batches."""
+    losses = [_eptq(tiny_net, iterations=0, batch_size=b, keep_best=True)[1].rounding for b in (2, 8)]
+    assert len(CALIB) * len(CALIB[0]) == 32  # the check reads every image here
+    small, large = (r["rtn_check_loss"] for r in losses)
+    assert small == pytest.approx(large, rel=0.01)
+
+
 def test_plain_mean_weights_need_no_lfh(tiny_net):
     qgm, report = _eptq(tiny_net, iterations=5, loss_weights="mean")
     assert "LFH" not in report.stage_seconds and report.rounding["loss_weights"] == "mean"

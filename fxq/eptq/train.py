@@ -513,7 +513,8 @@ class RoundingOptimizer:
     @torch.no_grad()
     def _keep_best(self, layers, rtn, acts, student, targets, images, weights) -> dict:
         """Distillation loss of the hard-rounded model (with its learned activation steps, `acts`) vs RTN (with
-        calibration's) on fixed calibration images; keep the lower."""
+        calibration's) on fixed calibration images, the mean over them (whatever the batch size); keep the
+        lower."""
         n = min(len(images), _CHECK_IMAGES)
         device, w = weights.device, self.world
 
@@ -521,8 +522,8 @@ class RoundingOptimizer:
             total = 0.0
             for batch in torch.arange(n).split(self.cfg.batch_size):
                 xs = images.take(batch[w.part(len(batch))], device, self.cfg)
-                total += float(self._losses(student, targets, batch, xs, weights))
-            return float(w.sum_(torch.tensor([total], dtype=torch.float64), "the keep-best check"))
+                total += float(self._losses(student, targets, batch, xs, weights)) * len(batch)
+            return float(w.sum_(torch.tensor([total], dtype=torch.float64), "the keep-best check")) / n
 
         eptq = loss()
         chosen = [qw.hardened_state() for qw in layers]  # its integer codes: a quarter of the weights' memory

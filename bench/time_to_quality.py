@@ -51,6 +51,8 @@ PATHS = {
     "layerwise-s05": {"start": "layerwise", "start_sensitivity": 0.5},
     # each layer rounds its own float weights on its quantized inputs (GPTQ's aim) instead of the float output's
     "layerwise-noaim": {"start": "layerwise", "start_aim": False},
+    # the model output's share of the distillation weights (the LFH gives Lite0's 7.8 %)
+    "layerwise-out25": {"start": "layerwise", "output_share": 0.25},
     # schedule settings after the layer-local start
     "layerwise-sure": {"start": "layerwise", "start_confidence": 0.95},  # V starts nearer the choice (0.75)
     "layerwise-nowarm": {"start": "layerwise", "warmup": 0.0},  # the regulariser from the first step (0.2)

@@ -128,6 +128,9 @@ class RoundingConfig:
     beta: tuple[float, float] = (20.0, 2.0)  # annealed linearly after the warm-up
     warmup: float = 0.2  # fraction of the iterations with the regulariser off
     loss_weights: LossWeights = LossWeights.LFH
+    # the model output's share of the distillation's weights, the hidden tensors keeping their ratios (None: what
+    # `loss_weights` gives it; with the LFH, the largest trace of all: 7.8 % of Lite0's)
+    output_share: float | None = None
     normalize_loss: bool = True  # each tensor's squared error relative to its float energy (as MCT does)
     images: int | None = None  # optimize on N calibration images drawn at random with `seed` (None: all)
     keep_best: bool = True  # fall back to RTN when the optimized rounding distils worse on held-out images
@@ -165,6 +168,13 @@ class RoundingConfig:
         if not 0 <= self.frozen_share < 1:
             raise ConfigError(f"frozen_share is a share of the weights in [0, 1), got {self.frozen_share}")
         _coerce_enums_(self, loss_weights=LossWeights, optimizer=Optimizer, start=Start)
+        if self.output_share is not None and not (
+            0 < self.output_share < 1 and self.loss_weights != LossWeights.OUTPUT
+        ):
+            raise ConfigError(
+                f"output_share must lie in (0, 1), with loss_weights 'lfh' or 'mean' (the output alone is "
+                f"loss_weights='output'), got {self.output_share} with {self.loss_weights.value!r}"
+            )
 
     @property
     def loss_weights_read(self) -> LossWeights:

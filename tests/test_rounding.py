@@ -132,6 +132,32 @@ def test_plain_mean_weights_need_no_lfh(tiny_net):
     assert "LFH" not in report.stage_seconds and report.rounding["loss_weights"] == "mean"
 
 
+def test_the_output_share_sets_the_output_s_weight_and_keeps_the_hidden_ratios(tiny_net, monkeypatch):
+    seen = []
+    real = rounding_train.interest_weights
+    monkeypatch.setattr(rounding_train, "interest_weights", lambda *a: seen.append(real(*a)) or seen[-1])
+    _eptq(tiny_net, iterations=2)
+    _eptq(tiny_net, iterations=2, output_share=0.7)
+    lfh, shared = seen
+    assert len(lfh) > 2 and float(shared.mean()) == pytest.approx(1.0)
+    assert float(shared[0] / shared.sum()) == pytest.approx(0.7)
+    torch.testing.assert_close(shared[1:] / shared[1:].sum(), lfh[1:] / lfh[1:].sum())
+    assert float(lfh[0] / lfh.sum()) < 0.5  # the share moved
+
+
+@pytest.mark.parametrize(
+    "settings", [{"output_share": 1.0}, {"output_share": 0.0}, {"output_share": 0.3, "loss_weights": "output"}]
+)
+def test_a_bad_output_share_is_refused(settings):
+    with pytest.raises(ConfigError, match="output_share"):
+        RoundingConfig(**settings)
+
+
+def test_an_output_share_without_one_output_tensor_is_refused(tiny_net):
+    with pytest.raises(GraphCheckFailed, match="output_share"):
+        rounding_train.interest_weights(torch.fx.symbolic_trace(tiny_net), LossWeights.MEAN, False, 0.2)
+
+
 def _interrupted_and_resumed(model, tmp_path, monkeypatch, step: int, **settings) -> tuple[dict, object]:
     """A run interrupted at `step` and resumed from its last checkpoint gives the model of an uninterrupted run,
     bit for bit; returns that checkpoint and the resumed run's report."""

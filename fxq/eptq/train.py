@@ -148,7 +148,9 @@ class RoundingOptimizer:
             t0 = time.perf_counter()
             if prefix is None:  # the steps and the keep-best check on the whole graph
                 targets = TeacherTargets(teacher, images, cfg, [n.name for n in interest_nodes(gm)], self.world)
-                weights = interest_weights(gm, cfg.loss_weights_read, targets.out_is_tensor).to(device)
+                weights = interest_weights(gm, cfg.loss_weights_read, targets.out_is_tensor, cfg.output_share).to(
+                    device
+                )
                 steps = check = (student, targets, _Inputs(images), weights)
             else:  # the steps from the values at the cut; the check on the whole graph (RTN's prefix differs)
                 steps, check, past = self._past_prefix(gm, prefix, images, student, teacher)
@@ -234,7 +236,7 @@ class RoundingOptimizer:
             past, past_teacher = torch.compile(past), torch.compile(past_teacher)
         targets = TeacherTargets(past_teacher, images, cfg, [n.name for n in kept], self.world)
         out = targets.out_is_tensor
-        weights = interest_weights(gm, cfg.loss_weights_read, out).to(device)
+        weights = interest_weights(gm, cfg.loss_weights_read, out, cfg.output_share).to(device)
         rows = [0] * out + [k + out for k in prefix.kept]
         steps = (past, targets, _Inputs(images, at_cut), weights[rows] * (len(rows) / len(weights)))
         check = None
@@ -467,6 +469,7 @@ class RoundingOptimizer:
             "seconds_per_step": seconds / steps if steps else None,
             "seconds_per_step_after_first": (t_end - t1) / (steps - 1) if steps > 1 else None,
             "loss_weights": cfg.loss_weights_read.value,
+            "output_share": cfg.output_share,
             "history": history,
         }
 

@@ -14,8 +14,11 @@ from fxq.ir.taps import interest_nodes
 __all__ = ["interest_weights"]
 
 
-def interest_weights(gm: GraphModule, kind: LossWeights, with_output: bool) -> Tensor:
-    """lambda_z per interest tensor (the output first when `with_output`), scaled to mean 1."""
+def interest_weights(
+    gm: GraphModule, kind: LossWeights, with_output: bool, output_share: float | None = None
+) -> Tensor:
+    """lambda_z per interest tensor (the output first when `with_output`), scaled to mean 1; with `output_share`
+    the output's weight is set so that it holds that share of their sum."""
     z = interest_nodes(gm)
     if kind is LossWeights.OUTPUT:
         if not with_output:
@@ -40,4 +43,11 @@ def interest_weights(gm: GraphModule, kind: LossWeights, with_output: bool) -> T
         w = torch.cat([w.max().reshape(1) if len(w) else torch.ones(1), w])
     if not bool(w.any()):  # one tensor alone has log-normalised weight 0: then all count alike
         w = torch.ones_like(w)
+    if output_share is not None:
+        if not with_output:
+            raise GraphCheckFailed(
+                "output_share sets the model output's weight, but this model does not return one tensor; leave it None"
+            )
+        hidden = float(w[1:].sum())
+        w[0] = output_share / (1 - output_share) * hidden if hidden > 0 else 1.0  # no hidden tensor: the output alone
     return w / w.mean()  # mean 1: the LFH and plain-mean runs share lr and lambda_reg

@@ -185,10 +185,10 @@ def _example(batches: list) -> tuple:
 
 
 def _traced(model: nn.Module, example_inputs: tuple, config: PTQConfig) -> tuple[GraphModule, tuple]:
+    deadline = _deadline(config)  # the budget counts the model's copy too: it is the caller's wall time
     model = set_eval_(copy.deepcopy(model))
     device = device_of(model)
     example_inputs = tree_map(lambda x: x.to(device) if isinstance(x, torch.Tensor) else x, tuple(example_inputs))
-    deadline = _deadline(config)
     t0 = time.perf_counter()
     gm = trace(model, example_inputs, config.frontend, config.leaf_modules)
     gq(gm).stage_seconds["Trace"] = time.perf_counter() - t0

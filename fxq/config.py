@@ -129,7 +129,7 @@ class RoundingConfig:
     warmup: float = 0.2  # fraction of the iterations with the regulariser off
     loss_weights: LossWeights = LossWeights.LFH
     # the model output's share of the distillation's weights, the hidden tensors keeping their ratios (None: what
-    # `loss_weights` gives it; with the LFH, the largest trace of all: 7.8 % of Lite0's)
+    # `loss_weights` gives it; with the LFH, the largest trace of all)
     output_share: float | None = None
     normalize_loss: bool = True  # each tensor's squared error relative to its float energy (as MCT does)
     images: int | None = None  # optimize on N calibration images drawn at random with `seed` (None: all)

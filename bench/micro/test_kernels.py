@@ -197,17 +197,22 @@ def test_fake_quant_weight_per_channel_forward(benchmark, conv_weight):
     _check_on_grid(out, w, s, W_SPEC)
 
 
+def _bench_ste_backward(benchmark, x: torch.Tensor, scale: torch.Tensor, spec: QSpec, quantize) -> None:
+    """Time `quantize(x, scale, spec)` and `.sum().backward()`, then check its straight-through gradient."""
+    x.requires_grad_()
+
+    def step():
+        x.grad = None
+        quantize(x, scale, spec).sum().backward()
+
+    benchmark(step)
+    _check_ste_grad(x, scale, spec)
+
+
 @pytest.mark.benchmark(group="fake-quant")
 def test_fake_quant_weight_per_channel_backward(benchmark, conv_weight):
     w, s = conv_weight
-    w = w.clone().requires_grad_()
-
-    def step():
-        w.grad = None
-        fake_quant(w, s, W_SPEC).sum().backward()
-
-    benchmark(step)
-    _check_ste_grad(w, s, W_SPEC)
+    _bench_ste_backward(benchmark, w.clone(), s, W_SPEC, fake_quant)
 
 
 @pytest.mark.benchmark(group="fake-quant")
@@ -220,41 +225,25 @@ def test_fake_quant_activation_per_tensor_forward(benchmark, seeded):
 @pytest.mark.benchmark(group="fake-quant")
 def test_fake_quant_activation_per_tensor_backward(benchmark, seeded):
     x, s = _activation(seeded)
-    x.requires_grad_()
-
-    def step():
-        x.grad = None
-        fake_quant(x, s, A_SPEC).sum().backward()
-
-    benchmark(step)
-    _check_ste_grad(x, s, A_SPEC)
+    _bench_ste_backward(benchmark, x, s, A_SPEC, fake_quant)
 
 
 @pytest.mark.benchmark(group="fake-quant-training")
 def test_fake_quant_activation_training_kernels_backward(benchmark, seeded):
     x, s = _activation(seeded)
-    x = x.contiguous(memory_format=torch.channels_last).requires_grad_()  # as the rounding's steps run
-
-    def step():
-        x.grad = None
-        fake_quant_trained_input(x, s, A_SPEC).sum().backward()
-
-    benchmark(step)
-    _check_ste_grad(x, s, A_SPEC)
+    x = x.contiguous(memory_format=torch.channels_last)  # as the rounding's steps run
+    _bench_ste_backward(benchmark, x, s, A_SPEC, fake_quant_trained_input)
 
 
 @pytest.mark.benchmark(group="fake-quant-training")
 def test_fake_quant_activation_torch_fused_kernel_backward(benchmark, seeded):
     x, s = _activation(seeded)
-    x = x.contiguous(memory_format=torch.channels_last).requires_grad_()
     zero = torch.zeros((), dtype=torch.int32)
 
-    def step():
-        x.grad = None
-        torch.fake_quantize_per_tensor_affine(x, s, zero, A_SPEC.qmin, A_SPEC.qmax).sum().backward()
+    def fused(x, scale, spec):
+        return torch.fake_quantize_per_tensor_affine(x, scale, zero, spec.qmin, spec.qmax)
 
-    benchmark(step)
-    _check_ste_grad(x, s, A_SPEC)
+    _bench_ste_backward(benchmark, x.contiguous(memory_format=torch.channels_last), s, A_SPEC, fused)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -56,8 +56,8 @@ class _RoundingPenalty(torch.autograd.Function):
 
 
 def _power_(t: Tensor, p: float) -> Tensor:
-    """t^p in place for t >= 0: exp(p log t), two vectorised kernels where pow with a float exponent takes about
-    twice their time on a CPU (0 stays 0 for p > 0; pow for the rest)."""
+    """t^p in place for t >= 0: exp(p log t), two vectorised kernels, where pow with a float exponent is the
+    slower on a CPU (0 stays 0 for p > 0; pow for the rest)."""
     return t.log_().mul_(p).exp_() if p > 0 else t.pow_(p)
 
 

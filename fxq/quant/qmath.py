@@ -130,7 +130,7 @@ class _StraightThrough(torch.autograd.Function):
     """fake_quant per tensor at a fixed step, its values bit for bit, in five kernels forward and one backward
     (a bool mask held): torch's fused kernel's gradient, straight through where round(x/s) lies on the grid,
     the grid's bounds included (fake_quant's clamp zeroes those too), zero where clipped. torch's fused CPU
-    kernel computes the same about half as fast, and rounds x * (1/s)."""
+    kernel computes the same, slower, and rounds x * (1/s)."""
 
     @staticmethod
     def forward(ctx, x: Tensor, scale: Tensor, qmin: int, qmax: int) -> Tensor:

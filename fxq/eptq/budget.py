@@ -3,9 +3,10 @@
 The clock (fxq.ir.meta.Deadline on the graph) starts when the run traces the model; the CLI counts image loading
 too. The LFH may use a share of the budget before it stops adding probes beyond its minimum; the rounding
 optimization times its first steps, then sets its iteration count so that the steps, the hardening and the keep-best
-check end before the deadline; it plans again on each doubled window of steps while it is in the first REPLAN_SHARE
-of its length, from the latest window's pace (a machine's first steps can run several times slower than the rest,
-and a plan from them alone would end far inside the budget). The iteration count the config gives stays an upper
+check end before the deadline; it plans again after each window of steps, from that window's pace, the windows
+doubling up to REPLAN_SHARE of the planned length and going on to the end (a machine's first steps can run several
+times slower than the rest, and a shared machine's pace moves with its neighbours': a plan from one slow window
+would end far inside the budget). A plan that moves after the warm-up moves the temperature schedule with it. The iteration count the config gives stays an upper
 bound, so a budget never lengthens a schedule. A rounding that starts with time left takes at least its PLAN_AFTER
 timing steps; one that starts past the deadline takes none (RTN).
 """
@@ -21,8 +22,7 @@ __all__ = ["parse_duration", "planned_iterations", "LFH_SHARE", "PLAN_AFTER", "R
 
 LFH_SHARE = 0.1  # of the budget, after which the LFH stops at its minimum probe count
 PLAN_AFTER = 4  # rounding steps timed before the schedule is planned (the first one, a warm-up, apart)
-REPLAN_SHARE = 0.1  # of the planned length, inside which the plan is made again (within the default 20 % warm-up,
-# so the temperature schedule has not begun when its length moves)
+REPLAN_SHARE = 0.05  # of the planned length: the longest window of steps timed for a plan
 
 
 def planned_iterations(done: int, limit: int, seconds_left: float, seconds_per_step: float, reserve: float) -> int:

@@ -425,14 +425,16 @@ class RoundingOptimizer:
                 reserve = per_step * 2 + self._check_batches(len(images)) * max(per_step / 3, check_batch)
                 planned = planned_iterations(step + 1, limit, left, per_step, reserve)
                 last_left = window_left = left
-                window = step + 1 - start  # the next window doubles what has run, and is timed on its own
-                if step + 1 + window <= REPLAN_SHARE * planned:
+                # the next window doubles what has run, up to REPLAN_SHARE of the length, and is timed on its own:
+                # the plan follows the machine's pace to the end, when it speeds up as when it slows
+                window = min(step + 1 - start, max(math.ceil(REPLAN_SHARE * planned), PLAN_AFTER - 1))
+                if step + 1 + window < planned:
                     plan_at = step + 1 + window
                 sched = dataclasses.replace(cfg, iterations=planned)
                 log_every = max(planned // 100, 1)
                 bar.total = planned
                 bar.refresh()
-            elif plan_at is not None and step + 1 > plan_at:  # one more step like the last would cut the reserve
+            elif reserve > 0:  # planned once: one more step like the last would cut the reserve
                 left = budget.left()
                 if w.any(2 * left - last_left < reserve, "the time budget"):  # late (the machine slowed): harden
                     planned = bar.total = min(planned, step + 1)

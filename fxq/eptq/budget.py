@@ -6,9 +6,10 @@ optimization times its first steps, then sets its iteration count so that the st
 check end before the deadline; it plans again after each window of steps, from that window's pace, the windows
 doubling up to REPLAN_SHARE of the planned length and going on to the end (a machine's first steps can run several
 times slower than the rest, and a shared machine's pace moves with its neighbours': a plan from one slow window
-would end far inside the budget). A plan that moves after the warm-up moves the temperature schedule with it. The iteration count the config gives stays an upper
-bound, so a budget never lengthens a schedule. A rounding that starts with time left takes at least its PLAN_AFTER
-timing steps; one that starts past the deadline takes none (RTN).
+would end far inside the budget). A plan that moves after the warm-up moves the temperature schedule with it. The
+iteration count the config gives stays an upper bound, so a budget never lengthens a schedule. A rounding that
+starts with time left takes at least its PLAN_AFTER timing steps; one that starts past the deadline takes none
+(RTN).
 """
 
 from __future__ import annotations

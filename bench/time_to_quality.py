@@ -63,6 +63,9 @@ PATHS = {
     "radam-act": {"train_act_steps": True},
     "layerwise-act": {"start": "layerwise", "train_act_steps": True},
     "layerwise-all-act": {"start": "layerwise", "start_images": None, "train_act_steps": True},
+    # QDrop: half of each activation quantizer's elements left float in every step's forward
+    "radam-drop": {"act_drop": 0.5},
+    "layerwise-drop": {"start": "layerwise", "act_drop": 0.5},
     # the layer-local choice kept (confidence 1); the steps train only the biases and per-channel step factors
     "layerwise-tune": {"start": "layerwise", "start_confidence": 1.0, "train_scale": True},
     "layerwise-tune-fast": {

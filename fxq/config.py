@@ -110,6 +110,9 @@ class RoundingConfig:
     # with the rounding's optimizer at lr_act_steps
     train_act_steps: bool = False
     lr_act_steps: float = 1e-3
+    # QDrop: the share of each activation quantizer's elements left float in the steps' forwards (fxq.quant.qmath.
+    # drop_quantization; QDrop's 0.5), so the weights fit the graph between float and quantized activations. 0: off
+    act_drop: float = 0.0
     start: Start = Start.FLOAT  # where the rounding variables start
     # images the layer-local start reads (drawn with `seed`); None: all (a quarter of the time and memory of 1000,
     # about the same choices)
@@ -165,6 +168,8 @@ class RoundingConfig:
             )
         if not 0 <= self.start_sensitivity < 1:  # at 1 the positions the output does not read leave H singular
             raise ConfigError(f"start_sensitivity is a share in [0, 1), got {self.start_sensitivity}")
+        if not 0 <= self.act_drop < 1:  # at 1 no step would see a quantized activation
+            raise ConfigError(f"act_drop is a share of the activations in [0, 1), got {self.act_drop}")
         if not 0 <= self.frozen_share < 1:
             raise ConfigError(f"frozen_share is a share of the weights in [0, 1), got {self.frozen_share}")
         _coerce_enums_(self, loss_weights=LossWeights, optimizer=Optimizer, start=Start)

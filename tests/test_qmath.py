@@ -6,6 +6,7 @@ from fxq.quant.qmath import (
     ActThreshold,
     QSpec,
     activation_threshold,
+    drop_quantization,
     fake_quant,
     fake_quant_trained_input,
     fake_quant_values,
@@ -80,6 +81,28 @@ def test_the_training_kernels_give_fake_quant_s_values_and_the_fused_kernel_s_gr
 def test_the_training_kernels_refuse_a_step_that_trains():
     with pytest.raises(ConfigError, match="fake_quant_learned_step"):
         fake_quant_trained_input(seeded(4), torch.tensor(0.1, requires_grad=True), QSpec(8))
+
+
+@pytest.mark.parametrize("share", [0.0, 0.5, 0.9])
+def test_drop_quantization_leaves_its_share_float_drawn_from_its_generator(share):
+    spec = QSpec(4)
+    s = scale_for(torch.tensor(2.0), spec)
+    x = (seeded(20_000) * 3).to(memory_format=torch.contiguous_format).requires_grad_()
+    q = fake_quant_trained_input(x, s, spec)
+    out = drop_quantization(x, q, share, torch.Generator().manual_seed(3))
+    moved = q.detach() != x.detach()  # elements where float and quantized differ tell which one came out
+    assert torch.equal(out[moved & (out == x)], x[moved & (out == x)].detach())
+    assert bool(((out == x) | (out == q)).all())
+    float_share = float((out == x)[moved].float().mean())
+    n = int(moved.sum())
+    assert abs(float_share - share) < 4 * (share * (1 - share) / n) ** 0.5 + 1e-9  # binomial: 4 standard errors
+    again = drop_quantization(x, q, share, torch.Generator().manual_seed(3))
+    assert torch.equal(out, again)  # the generator alone draws it
+    g = seeded(*x.shape, seed=1)
+    (out * g).sum().backward()
+    inside = (torch.round(x / s) >= spec.qmin) & (torch.round(x / s) <= spec.qmax)
+    # float elements pass the whole gradient, quantized ones the straight-through one
+    assert torch.equal(x.grad, torch.where(out.detach() == x.detach(), g, g * inside))
 
 
 def test_per_channel_scales_follow_each_channel():

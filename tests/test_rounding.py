@@ -181,10 +181,13 @@ def _interrupted_and_resumed(model, tmp_path, monkeypatch, step: int, **settings
     return saved, report
 
 
-@pytest.mark.parametrize("start", ["float", "layerwise"])
-def test_resume_after_an_interrupt_gives_the_same_model(tiny_net, tmp_path, monkeypatch, start):
-    # a resumed layer-local start takes its V from the checkpoint, not from a new layer-local rounding
-    settings = {"iterations": 24, "checkpoint_every": 8, "start": start}
+@pytest.mark.parametrize(
+    "variant", [{"start": "float"}, {"start": "layerwise"}, {"start": "float", "act_drop": 0.5}], ids=str
+)
+def test_resume_after_an_interrupt_gives_the_same_model(tiny_net, tmp_path, monkeypatch, variant):
+    # a resumed layer-local start takes its V from the checkpoint, not from a new layer-local rounding; a resumed
+    # QDrop run draws the same elements float at each step
+    settings = {"iterations": 24, "checkpoint_every": 8, **variant}
     saved, report = _interrupted_and_resumed(tiny_net, tmp_path, monkeypatch, 13, **settings)
     assert saved["step"] == 8
     assert report.rounding["resumed_at"] == 8 and report.rounding["start_seconds"] is None
@@ -196,7 +199,29 @@ def test_resume_refuses_a_checkpoint_of_another_run(tiny_net, tmp_path):
         _eptq(tiny_net, iterations=16, checkpoint_every=4, checkpoint_dir=str(tmp_path), resume=True)
 
 
+def test_qdrop_leaves_its_share_of_activations_float_in_the_steps_alone(tiny_net, monkeypatch):
+    seen = []
+    real = quant_modules.drop_quantization
+
+    def recorded(x, q, share, gen):
+        out = real(x, q, share, gen)
+        moved = q != x
+        seen.append((share, float((out == x)[moved].float().mean())))
+        return out
+
+    monkeypatch.setattr(quant_modules, "drop_quantization", recorded)
+    qgm, report = _eptq(tiny_net, iterations=6, act_drop=0.3, keep_best=True)
+    acts = [m for m in qgm.modules() if isinstance(m, quant_modules.ActQuant)]
+    assert len(seen) == 6 * len(acts)  # every quantizer in every step, and not in the keep-best check's forwards
+    assert {share for share, _ in seen} == {0.3}
+    assert 0.2 < sum(f for _, f in seen) / len(seen) < 0.4
+    assert report.rounding["act_drop"] == 0.3
+    assert all(m.drop is None for m in acts)  # the model handed back quantizes every element
+
+
 def test_bad_rounding_settings_are_refused():
+    with pytest.raises(ConfigError, match="act_drop"):
+        RoundingConfig(act_drop=1.0)
     with pytest.raises(ConfigError, match="checkpoint_dir"):
         RoundingConfig(resume=True)
     with pytest.raises(ConfigError, match="warmup"):

@@ -71,6 +71,7 @@ def rounding_schedule(args) -> tuple[str, RoundingConfig, LFHConfig]:
             "checkpoint_every": args.checkpoint_every,
             "frozen_share": args.frozen_share,
             "start_sensitivity": args.start_sensitivity,
+            "act_drop": args.act_drop,
         }.items()
         if v is not None
     }

@@ -179,6 +179,13 @@ def quant_args(p: argparse.ArgumentParser) -> None:
         "hold and stay at their start, so that the steps skip them (0: every step runs the whole model)",
     )
     r.add_argument(
+        "--act-drop",
+        type=share_arg,
+        default=None,
+        help="QDrop: the share of each activation's elements left float in the rounding's steps (0.5 is QDrop's; "
+        "for 4-bit and narrower activations)",
+    )
+    r.add_argument(
         "--start-sensitivity",
         type=share_arg,
         default=None,

@@ -110,6 +110,7 @@ class RoundingOptimizer:
         # each step is one process's step on the whole batch; rank 0 alone writes checkpoints
         self.world = world
         self._check_batch_seconds = 0.0  # one batch of the keep-best check, timed before the steps (with a budget)
+        self._drop: torch.Generator | None = None  # QDrop's draws (act_drop), seeded at every step
 
     @torch.enable_grad()  # it trains, whatever grad mode the caller is in (torch.compile's may be off)
     def run(self, gm: GraphModule) -> dict:
@@ -157,7 +158,11 @@ class RoundingOptimizer:
             cache_seconds = time.perf_counter() - t0
             if cfg.keep_best and self.deadline is not None:
                 self._check_batch_seconds = self._time_check_batch(*check)
+            if cfg.act_drop > 0:
+                self._drop = torch.Generator(device=device)
+                use_act_drop_(gm, (cfg.act_drop, self._drop))
             stats = self._optimize_groups(gm, layers, groups, start, acts, *steps)
+            use_act_drop_(gm, None)
             if acts is not None:
                 acts.harden_()
                 stats.update(acts.summary())
@@ -178,6 +183,7 @@ class RoundingOptimizer:
             for p, flag in trainable.items():
                 p.requires_grad_(flag)
             use_training_kernels_(gm, False)
+            use_act_drop_(gm, None)
             if nhwc:
                 gm.to(memory_format=torch.contiguous_format)
                 self.teacher.to(memory_format=torch.contiguous_format)
@@ -389,6 +395,8 @@ class RoundingOptimizer:
         while step < planned:
             batch = batch_indices(len(images), cfg.batch_size, offset + step, cfg.seed)
             xs = images.take(batch[w.part(len(batch))], device, cfg)
+            if self._drop is not None:  # a step's draws depend on the step alone: a resumed run draws the same
+                self._drop.manual_seed((cfg.seed * 1_000_003 + offset + step) * w.size + w.rank)
             soft.refresh()
             if acts is not None:
                 acts.refresh()
@@ -472,6 +480,7 @@ class RoundingOptimizer:
             "seconds_per_step_after_first": (t_end - t1) / (steps - 1) if steps > 1 else None,
             "loss_weights": cfg.loss_weights_read.value,
             "output_share": cfg.output_share,
+            "act_drop": cfg.act_drop,
             "history": history,
         }
 
@@ -640,6 +649,13 @@ def check_resumable(cfg: RoundingConfig) -> None:
     saved = read_checkpoint(cfg.checkpoint_dir, CHECKPOINT)["fingerprint"]
     ours = schedule_fields(cfg)
     check_fingerprint(Path(cfg.checkpoint_dir) / CHECKPOINT, {k: saved.get(k) for k in ours}, ours)
+
+
+def use_act_drop_(gm: nn.Module, drop: tuple[float, torch.Generator] | None) -> None:
+    """Every activation quantizer leaves this share of its elements float while it trains (QDrop), or none."""
+    for m in gm.modules():
+        if isinstance(m, ActQuant):
+            m.drop = drop
 
 
 def use_training_kernels_(gm: nn.Module, on: bool) -> None:

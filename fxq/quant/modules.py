@@ -13,6 +13,7 @@ from fxq.errors import ConfigError
 from fxq.ir.meta import OpKind
 from fxq.quant.qmath import (
     QSpec,
+    drop_quantization,
     fake_quant,
     fake_quant_learned_step,
     fake_quant_trained_input,
@@ -160,8 +161,15 @@ class ActQuant(nn.Module):
         self.register_buffer("scale", scale_for(torch.tensor(float(threshold)), spec))
         self.training_kernels = False  # set by the rounding optimization while it trains
         self.live_scale: Tensor | None = None  # a step being trained (fxq.eptq.act_steps), shape (1,)
+        # while the rounding trains with act_drop: (the share of elements left float, their generator)
+        self.drop: tuple[float, torch.Generator] | None = None
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.drop is not None and torch.is_grad_enabled():  # the steps, not the checks between them
+            return drop_quantization(x, self._quantized(x), *self.drop)
+        return self._quantized(x)
+
+    def _quantized(self, x: Tensor) -> Tensor:
         if self.live_scale is not None and torch.is_grad_enabled():
             return self._learned(x)
         if self.training_kernels and x.requires_grad:

@@ -27,6 +27,7 @@ __all__ = [
     "fake_quant_values",
     "fake_quant_trained_input",
     "fake_quant_learned_step",
+    "drop_quantization",
     "quantize_int",
     "weight_thresholds",
     "activation_threshold",
@@ -162,6 +163,14 @@ def fake_quant_learned_step(x: Tensor, scale: Tensor, spec: QSpec) -> Tensor:
     codes = torch.round(xs).detach()
     inside = (codes >= spec.qmin) & (codes <= spec.qmax)
     return torch.where(inside, xs + (codes - xs).detach(), codes.clamp(spec.qmin, spec.qmax)) * scale
+
+
+def drop_quantization(x: Tensor, q: Tensor, share: float, gen: torch.Generator) -> Tensor:
+    """QDrop's mix (Wei et al., ICLR 2022): each element of `x` left float with chance `share`, its quantized value
+    `q` otherwise, drawn from `gen`. Weights trained through it fit every graph between the float activations and
+    the quantized ones, not one point of that range, which is what lets them hold when activations are narrow."""
+    keep_float = torch.empty_like(x).uniform_(generator=gen) < share
+    return torch.where(keep_float, x, q)
 
 
 def quantize_int(x: Tensor, scale: Tensor, spec: QSpec) -> Tensor:

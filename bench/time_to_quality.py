@@ -7,7 +7,8 @@ Rows: float; RTN; for each path, one EPTQ run per --budgets entry (`time_budget`
 inside it) and per --lengths entry (a fixed iteration count). A path is a set of rounding settings (PATHS below;
 `radam` is MCT's optimizer and fxq's default, `adam` the same at the full learning rate from the first steps).
 The wall time is fxq.quantize's: trace, calibration, LFH and rounding (image loading and the evaluation not
-counted). Every row calibrates on all calibration images without labels and is evaluated on every val image;
+counted). Every row calibrates on all calibration images without labels and is evaluated on every val image: top-1,
+and the label-free distances to the float model there (the share of images whose top-1 is float's, the mean KL);
 rows are written to --json as they finish and skipped when the script runs again, so an interrupted run resumes.
 `--plot` draws top-1 against wall time, with RTN, float and the reference implementation's CPU run (MCT 2.6.1,
 ../shared/anchors/README.md) where the model is EfficientNet-Lite0; `--plot-from` adds the rows of other --json
@@ -24,7 +25,7 @@ import torch
 
 import fxq
 from fxq.config import LFHConfig, Method, PTQConfig, RoundingConfig, WeightError
-from fxq.data.evaluate import evaluate
+from fxq.data.evaluate import evaluate, log_probs
 from fxq.data.images import batches, load_images
 from fxq.data.models import DEFAULT_MODEL, default_image_sets, load_model
 from fxq.eptq.budget import parse_duration
@@ -210,14 +211,18 @@ def main() -> None:
         raise SystemExit(f"{path} holds rows measured with {done['setting']}, not {setting}: give another --json")
     if "float" not in done["rows"]:
         done["rows"]["float"] = evaluate(lm.model, val.x, val.y, progress=False)
+    reference = None  # the float model's log-probabilities on the val images, for the label-free distances
     for name, cfg in configs(args).items():
         if name in done["rows"]:
             continue
+        if reference is None:
+            reference = log_probs(lm.model, val.x)
         clock = CpuClock()
         qgm, report = fxq.quantize(lm.model, batches(calib.x, 32), cfg)
         spent = clock.read()
         seconds = spent["wall_seconds"]
-        row = {**evaluate(qgm, val.x, val.y, progress=False), "quantize_seconds": seconds, "seed": args.seed}
+        row = {**evaluate(qgm, val.x, val.y, progress=False, reference=reference), "quantize_seconds": seconds}
+        row["seed"] = args.seed
         row.update(cpu_seconds=spent["cpu_seconds"], stolen_share=spent["stolen_share"])
         row["stage_seconds"] = report.stage_seconds
         row["lfh_probes"] = report.lfh_probes
@@ -229,7 +234,8 @@ def main() -> None:
         stolen = "" if spent["stolen_share"] is None else f", {spent['stolen_share']:.0%} stolen"
         print(
             f"{name:<40} top-1 {row['top1']:6.2f} ({row['correct1']}/{row['images']})  {seconds:7.1f} s "
-            f"({spent['cpu_seconds']:.0f} CPU s{stolen})  {steps} steps"
+            f"({spent['cpu_seconds']:.0f} CPU s{stolen})  {steps} steps  agrees with float {row['agreement']:.2%}  "
+            f"KL {row['kl']:.4f}"
         )
     if args.plot:
         plot(merged_rows([str(path), *args.plot_from], setting), args.model, args.bits, args.plot)

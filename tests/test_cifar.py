@@ -10,7 +10,7 @@ from torchvision.transforms import functional as TF
 
 import fxq
 from fxq.data.cifar import cifar_resnet
-from fxq.data.evaluate import evaluate
+from fxq.data.evaluate import evaluate, log_probs
 from fxq.data.images import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -222,6 +222,20 @@ def test_evaluate_refuses_labels_the_model_cannot_output():
     with pytest.raises(DataError, match=r"from 1 to 999 but the model has 10 outputs.*--val"):
         evaluate(model, x, y, progress=False)
     assert evaluate(model, x, y.clamp(max=9), progress=False)["images"] == 4
+
+
+def test_evaluate_against_a_reference_gives_the_kl_and_the_top1_agreement():
+    model = torch.nn.Linear(6, 4)
+    x, y = seeded(9, 6), torch.tensor([0, 1, 2, 3, 0, 1, 2, 3, 0])
+    ref = log_probs(model, x, batch_size=4)
+    same = evaluate(model, x, y, batch_size=4, progress=False, reference=ref)
+    assert same["agreement"] == 1.0 and same["kl"] == pytest.approx(0.0, abs=1e-7)
+    other = torch.nn.Linear(6, 4)
+    got = evaluate(other, x, y, batch_size=4, progress=False, reference=ref)
+    p, q = ref.exp(), other(x).softmax(1)
+    assert got["kl"] == pytest.approx(float((p * (p / q).log()).sum(1).mean()), rel=1e-5)  # batches of 4 add up
+    assert got["agreement"] == pytest.approx(float((q.argmax(1) == p.argmax(1)).float().mean()))
+    assert "kl" not in evaluate(other, x, y, progress=False)
 
 
 @needs_cifar

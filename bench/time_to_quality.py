@@ -64,6 +64,9 @@ PATHS = {
     "radam-act": {"train_act_steps": True},
     "layerwise-act": {"start": "layerwise", "train_act_steps": True},
     "layerwise-all-act": {"start": "layerwise", "start_images": None, "train_act_steps": True},
+    # coordinate descent on each layer's error after the start's error feedback, up to 8 passes
+    "layerwise-cd": {"start": "layerwise", "start_sweeps": 8},
+    "layerwise-all-cd": {"start": "layerwise", "start_images": None, "start_sweeps": 8},
     # QDrop: half of each activation quantizer's elements left float in every step's forward
     "radam-drop": {"act_drop": 0.5},
     "layerwise-drop": {"start": "layerwise", "act_drop": 0.5},

@@ -123,6 +123,8 @@ class RoundingConfig:
     # with the layer-local start: each layer rounds the weights that bring its output on its quantized inputs nearest
     # the float graph's (GPTAQ's target: it makes up for the error of the layers above); off: its own float weights
     start_aim: bool = True
+    # with the layer-local start: passes of coordinate descent on each layer's error after GPTQ's error feedback
+    start_sweeps: int = 0
     start_confidence: float = 0.75  # h(V) on the layer-local choice's side at the start (0.5: undecided; 1: kept)
     # with the layer-local start: the largest share of the quantized weights that the first layers may hold and
     # stay at their start, so that the steps read the graph's value past them, computed once (fxq.eptq.prefix)
@@ -168,6 +170,8 @@ class RoundingConfig:
             )
         if not 0 <= self.start_sensitivity < 1:  # at 1 the positions the output does not read leave H singular
             raise ConfigError(f"start_sensitivity is a share in [0, 1), got {self.start_sensitivity}")
+        if self.start_sweeps < 0:
+            raise ConfigError(f"start_sweeps is a number of passes, 0 or more, got {self.start_sweeps}")
         if not 0 <= self.act_drop < 1:  # at 1 no step would see a quantized activation
             raise ConfigError(f"act_drop is a share of the activations in [0, 1), got {self.act_drop}")
         if not 0 <= self.frozen_share < 1:

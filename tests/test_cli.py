@@ -237,8 +237,13 @@ def test_eptq_quantize_reports_its_schedule(tmp_path, image_dirs, capsys, monkey
     args = ["quantize", "--model", "mobilenet_v3_small", "--random-weights", "--quiet", "--calib", str(calib)]
     args += ["--no-eval", "--weight-bits", "4", "--method", "eptq", "--schedule", "short", "--iterations", str(steps)]
     args += ["--rounding-batch", "2", "--lfh-probes", "1", "--batch-size", "2", "--out", str(out), "--start", start]
-    act_steps = start == "float"  # one case also trains the activation steps with QDrop, the others weigh positions
-    args += ["--train-act-steps", "--act-drop", "0.5"] if act_steps else ["--start-sensitivity", "0.5"]
+    # one case also trains the activation steps with QDrop, the others weigh positions and descend after the start
+    act_steps = start == "float"
+    args += (
+        ["--train-act-steps", "--act-drop", "0.5"]
+        if act_steps
+        else ["--start-sensitivity", "0.5", "--start-sweeps", "2"]
+    )
 
     class Crowded(targets.CpuClock):  # the budgeted run's host gives half the CPU time to other guests
         def read(self):
@@ -255,6 +260,7 @@ def test_eptq_quantize_reports_its_schedule(tmp_path, image_dirs, capsys, monkey
     assert report["rounding"]["start"] == start
     assert report["rounding"].get("start_sensitivity") == (0.5 if start == "layerwise" else None)
     assert report["rounding"].get("act_drop") == (0.5 if act_steps else 0.0)
+    assert report["rounding"].get("start_sweeps") == (None if act_steps else 2)
     assert (
         report["rounding"].get("act_steps_trained", 0) > 0
         if act_steps

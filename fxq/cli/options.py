@@ -72,6 +72,7 @@ def rounding_schedule(args) -> tuple[str, RoundingConfig, LFHConfig]:
             "frozen_share": args.frozen_share,
             "start_sensitivity": args.start_sensitivity,
             "act_drop": args.act_drop,
+            "start_sweeps": args.start_sweeps,
         }.items()
         if v is not None
     }

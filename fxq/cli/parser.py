@@ -179,6 +179,13 @@ def quant_args(p: argparse.ArgumentParser) -> None:
         "hold and stay at their start, so that the steps skip them (0: every step runs the whole model)",
     )
     r.add_argument(
+        "--start-sweeps",
+        type=steps_arg,
+        default=None,
+        help="with --start layerwise: passes of coordinate descent on each layer's error after its error feedback "
+        "(each weight moved to its other grid point where that lowers the error; stops when a pass moves none)",
+    )
+    r.add_argument(
         "--act-drop",
         type=share_arg,
         default=None,

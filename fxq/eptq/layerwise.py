@@ -214,13 +214,15 @@ def float_target(qw: QuantWeight, hessian: Tensor, cross: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def layerwise_choice(qw: QuantWeight, hessian: Tensor, target: Tensor | None = None, act_order: bool = True) -> Tensor:
+def layerwise_choice(
+    qw: QuantWeight, hessian: Tensor, target: Tensor | None = None, act_order: bool = True, sweeps: int = 0
+) -> Tensor:
     """For every weight of `qw`, 1 where its code is floor(w/s) + 1 and 0 where it is floor(w/s) (within the
     grid), chosen column by column with error feedback through `hessian` (groups, columns, columns), to round
     `target` (default: the float weights; the two codes stay those around the float weight either way).
 
     `act_order` rounds the columns of larger input energy first (GPTQ's heuristic: they can still pass their
-    error to many columns)."""
+    error to many columns). `sweeps` passes of coordinate descent follow (`_descend`)."""
     w = qw.layer.weight.detach().float()
     out, groups, cols = w.shape[0], hessian.shape[0], hessian.shape[1]
     step = qw.scale.detach().float().reshape(out, 1)
@@ -237,6 +239,7 @@ def layerwise_choice(qw: QuantWeight, hessian: Tensor, target: Tensor | None = N
     perm = order.unsqueeze(1).expand(shape)
     work, lo_g, hi_g = (torch.take_along_dim(t, perm, 2) for t in (work, lo_g, hi_g))
     u = _inverse_factor(h).float()
+    aimed = work.clone()  # the error feedback rewrites `work`; the descent measures against the target itself
     codes = torch.empty_like(work)
     for b0 in range(0, cols, BLOCK):  # GPTQ's lazy updates: columns past the block get the block's errors at once
         b1 = min(b0 + BLOCK, cols)
@@ -248,8 +251,35 @@ def layerwise_choice(qw: QuantWeight, hessian: Tensor, target: Tensor | None = N
             errors[:, :, j] = err = (col - q * s[:, :, 0]) / u[:, b0 + j, b0 + j].unsqueeze(1)
             block[:, :, j + 1 :] -= err.unsqueeze(2) * u[:, b0 + j, b0 + j + 1 : b1].unsqueeze(1)
         work[:, :, b1:] -= torch.bmm(errors, u[:, b0:b1, b1:])
+    if sweeps:
+        codes = _descend(aimed, codes, lo_g, hi_g, s, h.float(), sweeps)
     codes = torch.empty_like(codes).scatter_(2, perm, codes)  # back to the weights' column order
     return (codes.reshape(out, -1) > lower).reshape(w.shape).to(w.dtype)
+
+
+def _descend(target: Tensor, codes: Tensor, lo: Tensor, hi: Tensor, step: Tensor, h: Tensor, sweeps: int) -> Tensor:
+    """`codes` (groups, rows, columns), each between `lo` and `hi`, moved one weight at a time to its other code
+    wherever that lowers its row's error (t - q s) H (t - q s)^T against `target` t, column after column, for
+    `sweeps` passes or until a pass moves none (coordinate descent after GPTQ, as CDQuant does). A move of weight j
+    by d steps s changes the error by -2 d s (e H)_j + d^2 s^2 H_jj, e the row's error: error feedback chose each
+    column against the columns before it; this revisits each against all the others' final codes."""
+    s, diag = step[:, :, 0], h.diagonal(dim1=1, dim2=2)
+    for _ in range(sweeps):
+        grad = torch.bmm(target - codes * step, h)  # (e H) of every row, again each pass: no drift from the updates
+        moved = 0
+        for j in range(codes.shape[2]):
+            q = codes[:, :, j]
+            shift = torch.where(q > lo[:, :, j], -s, s)  # to the other code of the two (the upper where both are lo)
+            gain = shift * (shift * diag[:, j : j + 1] - 2 * grad[:, :, j])
+            flip = (gain < 0) & (hi[:, :, j] > lo[:, :, j])
+            if bool(flip.any()):
+                shift = shift * flip
+                codes[:, :, j] += shift / s
+                grad -= shift.unsqueeze(2) * h[:, j].unsqueeze(1)
+                moved += int(flip.sum())
+        if not moved:
+            break
+    return codes
 
 
 @dataclass(frozen=True)
@@ -275,12 +305,14 @@ def sequential_choices(
     world: World,
     sensitivity: Sensitivity | None = None,
     aim: bool = True,
+    sweeps: int = 0,
 ) -> list[Tensor | None]:
     """Every layer's choice, made in graph order on `batches` (this rank's share of the images): a layer's
     quantized inputs come from the layers above it at their choices, and it rounds its `float_target` (with `aim`;
-    otherwise its float weights), its output positions weighted by `sensitivity` (alike where None). A layer
-    called at several sites decides at its last, on the inputs of all of them. Layers whose patches do not unfold
-    (`supports`) get None (they keep the float start, and their round-to-nearest weights meanwhile)."""
+    otherwise its float weights), its output positions weighted by `sensitivity` (alike where None), with `sweeps`
+    passes of coordinate descent after the error feedback. A layer called at several sites decides at its last, on
+    the inputs of all of them. Layers whose patches do not unfold (`supports`) get None (they keep the float start,
+    and their round-to-nearest weights meanwhile)."""
     teacher_nodes = {n.name: n for n in teacher.graph.nodes}
     sites = {
         name: ns for name, ns in call_sites(student).items() if isinstance(student.get_submodule(name), QuantWeight)
@@ -317,7 +349,7 @@ def sequential_choices(
                 x, f = quantized.values_of(k, node.args[:1]) + float_.values_of(k, twin.args[:1])
                 m.add_(qw.layer, x, f, weights[k].get(node.name))
             if node is sites[node.target][-1]:
-                choices[index[qw]] = _choose(qw, moments.pop(index[qw]), index[qw], world, aim)
+                choices[index[qw]] = _choose(qw, moments.pop(index[qw]), index[qw], world, aim, sweeps)
                 use_choice_(qw, choices[index[qw]])
     finally:
         for qw in layers:
@@ -360,14 +392,14 @@ def _position_weights_of(
     return weights
 
 
-def _choose(qw: QuantWeight, moments: Moments, i: int, world: World, aim: bool) -> Tensor:
+def _choose(qw: QuantWeight, moments: Moments, i: int, world: World, aim: bool, sweeps: int) -> Tensor:
     """Layer i's choice on the moments of every rank's images (rounding its float target with `aim`, its float
     weights otherwise): made by the rank that owns i, sent to the rest."""
     moments.merge_(world)
     centred = qw.input_mean is not None  # bias correction takes the mean error: the covariances are what is left
     h = moments.hessian(centred)
     target = float_target(qw, h, moments.cross(centred)) if aim else None
-    mine = layerwise_choice(qw, h, target) if world.owns(i) else None
+    mine = layerwise_choice(qw, h, target, sweeps=sweeps) if world.owns(i) else None
     if world.solo:
         return mine
     # both in the weights' logical layout (a channels-last zeros_like would add up other elements)

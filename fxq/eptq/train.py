@@ -67,6 +67,7 @@ __all__ = ["RoundingOptimizer", "use_training_kernels_", "check_resumable", "sch
 
 CHECKPOINT = "rounding.pt"
 _CHECK_IMAGES = 128  # calibration images of the keep-best check
+CHECK_MARGIN = 1.25  # the budget's reserve for the keep-best check: its timed batches and a quarter more
 # probes per image of the layer-local start's position weights (RoundingConfig.start_sensitivity)
 _SENSITIVITY_PROBES = 4
 _START_BATCH = 32  # images per batch of the layer-local start (forwards, no backward: the batch can be large)
@@ -169,7 +170,9 @@ class RoundingOptimizer:
             stats.update(teacher_cache=steps[1].cache is not None, teacher_cache_seconds=cache_seconds)
             stats.update(start=cfg.start.value, start_seconds=start_seconds if start is not None else None)
             if start is not None:
-                stats.update(start_sensitivity=cfg.start_sensitivity, start_aim=cfg.start_aim)
+                stats.update(
+                    start_sensitivity=cfg.start_sensitivity, start_aim=cfg.start_aim, start_sweeps=cfg.start_sweeps
+                )
             stats.update(frozen_prefix=past if prefix is not None else None)
             if cfg.keep_best:
                 stats.update(self._keep_best(layers, rtn, acts, *check))
@@ -202,7 +205,8 @@ class RoundingOptimizer:
         seeds = tuple(self.cfg.seed * 1_000_003 + k for k, _ in mine)  # batch k's probes, on whichever rank
         sensitivity = Sensitivity(self.cfg.start_sensitivity, _SENSITIVITY_PROBES, seeds)
         teacher = self.teacher.to(device)
-        return sequential_choices(gm, teacher, layers, batches, self.world, sensitivity, self.cfg.start_aim)
+        aim, sweeps = self.cfg.start_aim, self.cfg.start_sweeps
+        return sequential_choices(gm, teacher, layers, batches, self.world, sensitivity, aim, sweeps)
 
     def _prefix(self, gm: GraphModule, images: Tensor) -> Prefix | None:
         """The frozen prefix of this run (fxq.eptq.prefix): with the layer-local start and steps after it, where
@@ -429,8 +433,9 @@ class RoundingOptimizer:
                 per_step, left, check_batch = float(slowest[0]), -float(slowest[1]), float(slowest[2])
                 # the end: two steps' time and the check's batches, each timed, and at least a step's forward (a
                 # third of a step); past a frozen prefix a check batch, through the whole graph, can cost more than
-                # a step
-                reserve = per_step * 2 + self._check_batches(len(images)) * max(per_step / 3, check_batch)
+                # a step. The check batch was timed once, before the steps: CHECK_MARGIN for a machine slowed since
+                check = self._check_batches(len(images)) * max(per_step / 3, check_batch) * CHECK_MARGIN
+                reserve = per_step * 2 + check
                 planned = planned_iterations(step + 1, limit, left, per_step, reserve)
                 last_left = window_left = left
                 # the next window doubles what has run, up to REPLAN_SHARE of the length, and is timed on its own:
@@ -539,6 +544,7 @@ class RoundingOptimizer:
                 total += float(self._losses(student, targets, batch, xs, weights)) * len(batch)
             return float(w.sum_(torch.tensor([total], dtype=torch.float64), "the keep-best check")) / n
 
+        t0 = time.perf_counter()
         eptq = loss()
         chosen = [qw.hardened_state() for qw in layers]  # its integer codes: a quarter of the weights' memory
         for qw, hard in zip(layers, rtn):
@@ -551,7 +557,8 @@ class RoundingOptimizer:
                 qw.load_hardened_(hard)
             if acts is not None:
                 acts.harden_()
-        return {"check_loss": eptq, "rtn_check_loss": rtn_loss, "kept": "eptq" if eptq <= rtn_loss else "rtn"}
+        kept = "eptq" if eptq <= rtn_loss else "rtn"
+        return {"check_loss": eptq, "rtn_check_loss": rtn_loss, "kept": kept, "check_seconds": time.perf_counter() - t0}
 
 
 @dataclasses.dataclass

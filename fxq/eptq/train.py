@@ -163,7 +163,6 @@ class RoundingOptimizer:
                 self._drop = torch.Generator(device=device)
                 use_act_drop_(gm, (cfg.act_drop, self._drop))
             stats = self._optimize_groups(gm, layers, groups, start, acts, *steps)
-            use_act_drop_(gm, None)
             if acts is not None:
                 acts.harden_()
                 stats.update(acts.summary())

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -67,6 +68,9 @@ PATHS = {
     # coordinate descent on each layer's error after the start's error feedback, up to 8 passes
     "layerwise-cd": {"start": "layerwise", "start_sweeps": 8},
     "layerwise-all-cd": {"start": "layerwise", "start_images": None, "start_sweeps": 8},
+    # the frozen prefix trained alone first, through the prefix alone, on its end's error (fxq.eptq.prefix)
+    "layerwise-prefix": {"start": "layerwise", "prefix_steps": 200},
+    "layerwise-prefix800": {"start": "layerwise", "prefix_steps": 800},
     # QDrop: half of each activation quantizer's elements left float in every step's forward
     "radam-drop": {"act_drop": 0.5},
     "layerwise-drop": {"start": "layerwise", "act_drop": 0.5},
@@ -198,6 +202,7 @@ def main() -> None:
     p.add_argument("--plot", default=None)
     p.add_argument("--plot-from", type=lambda s: s.split(","), default=[], help="more --json files to plot beside")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--save-dir", default=None, help="each row's quantized model saved (fxq.save) in a folder here")
     args = p.parse_args()
     fxq.keep_freed_memory()  # as the command line does (fxq.memory)
     unknown = set(args.paths) - set(PATHS)
@@ -226,6 +231,8 @@ def main() -> None:
         seconds = spent["wall_seconds"]
         row = {**evaluate(qgm, val.x, val.y, progress=False, reference=reference), "quantize_seconds": seconds}
         row["seed"] = args.seed
+        if args.save_dir:  # e.g. for bench/error_sources.py --load
+            fxq.save(qgm, Path(args.save_dir) / re.sub(r"[^\w.-]+", "_", name), model_name=args.model, report=report)
         row.update(cpu_seconds=spent["cpu_seconds"], stolen_share=spent["stolen_share"])
         row["stage_seconds"] = report.stage_seconds
         row["lfh_probes"] = report.lfh_probes

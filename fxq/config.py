@@ -129,6 +129,9 @@ class RoundingConfig:
     # with the layer-local start: the largest share of the quantized weights that the first layers may hold and
     # stay at their start, so that the steps read the graph's value past them, computed once (fxq.eptq.prefix)
     frozen_share: float = 0.01
+    # with a frozen prefix: steps that train the prefix's layers alone before they freeze, on the loss of the prefix's
+    # interest tensors and of its end, which stands for every term past it (fxq.eptq.prefix); 0: they keep the start
+    prefix_steps: int = 0
     reg: float = 0.01  # lambda_reg of the rounding regulariser
     beta: tuple[float, float] = (20.0, 2.0)  # annealed linearly after the warm-up
     warmup: float = 0.2  # fraction of the iterations with the regulariser off
@@ -174,6 +177,8 @@ class RoundingConfig:
             raise ConfigError(f"start_sweeps is a number of passes, 0 or more, got {self.start_sweeps}")
         if not 0 <= self.act_drop < 1:  # at 1 no step would see a quantized activation
             raise ConfigError(f"act_drop is a share of the activations in [0, 1), got {self.act_drop}")
+        if self.prefix_steps < 0:
+            raise ConfigError(f"prefix_steps is a number of steps, 0 or more, got {self.prefix_steps}")
         if not 0 <= self.frozen_share < 1:
             raise ConfigError(f"frozen_share is a share of the weights in [0, 1), got {self.frozen_share}")
         _coerce_enums_(self, loss_weights=LossWeights, optimizer=Optimizer, start=Start)

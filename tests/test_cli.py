@@ -242,7 +242,7 @@ def test_eptq_quantize_reports_its_schedule(tmp_path, image_dirs, capsys, monkey
     args += (
         ["--train-act-steps", "--act-drop", "0.5"]
         if act_steps
-        else ["--start-sensitivity", "0.5", "--start-sweeps", "2"]
+        else ["--start-sensitivity", "0.5", "--start-sweeps", "2", "--prefix-steps", "2"]
     )
 
     class Crowded(targets.CpuClock):  # the budgeted run's host gives half the CPU time to other guests
@@ -270,6 +270,7 @@ def test_eptq_quantize_reports_its_schedule(tmp_path, image_dirs, capsys, monkey
     frozen = report["rounding"]["frozen_prefix"]
     assert (frozen is not None) == (start == "layerwise" and steps > 0)
     assert frozen is None or 0 < frozen["weight_share"] <= 0.01
+    assert frozen is None or frozen["trained"]["iterations"] == 2  # --prefix-steps
     if budget:  # the loading counts against the budget; an hour leaves the 3 iterations asked for
         assert "planned to end within 3600 s" in stdout
         assert 3000 < report["settings"]["time_budget_s"] < 3600

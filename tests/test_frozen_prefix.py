@@ -6,9 +6,10 @@ from torch import fx, nn
 
 import fxq
 from fxq.config import Method, PTQConfig, RoundingConfig
+from fxq.eptq.prefix import frozen_prefix, prefix_loss
 from fxq.errors import ConfigError
 from fxq.ir.graph import cuts
-from fxq.ir.taps import from_cut, up_to
+from fxq.ir.taps import from_cut, interest_nodes, quantized_value, up_to
 from fxq.quant.modules import QuantWeight
 from fxq.targets import INT8
 from tests.conftest import seeded
@@ -138,3 +139,47 @@ def test_the_keep_best_check_runs_on_the_whole_graph():
 def test_a_bad_frozen_share_is_refused():
     with pytest.raises(ConfigError, match="frozen_share"):
         RoundingConfig(frozen_share=1.0)
+
+
+def test_the_prefix_trained_alone_keeps_what_lowers_its_loss_and_the_layers_past_it_choose_on_that():
+    """The first two convolutions (40 % of the weights) trained alone on their own loss before they freeze; the
+    result is kept where it beats their layer-local start on the check's images, and the layers past the prefix
+    make their layer-local choice on the values of the prefix as kept."""
+    settings = {"iterations": 2, "frozen_share": 0.45, "batch_size": 32, "optimizer": "adam", "keep_best": False}
+    start, _ = _eptq(projected_stack(), **settings, lr_rounding=0.0, lr_bias=0.0)
+    trained, report = _eptq(projected_stack(), **settings, prefix_steps=300, lr_rounding=0.05, start_confidence=0.95)
+    steps = report.rounding["frozen_prefix"]["trained"]
+    assert steps["iterations"] == 300 and report.rounding["frozen_prefix"]["layers"] == 2
+    assert steps["kept"] == "trained" and steps["check_loss"] < 0.99 * steps["start_check_loss"]
+    assert not torch.equal(_layers(trained)[0].layer.weight, _layers(start)[0].layer.weight)
+    for qw in _layers(trained)[:2]:  # on the grid: hardened codes are what round-to-nearest gives back
+        assert torch.equal(qw.layer.weight, qw.quantized_weight())
+    # with nothing learned the steps give back the start, and every layer past the prefix chooses as before
+    idle, idle_report = _eptq(projected_stack(), **settings, prefix_steps=5, lr_rounding=0.0, lr_bias=0.0)
+    assert idle_report.rounding["frozen_prefix"]["trained"]["check_loss"] == pytest.approx(
+        idle_report.rounding["frozen_prefix"]["trained"]["start_check_loss"]
+    )
+    for a, b in zip(_layers(idle), _layers(start)):
+        torch.testing.assert_close(a.layer.weight, b.layer.weight, rtol=0, atol=0)
+        torch.testing.assert_close(a.layer.bias, b.layer.bias)
+
+
+def test_the_prefix_loss_gives_its_end_every_term_past_it():
+    qgm, _ = _eptq(projected_stack(), iterations=0)
+    prefix = frozen_prefix(qgm, 0.15)
+    z = interest_nodes(qgm)
+    weights = torch.arange(1.0, len(z) + 2)  # the output's first
+    loss = prefix_loss(qgm, prefix, weights, with_output=True)
+    inside = [k for k in range(len(z)) if k not in prefix.kept]
+    assert loss.taps[0] is prefix.cut and len(loss.taps) == len(loss.weights)
+    # every term lands once: the end's weight is the sum of the terms past the cut and its own
+    own = [k for k in inside if quantized_value(z[k]) is prefix.cut]
+    past = float(weights[0]) + sum(float(weights[k + 1]) for k in [*prefix.kept, *own])
+    scale = len(loss.weights) / len(weights)
+    assert float(loss.weights[0]) == pytest.approx(past * scale)
+    assert float(loss.weights.sum()) == pytest.approx(float(weights.sum()) * scale)
+
+
+def test_a_negative_prefix_step_count_is_refused():
+    with pytest.raises(ConfigError, match="prefix_steps"):
+        RoundingConfig(prefix_steps=-1)

@@ -73,6 +73,7 @@ def rounding_schedule(args) -> tuple[str, RoundingConfig, LFHConfig]:
             "start_sensitivity": args.start_sensitivity,
             "act_drop": args.act_drop,
             "start_sweeps": args.start_sweeps,
+            "prefix_steps": args.prefix_steps,
         }.items()
         if v is not None
     }

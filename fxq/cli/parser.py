@@ -186,6 +186,13 @@ def quant_args(p: argparse.ArgumentParser) -> None:
         "(each weight moved to its other grid point where that lowers the error; stops when a pass moves none)",
     )
     r.add_argument(
+        "--prefix-steps",
+        type=steps_arg,
+        default=None,
+        help="with --start layerwise and a frozen prefix: steps that train the first layers alone, through them "
+        "alone, before they freeze (their end's error stands for the rest of the model's)",
+    )
+    r.add_argument(
         "--act-drop",
         type=share_arg,
         default=None,

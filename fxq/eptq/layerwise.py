@@ -307,8 +307,9 @@ def sequential_choices(
     aim: bool = True,
     sweeps: int = 0,
 ) -> list[Tensor | None]:
-    """Every layer's choice, made in graph order on `batches` (this rank's share of the images): a layer's
-    quantized inputs come from the layers above it at their choices, and it rounds its `float_target` (with `aim`;
+    """Each of `layers`' choice, made in graph order on `batches` (this rank's share of the images): a layer's
+    quantized inputs come from the layers above it at their choices (the graph's other layers computing as they
+    are), and it rounds its `float_target` (with `aim`;
     otherwise its float weights), its output positions weighted by `sensitivity` (alike where None), with `sweeps`
     passes of coordinate descent after the error feedback. A layer called at several sites decides at its last, on
     the inputs of all of them. Layers whose patches do not unfold (`supports`) get None (they keep the float start,
@@ -337,12 +338,15 @@ def sequential_choices(
     quantized, float_ = (Frontier(gm, batches, remedy) for gm in (student, teacher))
     moments: dict[int, Moments] = {}
     choices: list[Tensor | None] = [None] * len(layers)
+    undecided = {qw for qw in layers if supports(qw.layer)}
     try:
         for node in sorted((n for ns in sites.values() for n in ns), key=quantized.index.__getitem__):
+            if not undecided:  # the graph past the last of `layers` is not needed
+                break
             qw, twin = student.get_submodule(node.target), teacher_nodes[node.name]
             quantized.advance_to(node)
             float_.advance_to(twin)
-            if not supports(qw.layer):
+            if qw not in index or not supports(qw.layer):
                 continue
             m = moments.setdefault(index[qw], Moments(qw.layer))
             for k in range(len(batches)):
@@ -351,6 +355,7 @@ def sequential_choices(
             if node is sites[node.target][-1]:
                 choices[index[qw]] = _choose(qw, moments.pop(index[qw]), index[qw], world, aim, sweeps)
                 use_choice_(qw, choices[index[qw]])
+                undecided.discard(qw)
     finally:
         for qw in layers:
             qw.live = None

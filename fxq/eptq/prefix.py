@@ -17,10 +17,11 @@ from torch.fx import GraphModule, Node
 
 from fxq.eptq.layerwise import supports
 from fxq.ir.graph import call_sites, cuts
+from fxq.ir.meta import OpKind, q
 from fxq.ir.taps import interest_nodes, quantized_value, up_to
 from fxq.quant.modules import QuantWeight
 
-__all__ = ["Prefix", "frozen_prefix", "values_at"]
+__all__ = ["Prefix", "PrefixLoss", "frozen_prefix", "prefix_loss", "returns_one_value", "values_at"]
 
 
 @dataclass
@@ -32,6 +33,11 @@ class Prefix:
     layers: list[QuantWeight]
     kept: list[int]
     weight_share: float  # of the quantized weights, the prefix's
+
+
+def returns_one_value(gm: GraphModule) -> bool:
+    """Whether `gm` returns one value (not a tuple or dict of them): then the loss has the output as a term."""
+    return isinstance(next(n for n in reversed(gm.graph.nodes) if n.op == "output").args[0], Node)
 
 
 def frozen_prefix(gm: GraphModule, share: float) -> Prefix | None:
@@ -49,7 +55,7 @@ def frozen_prefix(gm: GraphModule, share: float) -> Prefix | None:
     layers = {target: gm.get_submodule(target) for target in sites}
     total = sum(qw.layer.weight.numel() for qw in layers.values())
     z = [index[quantized_value(n)] for n in interest_nodes(gm)]
-    one_output = isinstance(nodes[-1].args[0], Node)  # the loss then has the output too
+    one_output = returns_one_value(gm)  # the loss then has the output too
     best = None
     for cut in cuts(gm):
         at = index[cut]
@@ -63,6 +69,41 @@ def frozen_prefix(gm: GraphModule, share: float) -> Prefix | None:
         if before and (kept or one_output):
             best = Prefix(cut, [layers[t] for t in before], kept, weights / total)
     return best
+
+
+@dataclass
+class PrefixLoss:
+    """What trains the prefix's layers alone: the quantized graph's values at `taps` (its end first, then the
+    interest tensors inside it), the float graph's at the nodes named `sources`, and the weights of their terms."""
+
+    taps: list[Node]
+    sources: list[str]
+    weights: Tensor
+
+
+def prefix_loss(gm: GraphModule, prefix: Prefix, weights: Tensor, with_output: bool) -> PrefixLoss:
+    """The whole graph's loss (its terms' `weights`, the output's first when `with_output`) as the prefix's layers
+    see it with the rest of the graph float: the interest tensors inside the prefix keep their terms, and the
+    prefix's end takes the weights of every term past it too, since the graph past the cut reads the prefix through
+    it alone. Scaled as the whole loss is (a mean over its terms)."""
+    z = interest_nodes(gm)
+    cut = prefix.cut
+    source = q(cut).observes if q(cut).kind is OpKind.ACT_QUANT and q(cut).observes is not None else cut
+    out, kept = int(with_output), set(prefix.kept)
+    past = [*range(out), *(k + out for k in prefix.kept)]
+    cut_weight = weights[past].sum()
+    taps, sources, inside = [cut], [source.name], []
+    for k, n in enumerate(z):
+        if k in kept:
+            continue
+        if quantized_value(n) is cut:  # the end is an interest tensor too: its own term joins the end's
+            cut_weight = cut_weight + weights[k + out]
+        else:
+            taps.append(quantized_value(n))
+            sources.append(n.name)
+            inside.append(weights[k + out])
+    terms = torch.stack([cut_weight, *inside])
+    return PrefixLoss(taps, sources, terms * (len(terms) / len(weights)))
 
 
 @torch.no_grad()

@@ -29,6 +29,7 @@ import enum
 import io
 import math
 import time
+from copy import deepcopy
 from pathlib import Path
 
 import torch
@@ -43,7 +44,7 @@ from fxq.eptq.act_steps import ActSteps
 from fxq.eptq.budget import PLAN_AFTER, REPLAN_SHARE, planned_iterations
 from fxq.eptq.distillation import packed_loss
 from fxq.eptq.layerwise import Sensitivity, harden_choice_, sequential_choices, use_choice_
-from fxq.eptq.prefix import Prefix, frozen_prefix, values_at
+from fxq.eptq.prefix import Prefix, frozen_prefix, prefix_loss, returns_one_value, values_at
 from fxq.eptq.schedule import batch_indices, beta_at
 from fxq.eptq.soft_rounding import SoftRounding
 from fxq.eptq.teacher import TeacherTargets, as_model_wants, bf16_autocast, flat_outputs
@@ -139,11 +140,22 @@ class RoundingOptimizer:
             # a resumed run takes V from its checkpoint, but the groups not begun yet (and a frozen prefix) start
             # where they would have
             layerwise = cfg.start is Start.LAYERWISE and (not cfg.resume or len(groups) > 1 or prefix is not None)
-            start = self._layerwise(gm, layers, images) if layerwise else None
+            prefix_stats = None
+            if layerwise and prefix is not None and cfg.prefix_steps > 0:
+                # the prefix chosen, trained alone and hardened first: the layers past it choose on its values
+                first = self._layerwise(gm, prefix.layers, images)
+                prefix_stats = self._train_prefix(gm, prefix, images, first)
+                rest = [qw for qw in layers if id(qw) not in frozen]
+                chosen = dict(zip(map(id, prefix.layers), first)) | dict(
+                    zip(map(id, rest), self._layerwise(gm, rest, images))
+                )
+                start = [chosen[id(qw)] for qw in layers]
+            else:
+                start = self._layerwise(gm, layers, images) if layerwise else None
             start_seconds = time.perf_counter() - t0
             if start is not None:
                 for qw, choice in zip(layers, start):
-                    if id(qw) in frozen:  # for good
+                    if id(qw) in frozen and prefix_stats is None:  # for good
                         harden_choice_(qw, choice)
                     elif len(groups) > 1 and choice is not None:  # the groups to come compute at their start
                         use_choice_(qw, choice)
@@ -173,6 +185,8 @@ class RoundingOptimizer:
                     start_sensitivity=cfg.start_sensitivity, start_aim=cfg.start_aim, start_sweeps=cfg.start_sweeps
                 )
             stats.update(frozen_prefix=past if prefix is not None else None)
+            if prefix_stats is not None:
+                stats["frozen_prefix"]["trained"] = prefix_stats
             if cfg.keep_best:
                 stats.update(self._keep_best(layers, rtn, acts, *check))
             if self.deadline is not None:
@@ -193,8 +207,9 @@ class RoundingOptimizer:
 
     @torch.no_grad()
     def _layerwise(self, gm: GraphModule, layers: list[QuantWeight], images: Tensor) -> list[Tensor | None]:
-        """Each layer's layer-local rounding choice (fxq.eptq.layerwise), made in graph order on `start_images`
-        images drawn with the schedule's seed (or all of them), each rank on its share of the batches."""
+        """Each of `layers`' layer-local rounding choice (fxq.eptq.layerwise), made in graph order on `start_images`
+        images drawn with the schedule's seed (or all of them), each rank on its share of the batches; the graph's
+        other layers compute as they are."""
         device = device_of(gm)
         drawn = torch.randperm(len(images), generator=torch.Generator().manual_seed(self.cfg.seed))
         mine = [
@@ -256,6 +271,46 @@ class RoundingOptimizer:
             check = (student, check_targets, _Inputs(held_out), weights)
         left_out = {"layers": len(prefix.layers), "weight_share": prefix.weight_share, "tensors": len(z) - len(kept)}
         return steps, check, {**left_out, "cut": prefix.cut.name, "seconds": seconds}
+
+    def _train_prefix(self, gm: GraphModule, prefix: Prefix, images: Tensor, start: list[Tensor | None]) -> dict:
+        """`prefix_steps` steps of the frozen prefix's layers alone from their layer-local `start`, through the
+        prefix alone, on its own loss (fxq.eptq.prefix.prefix_loss), then hardened; the steps' statistics."""
+        cfg, device = self.cfg, device_of(gm)
+        one_output = returns_one_value(gm)
+        weights = interest_weights(gm, cfg.loss_weights_read, one_output, cfg.output_share).to(device)
+        loss = prefix_loss(gm, prefix, weights, one_output)
+        by_name = {n.name: n for n in self.teacher.graph.nodes}
+        student = up_to(gm, loss.taps[0], loss.taps[1:])
+        sources = [by_name[name] for name in loss.sources]
+        teacher = up_to(self.teacher.to(device), sources[0], sources[1:])
+        # the first of the tensors stands as the "output" of this graph: it is one tensor
+        targets = TeacherTargets(
+            teacher, images, dataclasses.replace(cfg, iterations=cfg.prefix_steps), loss.sources[1:], self.world
+        )
+        # the start as it would harden, for the check at the end: on copies, the layers keep their float weights
+        start_states = [_hardened_copy(qw, choice).hardened_state() for qw, choice in zip(prefix.layers, start)]
+        soft = SoftRounding(prefix.layers, cfg.train_scale)
+        try:
+            soft.start_from_(start, cfg.start_confidence)
+            stats = self._optimize(
+                soft, None, student, targets, _Inputs(images), loss.weights, cfg.prefix_steps, None, 0, None, None
+            )
+            soft.harden_()
+        finally:
+            soft.close()
+        # the trained prefix or its start, whichever leaves the prefix's loss lower on the check's images
+        held_out = images[: min(len(images), _CHECK_IMAGES)]
+        check = TeacherTargets(teacher, held_out, cfg, loss.sources[1:], self.world)
+        best = self._keep_best(prefix.layers, start_states, None, student, check, _Inputs(held_out), loss.weights)
+        history = stats.pop("history")
+        return {
+            **stats,
+            "loss_first": history[0][1],
+            "loss_last": history[-1][1],
+            "check_loss": best["check_loss"],
+            "start_check_loss": best["rtn_check_loss"],
+            "kept": "trained" if best["kept"] == "eptq" else "start",
+        }
 
     def _tapped(self, gm: GraphModule) -> tuple[GraphModule, GraphModule]:
         z = interest_nodes(gm)
@@ -367,11 +422,11 @@ class RoundingOptimizer:
         budget: Deadline | None,
         offset: int,
         state: dict | None,
-        saved: dict,
+        saved: dict | None,
     ) -> dict:
         """`iterations` steps of `soft`'s layers and `acts` (fewer to end inside `budget`), the batches those of
         the steps from `offset` on; continued from the checkpoint `state` when given. Each checkpoint holds `saved`
-        too."""
+        too (None: no checkpoints)."""
         cfg, device = self.cfg, soft.v.device
         opt_v, opt_b = self._optimizers(soft, acts)
         trained = [*soft.parameters(), *([acts.log_factor] if acts is not None else [])]
@@ -453,7 +508,8 @@ class RoundingOptimizer:
                 last_left = left
             step += 1
             bar.update(1)
-            if cfg.checkpoint_dir and (step % cfg.checkpoint_every == 0 or step == planned) and w.main:
+            due = step % cfg.checkpoint_every == 0 or step == planned
+            if saved is not None and cfg.checkpoint_dir and due and w.main:
                 save_checkpoint(
                     cfg.checkpoint_dir,
                     CHECKPOINT,
@@ -580,6 +636,13 @@ class _Inputs:
 
         x = rows(self.images)
         return x, (x,) if self.at_cut is None else (rows(self.at_cut), x)
+
+
+def _hardened_copy(qw: QuantWeight, choice: Tensor | None) -> QuantWeight:
+    """A copy of the layer hardened at its layer-local `choice`; the layer itself untouched."""
+    copy = deepcopy(qw)
+    harden_choice_(copy, choice)
+    return copy
 
 
 def _sum_gradients_(params: list[Tensor], world: World) -> None:

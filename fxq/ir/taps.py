@@ -7,6 +7,8 @@ state) with the graph it was made from.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from torch.fx import Graph, GraphModule, Node
 from torch.fx.node import map_arg
 
@@ -41,13 +43,15 @@ def with_taps(gm: GraphModule, taps: list[Node]) -> GraphModule:
     return GraphModule(gm, graph, class_name="Tapped")
 
 
-def up_to(gm: GraphModule, node: Node) -> GraphModule:
-    """A GraphModule computing `gm` as far as `node` and returning its value (the nodes it does not read dropped)."""
+def up_to(gm: GraphModule, node: Node, taps: Sequence[Node] | None = None) -> GraphModule:
+    """A GraphModule computing `gm` as far as `node` and returning its value, or the tuple (value, tap_1, ...,
+    tap_n) when given `taps` (the nodes it does not read dropped)."""
     graph, env = Graph(), {}
     graph.graph_copy(gm.graph, env)
-    if node not in env:
-        raise GraphCheckFailed(f"taps: node {node.name} is not in this graph")
-    graph.output(env[node])
+    missing = [n.name for n in (node, *(taps or ())) if n not in env]
+    if missing:
+        raise GraphCheckFailed(f"taps: nodes {missing[:3]} are not in this graph")
+    graph.output(env[node] if taps is None else (env[node], *[env[n] for n in taps]))
     return _pruned(GraphModule(gm, graph, class_name="UpTo"))
 
 

@@ -309,11 +309,10 @@ def sequential_choices(
 ) -> list[Tensor | None]:
     """Each of `layers`' choice, made in graph order on `batches` (this rank's share of the images): a layer's
     quantized inputs come from the layers above it at their choices (the graph's other layers computing as they
-    are), and it rounds its `float_target` (with `aim`;
-    otherwise its float weights), its output positions weighted by `sensitivity` (alike where None), with `sweeps`
-    passes of coordinate descent after the error feedback. A layer called at several sites decides at its last, on
-    the inputs of all of them. Layers whose patches do not unfold (`supports`) get None (they keep the float start,
-    and their round-to-nearest weights meanwhile)."""
+    are), and it rounds its `float_target` (with `aim`; otherwise its float weights), its output positions weighted
+    by `sensitivity` (alike where None), with `sweeps` passes of coordinate descent after the error feedback. A
+    layer called at several sites decides at its last, on the inputs of all of them. Layers whose patches do not
+    unfold (`supports`) get None (they keep the float start, and their round-to-nearest weights meanwhile)."""
     teacher_nodes = {n.name: n for n in teacher.graph.nodes}
     sites = {
         name: ns for name, ns in call_sites(student).items() if isinstance(student.get_submodule(name), QuantWeight)

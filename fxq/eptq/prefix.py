@@ -5,6 +5,9 @@ and a large share of a step's work: theirs are the largest feature maps.
 
 The loss terms of the interest tensors inside the prefix are constants once its layers are frozen, so the steps
 leave them out; the gradients are those of the whole-network loss with the prefix frozen.
+
+Before it freezes, the prefix may train alone (`prefix_loss`): through its own layers only, on its interest tensors
+and its end, whose term stands for everything past it.
 """
 
 from __future__ import annotations

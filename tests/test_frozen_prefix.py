@@ -6,13 +6,14 @@ from torch import fx, nn
 
 import fxq
 from fxq.config import Method, PTQConfig, RoundingConfig
+from fxq.eptq import train as rounding_train
 from fxq.eptq.prefix import frozen_prefix, prefix_loss
 from fxq.errors import ConfigError
 from fxq.ir.graph import cuts
 from fxq.ir.taps import from_cut, interest_nodes, quantized_value, up_to
 from fxq.quant.modules import QuantWeight
 from fxq.targets import INT8
-from tests.conftest import seeded
+from tests.conftest import conv_stack, room_for, seeded
 from tests.test_rounding import CALIB, _interrupted_and_resumed
 
 
@@ -183,3 +184,21 @@ def test_the_prefix_loss_gives_its_end_every_term_past_it():
 def test_a_negative_prefix_step_count_is_refused():
     with pytest.raises(ConfigError, match="prefix_steps"):
         RoundingConfig(prefix_steps=-1)
+
+
+def test_a_trained_prefix_computes_as_kept_when_the_layers_past_it_go_in_groups(monkeypatch):
+    """Where the state of the layers past the prefix does not fit at once they are optimized in groups, the groups
+    to come computing at their start; the trained prefix is hard already, and the cut's values come from it."""
+    model = conv_stack()
+    monkeypatch.setattr(rounding_train, "available_bytes", lambda device: room_for(model, 0.8))
+    monkeypatch.setattr(rounding_train, "_PREFIX_ROOM", 1e3)  # the cut's values fit all the same
+    first_live, at_cut = [], rounding_train.values_at
+
+    def recording(gm, *args):
+        first_live.append(next(m for m in gm.modules() if isinstance(m, QuantWeight)).live)
+        return at_cut(gm, *args)
+
+    monkeypatch.setattr(rounding_train, "values_at", recording)
+    _, report = _eptq(model, iterations=4, frozen_share=0.15, prefix_steps=3)
+    assert len(report.rounding["groups"]) > 1 and report.rounding["frozen_prefix"]["trained"]["iterations"] == 3
+    assert first_live == [None]

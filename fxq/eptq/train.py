@@ -155,8 +155,9 @@ class RoundingOptimizer:
             start_seconds = time.perf_counter() - t0
             if start is not None:
                 for qw, choice in zip(layers, start):
-                    if id(qw) in frozen and prefix_stats is None:  # for good
-                        harden_choice_(qw, choice)
+                    if id(qw) in frozen:  # for good (a trained prefix is hard already)
+                        if prefix_stats is None:
+                            harden_choice_(qw, choice)
                     elif len(groups) > 1 and choice is not None:  # the groups to come compute at their start
                         use_choice_(qw, choice)
             t0 = time.perf_counter()

@@ -71,21 +71,19 @@ def main() -> None:
     calib_dir, val_dir = default_image_sets(args.model)
     calib = load_images(calib_dir, lm.preprocess, progress=False)
     val = load_images(val_dir, lm.preprocess, labeled=True, progress=False)
-    target = INT8.with_bits(args.bits, args.act_bits)
-    method, rounding = Method.RTN, RoundingConfig()
-    method_name = "the layer-local start" if args.start else "RTN"
-    if args.start:  # the layer-local start alone, kept whatever the keep-best check would say
-        method = Method.EPTQ
-        rounding = RoundingConfig(iterations=0, start="layerwise", start_sweeps=args.start_sweeps, keep_best=False)
-    rtn_config = PTQConfig(target=target, method=Method.RTN, progress=False)
+    rtn_config = PTQConfig(target=INT8.with_bits(args.bits, args.act_bits), method=Method.RTN, progress=False)
+    rtn, _ = fxq.quantize(lm.model, batches(calib.x, 32), rtn_config)
     if args.load:
-        method, method_name, qgm = None, f"from {args.load}", fxq.load(args.load).model
+        method_name, qgm = f"from {args.load}", fxq.load(args.load).model
+    elif args.start:  # the layer-local start alone, kept whatever the keep-best check would say
+        rounding = RoundingConfig(iterations=0, start="layerwise", start_sweeps=args.start_sweeps, keep_best=False)
+        start_config = replace(rtn_config, method=Method.EPTQ, rounding=rounding)
+        method_name, qgm = "the layer-local start", fxq.quantize(lm.model, batches(calib.x, 32), start_config)[0]
     else:
-        qgm, _ = fxq.quantize(lm.model, batches(calib.x, 32), replace(rtn_config, method=method, rounding=rounding))
+        method_name, qgm = "RTN", rtn
     weights = {n: m for n, m in qgm.named_modules() if isinstance(m, QuantWeight)}
-    # the float weights and biases: a rounding writes its grid values and its bias over a layer's, RTN keeps the
-    # weight and the float bias (its layer's own is corrected for the quantized weight)
-    rtn = qgm if method is Method.RTN else fxq.quantize(lm.model, batches(calib.x, 32), rtn_config)[0]
+    # the float weights and biases from RTN's graph: a rounding writes its grid values and its bias over a layer's,
+    # RTN keeps the weight and the float bias (its layer's own is corrected for the quantized weight)
     floats = {m: _float_parts(rtn.get_submodule(n)) for n, m in weights.items()}
     acts = {n: m for n, m in qgm.named_modules() if isinstance(m, ActQuant)}
     ref_val = log_probs(lm.model, val.x)

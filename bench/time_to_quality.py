@@ -58,6 +58,10 @@ PATHS = {
     # schedule settings after the layer-local start
     "layerwise-sure": {"start": "layerwise", "start_confidence": 0.95},  # V starts nearer the choice (0.75)
     "layerwise-nowarm": {"start": "layerwise", "warmup": 0.0},  # the regulariser from the first step (0.2)
+    "layerwise-warm40": {"start": "layerwise", "warmup": 0.4},  # the regulariser off for 40 % of the steps
+    "layerwise-c55": {"start": "layerwise", "start_confidence": 0.55},  # V starts nearer undecided
+    "layerwise-c55-w50": {"start": "layerwise", "start_confidence": 0.55, "warmup": 0.5},
+    "layerwise-bias": {"start": "layerwise", "start_confidence": 1.0},  # V kept at the choice: the biases alone train
     "layerwise-lr1e-2": {"start": "layerwise", "lr_rounding": 1e-2},  # a third of the learning rate
     # per-channel step factors trained beside V and the biases (SGD at 1e-2)
     "layerwise-scale": {"start": "layerwise", "train_scale": True, "lr_scale": 1e-2},
@@ -242,10 +246,12 @@ def main() -> None:
         write_json_atomic(str(path), done)
         steps = row["rounding"].get("iterations", 0)
         stolen = "" if spent["stolen_share"] is None else f", {spent['stolen_share']:.0%} stolen"
+        share = row["rounding"].get("rounding_changed")
+        changed = "" if share is None else f"  rounding changed on {share:.2%} of the weights"
         print(
             f"{name:<40} top-1 {row['top1']:6.2f} ({row['correct1']}/{row['images']})  {seconds:7.1f} s "
             f"({spent['cpu_seconds']:.0f} CPU s{stolen})  {steps} steps  agrees with float {row['agreement']:.2%}  "
-            f"KL {row['kl']:.4f}"
+            f"KL {row['kl']:.4f}{changed}"
         )
     if args.plot:
         plot(merged_rows([str(path), *args.plot_from], setting), args.model, args.bits, args.plot)

@@ -11,7 +11,7 @@ import fxq.eptq.layerwise as layerwise
 import fxq.ir.frontier as frontier
 from fxq.config import LFHConfig, Method, PTQConfig, RoundingConfig
 from fxq.eptq.layerwise import Moments, float_target, layerwise_choice
-from fxq.eptq.soft_rounding import SoftRounding
+from fxq.eptq.soft_rounding import SoftRounding, rectified_sigmoid, rounding_penalty
 from fxq.errors import ConfigError
 from fxq.ir.taps import with_taps
 from fxq.quant.modules import QuantWeight, layer_forward
@@ -353,6 +353,26 @@ def test_a_start_at_full_confidence_keeps_the_choice_and_trains_the_rest():
     assert soft.v.grad is None or not soft.v.grad.any()
     assert soft.bias.grad.abs().sum() > 0 and soft.scale_factor.grad.abs().sum() > 0
     soft.close()
+
+
+def test_a_kept_choice_skips_the_weights_gradients():
+    # every layer given a choice at confidence 1 and no step factors: the soft weight is a constant, so the
+    # backward computes no gradient for it (nor for V), the regulariser is exactly 0, and the biases still train
+    torch.manual_seed(0)
+    layers = [_quant(nn.Conv2d(4, 6, 3)), _quant(nn.Conv2d(6, 5, 1))]
+    choices = [(seeded(*qw.layer.weight.shape, seed=8 + k) > 0).float() for k, qw in enumerate(layers)]
+    soft = SoftRounding(layers)
+    soft.start_from_(choices, 1.0)
+    soft.refresh()
+    assert not soft.v.requires_grad and not any(qw.live[0].requires_grad for qw in layers)
+    assert float(soft.regularizer(2.0)) == 0.0 == float(rounding_penalty(rectified_sigmoid(soft.v), 2.0))
+    layers[1](layers[0](seeded(2, 4, 8, 8, seed=3))).square().sum().backward()
+    assert soft.v.grad is None and soft.bias.grad.abs().sum() > 0
+    soft.close()
+    partial = SoftRounding(layers)  # a layer without a choice starts at its float weight: V trains
+    partial.start_from_([choices[0], None], 1.0)
+    assert partial.v.requires_grad
+    partial.close()
 
 
 def test_bad_start_settings_are_refused():

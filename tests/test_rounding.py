@@ -100,6 +100,21 @@ def test_keep_best_falling_back_restores_rtn_exactly_steps_included(tiny_net):
     torch.testing.assert_close(eptq(x), rtn(x), rtol=0, atol=0)
 
 
+def test_the_report_gives_the_share_of_the_weights_whose_rounding_the_steps_changed(tiny_net):
+    rtn, _ = fxq.quantize(tiny_net, CALIB, PTQConfig(target=INT8.with_bits(2), progress=False))
+    _, still = _eptq(tiny_net, bits=2, iterations=10, lr_rounding=0.0)
+    assert still.rounding["rounding_changed"] == 0.0
+    eptq, report = _eptq(tiny_net, bits=2, iterations=150, warmup=0.9, lr_rounding=5e-2)
+    changed = free = 0
+    for name, a in _quant_layers(rtn).items():  # RTN's grid codes against the result's, where the grid has a choice
+        b = _quant_layers(eptq)[name]
+        step = a.scale_like(a.layer.weight)
+        moved = (a.quantized_weight() / step).round() != (b.quantized_weight() / step).round()
+        chooses = a.rounding_bounds()[1] > 0
+        changed, free = changed + int((moved & chooses).sum()), free + int(chooses.sum())
+    assert changed > 0 and report.rounding["rounding_changed"] == changed / free
+
+
 def test_the_distillation_loss_falls(tiny_net):
     _, report = _eptq(tiny_net, bits=2, iterations=150, warmup=0.9, lr_rounding=5e-2)
     losses = _losses(report)

@@ -123,7 +123,7 @@ class SoftRounding:
         """Start each layer given a choice (1: floor(w/s) + 1, 0: floor(w/s), per weight) at that choice: h(V)
         on the chosen side at `confidence` (0.5: undecided). Below 1 the gradient still reaches V; at 1 each h
         sits at 0 or 1, where the clip passes no gradient, so the choice is kept and only the biases and step
-        factors train."""
+        factors train (where every layer is given a choice, V then takes no gradient at all)."""
         if not 0.5 < confidence <= 1:
             raise ConfigError(f"soft rounding: a start's confidence must lie in (0.5, 1], not {confidence}")
         for v, choice, order in zip(self.v.split(self.sizes), choices, self._orders):
@@ -133,6 +133,9 @@ class SoftRounding:
                     v.copy_(chosen * 2 * _PAST_CLIP - _PAST_CLIP)
                 else:
                     v.copy_(inverse_rectified_sigmoid(chosen * (2 * confidence - 1) + (1 - confidence)))
+        if confidence == 1 and all(choice is not None for choice in choices):
+            # every h(V) at 0 or 1 for good: V takes no gradient, so the backward skips the weights' gradients
+            self.v.requires_grad_(False)
 
     def parameters(self) -> list[Tensor]:
         return [self.v, self.bias] + ([self.scale_factor] if self.scale_factor is not None else [])
@@ -154,6 +157,8 @@ class SoftRounding:
     def regularizer(self, beta: float) -> Tensor:
         """sum over every weight of 1 - |2h(V) - 1|^beta: zero only when each h is exactly 0 or 1. Reuses the
         h(V) of this step's `refresh` (same V) instead of computing it again."""
+        if not self.v.requires_grad:  # every choice kept (start_from_ at confidence 1): each h is 0 or 1
+            return self.v.new_zeros(())
         fresh = self._h is not None and self._h.requires_grad and self._h_version == self.v._version
         h = self._h if fresh else rectified_sigmoid(self.v)
         return rounding_penalty(h, beta)
@@ -166,6 +171,18 @@ class SoftRounding:
             _unflatten(c, qw.layer.weight.shape, order)
             for qw, c, order in zip(self.layers, codes.split(self.sizes), self._orders)
         ]
+
+    @torch.no_grad()
+    def sides(self) -> Tensor:
+        """Each weight's rounding now, flat: True where it rounds up (h(V) >= 0.5, as hard_codes has it)."""
+        return self.v >= 0
+
+    @torch.no_grad()
+    def changed_since(self, sides: Tensor) -> tuple[int, int]:
+        """How many weights round otherwise than in `sides` (an earlier `sides()`), and how many the grid leaves
+        a choice (the others clamp to its end either way)."""
+        free = self.free > 0
+        return int(((self.v >= 0) != sides)[free].sum()), int(free.sum())
 
     @torch.no_grad()
     def _codes_of(self, i: int) -> Tensor:

@@ -388,16 +388,21 @@ class RoundingOptimizer:
                 done = [qw.hardened_state() for group in groups[:g] for qw in group] if cfg.checkpoint_dir else []
                 saved = {"fingerprint": fingerprint, "group": g, "done": done, "parts": parts}
                 state = resumed if g == first else None
+                sides = soft.sides()  # the start's rounding (a resumed group's too: its state loads later)
                 parts.append(
                     self._optimize(
                         soft, acts, student, targets, images, weights, share, deadline, g * share, state, saved
                     )
                 )
+                parts[-1]["weights_changed"], parts[-1]["weights_free"] = soft.changed_since(sides)
                 soft.harden_()
             finally:
                 soft.close()
         stats = _merged(parts) if len(parts) > 1 else parts[0]
-        return {**stats, "groups": [len(group) for group in groups]}
+        # what the steps changed: the share of the weights with a choice that round otherwise than they started
+        # (round-to-nearest, or the layer-local choice); a resumed run counts from the start, not the checkpoint
+        changed = stats["weights_changed"] / max(stats["weights_free"], 1)
+        return {**stats, "rounding_changed": changed, "groups": [len(group) for group in groups]}
 
     def _optimizers(
         self, soft: SoftRounding, acts: ActSteps | None
@@ -707,6 +712,8 @@ def _merged(parts: list[dict]) -> dict:
         **parts[-1],
         "iterations": steps,
         "iterations_limit": sum(p["iterations_limit"] for p in parts),
+        "weights_changed": sum(p.get("weights_changed", 0) for p in parts),  # none in older checkpoints
+        "weights_free": sum(p.get("weights_free", 0) for p in parts),
         "resumed_at": max(p["resumed_at"] for p in parts),
         "seconds": seconds,
         "seconds_per_step": seconds / steps if steps else None,

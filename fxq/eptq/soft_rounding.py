@@ -166,7 +166,7 @@ class SoftRounding:
     @torch.no_grad()
     def hard_codes(self) -> list[Tensor]:
         """Each layer's integer codes now: floor(w/s) + 1[h(V) >= 0.5] (h >= 0.5 exactly when V >= 0), clipped."""
-        codes = torch.addcmul(self.floor, self.free, (self.v >= 0).to(self.free.dtype))
+        codes = torch.addcmul(self.floor, self.free, self.sides().to(self.free.dtype))
         return [
             _unflatten(c, qw.layer.weight.shape, order)
             for qw, c, order in zip(self.layers, codes.split(self.sizes), self._orders)
@@ -174,7 +174,7 @@ class SoftRounding:
 
     @torch.no_grad()
     def sides(self) -> Tensor:
-        """Each weight's rounding now, flat: True where it rounds up (h(V) >= 0.5, as hard_codes has it)."""
+        """Each weight's rounding now, flat: True where it rounds up (h(V) >= 0.5 exactly when V >= 0)."""
         return self.v >= 0
 
     @torch.no_grad()
@@ -182,7 +182,7 @@ class SoftRounding:
         """How many weights round otherwise than in `sides` (an earlier `sides()`), and how many the grid leaves
         a choice (the others clamp to its end either way)."""
         free = self.free > 0
-        return int(((self.v >= 0) != sides)[free].sum()), int(free.sum())
+        return int((self.sides() != sides)[free].sum()), int(free.sum())
 
     @torch.no_grad()
     def _codes_of(self, i: int) -> Tensor:

@@ -63,6 +63,10 @@ PATHS = {
     "layerwise-c55-w50": {"start": "layerwise", "start_confidence": 0.55, "warmup": 0.5},
     "layerwise-bias": {"start": "layerwise", "start_confidence": 1.0},  # V kept at the choice: the biases alone train
     "layerwise-lr1e-2": {"start": "layerwise", "lr_rounding": 1e-2},  # a third of the learning rate
+    # the keep-best check's 128 images kept out of the start and the steps: its loss is one on images never fit
+    "layerwise-apart": {"start": "layerwise", "check_apart": True},
+    # a gentler hardening: V at a tenth of the learning rate once the regulariser is on
+    "layerwise-apart-h3e-3": {"start": "layerwise", "check_apart": True, "lr_rounding_hardening": 3e-3},
     # per-channel step factors trained beside V and the biases (SGD at 1e-2)
     "layerwise-scale": {"start": "layerwise", "train_scale": True, "lr_scale": 1e-2},
     # every activation step trained beside V (LSQ's gradient on a log factor, at lr_act_steps 1e-3)
@@ -248,10 +252,12 @@ def main() -> None:
         stolen = "" if spent["stolen_share"] is None else f", {spent['stolen_share']:.0%} stolen"
         share = row["rounding"].get("rounding_changed")
         changed = "" if share is None else f"  rounding changed on {share:.2%} of the weights"
+        r = row["rounding"]
+        check = f"  check loss {r['check_loss']:.4f} (RTN {r['rtn_check_loss']:.4f})" if "check_loss" in r else ""
         print(
             f"{name:<40} top-1 {row['top1']:6.2f} ({row['correct1']}/{row['images']})  {seconds:7.1f} s "
             f"({spent['cpu_seconds']:.0f} CPU s{stolen})  {steps} steps  agrees with float {row['agreement']:.2%}  "
-            f"KL {row['kl']:.4f}{changed}"
+            f"KL {row['kl']:.4f}{changed}{check}"
         )
     if args.plot:
         plot(merged_rows([str(path), *args.plot_from], setting), args.model, args.bits, args.plot)

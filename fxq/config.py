@@ -101,6 +101,9 @@ class RoundingConfig:
     iterations: int = 20_000
     batch_size: int = 32
     lr_rounding: float = 3e-2  # on the AdaRound variables V, with `optimizer`
+    # V's learning rate once the regulariser is on (None: lr_rounding): lower, the regulariser hardens V more slowly
+    # and the distillation's gradient has longer to move the weights between the grid points
+    lr_rounding_hardening: float | None = None
     optimizer: Optimizer = Optimizer.RADAM
     lr_bias: float = 1e-3  # SGD, on every quantized layer's bias
     train_bias: bool = True
@@ -141,7 +144,10 @@ class RoundingConfig:
     output_share: float | None = None
     normalize_loss: bool = True  # each tensor's squared error relative to its float energy (as MCT does)
     images: int | None = None  # optimize on N calibration images drawn at random with `seed` (None: all)
-    keep_best: bool = True  # fall back to RTN when the optimized rounding distils worse on held-out images
+    keep_best: bool = True  # fall back to RTN when the optimized rounding distils worse on the check's images
+    # the keep-best check's images (the first 128) kept out of the start, the steps and the prefix's training: the
+    # check then measures the rounding on images it never fit
+    check_apart: bool = False
     checkpoint_every: int = 500  # iterations between checkpoints (with checkpoint_dir)
     checkpoint_dir: str | None = None
     resume: bool = False
@@ -156,7 +162,8 @@ class RoundingConfig:
     def __post_init__(self):
         if self.iterations < 0 or self.batch_size < 1:
             raise ConfigError(f"need iterations >= 0 and batch_size >= 1, got {self.iterations}, {self.batch_size}")
-        if min(self.lr_rounding, self.lr_bias, self.lr_scale, self.lr_act_steps, self.reg) < 0:
+        rates = (self.lr_rounding, self.lr_rounding_hardening or 0.0, self.lr_bias, self.lr_scale, self.lr_act_steps)
+        if min(*rates, self.reg) < 0:
             raise ConfigError("learning rates and reg must be >= 0")
         if not 0 <= self.warmup < 1:
             raise ConfigError(f"warmup is a fraction of the iterations in [0, 1), got {self.warmup}")

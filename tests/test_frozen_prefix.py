@@ -137,6 +137,56 @@ def test_the_keep_best_check_runs_on_the_whole_graph():
     assert past.rounding["history"][0][1] < 0.5 * past.rounding["check_loss"]
 
 
+@pytest.mark.parametrize("settings", [{"frozen_share": 0.0}, {"frozen_share": 0.15, "prefix_steps": 3}])
+def test_check_apart_keeps_the_check_s_images_out_of_the_start_and_the_steps(monkeypatch, settings):
+    """The check's 8 images (the first) are read by the check alone: not by the layer-local start, the prefix's
+    training or the steps, which read every other image. Without check_apart the steps read them too."""
+    monkeypatch.setattr(rounding_train, "_CHECK_IMAGES", 8)
+    every = torch.cat(CALIB).flatten(1)
+    read = {"fit": set(), "check": set()}
+    phase = ["fit"]
+
+    def record(x: torch.Tensor) -> None:
+        d = torch.cdist(x.float().flatten(1), every, compute_mode="donot_use_mm_for_euclid_dist")
+        assert float(d.min(1).values.max()) < 1e-4  # each row one of the images
+        read[phase[0]].update(d.argmin(1).tolist())
+
+    losses, keep_best = rounding_train.RoundingOptimizer._losses, rounding_train.RoundingOptimizer._keep_best
+    choices = rounding_train.sequential_choices
+
+    def recorded_losses(self, student, targets, batch, xs, weights):
+        record(xs[0])
+        return losses(self, student, targets, batch, xs, weights)
+
+    def checked(self, *args):  # the prefix's check, then the whole graph's
+        phase[0] = "check"
+        try:
+            return keep_best(self, *args)
+        finally:
+            phase[0] = "fit"
+
+    def recorded_choices(gm, teacher, layers, batches, *args):
+        for x in batches:
+            record(x)
+        return choices(gm, teacher, layers, batches, *args)
+
+    monkeypatch.setattr(rounding_train.RoundingOptimizer, "_losses", recorded_losses)
+    monkeypatch.setattr(rounding_train.RoundingOptimizer, "_keep_best", checked)
+    monkeypatch.setattr(rounding_train, "sequential_choices", recorded_choices)
+    run = dict(iterations=12, keep_best=True, start_images=None, **settings)
+    _, report = _eptq(projected_stack(), check_apart=True, **run)
+    assert (report.rounding["frozen_prefix"] is None) == (settings["frozen_share"] == 0)
+    assert read == {"fit": set(range(8, len(every))), "check": set(range(8))}
+    read["fit"], read["check"] = set(), set()
+    _eptq(projected_stack(), **run)
+    assert read["fit"] == set(range(len(every))) and read["check"] == set(range(8))
+
+
+def test_check_apart_needs_more_images_than_the_check_s(monkeypatch):
+    with pytest.raises(ConfigError, match="check_apart"):
+        _eptq(projected_stack(), iterations=2, keep_best=True, check_apart=True)  # 32 images, a check of 128
+
+
 def test_a_bad_frozen_share_is_refused():
     with pytest.raises(ConfigError, match="frozen_share"):
         RoundingConfig(frozen_share=1.0)

@@ -7,7 +7,7 @@ from torch import nn
 import fxq
 from fxq.config import LFHConfig, LossWeights, Method, PTQConfig, RoundingConfig
 from fxq.eptq import train as rounding_train
-from fxq.eptq.schedule import batch_indices, beta_at
+from fxq.eptq.schedule import batch_indices, beta_at, lr_rounding_at
 from fxq.errors import CheckpointError, ConfigError, GraphCheckFailed
 from fxq.quant import modules as quant_modules
 from fxq.quant.modules import QuantWeight, layer_forward, mean_output_shift
@@ -234,6 +234,18 @@ def test_qdrop_leaves_its_share_of_activations_float_in_the_steps_alone(tiny_net
     assert all(m.drop is None for m in acts)  # the model handed back quantizes every element
 
 
+def test_v_steps_at_the_hardening_rate_once_the_regulariser_is_on(tiny_net, monkeypatch):
+    rates, step = [], torch.optim.RAdam.step
+
+    def recorded(self, *args, **kwargs):
+        rates.append(self.param_groups[0]["lr"])
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.RAdam, "step", recorded)
+    _eptq(tiny_net, iterations=10, warmup=0.3, lr_rounding=2e-2, lr_rounding_hardening=1e-3)
+    assert rates == [2e-2] * 3 + [1e-3] * 7
+
+
 def test_bad_rounding_settings_are_refused():
     with pytest.raises(ConfigError, match="act_drop"):
         RoundingConfig(act_drop=1.0)
@@ -241,6 +253,8 @@ def test_bad_rounding_settings_are_refused():
         RoundingConfig(resume=True)
     with pytest.raises(ConfigError, match="warmup"):
         RoundingConfig(warmup=1.5)
+    with pytest.raises(ConfigError, match="learning rates"):
+        RoundingConfig(lr_rounding_hardening=-1e-3)
     with pytest.raises(ConfigError, match="loss_weights"):
         RoundingConfig(loss_weights="hessian")
 
@@ -248,6 +262,9 @@ def test_bad_rounding_settings_are_refused():
 def test_schedule_and_sampler():
     cfg = RoundingConfig(iterations=100, warmup=0.2, beta=(20.0, 2.0))
     assert beta_at(19, cfg) is None and beta_at(20, cfg) == 20.0 and beta_at(100, cfg) == pytest.approx(2.0)
+    assert {lr_rounding_at(s, cfg) for s in (0, 19, 20, 99)} == {cfg.lr_rounding}
+    slower = RoundingConfig(iterations=100, warmup=0.2, lr_rounding_hardening=3e-3)
+    assert [lr_rounding_at(s, slower) for s in (0, 19, 20, 99)] == [slower.lr_rounding] * 2 + [3e-3] * 2
     seen = torch.cat([batch_indices(10, 3, s, seed=0) for s in range(3)])
     assert len(set(seen.tolist())) == 9  # one epoch: no image twice
     assert torch.equal(batch_indices(10, 3, 7, 0), batch_indices(10, 3, 7, 0))

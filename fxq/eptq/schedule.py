@@ -1,4 +1,4 @@
-"""The rounding optimization's schedule: which images each step sees, and the regulariser's beta.
+"""The rounding optimization's schedule: which images each step sees, the regulariser's beta and V's learning rate.
 
 Batches come from a stateless sampler (step -> images), so a resumed run sees the same batches as an
 uninterrupted one.
@@ -13,7 +13,7 @@ from torch import Tensor
 
 from fxq.config import RoundingConfig
 
-__all__ = ["batch_indices", "beta_at"]
+__all__ = ["batch_indices", "beta_at", "lr_rounding_at"]
 
 
 def batch_indices(n: int, batch: int, step: int, seed: int) -> Tensor:
@@ -33,3 +33,9 @@ def beta_at(step: int, cfg: RoundingConfig) -> float | None:
         return None
     frac = (step - start) / max(cfg.iterations - start, 1)
     return cfg.beta[0] + (cfg.beta[1] - cfg.beta[0]) * frac
+
+
+def lr_rounding_at(step: int, cfg: RoundingConfig) -> float:
+    """V's learning rate at `step`: lr_rounding during the warm-up, lr_rounding_hardening (if set) after it."""
+    hardening = cfg.lr_rounding_hardening is not None and beta_at(step, cfg) is not None
+    return cfg.lr_rounding_hardening if hardening else cfg.lr_rounding

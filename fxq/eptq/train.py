@@ -45,7 +45,7 @@ from fxq.eptq.budget import PLAN_AFTER, REPLAN_SHARE, planned_iterations
 from fxq.eptq.distillation import packed_loss
 from fxq.eptq.layerwise import Sensitivity, harden_choice_, sequential_choices, use_choice_
 from fxq.eptq.prefix import Prefix, frozen_prefix, prefix_loss, returns_one_value, values_at
-from fxq.eptq.schedule import batch_indices, beta_at
+from fxq.eptq.schedule import batch_indices, beta_at, lr_rounding_at
 from fxq.eptq.soft_rounding import SoftRounding
 from fxq.eptq.teacher import TeacherTargets, as_model_wants, bf16_autocast, flat_outputs
 from fxq.eptq.weights import interest_weights
@@ -105,6 +105,11 @@ class RoundingOptimizer:
         self.teacher = teacher
         idx, self.chosen = choose(len(images), Subset(config.images, seed=config.seed))
         self.images = images if config.images is None else images[idx.to(images.device)]
+        if config.check_apart and config.keep_best and len(self.images) <= _CHECK_IMAGES:
+            raise ConfigError(
+                f"rounding: check_apart keeps the check's {_CHECK_IMAGES} images out of the fit, and only "
+                f"{len(self.images)} are given; give more calibration images or leave check_apart off"
+            )
         self.cfg = config
         self.progress = progress and world.main
         self.deadline = deadline  # the run's time budget: the iteration count is planned to end inside it
@@ -121,6 +126,7 @@ class RoundingOptimizer:
         set_eval_(gm)
         layers = [m for m in gm.modules() if isinstance(m, QuantWeight)]
         images = self.images.to(device) if device.type == "cuda" else self.images
+        images, check_images = self._split(images)
         prefix = self._prefix(gm, images)
         frozen = {id(qw) for qw in prefix.layers} if prefix is not None else set()
         groups = _layer_groups([qw for qw in layers if id(qw) not in frozen], device, self.world)
@@ -144,7 +150,7 @@ class RoundingOptimizer:
             if layerwise and prefix is not None and cfg.prefix_steps > 0:
                 # the prefix chosen, trained alone and hardened first: the layers past it choose on its values
                 first = self._layerwise(gm, prefix.layers, images)
-                prefix_stats = self._train_prefix(gm, prefix, images, first)
+                prefix_stats = self._train_prefix(gm, prefix, images, check_images, first)
                 rest = [qw for qw in layers if id(qw) not in frozen]
                 chosen = dict(zip(map(id, prefix.layers), first)) | dict(
                     zip(map(id, rest), self._layerwise(gm, rest, images))
@@ -162,13 +168,16 @@ class RoundingOptimizer:
                         use_choice_(qw, choice)
             t0 = time.perf_counter()
             if prefix is None:  # the steps and the keep-best check on the whole graph
-                targets = TeacherTargets(teacher, images, cfg, [n.name for n in interest_nodes(gm)], self.world)
+                names = [n.name for n in interest_nodes(gm)]
+                targets = TeacherTargets(teacher, images, cfg, names, self.world)
                 weights = interest_weights(gm, cfg.loss_weights_read, targets.out_is_tensor, cfg.output_share).to(
                     device
                 )
                 steps = check = (student, targets, _Inputs(images), weights)
+                if cfg.check_apart:
+                    check = self._check(student, teacher, check_images, names, weights)
             else:  # the steps from the values at the cut; the check on the whole graph (RTN's prefix differs)
-                steps, check, past = self._past_prefix(gm, prefix, images, student, teacher)
+                steps, check, past = self._past_prefix(gm, prefix, images, check_images, student, teacher)
             cache_seconds = time.perf_counter() - t0
             if cfg.keep_best and self.deadline is not None:
                 self._check_batch_seconds = self._time_check_batch(*check)
@@ -242,7 +251,21 @@ class RoundingOptimizer:
         unfit = per_image is None or len(images) * per_image > room
         return prefix if not self.world.any(unfit, "the frozen prefix's size") else None
 
-    def _past_prefix(self, gm, prefix: Prefix, images: Tensor, student, teacher) -> tuple[tuple, tuple, dict]:
+    def _split(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """The images the rounding fits and the keep-best check's (the first _CHECK_IMAGES): with check_apart, the
+        fit leaves the check's out."""
+        check = images[: min(len(images), _CHECK_IMAGES)]
+        return (images[len(check) :] if self.cfg.check_apart and self.cfg.keep_best else images), check
+
+    def _check(self, student, teacher, images: Tensor, names: list[str], weights: Tensor) -> tuple:
+        """The keep-best check's (student, targets, inputs, weights) on `images`, with the teacher's tensors of
+        them cached."""
+        cached = dataclasses.replace(self.cfg, teacher_cache="on")
+        return student, TeacherTargets(teacher, images, cached, names, self.world), _Inputs(images), weights
+
+    def _past_prefix(
+        self, gm, prefix: Prefix, images: Tensor, check_images: Tensor, student, teacher
+    ) -> tuple[tuple, tuple, dict]:
         """The steps' (student, targets, inputs, weights) past the frozen `prefix`, whose layers are hard now: the
         student from the cut, the teacher's tensors past it, the cut's value for every image, and the weights of the
         tensors kept, scaled so that the loss is the whole graph's less its constant terms. Also the keep-best
@@ -264,16 +287,13 @@ class RoundingOptimizer:
         weights = interest_weights(gm, cfg.loss_weights_read, out, cfg.output_share).to(device)
         rows = [0] * out + [k + out for k in prefix.kept]
         steps = (past, targets, _Inputs(images, at_cut), weights[rows] * (len(rows) / len(weights)))
-        check = None
-        if cfg.keep_best:
-            held_out = images[: min(len(images), _CHECK_IMAGES)]
-            cached = dataclasses.replace(cfg, teacher_cache="on")
-            check_targets = TeacherTargets(teacher, held_out, cached, [n.name for n in z], self.world)
-            check = (student, check_targets, _Inputs(held_out), weights)
+        check = self._check(student, teacher, check_images, [n.name for n in z], weights) if cfg.keep_best else None
         left_out = {"layers": len(prefix.layers), "weight_share": prefix.weight_share, "tensors": len(z) - len(kept)}
         return steps, check, {**left_out, "cut": prefix.cut.name, "seconds": seconds}
 
-    def _train_prefix(self, gm: GraphModule, prefix: Prefix, images: Tensor, start: list[Tensor | None]) -> dict:
+    def _train_prefix(
+        self, gm: GraphModule, prefix: Prefix, images: Tensor, check_images: Tensor, start: list[Tensor | None]
+    ) -> dict:
         """`prefix_steps` steps of the frozen prefix's layers alone from their layer-local `start`, through the
         prefix alone, on its own loss (fxq.eptq.prefix.prefix_loss), then hardened; the steps' statistics."""
         cfg, device = self.cfg, device_of(gm)
@@ -300,9 +320,8 @@ class RoundingOptimizer:
         finally:
             soft.close()
         # the trained prefix or its start, whichever leaves the prefix's loss lower on the check's images
-        held_out = images[: min(len(images), _CHECK_IMAGES)]
-        check = TeacherTargets(teacher, held_out, cfg, loss.sources[1:], self.world)
-        best = self._keep_best(prefix.layers, start_states, None, student, check, _Inputs(held_out), loss.weights)
+        check = TeacherTargets(teacher, check_images, cfg, loss.sources[1:], self.world)
+        best = self._keep_best(prefix.layers, start_states, None, student, check, _Inputs(check_images), loss.weights)
         history = stats.pop("history")
         return {
             **stats,
@@ -470,6 +489,7 @@ class RoundingOptimizer:
                 acts.refresh()
             loss = self._losses(student, targets, batch, xs, weights)
             beta = beta_at(step, sched)
+            opt_v.param_groups[0]["lr"] = lr_rounding_at(step, sched)
             # the regulariser does not depend on the images: one rank adds it, so the sum over ranks holds it once
             regularized = beta is not None and cfg.reg != 0 and w.main
             total = loss + cfg.reg * soft.regularizer(beta) if regularized else loss

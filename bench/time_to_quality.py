@@ -8,7 +8,8 @@ inside it) and per --lengths entry (a fixed iteration count). A path is a set of
 `radam` is MCT's optimizer and fxq's default, `adam` the same at the full learning rate from the first steps).
 The wall time is fxq.quantize's: trace, calibration, LFH and rounding (image loading and the evaluation not
 counted). Every row calibrates on all calibration images without labels and is evaluated on every val image: top-1,
-and the label-free distances to the float model there (the share of images whose top-1 is float's, the mean KL);
+and the label-free distances to the float model there (the share of images whose top-1 is float's, the mean KL),
+with each image's KL and top-1 class kept for paired comparisons (bench/paired.py);
 rows are written to --json as they finish and skipped when the script runs again, so an interrupted run resumes.
 `--plot` draws top-1 against wall time, with RTN, float and the reference implementation's CPU run (MCT 2.6.1,
 ../shared/anchors/README.md) where the model is EfficientNet-Lite0; `--plot-from` adds the rows of other --json
@@ -26,7 +27,7 @@ import torch
 
 import fxq
 from fxq.config import LFHConfig, Method, PTQConfig, RoundingConfig, WeightError
-from fxq.data.evaluate import evaluate, log_probs
+from fxq.data.evaluate import evaluate, kl_per_image, log_probs
 from fxq.data.images import batches, load_images
 from fxq.data.models import DEFAULT_MODEL, default_image_sets, load_model
 from fxq.eptq.budget import parse_duration
@@ -239,6 +240,10 @@ def main() -> None:
         seconds = spent["wall_seconds"]
         row = {**evaluate(qgm, val.x, val.y, progress=False, reference=reference), "quantize_seconds": seconds}
         row["seed"] = args.seed
+        # per image, for paired comparisons of rows on the same images (bench/paired.py)
+        quantized = log_probs(qgm, val.x)
+        row["kl_images"] = [round(v, 6) for v in kl_per_image(quantized, reference).tolist()]
+        row["top1_images"] = quantized.argmax(1).tolist()
         if args.save_dir:  # e.g. for bench/error_sources.py --load
             fxq.save(qgm, Path(args.save_dir) / re.sub(r"[^\w.-]+", "_", name), model_name=args.model, report=report)
         row.update(cpu_seconds=spent["cpu_seconds"], stolen_share=spent["stolen_share"])

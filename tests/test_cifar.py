@@ -10,7 +10,7 @@ from torchvision.transforms import functional as TF
 
 import fxq
 from fxq.data.cifar import cifar_resnet
-from fxq.data.evaluate import evaluate, log_probs
+from fxq.data.evaluate import evaluate, kl_per_image, log_probs
 from fxq.data.images import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -236,6 +236,9 @@ def test_evaluate_against_a_reference_gives_the_kl_and_the_top1_agreement():
     assert got["kl"] == pytest.approx(float((p * (p / q).log()).sum(1).mean()), rel=1e-5)  # batches of 4 add up
     assert got["agreement"] == pytest.approx(float((q.argmax(1) == p.argmax(1)).float().mean()))
     assert "kl" not in evaluate(other, x, y, progress=False)
+    each = kl_per_image(log_probs(other, x), ref)
+    assert each.shape == (9,) and each.min() >= 0
+    torch.testing.assert_close(each, (p * (p / q).log()).sum(1), rtol=1e-5, atol=1e-7)
 
 
 @needs_cifar

@@ -13,7 +13,7 @@ from fxq.dist.world import World
 from fxq.errors import DataError
 from fxq.ir.ops import device_of, set_eval_
 
-__all__ = ["evaluate", "log_probs"]
+__all__ = ["evaluate", "kl_per_image", "log_probs"]
 
 
 def _check_labels(y: Tensor, classes: int) -> None:
@@ -59,7 +59,7 @@ def evaluate(
     ):
         out = model(xb.to(device)).float().cpu()
         if rb is not None:
-            kl += float(F.kl_div(out.log_softmax(1), rb, log_target=True, reduction="sum"))
+            kl += float(kl_per_image(out.log_softmax(1), rb).sum())
             agree += int((out.argmax(1) == rb.argmax(1)).sum())
         if not checked:  # every label, not only this rank's part: each rank refuses the same set
             _check_labels(y_all, out.shape[1])
@@ -90,3 +90,8 @@ def log_probs(model: nn.Module, x: Tensor, batch_size: int = 50) -> Tensor:
     set_eval_(model)
     device = device_of(model)
     return torch.cat([model(b.to(device)).float().log_softmax(1).cpu() for b in x.split(batch_size)])
+
+
+def kl_per_image(log_probs: Tensor, reference: Tensor) -> Tensor:
+    """KL(reference || model) of each image, from both models' log-probabilities ([N, classes] each)."""
+    return F.kl_div(log_probs, reference, log_target=True, reduction="none").sum(1)

@@ -1,0 +1,104 @@
+"""Two quantized models compared on the same val images, image by image: is one nearer the float model than the other?
+
+    python bench/paired.py runs/a.json "layerwise W4A8 b8 budget 15m" runs/b.json "layerwise-apart W4A8 b8 budget 15m"
+    python bench/paired.py runs/models/layerwise_W4A8_b8_budget_15m runs/b.json "layerwise-apart W4A8 b8 budget 15m"
+
+Each side is a row of a bench/time_to_quality.py --json file (FILE ROW) or a folder fxq.save wrote (evaluated here
+on its model's default val images). Two means of the KL to float over 650 images each vary by several per cent
+with the images; their paired difference varies far less, since both models meet the same hard images. Printed:
+each side's mean KL and top-1; the mean of the per-image KL differences with its 95 %
+interval; the images one side gets right and the other wrong, with the exact two-sided sign test's p-value
+(McNemar's) of so lopsided a split if the two were alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import torch
+
+import fxq
+from fxq.data.evaluate import kl_per_image, log_probs
+from fxq.data.images import load_images
+from fxq.data.models import default_image_sets, load_model
+
+
+def sign_test(wins: int, losses: int) -> float:
+    """Two-sided exact p-value of `wins` against `losses` under a fair coin."""
+    n = wins + losses
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, k) for k in range(min(wins, losses) + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+class ValSet:
+    """A model's default labeled val images and the float model's log-probabilities on them, loaded once."""
+
+    def __init__(self):
+        self._loaded: dict[str, tuple] = {}
+
+    def __call__(self, model_name: str) -> tuple:
+        if model_name not in self._loaded:
+            lm = load_model(model_name)
+            val = load_images(default_image_sets(model_name)[1], lm.preprocess, labeled=True, progress=False)
+            self._loaded[model_name] = (val, log_probs(lm.model, val.x))
+        return self._loaded[model_name]
+
+
+def side(spec: list[str], vals: ValSet) -> tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(name, per-image KL, per-image top-1 class, labels) of a json row (FILE ROW) or a saved folder (FOLDER)."""
+    if len(spec) == 2:
+        file, row = spec
+        done = json.loads(Path(file).read_text())
+        r = done["rows"].get(row, {})
+        if "kl_images" not in r:
+            with_them = [k for k, r in done["rows"].items() if "kl_images" in r]
+            raise SystemExit(f"{file} has no row {row!r} with per-image results; rows with them: {with_them}")
+        val, _ = vals(done["setting"]["model"])
+        return f"{Path(file).name}: {row}", torch.tensor(r["kl_images"]), torch.tensor(r["top1_images"]), val.y
+    (folder,) = spec
+    saved = fxq.load(folder)
+    if saved.model_name is None:
+        raise SystemExit(f"{folder} names no model; compare rows of time_to_quality's --json instead")
+    val, reference = vals(saved.model_name)
+    quantized = log_probs(saved.model, val.x)
+    return Path(folder).name, kl_per_image(quantized, reference), quantized.argmax(1), val.y
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("sides", nargs="+", help="FILE ROW or FOLDER, twice")
+    args = p.parse_args()
+    specs, rest = [], list(args.sides)
+    while rest:  # a folder stands alone; a json file takes the row after it
+        take = 2 if rest[0].endswith(".json") else 1
+        specs.append(rest[:take])
+        rest = rest[take:]
+    if len(specs) != 2:
+        raise SystemExit("give two sides: FILE ROW or FOLDER each")
+    vals = ValSet()
+    (na, kla, pa, ya), (nb, klb, pb, yb) = (side(s, vals) for s in specs)
+    if len(kla) != len(klb) or not torch.equal(ya, yb):
+        raise SystemExit(f"the sides were evaluated on other images ({len(kla)} and {len(klb)}): compare the same")
+    d = (kla - klb).double()
+    mean, half = float(d.mean()), 1.96 * float(d.std()) / math.sqrt(len(d))
+    for name, kl, pred in ((na, kla, pa), (nb, klb, pb)):
+        print(f"{name}\n    mean KL {float(kl.mean()):.4f}, top-1 {int((pred == ya).sum())} of {len(ya)}")
+    print(
+        f"KL difference (first - second): {mean:+.4f}, 95 % interval {mean - half:+.4f} to {mean + half:+.4f} "
+        f"({mean / float(klb.mean()):+.1%} of the second's)"
+    )
+    ra, rb = pa == ya, pb == ya
+    wins, losses = int((ra & ~rb).sum()), int((~ra & rb).sum())
+    print(
+        f"right in the first alone {wins}, in the second alone {losses}: sign test p = {sign_test(wins, losses):.2f}; "
+        f"top-1 classes differ on {int((pa != pb).sum())} images"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -4,11 +4,10 @@
     python bench/paired.py runs/models/layerwise_W4A8_b8_budget_15m runs/b.json "layerwise-apart W4A8 b8 budget 15m"
 
 Each side is a row of a bench/time_to_quality.py --json file (FILE ROW) or a folder fxq.save wrote (evaluated here
-on its model's default val images). Two means of the KL to float over 650 images each vary by several per cent
-with the images; their paired difference varies far less, since both models meet the same hard images. Printed:
-each side's mean KL and top-1; the mean of the per-image KL differences with its 95 %
-interval; the images one side gets right and the other wrong, with the exact two-sided sign test's p-value
-(McNemar's) of so lopsided a split if the two were alike.
+on its model's default val images). Both sides meet the same images, so the per-image differences give an interval
+for the difference itself. Printed: each side's mean KL to float and top-1; the mean of the per-image KL
+differences with its 95 % interval (normal); the images one side gets right and the other wrong, with the exact
+two-sided sign test's p-value (McNemar's) of so lopsided a split if the two models were alike.
 """
 
 from __future__ import annotations
@@ -36,17 +35,27 @@ def sign_test(wins: int, losses: int) -> float:
 
 
 class ValSet:
-    """A model's default labeled val images and the float model's log-probabilities on them, loaded once."""
+    """A model's default labeled val images and the float model's log-probabilities on them, each loaded once."""
 
     def __init__(self):
-        self._loaded: dict[str, tuple] = {}
+        self._loaded: dict[str, tuple] = {}  # model name: (float model, val images, log-probabilities or None)
 
-    def __call__(self, model_name: str) -> tuple:
+    def _load(self, model_name: str) -> tuple:
         if model_name not in self._loaded:
             lm = load_model(model_name)
             val = load_images(default_image_sets(model_name)[1], lm.preprocess, labeled=True, progress=False)
-            self._loaded[model_name] = (val, log_probs(lm.model, val.x))
+            self._loaded[model_name] = (lm.model, val, None)
         return self._loaded[model_name]
+
+    def images(self, model_name: str):
+        return self._load(model_name)[1]
+
+    def reference(self, model_name: str) -> torch.Tensor:
+        model, val, reference = self._load(model_name)
+        if reference is None:
+            reference = log_probs(model, val.x)
+            self._loaded[model_name] = (model, val, reference)
+        return reference
 
 
 def side(spec: list[str], vals: ValSet) -> tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -58,15 +67,15 @@ def side(spec: list[str], vals: ValSet) -> tuple[str, torch.Tensor, torch.Tensor
         if "kl_images" not in r:
             with_them = [k for k, r in done["rows"].items() if "kl_images" in r]
             raise SystemExit(f"{file} has no row {row!r} with per-image results; rows with them: {with_them}")
-        val, _ = vals(done["setting"]["model"])
-        return f"{Path(file).name}: {row}", torch.tensor(r["kl_images"]), torch.tensor(r["top1_images"]), val.y
+        labels = vals.images(done["setting"]["model"]).y
+        return f"{Path(file).name}: {row}", torch.tensor(r["kl_images"]), torch.tensor(r["top1_images"]), labels
     (folder,) = spec
     saved = fxq.load(folder)
     if saved.model_name is None:
         raise SystemExit(f"{folder} names no model; compare rows of time_to_quality's --json instead")
-    val, reference = vals(saved.model_name)
+    val = vals.images(saved.model_name)
     quantized = log_probs(saved.model, val.x)
-    return Path(folder).name, kl_per_image(quantized, reference), quantized.argmax(1), val.y
+    return Path(folder).name, kl_per_image(quantized, vals.reference(saved.model_name)), quantized.argmax(1), val.y
 
 
 def main() -> None:

@@ -66,8 +66,9 @@ PATHS = {
     "layerwise-lr1e-2": {"start": "layerwise", "lr_rounding": 1e-2},  # a third of the learning rate
     # the keep-best check's 128 images kept out of the start and the steps: its loss is one on images never fit
     "layerwise-apart": {"start": "layerwise", "check_apart": True},
-    # a gentler hardening: V at a tenth of the learning rate once the regulariser is on
+    # V at a tenth of the learning rate once the regulariser is on (a gentler hardening), or at 3.3x
     "layerwise-apart-h3e-3": {"start": "layerwise", "check_apart": True, "lr_rounding_hardening": 3e-3},
+    "layerwise-apart-h1e-1": {"start": "layerwise", "check_apart": True, "lr_rounding_hardening": 1e-1},  # or 3.3x
     # per-channel step factors trained beside V and the biases (SGD at 1e-2)
     "layerwise-scale": {"start": "layerwise", "train_scale": True, "lr_scale": 1e-2},
     # every activation step trained beside V (LSQ's gradient on a log factor, at lr_act_steps 1e-3)

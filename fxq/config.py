@@ -101,8 +101,7 @@ class RoundingConfig:
     iterations: int = 20_000
     batch_size: int = 32
     lr_rounding: float = 3e-2  # on the AdaRound variables V, with `optimizer`
-    # V's learning rate once the regulariser is on (None: lr_rounding): lower, the regulariser hardens V more slowly
-    # and the distillation's gradient has longer to move the weights between the grid points
+    # V's learning rate once the regulariser is on (None: lr_rounding): a lower one hardens V more slowly
     lr_rounding_hardening: float | None = None
     optimizer: Optimizer = Optimizer.RADAM
     lr_bias: float = 1e-3  # SGD, on every quantized layer's bias
@@ -165,6 +164,8 @@ class RoundingConfig:
         rates = (self.lr_rounding, self.lr_rounding_hardening or 0.0, self.lr_bias, self.lr_scale, self.lr_act_steps)
         if min(*rates, self.reg) < 0:
             raise ConfigError("learning rates and reg must be >= 0")
+        if self.check_apart and not self.keep_best:
+            raise ConfigError("check_apart keeps the keep-best check's images out of the fit: it needs keep_best on")
         if not 0 <= self.warmup < 1:
             raise ConfigError(f"warmup is a fraction of the iterations in [0, 1), got {self.warmup}")
         if self.images is not None and self.images < 1:

@@ -255,6 +255,8 @@ def test_bad_rounding_settings_are_refused():
         RoundingConfig(warmup=1.5)
     with pytest.raises(ConfigError, match="learning rates"):
         RoundingConfig(lr_rounding_hardening=-1e-3)
+    with pytest.raises(ConfigError, match="needs keep_best"):
+        RoundingConfig(check_apart=True, keep_best=False)
     with pytest.raises(ConfigError, match="loss_weights"):
         RoundingConfig(loss_weights="hessian")
 

@@ -105,7 +105,7 @@ class RoundingOptimizer:
         self.teacher = teacher
         idx, self.chosen = choose(len(images), Subset(config.images, seed=config.seed))
         self.images = images if config.images is None else images[idx.to(images.device)]
-        if config.check_apart and config.keep_best and len(self.images) <= _CHECK_IMAGES:
+        if config.check_apart and len(self.images) <= _CHECK_IMAGES:
             raise ConfigError(
                 f"rounding: check_apart keeps the check's {_CHECK_IMAGES} images out of the fit, and only "
                 f"{len(self.images)} are given; give more calibration images or leave check_apart off"
@@ -255,7 +255,7 @@ class RoundingOptimizer:
         """The images the rounding fits and the keep-best check's (the first _CHECK_IMAGES): with check_apart, the
         fit leaves the check's out."""
         check = images[: min(len(images), _CHECK_IMAGES)]
-        return (images[len(check) :] if self.cfg.check_apart and self.cfg.keep_best else images), check
+        return (images[len(check) :] if self.cfg.check_apart else images), check
 
     def _check(self, student, teacher, images: Tensor, names: list[str], weights: Tensor) -> tuple:
         """The keep-best check's (student, targets, inputs, weights) on `images`, with the teacher's tensors of

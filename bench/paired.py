@@ -13,6 +13,7 @@ two-sided sign test's p-value (McNemar's) of so lopsided a split if the two mode
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 from pathlib import Path
@@ -34,31 +35,21 @@ def sign_test(wins: int, losses: int) -> float:
     return min(1.0, 2 * tail)
 
 
-class ValSet:
-    """A model's default labeled val images and the float model's log-probabilities on them, each loaded once."""
-
-    def __init__(self):
-        self._loaded: dict[str, tuple] = {}  # model name: (float model, val images, log-probabilities or None)
-
-    def _load(self, model_name: str) -> tuple:
-        if model_name not in self._loaded:
-            lm = load_model(model_name)
-            val = load_images(default_image_sets(model_name)[1], lm.preprocess, labeled=True, progress=False)
-            self._loaded[model_name] = (lm.model, val, None)
-        return self._loaded[model_name]
-
-    def images(self, model_name: str):
-        return self._load(model_name)[1]
-
-    def reference(self, model_name: str) -> torch.Tensor:
-        model, val, reference = self._load(model_name)
-        if reference is None:
-            reference = log_probs(model, val.x)
-            self._loaded[model_name] = (model, val, reference)
-        return reference
+@functools.cache
+def float_and_val(model_name: str) -> tuple:
+    """A model's float model and its default labeled val images, loaded once."""
+    lm = load_model(model_name)
+    return lm.model, load_images(default_image_sets(model_name)[1], lm.preprocess, labeled=True, progress=False)
 
 
-def side(spec: list[str], vals: ValSet) -> tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]:
+@functools.cache
+def reference(model_name: str) -> torch.Tensor:
+    """The float model's log-probabilities on its val images, computed once."""
+    model, val = float_and_val(model_name)
+    return log_probs(model, val.x)
+
+
+def side(spec: list[str]) -> tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(name, per-image KL, per-image top-1 class, labels) of a json row (FILE ROW) or a saved folder (FOLDER)."""
     if len(spec) == 2:
         file, row = spec
@@ -67,15 +58,15 @@ def side(spec: list[str], vals: ValSet) -> tuple[str, torch.Tensor, torch.Tensor
         if "kl_images" not in r:
             with_them = [k for k, r in done["rows"].items() if "kl_images" in r]
             raise SystemExit(f"{file} has no row {row!r} with per-image results; rows with them: {with_them}")
-        labels = vals.images(done["setting"]["model"]).y
+        labels = float_and_val(done["setting"]["model"])[1].y
         return f"{Path(file).name}: {row}", torch.tensor(r["kl_images"]), torch.tensor(r["top1_images"]), labels
     (folder,) = spec
     saved = fxq.load(folder)
     if saved.model_name is None:
         raise SystemExit(f"{folder} names no model; compare rows of time_to_quality's --json instead")
-    val = vals.images(saved.model_name)
+    val = float_and_val(saved.model_name)[1]
     quantized = log_probs(saved.model, val.x)
-    return Path(folder).name, kl_per_image(quantized, vals.reference(saved.model_name)), quantized.argmax(1), val.y
+    return Path(folder).name, kl_per_image(quantized, reference(saved.model_name)), quantized.argmax(1), val.y
 
 
 def main() -> None:
@@ -89,8 +80,7 @@ def main() -> None:
         rest = rest[take:]
     if len(specs) != 2:
         raise SystemExit("give two sides: FILE ROW or FOLDER each")
-    vals = ValSet()
-    (na, kla, pa, ya), (nb, klb, pb, yb) = (side(s, vals) for s in specs)
+    (na, kla, pa, ya), (nb, klb, pb, yb) = (side(s) for s in specs)
     if len(kla) != len(klb) or not torch.equal(ya, yb):
         raise SystemExit(f"the sides were evaluated on other images ({len(kla)} and {len(klb)}): compare the same")
     d = (kla - klb).double()

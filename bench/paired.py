@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 import fxq
-from fxq.data.evaluate import kl_per_image, log_probs
+from fxq.data.evaluate import evaluate, log_probs
 from fxq.data.images import load_images
 from fxq.data.models import default_image_sets, load_model
 
@@ -65,8 +65,8 @@ def side(spec: list[str]) -> tuple[str, torch.Tensor, torch.Tensor, torch.Tensor
     if saved.model_name is None:
         raise SystemExit(f"{folder} names no model; compare rows of time_to_quality's --json instead")
     val = float_and_val(saved.model_name)[1]
-    quantized = log_probs(saved.model, val.x)
-    return Path(folder).name, kl_per_image(quantized, reference(saved.model_name)), quantized.argmax(1), val.y
+    r = evaluate(saved.model, val.x, val.y, progress=False, reference=reference(saved.model_name), per_image=True)
+    return Path(folder).name, torch.tensor(r["kl_images"]), torch.tensor(r["top1_images"]), val.y
 
 
 def main() -> None:

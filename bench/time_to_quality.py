@@ -27,7 +27,7 @@ import torch
 
 import fxq
 from fxq.config import LFHConfig, Method, PTQConfig, RoundingConfig, WeightError
-from fxq.data.evaluate import evaluate, kl_per_image, log_probs
+from fxq.data.evaluate import evaluate, log_probs
 from fxq.data.images import batches, load_images
 from fxq.data.models import DEFAULT_MODEL, default_image_sets, load_model
 from fxq.eptq.budget import parse_duration
@@ -239,12 +239,10 @@ def main() -> None:
         qgm, report = fxq.quantize(lm.model, batches(calib.x, 32), cfg)
         spent = clock.read()
         seconds = spent["wall_seconds"]
-        row = {**evaluate(qgm, val.x, val.y, progress=False, reference=reference), "quantize_seconds": seconds}
-        row["seed"] = args.seed
-        # per image, for paired comparisons of rows on the same images (bench/paired.py)
-        quantized = log_probs(qgm, val.x)
-        row["kl_images"] = [round(v, 6) for v in kl_per_image(quantized, reference).tolist()]
-        row["top1_images"] = quantized.argmax(1).tolist()
+        # per image too, for paired comparisons of rows on the same images (bench/paired.py)
+        row = evaluate(qgm, val.x, val.y, progress=False, reference=reference, per_image=True)
+        row["kl_images"] = [round(v, 6) for v in row["kl_images"]]
+        row.update(quantize_seconds=seconds, seed=args.seed)
         if args.save_dir:  # e.g. for bench/error_sources.py --load
             fxq.save(qgm, Path(args.save_dir) / re.sub(r"[^\w.-]+", "_", name), model_name=args.model, report=report)
         row.update(cpu_seconds=spent["cpu_seconds"], stolen_share=spent["stolen_share"])

@@ -239,6 +239,10 @@ def test_evaluate_against_a_reference_gives_the_kl_and_the_top1_agreement():
     each = kl_per_image(log_probs(other, x), ref)
     assert each.shape == (9,) and each.min() >= 0
     torch.testing.assert_close(each, (p * (p / q).log()).sum(1), rtol=1e-5, atol=1e-7)
+    per_image = evaluate(other, x, y, batch_size=4, progress=False, reference=ref, per_image=True)
+    assert per_image["top1_images"] == q.argmax(1).tolist()
+    torch.testing.assert_close(torch.tensor(per_image["kl_images"], dtype=torch.float64), each.double())
+    assert "kl_images" not in evaluate(other, x, y, progress=False, per_image=True)
 
 
 @needs_cifar

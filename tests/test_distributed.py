@@ -20,6 +20,7 @@ import torch.distributed as dist
 
 import fxq
 from fxq.config import LFHConfig, Method, MixedPrecisionConfig, PTQConfig, RoundingConfig, WeightError
+from fxq.data.evaluate import evaluate, log_probs
 from fxq.dist import World
 from fxq.ir.meta import q
 from fxq.kernels.lfh_reduce import RunningStats, merge_stats, welford_update_
@@ -33,6 +34,11 @@ LFH = LFHConfig(min_probes=3, max_probes=5, images=16, batch_size=16, seed=1)
 
 def _tiny() -> torch.nn.Module:
     torch.manual_seed(0)
+    return randomize_bn_(TinyNet()).eval()
+
+
+def _tiny_other() -> torch.nn.Module:
+    torch.manual_seed(1)
     return randomize_bn_(TinyNet()).eval()
 
 
@@ -95,6 +101,11 @@ def _stages(rank: int, folder: str) -> dict:
     gm = fxq.analyze(model, CALIB, mp)
     out["sensitivity"] = {n.name: q(n).sensitivity for n in weight_layers(gm)}
     out["bits"] = {n.name: q(n).wspec.bits for n in weight_layers(gm)}
+    x, y = torch.cat(CALIB[:2])[:13], torch.arange(13) % 5  # 13 images: parts of 7 and 6
+    reference = log_probs(_tiny_other(), x)
+    out["eval"] = evaluate(
+        model, x, y, batch_size=4, progress=False, world=World.current(), reference=reference, per_image=True
+    )
     for name, cache, start in (
         ("cached", "on", "float"),
         ("recomputed", "off", "float"),
@@ -138,6 +149,17 @@ def test_thresholds_and_rtn_codes_of_two_ranks_equal_one_process(two_ranks):
                     assert torch.equal(want[key], r["rtn"][name][key]), f"{name}.{key}"
             if "bias" in want:  # bias correction: the mean, summed in another order
                 torch.testing.assert_close(r["rtn"][name]["bias"], want["bias"], rtol=1e-6, atol=1e-7)
+
+
+def test_per_image_evaluation_of_two_ranks_equals_one_process(two_ranks):
+    one, ranks = two_ranks
+    want = one["eval"]
+    assert len(want["kl_images"]) == len(want["top1_images"]) == 13
+    assert sum(want["kl_images"]) / 13 == pytest.approx(want["kl"], rel=1e-6)
+    for r in ranks:  # each rank holds every image's values, in the images' order
+        got = r["eval"]
+        assert got["top1_images"] == want["top1_images"] and got["correct1"] == want["correct1"]
+        assert got["kl_images"] == pytest.approx(want["kl_images"], rel=1e-5, abs=1e-7)
 
 
 def test_lfh_traces_of_two_ranks_equal_one_process(two_ranks):

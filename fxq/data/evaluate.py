@@ -37,6 +37,7 @@ def evaluate(
     desc: str = "eval",
     world: World = World(),
     reference: Tensor | None = None,
+    per_image: bool = False,
 ) -> dict:
     """{"top1", "top5" (percent), "correct1", "images", "seconds"} of `model` on (x, y); top-1 ties go to the
     lowest class index. In a data-parallel run each rank scores its part of the images and the counts add up.
@@ -44,7 +45,10 @@ def evaluate(
     With `reference`, another model's log-probabilities on x (the float model's, from `log_probs`), also
     "agreement", the share of the images whose top-1 is the reference's, and "kl", the mean over the images of
     KL(reference || model): label-free distances, steadier than top-1 where a few images near a class boundary
-    decide it."""
+    decide it.
+
+    With `per_image`, also "top1_images", each image's top-1 class, and with `reference` "kl_images", each image's
+    KL: for comparing two models image by image (bench/paired.py) without running either over the images again."""
     set_eval_(model)
     device = device_of(model)
     c1 = c5 = agree = 0
@@ -54,13 +58,17 @@ def evaluate(
     part = world.part(len(x))
     x, y_all, y = x[part], y, y[part]
     refs = reference[part].split(batch_size) if reference is not None else [None] * len(y.split(batch_size))
+    classes, kls = [], []  # this rank's per-image values, batch by batch
     for xb, yb, rb in tqdm(
         list(zip(x.split(batch_size), y.split(batch_size), refs)), desc=desc, unit="batch", disable=not progress
     ):
         out = model(xb.to(device)).float().cpu()
         if rb is not None:
-            kl += float(kl_per_image(out.log_softmax(1), rb).sum())
+            each = kl_per_image(out.log_softmax(1), rb)
+            kl += float(each.sum())
             agree += int((out.argmax(1) == rb.argmax(1)).sum())
+            kls.append(each.double())
+        classes.append(out.argmax(1))
         if not checked:  # every label, not only this rank's part: each rank refuses the same set
             _check_labels(y_all, out.shape[1])
             checked = True
@@ -81,7 +89,17 @@ def evaluate(
     }
     if reference is not None:
         out.update(agreement=agree / n, kl=kl / n)
+    if per_image:
+        out["top1_images"] = [int(c) for c in _whole(classes, world).tolist()]
+        if reference is not None:
+            out["kl_images"] = _whole(kls, world).tolist()
     return out
+
+
+def _whole(pieces: list[Tensor], world: World) -> Tensor:
+    """Every image's value from each rank's part of them (the parts are contiguous, in rank order)."""
+    mine = torch.cat(pieces).double() if pieces else torch.zeros(0, dtype=torch.float64)
+    return torch.cat(world.gather(mine, "the per-image values"))
 
 
 @torch.no_grad()

@@ -69,6 +69,8 @@ PATHS = {
     # V at a tenth of the learning rate once the regulariser is on (a gentler hardening), or at 3.3x
     "layerwise-apart-h3e-3": {"start": "layerwise", "check_apart": True, "lr_rounding_hardening": 3e-3},
     "layerwise-apart-h1e-1": {"start": "layerwise", "check_apart": True, "lr_rounding_hardening": 1e-1},
+    # the output's KL from the float model's softmax added to each step's loss, at weight 1
+    "layerwise-kl1": {"start": "layerwise", "output_kl": 1.0},
     # per-channel step factors trained beside V and the biases (SGD at 1e-2)
     "layerwise-scale": {"start": "layerwise", "train_scale": True, "lr_scale": 1e-2},
     # every activation step trained beside V (LSQ's gradient on a log factor, at lr_act_steps 1e-3)

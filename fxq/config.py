@@ -141,6 +141,10 @@ class RoundingConfig:
     # the model output's share of the distillation's weights, the hidden tensors keeping their ratios (None: what
     # `loss_weights` gives it; with the LFH, the largest trace of all)
     output_share: float | None = None
+    # the weight of the model output's KL(float || quantized) of the softmax, a mean over the images, added to each
+    # step's loss (not to the keep-best check's): the distance top-1 follows, where the squared error of the
+    # logits weighs every class alike. Needs a model that returns one tensor of class scores; 0: off
+    output_kl: float = 0.0
     normalize_loss: bool = True  # each tensor's squared error relative to its float energy (as MCT does)
     images: int | None = None  # optimize on N calibration images drawn at random with `seed` (None: all)
     keep_best: bool = True  # fall back to RTN when the optimized rounding distils worse on the check's images
@@ -162,8 +166,8 @@ class RoundingConfig:
         if self.iterations < 0 or self.batch_size < 1:
             raise ConfigError(f"need iterations >= 0 and batch_size >= 1, got {self.iterations}, {self.batch_size}")
         rates = (self.lr_rounding, self.lr_rounding_hardening or 0.0, self.lr_bias, self.lr_scale, self.lr_act_steps)
-        if min(*rates, self.reg) < 0:
-            raise ConfigError("learning rates and reg must be >= 0")
+        if min(*rates, self.reg, self.output_kl) < 0:
+            raise ConfigError("learning rates, reg and output_kl must be >= 0")
         if self.check_apart and not self.keep_best:
             raise ConfigError("check_apart keeps the keep-best check's images out of the fit: it needs keep_best on")
         if not 0 <= self.warmup < 1:

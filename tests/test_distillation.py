@@ -3,7 +3,15 @@
 import pytest
 import torch
 
-from fxq.eptq.distillation import Workspace, column_lengths, distillation_loss, pack, packed_loss, row_energies
+from fxq.eptq.distillation import (
+    Workspace,
+    column_lengths,
+    distillation_loss,
+    pack,
+    packed_loss,
+    row_energies,
+    softmax_kl,
+)
 from tests.conftest import seeded
 
 
@@ -95,3 +103,16 @@ def test_a_tensor_folding_the_batch_into_its_first_dimension_counts_image_by_ima
     torch.testing.assert_close(q[0].grad, r[0].grad)
     assert q[1].grad.shape == zq[1].shape
     torch.testing.assert_close(q[1].grad, r[1].grad.reshape(zq[1].shape))
+
+
+def test_softmax_kl_is_the_mean_kl_of_the_softmaxes_with_the_difference_of_them_as_gradient():
+    teacher = seeded(6, 5, seed=1).half()  # a teacher cache may hold fp16
+    student = seeded(6, 5, seed=2).requires_grad_()
+    p, q = teacher.float().softmax(1), student.softmax(1)
+    got = softmax_kl(teacher, student)
+    torch.testing.assert_close(got, (p * (p.log() - q.log())).sum(1).mean())
+    got.backward()
+    torch.testing.assert_close(student.grad, (q - p).detach() / 6)  # d KL / d logits of each image, over B
+    half = softmax_kl(teacher[:3], student[:3], samples=6) + softmax_kl(teacher[3:], student[3:], samples=6)
+    torch.testing.assert_close(half, got)  # ranks' parts of one batch add up to the batch's
+    assert float(softmax_kl(teacher, teacher.float())) == pytest.approx(0.0, abs=1e-6)

@@ -6,6 +6,7 @@ from torch import nn
 
 import fxq
 from fxq.config import LFHConfig, LossWeights, Method, PTQConfig, RoundingConfig
+from fxq.data.evaluate import kl_per_image, log_probs
 from fxq.eptq import train as rounding_train
 from fxq.eptq.schedule import batch_indices, beta_at, lr_rounding_at
 from fxq.errors import CheckpointError, ConfigError, GraphCheckFailed
@@ -173,6 +174,43 @@ def test_an_output_share_without_one_output_tensor_is_refused(tiny_net):
         rounding_train.interest_weights(torch.fx.symbolic_trace(tiny_net), LossWeights.MEAN, False, 0.2)
 
 
+def test_the_output_kl_adds_its_weight_times_the_output_s_kl_to_each_step_s_loss(tiny_net, monkeypatch):
+    kls, real = [], rounding_train.softmax_kl
+    monkeypatch.setattr(rounding_train, "softmax_kl", lambda *a: kls.append(float(real(*a).detach())) or real(*a))
+    still = {"bits": 2, "iterations": 8, "lr_rounding": 0.0, "lr_bias": 0.0}  # every step sees RTN's model
+    _, plain = _eptq(tiny_net, **still)
+    _, with_kl = _eptq(tiny_net, **still, output_kl=0.5)
+    assert len(kls) == 8 and min(kls) > 0  # the steps', not the keep-best check's
+    want = [loss + 0.5 * kl for loss, kl in zip(_losses(plain), kls)]
+    assert _losses(with_kl) == pytest.approx(want, rel=1e-5)
+
+
+def test_the_output_kl_brings_the_output_nearer_the_float_model_s(tiny_net):
+    with torch.no_grad():  # class scores far apart, as a classifier's: the KL then weighs the top classes
+        tiny_net.head.weight.mul_(30.0)
+    x = torch.cat(CALIB)
+    ref = log_probs(tiny_net, x)
+    kl = {}
+    for weight in (0.0, 5.0):
+        qgm, _ = _eptq(tiny_net, bits=2, iterations=150, warmup=0.9, lr_rounding=5e-2, output_kl=weight)
+        kl[weight] = float(kl_per_image(log_probs(qgm, x), ref).mean())
+    assert kl[5.0] < 0.8 * kl[0.0], kl
+
+
+def test_an_output_kl_without_one_output_tensor_is_refused(tiny_net):
+    class TwoOutputs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = tiny_net
+
+        def forward(self, x):
+            y = self.net(x)
+            return y, 2 * y
+
+    with pytest.raises(ConfigError, match="output_kl .* does not return one tensor"):
+        _eptq(TwoOutputs(), iterations=2, output_kl=1.0)
+
+
 def _interrupted_and_resumed(model, tmp_path, monkeypatch, step: int, **settings) -> tuple[dict, object]:
     """A run interrupted at `step` and resumed from its last checkpoint gives the model of an uninterrupted run,
     bit for bit; returns that checkpoint and the resumed run's report."""
@@ -255,6 +293,8 @@ def test_bad_rounding_settings_are_refused():
         RoundingConfig(warmup=1.5)
     with pytest.raises(ConfigError, match="learning rates"):
         RoundingConfig(lr_rounding_hardening=-1e-3)
+    with pytest.raises(ConfigError, match="output_kl must be >= 0"):
+        RoundingConfig(output_kl=-1.0)
     with pytest.raises(ConfigError, match="needs keep_best"):
         RoundingConfig(check_apart=True, keep_best=False)
     with pytest.raises(ConfigError, match="loss_weights"):

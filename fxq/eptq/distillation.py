@@ -13,7 +13,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["pack", "column_lengths", "row_energies", "packed_loss", "distillation_loss", "Workspace"]
+from fxq.data.evaluate import kl_per_image
+
+__all__ = ["pack", "column_lengths", "row_energies", "packed_loss", "distillation_loss", "softmax_kl", "Workspace"]
 
 
 def pack(tensors: list[Tensor], nhwc: bool = False, batch: int | None = None) -> Tensor:
@@ -93,6 +95,14 @@ def _loss(columns, zf, lengths, samples, weights, normalize, zf_energy=None) -> 
             zf_energy = _segment_sums(torch.linalg.vecdot(f, f, dim=0), lengths) / samples
         err = err / zf_energy.clamp_min(1e-12)
     return (weights.to(err.device) * err).mean(-1)
+
+
+def softmax_kl(teacher: Tensor, student: Tensor, samples: int | None = None) -> Tensor:
+    """KL(softmax(teacher) || softmax(student)) summed over the rows of the [B, classes] logits and divided by
+    `samples` (B when None; the whole batch's size when these rows are a rank's part of it), in fp32,
+    differentiable in `student`."""
+    each = kl_per_image(student.float().log_softmax(1), teacher.float().log_softmax(1))
+    return each.sum() / (samples or len(teacher))
 
 
 class _Rows:

@@ -42,7 +42,7 @@ from fxq.data.subset import Subset, choose
 from fxq.dist.world import World
 from fxq.eptq.act_steps import ActSteps
 from fxq.eptq.budget import PLAN_AFTER, REPLAN_SHARE, planned_iterations
-from fxq.eptq.distillation import packed_loss
+from fxq.eptq.distillation import packed_loss, softmax_kl
 from fxq.eptq.layerwise import Sensitivity, harden_choice_, sequential_choices, use_choice_
 from fxq.eptq.prefix import Prefix, frozen_prefix, prefix_loss, returns_one_value, values_at
 from fxq.eptq.schedule import batch_indices, beta_at, lr_rounding_at
@@ -179,6 +179,11 @@ class RoundingOptimizer:
             else:  # the steps from the values at the cut; the check on the whole graph (RTN's prefix differs)
                 steps, check, past = self._past_prefix(gm, prefix, images, check_images, student, teacher)
             cache_seconds = time.perf_counter() - t0
+            if cfg.output_kl and not steps[1].out_is_tensor:  # steps[1]: the steps' TeacherTargets
+                raise ConfigError(
+                    "output_kl compares the model output's softmax, but this model does not return one tensor of "
+                    "class scores; leave output_kl at 0"
+                )
             if cfg.keep_best and self.deadline is not None:
                 self._check_batch_seconds = self._time_check_batch(*check)
             if cfg.act_drop > 0:
@@ -313,8 +318,8 @@ class RoundingOptimizer:
         soft = SoftRounding(prefix.layers, cfg.train_scale)
         try:
             soft.start_from_(start, cfg.start_confidence)
-            stats = self._optimize(
-                soft, None, student, targets, _Inputs(images), loss.weights, cfg.prefix_steps, None, 0, None, None
+            stats = self._optimize(  # the prefix's loss has no model output to compare
+                soft, None, student, targets, _Inputs(images), loss.weights, cfg.prefix_steps, None, 0, None, None, 0.0
             )
             soft.harden_()
         finally:
@@ -369,10 +374,12 @@ class RoundingOptimizer:
             "state": "flat",  # SoftRounding's flat V, biases and factors (earlier checkpoints held them per layer)
         }
 
-    def _losses(self, student, targets: TeacherTargets, batch: Tensor, xs: tuple, weights: Tensor) -> Tensor:
+    def _losses(
+        self, student, targets: TeacherTargets, batch: Tensor, xs: tuple, weights: Tensor, output_kl: float = 0.0
+    ) -> Tensor:
         """The loss of the images `batch`, of which `xs` is this rank's part (the teacher's input and the student's
         arguments, _Inputs.take): its share of the batch's loss (the whole loss alone), so that the ranks' shares
-        and their gradients add up to one process's."""
+        and their gradients add up to one process's. With `output_kl`, plus that weight times the output's KL."""
         x, args = xs
         zf, zf_energy = targets(batch, x)
         if len(x) == 0:  # a part of a short batch (the keep-best check's last): a share of nothing
@@ -380,9 +387,12 @@ class RoundingOptimizer:
         with bf16_autocast(x.device, self.cfg.amp):
             zq = flat_outputs(student(*args), targets.out_is_tensor)
         cfg = self.cfg
-        return packed_loss(
+        loss = packed_loss(
             zf, zq, targets.lengths, weights, cfg.normalize_loss, zf_energy, targets.nhwc, targets.workspace, len(batch)
         )
+        if output_kl:  # the output comes first among the packed tensors (TeacherTargets)
+            loss = loss + output_kl * softmax_kl(zf[:, : int(targets.lengths[0])], zq[0], len(batch))
+        return loss
 
     def _optimize_groups(self, gm, layers, groups, start, acts, student, targets, images, weights) -> dict:
         """Each group of layers optimized in turn from its start (`start`: the layer-local choices, or None) and
@@ -452,11 +462,14 @@ class RoundingOptimizer:
         offset: int,
         state: dict | None,
         saved: dict | None,
+        output_kl: float | None = None,
     ) -> dict:
         """`iterations` steps of `soft`'s layers and `acts` (fewer to end inside `budget`), the batches those of
         the steps from `offset` on; continued from the checkpoint `state` when given. Each checkpoint holds `saved`
-        too (None: no checkpoints)."""
+        too (None: no checkpoints). `output_kl`: the weight of the output's KL in each step's loss (None: the
+        config's)."""
         cfg, device = self.cfg, soft.v.device
+        output_kl = cfg.output_kl if output_kl is None else output_kl
         opt_v, opt_b = self._optimizers(soft, acts)
         trained = [*soft.parameters(), *([acts.log_factor] if acts is not None else [])]
         start, planned = 0, iterations  # planned: the iteration count, shortened to fit a time budget
@@ -487,7 +500,7 @@ class RoundingOptimizer:
             soft.refresh()
             if acts is not None:
                 acts.refresh()
-            loss = self._losses(student, targets, batch, xs, weights)
+            loss = self._losses(student, targets, batch, xs, weights, output_kl)
             beta = beta_at(step, sched)
             opt_v.param_groups[0]["lr"] = lr_rounding_at(step, sched)
             # the regulariser does not depend on the images: one rank adds it, so the sum over ranks holds it once

@@ -154,9 +154,9 @@ def test_check_apart_keeps_the_check_s_images_out_of_the_start_and_the_steps(mon
     losses, keep_best = rounding_train.RoundingOptimizer._losses, rounding_train.RoundingOptimizer._keep_best
     choices = rounding_train.sequential_choices
 
-    def recorded_losses(self, student, targets, batch, xs, weights):
+    def recorded_losses(self, student, targets, batch, xs, *rest):
         record(xs[0])
-        return losses(self, student, targets, batch, xs, weights)
+        return losses(self, student, targets, batch, xs, *rest)
 
     def checked(self, *args):  # the prefix's check, then the whole graph's
         phase[0] = "check"
@@ -202,7 +202,8 @@ def test_the_prefix_trained_alone_keeps_what_lowers_its_loss_and_the_layers_past
     steps = report.rounding["frozen_prefix"]["trained"]
     assert steps["iterations"] == 300 and report.rounding["frozen_prefix"]["layers"] == 2
     assert steps["kept"] == "trained" and steps["check_loss"] < 0.99 * steps["start_check_loss"]
-    assert not torch.equal(_layers(trained)[0].layer.weight, _layers(start)[0].layer.weight)
+    # the model holds the trained prefix: its rounding moved (in which of its layers depends on the CPU's kernels)
+    assert any(not torch.equal(a.layer.weight, b.layer.weight) for a, b in zip(_layers(trained)[:2], _layers(start)))
     for qw in _layers(trained)[:2]:  # on the grid: hardened codes are what round-to-nearest gives back
         assert torch.equal(qw.layer.weight, qw.quantized_weight())
     # with nothing learned the steps give back the start, and every layer past the prefix chooses as before

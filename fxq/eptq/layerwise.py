@@ -35,7 +35,7 @@ from fxq.dist.world import World
 from fxq.eptq.lfh import probe, probe_points
 from fxq.errors import GraphCheckFailed
 from fxq.ir.frontier import Frontier
-from fxq.ir.graph import call_sites
+from fxq.ir.graph import call_sites, nodes_by_name
 from fxq.ir.taps import with_taps
 from fxq.quant.modules import QuantWeight
 
@@ -313,7 +313,7 @@ def sequential_choices(
     by `sensitivity` (alike where None), with `sweeps` passes of coordinate descent after the error feedback. A
     layer called at several sites decides at its last, on the inputs of all of them. Layers whose patches do not
     unfold (`supports`) get None (they keep the float start, and their round-to-nearest weights meanwhile)."""
-    teacher_nodes = {n.name: n for n in teacher.graph.nodes}
+    teacher_nodes = nodes_by_name(teacher)
     sites = {
         name: ns for name, ns in call_sites(student).items() if isinstance(student.get_submodule(name), QuantWeight)
     }

@@ -58,6 +58,7 @@ from fxq.io.checkpoint import (
     save_checkpoint,
     tensor_digest,
 )
+from fxq.ir.graph import nodes_by_name
 from fxq.ir.meta import Deadline
 from fxq.ir.ops import channels_last_, device_of, set_eval_
 from fxq.ir.taps import from_cut, interest_nodes, quantized_value, up_to, with_taps
@@ -282,7 +283,7 @@ class RoundingOptimizer:
         seconds = time.perf_counter() - t0
         z = interest_nodes(gm)
         kept = [z[k] for k in prefix.kept]
-        by_name = self._teacher_nodes()
+        by_name = nodes_by_name(self.teacher)
         past = from_cut(gm, prefix.cut, [quantized_value(n) for n in kept])
         past_teacher = with_taps(self.teacher, [by_name[n.name] for n in kept])
         if cfg.compile:
@@ -305,7 +306,7 @@ class RoundingOptimizer:
         one_output = returns_one_value(gm)
         weights = interest_weights(gm, cfg.loss_weights_read, one_output, cfg.output_share).to(device)
         loss = prefix_loss(gm, prefix, weights, one_output)
-        by_name = self._teacher_nodes()
+        by_name = nodes_by_name(self.teacher)
         student = up_to(gm, loss.taps[0], loss.taps[1:])
         sources = [by_name[name] for name in loss.sources]
         teacher = up_to(self.teacher.to(device), sources[0], sources[1:])
@@ -337,13 +338,9 @@ class RoundingOptimizer:
             "kept": "trained" if best["kept"] == "eptq" else "start",
         }
 
-    def _teacher_nodes(self) -> dict[str, torch.fx.Node]:
-        """The float graph's nodes by name: the quantized graph's nodes have their twins' names."""
-        return {n.name: n for n in self.teacher.graph.nodes}
-
     def _tapped(self, gm: GraphModule) -> tuple[GraphModule, GraphModule]:
         z = interest_nodes(gm)
-        by_name = self._teacher_nodes()
+        by_name = nodes_by_name(self.teacher)
         missing = [n.name for n in z if n.name not in by_name]
         if missing:
             raise GraphCheckFailed(f"rounding: the teacher graph lacks interest tensors {missing[:3]}")

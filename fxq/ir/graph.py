@@ -17,6 +17,7 @@ from fxq.ir.meta import OpKind, gq, q
 __all__ = [
     "without_graph_state",
     "copy_graph",
+    "nodes_by_name",
     "float_graph",
     "dataflow",
     "downstream",
@@ -62,6 +63,12 @@ def remap_nodes(obj, by_name: dict[str, Node]):
     return copy.deepcopy(obj)
 
 
+def nodes_by_name(gm: GraphModule) -> dict[str, Node]:
+    """`gm`'s nodes by name. A graph and its copies (copy_graph, float_graph) share node names, so this finds a
+    node's twin in another copy: the float teacher's tensor for the quantized graph's."""
+    return {n.name: n for n in gm.graph.nodes}
+
+
 def copy_graph(gm: GraphModule) -> GraphModule:
     """A deep copy of `gm` whose quantization state is its own, its Node references pointing into the copy.
 
@@ -69,7 +76,7 @@ def copy_graph(gm: GraphModule) -> GraphModule:
     """
     with without_graph_state(gm):
         new = copy.deepcopy(gm)
-    by_name = {n.name: n for n in new.graph.nodes}
+    by_name = nodes_by_name(new)
     for n in new.graph.nodes:
         if "fxq" in n.meta:
             n.meta["fxq"] = remap_nodes(q(n), by_name)

@@ -142,8 +142,7 @@ class RoundingConfig:
     # `loss_weights` gives it; with the LFH, the largest trace of all)
     output_share: float | None = None
     # the weight of the model output's KL(float || quantized) of the softmax, a mean over the images, added to each
-    # step's loss (not to the keep-best check's): the distance top-1 follows, where the squared error of the
-    # logits weighs every class alike. Needs a model that returns one tensor of class scores; 0: off
+    # step's loss (not to the keep-best check's). Needs a model that returns one tensor of class scores; 0: off
     output_kl: float = 0.0
     normalize_loss: bool = True  # each tensor's squared error relative to its float energy (as MCT does)
     images: int | None = None  # optimize on N calibration images drawn at random with `seed` (None: all)

@@ -32,13 +32,8 @@ CALIB = [seeded(8, 3, 16, 16, seed=i) for i in range(4)]
 LFH = LFHConfig(min_probes=3, max_probes=5, images=16, batch_size=16, seed=1)
 
 
-def _tiny() -> torch.nn.Module:
-    torch.manual_seed(0)
-    return randomize_bn_(TinyNet()).eval()
-
-
-def _tiny_other() -> torch.nn.Module:
-    torch.manual_seed(1)
+def _tiny(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
     return randomize_bn_(TinyNet()).eval()
 
 
@@ -102,7 +97,7 @@ def _stages(rank: int, folder: str) -> dict:
     out["sensitivity"] = {n.name: q(n).sensitivity for n in weight_layers(gm)}
     out["bits"] = {n.name: q(n).wspec.bits for n in weight_layers(gm)}
     x, y = torch.cat(CALIB[:2])[:13], torch.arange(13) % 5  # 13 images: parts of 7 and 6
-    reference = log_probs(_tiny_other(), x)
+    reference = log_probs(_tiny(seed=1), x)
     out["eval"] = evaluate(
         model, x, y, batch_size=4, progress=False, world=World.current(), reference=reference, per_image=True
     )

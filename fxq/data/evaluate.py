@@ -67,7 +67,7 @@ def evaluate(
             each = kl_per_image(out.log_softmax(1), rb)
             kl += float(each.sum())
             agree += int((out.argmax(1) == rb.argmax(1)).sum())
-            kls.append(each.double())
+            kls.append(each)
         classes.append(out.argmax(1))
         if not checked:  # every label, not only this rank's part: each rank refuses the same set
             _check_labels(y_all, out.shape[1])

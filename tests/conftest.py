@@ -1,5 +1,18 @@
 import os
+import tempfile
 from pathlib import Path
+
+# Inductor's cached CPU kernels built under one ISA fail under another, as when AVX2 is emulated on a VNNI machine
+# (ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA): each emulated ISA gets its own cache, unless the caller names one. Set
+# before torch is imported, which fixes the cache's folder.
+os.environ.setdefault(
+    "TORCHINDUCTOR_CACHE_DIR",
+    os.path.join(
+        tempfile.gettempdir(),
+        "torchinductor_fxq_"
+        + "_".join(os.environ.get(k, "native").lower() for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")),
+    ),
+)
 
 import pytest
 import torch

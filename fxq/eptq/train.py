@@ -86,6 +86,16 @@ _HELD_PER_WEIGHT = 6  # bytes per weight of every layer held beside a group's st
 _RESUMABLE_ACROSS = ("checkpoint_every", "checkpoint_dir", "resume", "teacher_cache")
 
 
+@dataclasses.dataclass(frozen=True)
+class _Kept:
+    """The keep-best check: the mean loss of the trained rounding and of the fallback, and which was kept."""
+
+    trained: float
+    fallback: float
+    trained_kept: bool
+    seconds: float
+
+
 class RoundingOptimizer:
     """Optimize the rounding of every quantized weight (and the biases) of a graph against the float `teacher`."""
 
@@ -204,7 +214,13 @@ class RoundingOptimizer:
             if prefix_stats is not None:
                 stats["frozen_prefix"]["trained"] = prefix_stats
             if cfg.keep_best:
-                stats.update(self._keep_best(layers, rtn, acts, *check))
+                best = self._keep_best(layers, rtn, acts, *check)
+                stats.update(
+                    check_loss=best.trained,
+                    rtn_check_loss=best.fallback,
+                    kept="eptq" if best.trained_kept else "rtn",
+                    check_seconds=best.seconds,
+                )
             if self.deadline is not None:
                 stats.update(time_budget_s=self.deadline.seconds, seconds_left_in_budget=self.deadline.left())
         finally:
@@ -333,9 +349,9 @@ class RoundingOptimizer:
             **stats,
             "loss_first": history[0][1],
             "loss_last": history[-1][1],
-            "check_loss": best["check_loss"],
-            "start_check_loss": best["rtn_check_loss"],
-            "kept": "trained" if best["kept"] == "eptq" else "start",
+            "check_loss": best.trained,
+            "start_check_loss": best.fallback,
+            "kept": "trained" if best.trained_kept else "start",
         }
 
     def _tapped(self, gm: GraphModule) -> tuple[GraphModule, GraphModule]:
@@ -625,10 +641,10 @@ class RoundingOptimizer:
         return 2 * math.ceil(min(n_images, _CHECK_IMAGES) / self.cfg.batch_size) if self.cfg.keep_best else 0
 
     @torch.no_grad()
-    def _keep_best(self, layers, rtn, acts, student, targets, images, weights) -> dict:
-        """Distillation loss of the hard-rounded model (with its learned activation steps, `acts`) vs RTN (with
-        calibration's) on fixed calibration images, the mean over them (whatever the batch size); keep the
-        lower."""
+    def _keep_best(self, layers, fallback, acts, student, targets, images, weights) -> _Kept:
+        """Distillation loss of the hard-rounded `layers` (with their learned activation steps, `acts`) vs their
+        `fallback` rounding (RTN's, or a start's; with calibration's steps) on fixed calibration images, the mean
+        over them (whatever the batch size); keep the lower."""
         n = min(len(images), _CHECK_IMAGES)
         device, w = weights.device, self.world
 
@@ -640,20 +656,19 @@ class RoundingOptimizer:
             return float(w.sum_(torch.tensor([total], dtype=torch.float64), "the keep-best check")) / n
 
         t0 = time.perf_counter()
-        eptq = loss()
+        trained = loss()
         chosen = [qw.hardened_state() for qw in layers]  # its integer codes: a quarter of the weights' memory
-        for qw, hard in zip(layers, rtn):
+        for qw, hard in zip(layers, fallback):
             qw.load_hardened_(hard)
         if acts is not None:
             acts.use_start_()
-        rtn_loss = loss()
-        if eptq <= rtn_loss:
+        fallback_loss = loss()
+        if trained <= fallback_loss:
             for qw, hard in zip(layers, chosen):
                 qw.load_hardened_(hard)
             if acts is not None:
                 acts.harden_()
-        kept = "eptq" if eptq <= rtn_loss else "rtn"
-        return {"check_loss": eptq, "rtn_check_loss": rtn_loss, "kept": kept, "check_seconds": time.perf_counter() - t0}
+        return _Kept(trained, fallback_loss, trained <= fallback_loss, time.perf_counter() - t0)
 
 
 @dataclasses.dataclass

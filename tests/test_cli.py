@@ -1,4 +1,7 @@
 import json
+import shlex
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -7,6 +10,8 @@ from torch import nn
 import fxq
 from fxq import targets
 from fxq.cli import main
+from fxq.cli.options import rounding_schedule
+from fxq.cli.parser import build_parser
 from fxq.errors import ConfigError
 from fxq.targets import host_isa
 from tests.conftest import write_images
@@ -255,6 +260,8 @@ def test_eptq_quantize_reports_its_schedule(tmp_path, image_dirs, capsys, monkey
     assert ("other guests of this virtual machine's host took 50% of its CPU time" in stdout) == bool(budget)
     length = f"up to {steps} iterations" if budget else f"{steps} iterations"
     assert f"EPTQ schedule: short (the CPU one; --schedule full for the paper's 20K x 32): {length}" in stdout
+    says_start = "LFH up to 1 probes, from the layer-local start, the first layers (up to 1% of the weights) kept there"
+    assert (says_start in stdout) == (start == "layerwise")
     report = json.loads((out / "report.json").read_text())
     assert report["method"] == "eptq" and report["rounding"]["iterations"] == steps
     assert report["rounding"]["start"] == start
@@ -294,6 +301,28 @@ def test_eptq_quantize_runs_on_the_gpu_with_the_full_schedule_by_default(tmp_pat
     assert report["rounding"]["iterations"] == 3 and report["accuracy"]["quantized"]["images"] == 6
     code, stdout, _ = run(["eval", "--model", str(out), "--val", str(val), "--quiet", "--device", "cpu"], capsys)
     assert code == 0 and "on 6 images" in stdout  # the model saved from the GPU loads and runs on the CPU
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_the_main_job_runs_eptq_in_a_cpu_budget_unless_full(full):
+    """`make main`'s command line is one fxq's parser takes, and plans EPTQ into 5 minutes from the layer-local
+    start; FULL=1 runs the paper's schedule from the float weights, with no budget."""
+    root = Path(__file__).resolve().parents[1]
+    dry = subprocess.run(
+        ["make", "-s", "-n", "-C", str(root), "main", *(["FULL=1"] if full else [])],
+        text=True,
+        capture_output=True,
+        check=True,
+    ).stdout
+    line = next(x for x in dry.splitlines() if "fxq compare" in x)
+    args = build_parser().parse_args(shlex.split(line)[1:])
+    name, rounding, _ = rounding_schedule(args)
+    assert args.runs == [("rtn", 8), ("rtn", 4), ("eptq", 4)]
+    if full:
+        assert (name, rounding.iterations, rounding.batch_size, rounding.start.value) == ("full", 20_000, 32, "float")
+        assert args.time_budget is None
+    else:
+        assert (name, rounding.batch_size, rounding.start.value, args.time_budget) == ("short", 8, "layerwise", 300)
 
 
 def test_compare_refuses_a_malformed_run(capsys):

@@ -29,7 +29,7 @@ from fxq.cli.options import (
 )
 from fxq.cli.parser import build_parser
 from fxq.cli.render import accuracy_line, bench_table, mp_line
-from fxq.config import LFHConfig, Method, PTQConfig
+from fxq.config import LFHConfig, Method, PTQConfig, Start
 from fxq.data.evaluate import evaluate
 from fxq.data.images import batches, check_image_source, load_images
 from fxq.data.models import load_model
@@ -63,8 +63,11 @@ def _say_schedule(args, methods) -> None:
         note = " (the CPU one; --schedule full for the paper's 20K x 32)" if name == "short" else ""
         budget = getattr(args, "time_budget", None)
         length = f"up to {r.iterations} iterations" if budget else f"{r.iterations} iterations"
+        frozen = f", the first layers (up to {r.frozen_share:.0%} of the weights) kept there" if r.frozen_share else ""
+        start = f", from the layer-local start{frozen}"
         print(
             f"EPTQ schedule: {name}{note}: {length}, batch {r.batch_size}, LFH up to {lfh.max_probes} probes"
+            + (start if r.start is Start.LAYERWISE else "")
             + (f"; planned to end within {budget:.0f} s of wall time (evaluation not counted)" if budget else ""),
             flush=True,
         )

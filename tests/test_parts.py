@@ -78,7 +78,8 @@ def test_an_untraceable_model_is_quantized_part_by_part():
 
 def test_parts_take_the_method_where_their_inputs_are_images():
     cfg = PTQConfig(method=Method.EPTQ, rounding=RoundingConfig(iterations=2, batch_size=4), progress=False)
-    _, report = fxq.quantize(_model(), CALIB, cfg)
+    with pytest.warns(UserWarning, match="no front-end traced Detector whole"):
+        _, report = fxq.quantize(_model(), CALIB, cfg)
     methods = {p: v["method"] for p, v in report.settings["parts"].items()}
     assert methods == {"backbone": "eptq", "down": "eptq", "head": "rtn"}  # the head's calls are lists
 
@@ -104,7 +105,10 @@ def test_retinanet_keeps_returning_detections():
         "retinanet_resnet50_fpn", weights=None, weights_backbone=None, min_size=128, max_size=128
     ).eval()
     calib = [torch.rand(2, 3, 128, 128, generator=torch.Generator().manual_seed(i)) for i in range(2)]
-    qmodel, report = fxq.quantize(model, calib, PTQConfig(progress=False))
+    with pytest.warns(
+        UserWarning, match=r"no front-end traced RetinaNet whole .*quantized its parts \['backbone', 'head'\]"
+    ):
+        qmodel, report = fxq.quantize(model, calib, PTQConfig(progress=False))
     assert set(report.settings["parts"]) == {"backbone", "head"}
     n_layers = sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in model.modules())
     assert sum(isinstance(m, QuantWeight) for m in qmodel.modules()) == n_layers

@@ -13,6 +13,7 @@ from fxq.config import LFHConfig, Method, PTQConfig, RoundingConfig
 from fxq.eptq.layerwise import Moments, float_target, layerwise_choice
 from fxq.eptq.soft_rounding import SoftRounding, rectified_sigmoid, rounding_penalty
 from fxq.errors import ConfigError
+from fxq.ir.graph import nodes_by_name
 from fxq.ir.taps import with_taps
 from fxq.quant.modules import QuantWeight, layer_forward
 from fxq.targets import INT8
@@ -438,7 +439,7 @@ def _jacobian_norms(f, y: torch.Tensor) -> torch.Tensor:
 
 def _tapped(gm, channels: dict):
     """`gm` returning its output and the values of the nodes named in `channels`, as the start taps them."""
-    nodes = {n.name: n for n in gm.graph.nodes}
+    nodes = nodes_by_name(gm)
     return with_taps(gm, [nodes[name] for name in channels])
 
 

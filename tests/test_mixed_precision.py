@@ -14,7 +14,7 @@ from fxq.eptq.distillation import distillation_loss
 from fxq.eptq.weights import interest_weights
 from fxq.errors import ConfigError, GraphCheckFailed
 from fxq.ir.downstream import Downstream
-from fxq.ir.graph import copy_graph, float_graph
+from fxq.ir.graph import copy_graph, float_graph, nodes_by_name
 from fxq.ir.meta import gq, q
 from fxq.ir.taps import interest_nodes, with_taps
 from fxq.mp import sensitivity as mp
@@ -266,7 +266,7 @@ def test_copy_graph_decouples_the_quantization_state(tiny_net):
 
     gm, _ = _analyzed(tiny_net)
     twin = copy_graph(gm)
-    a = {n.name: n for n in gm.graph.nodes}
+    a = nodes_by_name(gm)
     for n in twin.graph.nodes:
         assert q(n) is not q(a[n.name]) and q(n).wspec == q(a[n.name]).wspec
         if q(n).fused_into is not None:

@@ -663,12 +663,13 @@ class RoundingOptimizer:
         if acts is not None:
             acts.use_start_()
         fallback_loss = loss()
-        if trained <= fallback_loss:
+        keep_trained = trained <= fallback_loss
+        if keep_trained:
             for qw, hard in zip(layers, chosen):
                 qw.load_hardened_(hard)
             if acts is not None:
                 acts.harden_()
-        return _Kept(trained, fallback_loss, trained <= fallback_loss, time.perf_counter() - t0)
+        return _Kept(trained, fallback_loss, keep_trained, time.perf_counter() - t0)
 
 
 @dataclasses.dataclass
